@@ -1,0 +1,17 @@
+"""Exceptions a user can act on. The CLI maps each to a one-line message and an exit code."""
+
+
+class HtsepError(Exception):
+    """Base class of every error htsep reports to a user."""
+
+
+class CheckpointError(HtsepError):
+    """A checkpoint file is missing, unreadable, unsafe or does not fit the model it describes."""
+
+
+class UnsupportedOptionError(CheckpointError):
+    """A checkpoint asks for a model option htsep does not implement."""
+
+
+class InputLengthError(HtsepError, ValueError):
+    """A tensor given to the network is longer than the model's segment."""

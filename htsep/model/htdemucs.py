@@ -1,0 +1,186 @@
+"""Hybrid Transformer Demucs: a spectral and a waveform U-Net joined by a cross-domain
+transformer at the bottom, their outputs summed in the waveform domain.
+
+Dimensions: B batch, S sources, C audio channels, F frequency bins, N frames, T samples.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from htsep import spec
+from htsep.errors import InputLengthError
+from htsep.model.config import HTDemucsConfig
+from htsep.model.layers import DConv, DecoderLayer, EncoderLayer, FrequencyEmbedding
+from htsep.model.transformer import CrossDomainTransformer
+
+
+def _standardize(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """Scalar mean and unbiased std per batch item over ``dims``; 1e-5 keeps silence finite."""
+    mean = x.mean(dim=dims, keepdim=True)
+    std = x.std(dim=dims, keepdim=True)
+    return (x - mean) / (1e-5 + std), mean, std
+
+
+class HTDemucs(nn.Module):
+    """The network. ``forward`` maps a mixture (B, C, T), T up to the segment length, to stems
+    (B, S, C, T); shorter inputs are zero-padded to the segment internally, as in training."""
+
+    def __init__(self, config: HTDemucsConfig) -> None:
+        super().__init__()
+        self.config = config
+        conv = config.conv
+        bins = config.freq_bins()
+
+        self.freq_encoders = nn.ModuleList()
+        self.time_encoders = nn.ModuleList()
+        self.freq_decoders = nn.ModuleList()  # deepest first, the order they run in
+        self.time_decoders = nn.ModuleList()
+        sources = len(config.sources)
+        for index in range(conv.depth):
+            chin = conv.layer_channels(index - 1) if index else config.audio_channels
+            chout = conv.layer_channels(index)
+            # decoder `index` runs last-but-`index` and outputs what encoder `index` took in
+            dec_out = chin * sources if index == 0 else chin
+            for freq, encoders, decoders, width in (
+                (True, self.freq_encoders, self.freq_decoders, 2),  # complex as two channels
+                (False, self.time_encoders, self.time_decoders, 1),
+            ):
+                common = dict(freq=freq, kernel_size=conv.kernel_size, stride=conv.stride,
+                              norm=index >= conv.norm_starts, norm_groups=conv.norm_groups,
+                              rewrite=conv.rewrite)
+                encoders.append(EncoderLayer(
+                    chin * (width if index == 0 else 1), chout,
+                    dconv=self._dconv(chout) if conv.dconv_encoder else None,
+                    context=conv.context_encoder, **common))
+                decoders.insert(0, DecoderLayer(
+                    chout, dec_out * (width if index == 0 else 1), last=index == 0,
+                    dconv=self._dconv(chout) if conv.dconv_decoder else None,
+                    context=conv.context_decoder, **common))
+
+        self.freq_embedding: FrequencyEmbedding | None = None
+        if conv.freq_emb_weight:
+            self.freq_embedding = FrequencyEmbedding(
+                bins[1], conv.layer_channels(0), conv.freq_emb_scale, conv.freq_emb_smooth)
+
+        if conv.rescale:
+            self._rescale_convs(conv.rescale)
+
+        width, bottom = config.bottom_width, config.transformer.bottom_channels
+        self.bottleneck: nn.ModuleDict | None = None
+        if bottom:
+            self.bottleneck = nn.ModuleDict({
+                "freq_in": nn.Conv1d(width, bottom, 1),
+                "freq_out": nn.Conv1d(bottom, width, 1),
+                "time_in": nn.Conv1d(width, bottom, 1),
+                "time_out": nn.Conv1d(bottom, width, 1),
+            })
+        self.transformer: CrossDomainTransformer | None = None
+        if config.transformer.layers:
+            self.transformer = CrossDomainTransformer(config.transformer_width, config.transformer)
+
+    def _dconv(self, channels: int) -> DConv:
+        conv = self.config.conv
+        return DConv(channels, conv.dconv_depth, conv.dconv_compress, conv.dconv_dilate,
+                     conv.dconv_init)
+
+    def _rescale_convs(self, reference: float) -> None:
+        """Initial weight rescaling of the U-Net convolutions (std -> sqrt(std * reference)),
+        which the reference found to help training from scratch."""
+        kinds = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, kinds):
+                    factor = (module.weight.std() / reference) ** 0.5
+                    module.weight /= factor
+                    if module.bias is not None:
+                        module.bias /= factor
+
+    # --- the contract shared with demucs models --------------------------------------------
+
+    @property
+    def sources(self) -> list[str]:
+        return list(self.config.sources)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    @property
+    def audio_channels(self) -> int:
+        return self.config.audio_channels
+
+    @property
+    def segment(self) -> Fraction:
+        """Training segment in seconds, exact."""
+        return self.config.segment
+
+    @property
+    def segment_length(self) -> int:
+        return self.config.segment_length
+
+    # --- forward -----------------------------------------------------------------------------
+
+    def _bottleneck(self, x: torch.Tensor, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, C, F, N), xt: (B, C, T') through the transformer, at its width."""
+        if self.transformer is None:
+            return x, xt
+        if self.bottleneck is None:
+            return self.transformer(x, xt)
+        rows = x.shape[2]
+        flat = rearrange(x, "b c f n -> b c (f n)")
+        x = rearrange(self.bottleneck["freq_in"](flat), "b c (f n) -> b c f n", f=rows)
+        x, xt = self.transformer(x, self.bottleneck["time_in"](xt))
+        flat = rearrange(x, "b c f n -> b c (f n)")
+        x = rearrange(self.bottleneck["freq_out"](flat), "b c (f n) -> b c f n", f=rows)
+        return x, self.bottleneck["time_out"](xt)
+
+    def forward(self, mix: torch.Tensor) -> torch.Tensor:
+        """mix: (B, C, T) -> stems (B, S, C, T)."""
+        if mix.dim() != 3 or mix.shape[1] != self.audio_channels:
+            raise ValueError(f"expected a (batch, {self.audio_channels}, time) mixture, "
+                             f"got shape {tuple(mix.shape)}")
+        length = mix.shape[-1]
+        padded_length = length
+        if self.config.use_train_segment and not self.training:
+            padded_length = self.segment_length
+            if length > padded_length:
+                raise InputLengthError(
+                    f"input of {length} samples is longer than the model's segment "
+                    f"({padded_length} samples); split it into chunks first")
+            mix = F.pad(mix, (0, padded_length - length))
+
+        z = spec.analysis(mix, self.config.stft.n_fft)  # (B, C, F, N) complex
+        x = rearrange(torch.view_as_real(z), "b c f n ri -> b (c ri) f n").to(mix.dtype)
+        x, mean, std = _standardize(x, (1, 2, 3))
+        xt, mean_t, std_t = _standardize(mix, (1, 2))
+
+        skips, skips_t, lengths_t = [], [], []
+        for index, (encode, encode_t) in enumerate(zip(self.freq_encoders, self.time_encoders)):
+            lengths_t.append(xt.shape[-1])
+            xt = encode_t(xt)
+            x = encode(x)
+            if index == 0 and self.freq_embedding is not None:
+                x = x + self.config.conv.freq_emb_weight * self.freq_embedding()
+            skips.append(x)
+            skips_t.append(xt)
+
+        x, xt = self._bottleneck(x, xt)
+
+        for decode, decode_t in zip(self.freq_decoders, self.time_decoders):
+            x = decode(x, skips.pop(), 0)
+            xt = decode_t(xt, skips_t.pop(), lengths_t.pop())
+
+        sources = len(self.config.sources)
+        x = x * std + mean
+        x = rearrange(x, "b (s c ri) f n -> b s c f n ri", s=sources, ri=2)
+        z_out = torch.view_as_complex(x.float().contiguous())
+        wave = spec.synthesis(z_out, padded_length).to(xt.dtype)  # (B, S, C, T)
+        xt = xt * std_t + mean_t
+        out = rearrange(xt, "b (s c) t -> b s c t", s=sources) + wave
+        return out[..., :length]

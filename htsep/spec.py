@@ -1,0 +1,96 @@
+"""Pure STFT helpers for the spectral branch.
+
+Dimensions: B batch, C audio channels, F frequency bins, N frames, T samples.
+
+The hybrid model needs a spectrogram whose frame count is exactly ``ceil(T / hop)``, so that
+every convolution on the spectral branch lines up with the waveform branch. Plain centred STFT
+gives ``T / hop + 1`` frames; we reflect-pad by 1.5 hops on both sides (plus the remainder to a
+hop multiple), then keep the frames that start inside the signal.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _window(n_fft: int, device: torch.device) -> torch.Tensor:
+    return torch.hann_window(n_fft, periodic=True, dtype=torch.float32, device=device)
+
+
+def stft(signal: torch.Tensor, n_fft: int, hop_length: int) -> torch.Tensor:
+    """Centred, normalized STFT with a periodic Hann window, always computed in float32.
+
+    signal: (..., T) real -> (..., n_fft // 2 + 1, T // hop + 1) complex
+    """
+    *batch, length = signal.shape
+    flat = signal.reshape(-1, length).float()
+    spec = torch.stft(
+        flat, n_fft, hop_length, window=_window(n_fft, flat.device), normalized=True,
+        center=True, pad_mode="reflect", return_complex=True,
+    )
+    return spec.reshape(*batch, *spec.shape[-2:])
+
+
+def istft(spec: torch.Tensor, hop_length: int, length: int) -> torch.Tensor:
+    """Inverse of ``stft``. spec: (..., n_fft // 2 + 1, N) complex -> (..., length) float32."""
+    *batch, bins, frames = spec.shape
+    n_fft = 2 * (bins - 1)
+    flat = spec.reshape(-1, bins, frames)
+    if flat.dtype != torch.complex64:
+        flat = flat.to(torch.complex64)
+    signal = torch.istft(
+        flat, n_fft, hop_length, window=_window(n_fft, flat.device), normalized=True,
+        center=True, length=length,
+    )
+    return signal.reshape(*batch, length)
+
+
+def _reflect_pad(signal: torch.Tensor, left: int, right: int) -> torch.Tensor:
+    """Reflect padding that also works when the signal is shorter than the padding: zeros are
+    appended first (on the right where possible) until a reflection fits, as the reference does."""
+    length = signal.shape[-1]
+    biggest = max(left, right)
+    if length <= biggest:
+        extra = biggest - length + 1
+        extra_right = min(right, extra)
+        extra_left = extra - extra_right
+        signal = F.pad(signal, (extra_left, extra_right))
+        left, right = left - extra_left, right - extra_right
+    shape = signal.shape
+    flat = signal.reshape(-1, 1, shape[-1])
+    padded = F.pad(flat, (left, right), mode="reflect")
+    return padded.reshape(*shape[:-1], padded.shape[-1])
+
+
+def frames_for(length: int, hop_length: int) -> int:
+    return math.ceil(length / hop_length)
+
+
+def analysis(signal: torch.Tensor, n_fft: int) -> torch.Tensor:
+    """The hybrid-aligned spectrogram of the network's input.
+
+    signal: (..., T) -> (..., n_fft // 2, ceil(T / hop)) complex, hop = n_fft // 4.
+    """
+    hop = n_fft // 4
+    length = signal.shape[-1]
+    frames = frames_for(length, hop)
+    pad = 3 * hop // 2
+    padded = _reflect_pad(signal, pad, pad + frames * hop - length)
+    spec = stft(padded, n_fft, hop)
+    # Frames 0, 1 and the last two are centred in the reflected padding: drop them, and the
+    # Nyquist bin, so that both axes are powers of the stride.
+    return spec[..., :-1, 2 : 2 + frames]
+
+
+def synthesis(spec: torch.Tensor, length: int) -> torch.Tensor:
+    """Inverse of ``analysis``: (..., n_fft // 2, ceil(T / hop)) complex -> (..., T) float32."""
+    bins = spec.shape[-2]
+    hop = bins // 2
+    frames = spec.shape[-1]
+    pad = 3 * hop // 2
+    full = F.pad(spec, (2, 2, 0, 1))  # zero Nyquist bin, two empty frames on each side
+    signal = istft(full, hop, frames * hop + 2 * pad)
+    return signal[..., pad : pad + length]
