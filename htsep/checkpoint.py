@@ -57,8 +57,12 @@ def _class_ref(name: str) -> type[DemucsClassRef]:
 # are recognised so that the error can name them.
 _DEMUCS_CLASSES = {
     name: _class_ref(name)
-    for name in (DEMUCS_CLASS, "demucs.hdemucs.HDemucs", "demucs.demucs.Demucs",
-                 "demucs.wdemucs.WDemucs")
+    for name in (
+        DEMUCS_CLASS,
+        "demucs.hdemucs.HDemucs",
+        "demucs.demucs.Demucs",
+        "demucs.wdemucs.WDemucs",
+    )
 }
 
 
@@ -71,8 +75,11 @@ def _numpy_scalar_globals() -> list[Any]:
 
 
 def _allowed_globals() -> list[Any]:
-    return [*((ref, name) for name, ref in _DEMUCS_CLASSES.items()), Fraction,
-            *_numpy_scalar_globals()]
+    return [
+        *((ref, name) for name, ref in _DEMUCS_CLASSES.items()),
+        Fraction,
+        *_numpy_scalar_globals(),
+    ]
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -110,16 +117,20 @@ def _read_torch_package(path: Path) -> tuple[HTDemucsConfig, dict[str, torch.Ten
         with torch.serialization.safe_globals(_allowed_globals()):
             package = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        if match:
-            raise CheckpointError(
-                f"{path}: refusing to load: the file asks to run {match.group(1)}, which is not "
-                "a model class htsep knows (loading never executes code from a checkpoint)"
-            ) from exc
-        raise CheckpointError(f"{path}: unreadable checkpoint ({_first_line(exc)})") from exc
+        match = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = (
+            f"asks to run {match.group(1)}, which is not a model class htsep knows"
+            if match
+            else "holds objects other than plain data and tensors"
+        )
+        raise CheckpointError(
+            f"{path}: refusing to load: the file {what} (loading never "
+            "executes code from a checkpoint)"
+        ) from exc
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise CheckpointError(
-            f"{path}: unreadable or truncated checkpoint ({_first_line(exc)})") from exc
+            f"{path}: unreadable or truncated checkpoint ({_first_line(exc)})"
+        ) from exc
 
     if not isinstance(package, dict) or not {"klass", "kwargs", "state"} <= set(package):
         raise CheckpointError(f"{path}: not a demucs model package (no klass/kwargs/state)")
@@ -128,7 +139,8 @@ def _read_torch_package(path: Path) -> tuple[HTDemucsConfig, dict[str, torch.Ten
         raise CheckpointError(f"{path}: the model class is not a demucs class: {klass!r}")
     if klass.name != DEMUCS_CLASS:
         raise UnsupportedOptionError(
-            f"{path}: model class {klass.name} is not supported (only {DEMUCS_CLASS})")
+            f"{path}: model class {klass.name} is not supported (only {DEMUCS_CLASS})"
+        )
     state = package["state"]
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: the model state is not a dict of tensors")
@@ -143,13 +155,16 @@ def _read_safetensors(path: Path) -> tuple[HTDemucsConfig, dict[str, torch.Tenso
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(
-            f"{path}: unreadable or truncated safetensors file ({_first_line(exc)})") from exc
+            f"{path}: unreadable or truncated safetensors file ({_first_line(exc)})"
+        ) from exc
 
     if metadata.get("format") == FORMAT_NAME:
         version = metadata.get("format_version")
         if version != FORMAT_VERSION:
-            raise CheckpointError(f"{path}: htsep format version {version!r} is not supported "
-                                  f"by this htsep (expects {FORMAT_VERSION})")
+            raise CheckpointError(
+                f"{path}: htsep format version {version!r} is not supported "
+                f"by this htsep (expects {FORMAT_VERSION})"
+            )
         try:
             config = config_from_dict(json.loads(metadata["config"]))
         except (KeyError, TypeError, ValueError) as exc:
@@ -157,11 +172,14 @@ def _read_safetensors(path: Path) -> tuple[HTDemucsConfig, dict[str, torch.Tenso
         return config, state, lambda key: key
 
     if "klass" not in metadata:
-        raise CheckpointError(f"{path}: safetensors file without model metadata "
-                              "(neither htsep's 'config' nor demucs's 'klass')")
+        raise CheckpointError(
+            f"{path}: safetensors file without model metadata "
+            "(neither htsep's 'config' nor demucs's 'klass')"
+        )
     if metadata["klass"] != DEMUCS_CLASS:
         raise UnsupportedOptionError(
-            f"{path}: model class {metadata['klass']} is not supported (only {DEMUCS_CLASS})")
+            f"{path}: model class {metadata['klass']} is not supported (only {DEMUCS_CLASS})"
+        )
     if "structure" in metadata:
         raise UnsupportedOptionError(f"{path}: quantized (packed) demucs states are not supported")
     try:
@@ -273,8 +291,9 @@ def _describe(names: list[str], limit: int = 4) -> str:
     return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
-def _load_state(model: HTDemucs, state: Mapping[str, Any], translate: Callable[[str], str],
-                path: Path) -> None:
+def _load_state(
+    model: HTDemucs, state: Mapping[str, Any], translate: Callable[[str], str], path: Path
+) -> None:
     """Copy ``state`` into ``model``; every tensor must be there, known, and the right shape."""
     if state.get("__quantized"):
         raise UnsupportedOptionError(f"{path}: quantized (diffq) demucs states are not supported")
@@ -306,14 +325,20 @@ def _load_state(model: HTDemucs, state: Mapping[str, Any], translate: Callable[[
 # --- writing -----------------------------------------------------------------------------------
 
 
-def save_model(model: HTDemucs, path: str | os.PathLike[str],
-               metadata: Mapping[str, str] | None = None) -> Path:
+def save_model(
+    model: HTDemucs, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
+) -> Path:
     """Write ``model`` in htsep's safetensors format, atomically (temporary file, then rename)."""
     path = Path(path)
-    tensors = {key: value.detach().to("cpu").contiguous() for key, value in
-               model.state_dict().items()}
-    info = {**(metadata or {}), "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-            "config": json.dumps(config_to_dict(model.config))}
+    tensors = {
+        key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()
+    }
+    info = {
+        **(metadata or {}),
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "config": json.dumps(config_to_dict(model.config)),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)

@@ -28,8 +28,14 @@ def stft(signal: torch.Tensor, n_fft: int, hop_length: int) -> torch.Tensor:
     *batch, length = signal.shape
     flat = signal.reshape(-1, length).float()
     spec = torch.stft(
-        flat, n_fft, hop_length, window=_window(n_fft, flat.device), normalized=True,
-        center=True, pad_mode="reflect", return_complex=True,
+        flat,
+        n_fft,
+        hop_length,
+        window=_window(n_fft, flat.device),
+        normalized=True,
+        center=True,
+        pad_mode="reflect",
+        return_complex=True,
     )
     return spec.reshape(*batch, *spec.shape[-2:])
 
@@ -42,8 +48,13 @@ def istft(spec: torch.Tensor, hop_length: int, length: int) -> torch.Tensor:
     if flat.dtype != torch.complex64:
         flat = flat.to(torch.complex64)
     signal = torch.istft(
-        flat, n_fft, hop_length, window=_window(n_fft, flat.device), normalized=True,
-        center=True, length=length,
+        flat,
+        n_fft,
+        hop_length,
+        window=_window(n_fft, flat.device),
+        normalized=True,
+        center=True,
+        length=length,
     )
     return signal.reshape(*batch, length)
 

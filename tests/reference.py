@@ -22,22 +22,58 @@ SOURCES_6 = ["drums", "bass", "other", "vocals", "guitar", "piano"]
 
 # Released htdemucs settings (REFERENCE.md); htdemucs_6s drops the 512-wide bottleneck.
 RELEASED: dict[str, Any] = dict(
-    channels=48, growth=2, nfft=4096, depth=4, kernel_size=8, stride=4, freq_emb=0.2,
-    emb_scale=10, rewrite=True, cac=True, wiener_iters=0, end_iters=0, dconv_mode=3,
-    bottom_channels=512, t_layers=5, t_heads=8, t_hidden_scale=4.0, t_norm_first=True,
-    t_norm_out=True, t_layer_scale=True, t_gelu=True, t_emb="sin", segment=Fraction(39, 5),
-    samplerate=44100, audio_channels=2,
+    channels=48,
+    growth=2,
+    nfft=4096,
+    depth=4,
+    kernel_size=8,
+    stride=4,
+    freq_emb=0.2,
+    emb_scale=10,
+    rewrite=True,
+    cac=True,
+    wiener_iters=0,
+    end_iters=0,
+    dconv_mode=3,
+    bottom_channels=512,
+    t_layers=5,
+    t_heads=8,
+    t_hidden_scale=4.0,
+    t_norm_first=True,
+    t_norm_out=True,
+    t_layer_scale=True,
+    t_gelu=True,
+    t_emb="sin",
+    segment=Fraction(39, 5),
+    samplerate=44100,
+    audio_channels=2,
     # training-only options a real checkpoint carries
-    t_lr=None, t_weight_decay=0.0, rescale=0.1,
+    t_lr=None,
+    t_weight_decay=0.0,
+    rescale=0.1,
 )
 RELEASED_6S: dict[str, Any] = {**RELEASED, "bottom_channels": 0}
 
 # A small model exercising every block (GroupNorm layers, cross-first transformer, bottleneck)
 # that runs in well under a second.
 SMALL: dict[str, Any] = dict(
-    channels=8, growth=2, nfft=512, depth=3, kernel_size=8, stride=4, freq_emb=0.2,
-    dconv_mode=3, dconv_comp=4, bottom_channels=24, t_layers=3, t_heads=4, norm_starts=2,
-    norm_groups=2, segment=Fraction(3, 2), samplerate=8000, audio_channels=2,
+    channels=8,
+    growth=2,
+    nfft=512,
+    depth=3,
+    kernel_size=8,
+    stride=4,
+    freq_emb=0.2,
+    dconv_mode=3,
+    dconv_comp=4,
+    bottom_channels=24,
+    t_layers=3,
+    t_heads=4,
+    norm_starts=2,
+    norm_groups=2,
+    segment=Fraction(3, 2),
+    samplerate=8000,
+    audio_channels=2,
 )
 
 
@@ -74,8 +110,7 @@ def write_th(model: ReferenceHTDemucs, folder: Path, sig: str) -> tuple[Path, Re
 
 def _encode(value: Any) -> Any:
     if isinstance(value, Fraction):
-        return {"_type": "fraction", "numerator": value.numerator,
-                "denominator": value.denominator}
+        return {"_type": "fraction", "numerator": value.numerator, "denominator": value.denominator}
     if isinstance(value, dict):
         return {key: _encode(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):

@@ -20,8 +20,9 @@ def _lengths(segment: int) -> list[tuple[int, int]]:
 
 
 def _compare(model, oracle, batch, length, seed=0):
-    mix = torch.randn(batch, model.audio_channels, length,
-                      generator=torch.Generator().manual_seed(seed))
+    mix = torch.randn(
+        batch, model.audio_channels, length, generator=torch.Generator().manual_seed(seed)
+    )
     with torch.no_grad():
         ref = oracle(mix)
         ours = model(mix)
@@ -38,10 +39,13 @@ def test_small_parity(small_checkpoint, kind):
         assert _compare(model, oracle, batch, length) <= TOLERANCE, (batch, length)
 
 
-@pytest.mark.parametrize("name,sources,kwargs", [
-    ("htdemucs", reference.SOURCES_4, reference.RELEASED),
-    ("htdemucs_6s", reference.SOURCES_6, reference.RELEASED_6S),
-])
+@pytest.mark.parametrize(
+    "name,sources,kwargs",
+    [
+        ("htdemucs", reference.SOURCES_4, reference.RELEASED),
+        ("htdemucs_6s", reference.SOURCES_6, reference.RELEASED_6S),
+    ],
+)
 def test_released_configuration_parity(tmp_path, name, sources, kwargs):
     ref_model = reference.build(sources, kwargs, seed=1)
     th_path, oracle = reference.write_th(ref_model, tmp_path, name)
@@ -51,7 +55,8 @@ def test_released_configuration_parity(tmp_path, name, sources, kwargs):
     assert from_th.sources == sources
     assert from_th.segment == kwargs["segment"] and from_th.segment_length == 343_980
     # Both formats carry the same float16 weights.
-    for (key, a), b in zip(from_th.state_dict().items(), from_st.state_dict().values()):
+    pairs = zip(from_th.state_dict().items(), from_st.state_dict().values(), strict=True)
+    for (key, a), b in pairs:
         assert torch.equal(a, b), key
     segment = from_th.segment_length
     worst = {}

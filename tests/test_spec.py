@@ -8,7 +8,8 @@ from htsep import spec
 
 
 @pytest.mark.parametrize(
-    ("n_fft", "length"), [(512, 1001), (512, 4097), (4096, 4097), (4096, 44101)])
+    ("n_fft", "length"), [(512, 1001), (512, 4097), (4096, 4097), (4096, 44101)]
+)
 def test_stft_round_trip_odd_lengths(n_fft, length):
     x = torch.randn(2, 3, length, generator=torch.Generator().manual_seed(length))
     z = spec.stft(x, n_fft, n_fft // 4)

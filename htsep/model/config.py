@@ -8,6 +8,7 @@ The dataclass defaults are the settings of the released ``htdemucs`` model, so
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -135,7 +136,7 @@ def validate(config: HTDemucsConfig) -> None:
         raise UnsupportedOptionError(f"nfft={config.stft.n_fft} must be a multiple of 4, >= 16")
     pad = conv.kernel_size // 4
     bins = config.freq_bins()
-    for index, (before, after) in enumerate(zip(bins, bins[1:])):
+    for index, (before, after) in enumerate(itertools.pairwise(bins)):
         if before <= conv.kernel_size:
             raise UnsupportedOptionError(
                 f"frequency branch reaches {before} bins at layer {index} (kernel "
@@ -151,7 +152,9 @@ def validate(config: HTDemucsConfig) -> None:
         if width % 4:
             raise UnsupportedOptionError(f"transformer width {width} must be a multiple of 4")
         if width % tr.heads:
-            raise UnsupportedOptionError(f"transformer width {width} is not divisible by {tr.heads} heads")
+            raise UnsupportedOptionError(
+                f"transformer width {width} is not divisible by {tr.heads} heads"
+            )
     if config.segment_length <= 0:
         raise UnsupportedOptionError(f"segment {config.segment} s is empty")
 
@@ -161,30 +164,87 @@ def validate(config: HTDemucsConfig) -> None:
 # Default values of demucs.htdemucs.HTDemucs.__init__ (demucs 4.1.0). Checkpoints store only the
 # keywords that were passed, so a missing keyword means this value.
 REFERENCE_DEFAULTS: dict[str, Any] = {
-    "audio_channels": 2, "channels": 48, "channels_time": None, "growth": 2, "nfft": 4096,
-    "wiener_iters": 0, "end_iters": 0, "wiener_residual": False, "cac": True, "depth": 4,
-    "rewrite": True, "multi_freqs": None, "multi_freqs_depth": 3, "freq_emb": 0.2,
-    "emb_scale": 10, "emb_smooth": True, "kernel_size": 8, "time_stride": 2, "stride": 4,
-    "context": 1, "context_enc": 0, "norm_starts": 4, "norm_groups": 4, "dconv_mode": 1,
-    "dconv_depth": 2, "dconv_comp": 8, "dconv_init": 1e-3, "bottom_channels": 0,
-    "t_layers": 5, "t_emb": "sin", "t_hidden_scale": 4.0, "t_heads": 8, "t_dropout": 0.0,
-    "t_max_positions": 10000, "t_norm_in": True, "t_norm_in_group": False,
-    "t_group_norm": False, "t_norm_first": True, "t_norm_out": True, "t_max_period": 10000.0,
-    "t_weight_decay": 0.0, "t_lr": None, "t_layer_scale": True, "t_gelu": True,
-    "t_weight_pos_embed": 1.0, "t_sin_random_shift": 0, "t_cape_mean_normalize": True,
-    "t_cape_augment": True, "t_cape_glob_loc_scale": [5000.0, 1.0, 1.4],
-    "t_sparse_self_attn": False, "t_sparse_cross_attn": False, "t_mask_type": "diag",
-    "t_mask_random_seed": 42, "t_sparse_attn_window": 500, "t_global_window": 100,
-    "t_sparsity": 0.95, "t_auto_sparsity": False, "t_cross_first": False, "rescale": 0.1,
-    "samplerate": 44100, "segment": 10, "use_train_segment": True,
+    "audio_channels": 2,
+    "channels": 48,
+    "channels_time": None,
+    "growth": 2,
+    "nfft": 4096,
+    "wiener_iters": 0,
+    "end_iters": 0,
+    "wiener_residual": False,
+    "cac": True,
+    "depth": 4,
+    "rewrite": True,
+    "multi_freqs": None,
+    "multi_freqs_depth": 3,
+    "freq_emb": 0.2,
+    "emb_scale": 10,
+    "emb_smooth": True,
+    "kernel_size": 8,
+    "time_stride": 2,
+    "stride": 4,
+    "context": 1,
+    "context_enc": 0,
+    "norm_starts": 4,
+    "norm_groups": 4,
+    "dconv_mode": 1,
+    "dconv_depth": 2,
+    "dconv_comp": 8,
+    "dconv_init": 1e-3,
+    "bottom_channels": 0,
+    "t_layers": 5,
+    "t_emb": "sin",
+    "t_hidden_scale": 4.0,
+    "t_heads": 8,
+    "t_dropout": 0.0,
+    "t_max_positions": 10000,
+    "t_norm_in": True,
+    "t_norm_in_group": False,
+    "t_group_norm": False,
+    "t_norm_first": True,
+    "t_norm_out": True,
+    "t_max_period": 10000.0,
+    "t_weight_decay": 0.0,
+    "t_lr": None,
+    "t_layer_scale": True,
+    "t_gelu": True,
+    "t_weight_pos_embed": 1.0,
+    "t_sin_random_shift": 0,
+    "t_cape_mean_normalize": True,
+    "t_cape_augment": True,
+    "t_cape_glob_loc_scale": [5000.0, 1.0, 1.4],
+    "t_sparse_self_attn": False,
+    "t_sparse_cross_attn": False,
+    "t_mask_type": "diag",
+    "t_mask_random_seed": 42,
+    "t_sparse_attn_window": 500,
+    "t_global_window": 100,
+    "t_sparsity": 0.95,
+    "t_auto_sparsity": False,
+    "t_cross_first": False,
+    "rescale": 0.1,
+    "samplerate": 44100,
+    "segment": 10,
+    "use_train_segment": True,
 }
 
 # Keywords that only shape training (optimizer groups) or only matter with an option we reject.
 _IGNORED = {
-    "t_weight_decay", "t_lr", "multi_freqs_depth", "time_stride", "t_max_positions",
-    "t_cape_mean_normalize", "t_cape_augment", "t_cape_glob_loc_scale", "t_mask_type",
-    "t_mask_random_seed", "t_sparse_attn_window", "t_global_window", "t_sparsity",
-    "t_auto_sparsity", "wiener_residual",
+    "t_weight_decay",
+    "t_lr",
+    "multi_freqs_depth",
+    "time_stride",
+    "t_max_positions",
+    "t_cape_mean_normalize",
+    "t_cape_augment",
+    "t_cape_glob_loc_scale",
+    "t_mask_type",
+    "t_mask_random_seed",
+    "t_sparse_attn_window",
+    "t_global_window",
+    "t_sparsity",
+    "t_auto_sparsity",
+    "wiener_residual",
 }
 
 
@@ -278,8 +338,10 @@ def config_to_dict(config: HTDemucsConfig) -> dict[str, Any]:
     """A JSON-ready dict; ``config_from_dict`` is its inverse."""
     data = dataclasses.asdict(config)
     data["sources"] = list(config.sources)
-    data["segment"] = {"numerator": config.segment.numerator,
-                       "denominator": config.segment.denominator}
+    data["segment"] = {
+        "numerator": config.segment.numerator,
+        "denominator": config.segment.denominator,
+    }
     return data
 
 

@@ -7,6 +7,7 @@ Dimensions: B batch, S sources, C audio channels, F frequency bins, N frames, T 
 from __future__ import annotations
 
 from fractions import Fraction
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,36 +38,14 @@ class HTDemucs(nn.Module):
         conv = config.conv
         bins = config.freq_bins()
 
-        self.freq_encoders = nn.ModuleList()
-        self.time_encoders = nn.ModuleList()
-        self.freq_decoders = nn.ModuleList()  # deepest first, the order they run in
-        self.time_decoders = nn.ModuleList()
-        sources = len(config.sources)
-        for index in range(conv.depth):
-            chin = conv.layer_channels(index - 1) if index else config.audio_channels
-            chout = conv.layer_channels(index)
-            # decoder `index` runs last-but-`index` and outputs what encoder `index` took in
-            dec_out = chin * sources if index == 0 else chin
-            for freq, encoders, decoders, width in (
-                (True, self.freq_encoders, self.freq_decoders, 2),  # complex as two channels
-                (False, self.time_encoders, self.time_decoders, 1),
-            ):
-                common = dict(freq=freq, kernel_size=conv.kernel_size, stride=conv.stride,
-                              norm=index >= conv.norm_starts, norm_groups=conv.norm_groups,
-                              rewrite=conv.rewrite)
-                encoders.append(EncoderLayer(
-                    chin * (width if index == 0 else 1), chout,
-                    dconv=self._dconv(chout) if conv.dconv_encoder else None,
-                    context=conv.context_encoder, **common))
-                decoders.insert(0, DecoderLayer(
-                    chout, dec_out * (width if index == 0 else 1), last=index == 0,
-                    dconv=self._dconv(chout) if conv.dconv_decoder else None,
-                    context=conv.context_decoder, **common))
+        self.freq_encoders, self.freq_decoders = self._branch(freq=True)
+        self.time_encoders, self.time_decoders = self._branch(freq=False)
 
         self.freq_embedding: FrequencyEmbedding | None = None
         if conv.freq_emb_weight:
             self.freq_embedding = FrequencyEmbedding(
-                bins[1], conv.layer_channels(0), conv.freq_emb_scale, conv.freq_emb_smooth)
+                bins[1], conv.layer_channels(0), conv.freq_emb_scale, conv.freq_emb_smooth
+            )
 
         if conv.rescale:
             self._rescale_convs(conv.rescale)
@@ -74,20 +53,64 @@ class HTDemucs(nn.Module):
         width, bottom = config.bottom_width, config.transformer.bottom_channels
         self.bottleneck: nn.ModuleDict | None = None
         if bottom:
-            self.bottleneck = nn.ModuleDict({
-                "freq_in": nn.Conv1d(width, bottom, 1),
-                "freq_out": nn.Conv1d(bottom, width, 1),
-                "time_in": nn.Conv1d(width, bottom, 1),
-                "time_out": nn.Conv1d(bottom, width, 1),
-            })
+            self.bottleneck = nn.ModuleDict(
+                {
+                    "freq_in": nn.Conv1d(width, bottom, 1),
+                    "freq_out": nn.Conv1d(bottom, width, 1),
+                    "time_in": nn.Conv1d(width, bottom, 1),
+                    "time_out": nn.Conv1d(bottom, width, 1),
+                }
+            )
         self.transformer: CrossDomainTransformer | None = None
         if config.transformer.layers:
             self.transformer = CrossDomainTransformer(config.transformer_width, config.transformer)
 
+    def _branch(self, freq: bool) -> tuple[nn.ModuleList, nn.ModuleList]:
+        """Encoders of one U-Net, and its decoders deepest first (the order they run in)."""
+        config, conv = self.config, self.config.conv
+        # The spectral branch carries complex values as two real channels.
+        outer = config.audio_channels * (2 if freq else 1)
+        encoders, decoders = nn.ModuleList(), nn.ModuleList()
+        for index in range(conv.depth):
+            chin = conv.layer_channels(index - 1) if index else outer
+            chout = conv.layer_channels(index)
+            common: dict[str, Any] = dict(
+                freq=freq,
+                kernel_size=conv.kernel_size,
+                stride=conv.stride,
+                norm=index >= conv.norm_starts,
+                norm_groups=conv.norm_groups,
+                rewrite=conv.rewrite,
+            )
+            encoders.append(
+                EncoderLayer(
+                    chin,
+                    chout,
+                    dconv=self._dconv(chout) if conv.dconv_encoder else None,
+                    context=conv.context_encoder,
+                    **common,
+                )
+            )
+            # The outermost decoder emits every source at once.
+            dec_out = chin * len(config.sources) if index == 0 else chin
+            decoders.insert(
+                0,
+                DecoderLayer(
+                    chout,
+                    dec_out,
+                    last=index == 0,
+                    dconv=self._dconv(chout) if conv.dconv_decoder else None,
+                    context=conv.context_decoder,
+                    **common,
+                ),
+            )
+        return encoders, decoders
+
     def _dconv(self, channels: int) -> DConv:
         conv = self.config.conv
-        return DConv(channels, conv.dconv_depth, conv.dconv_compress, conv.dconv_dilate,
-                     conv.dconv_init)
+        return DConv(
+            channels, conv.dconv_depth, conv.dconv_compress, conv.dconv_dilate, conv.dconv_init
+        )
 
     def _rescale_convs(self, reference: float) -> None:
         """Initial weight rescaling of the U-Net convolutions (std -> sqrt(std * reference)),
@@ -143,8 +166,10 @@ class HTDemucs(nn.Module):
     def forward(self, mix: torch.Tensor) -> torch.Tensor:
         """mix: (B, C, T) -> stems (B, S, C, T)."""
         if mix.dim() != 3 or mix.shape[1] != self.audio_channels:
-            raise ValueError(f"expected a (batch, {self.audio_channels}, time) mixture, "
-                             f"got shape {tuple(mix.shape)}")
+            raise ValueError(
+                f"expected a (batch, {self.audio_channels}, time) mixture, "
+                f"got shape {tuple(mix.shape)}"
+            )
         length = mix.shape[-1]
         padded_length = length
         if self.config.use_train_segment and not self.training:
@@ -152,7 +177,8 @@ class HTDemucs(nn.Module):
             if length > padded_length:
                 raise InputLengthError(
                     f"input of {length} samples is longer than the model's segment "
-                    f"({padded_length} samples); split it into chunks first")
+                    f"({padded_length} samples); split it into chunks first"
+                )
             mix = F.pad(mix, (0, padded_length - length))
 
         z = spec.analysis(mix, self.config.stft.n_fft)  # (B, C, F, N) complex
@@ -161,7 +187,9 @@ class HTDemucs(nn.Module):
         xt, mean_t, std_t = _standardize(mix, (1, 2))
 
         skips, skips_t, lengths_t = [], [], []
-        for index, (encode, encode_t) in enumerate(zip(self.freq_encoders, self.time_encoders)):
+        for index, (encode, encode_t) in enumerate(
+            zip(self.freq_encoders, self.time_encoders, strict=True)
+        ):
             lengths_t.append(xt.shape[-1])
             xt = encode_t(xt)
             x = encode(x)
@@ -172,7 +200,7 @@ class HTDemucs(nn.Module):
 
         x, xt = self._bottleneck(x, xt)
 
-        for decode, decode_t in zip(self.freq_decoders, self.time_decoders):
+        for decode, decode_t in zip(self.freq_decoders, self.time_decoders, strict=True):
             x = decode(x, skips.pop(), 0)
             xt = decode_t(xt, skips_t.pop(), lengths_t.pop())
 

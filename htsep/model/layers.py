@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def normalize_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float = 1e-5) -> torch.Tensor:
+def normalize_rows(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
+) -> torch.Tensor:
     """One-group GroupNorm applied to every frequency row separately.
 
     x: (B, C, F, T) normalized over (C, T) for each (B, F); or (B, C, T) over (C, T).
@@ -40,8 +41,10 @@ class RowNorm(nn.Module):
 def _row_conv(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     """Apply a Conv1d along T of a (B, C, F, T) tensor, each row independently, with no
     layout copy: a (1, k) Conv2d with the same weights."""
-    return F.conv2d(x, conv.weight.unsqueeze(2), conv.bias, padding=(0, conv.padding[0]),
-                    dilation=(1, conv.dilation[0]))
+    padding = int(conv.padding[0])  # type: ignore[arg-type]  # always an int here
+    return F.conv2d(
+        x, conv.weight.unsqueeze(2), conv.bias, padding=(0, padding), dilation=(1, conv.dilation[0])
+    )
 
 
 class DConvBranch(nn.Module):
@@ -65,8 +68,9 @@ class DConvBranch(nn.Module):
 class DConv(nn.Module):
     """Stack of residual branches with growing dilation, acting along time on every row."""
 
-    def __init__(self, channels: int, depth: int, compress: float, dilate: bool,
-                 init: float) -> None:
+    def __init__(
+        self, channels: int, depth: int, compress: float, dilate: bool, init: float
+    ) -> None:
         super().__init__()
         hidden = int(channels / compress)
         self.branches = nn.ModuleList(
@@ -93,9 +97,20 @@ class EncoderLayer(nn.Module):
     """Strided conv (along F for the spectral branch, along T for the waveform branch), GELU,
     optional DConv residual, then a "rewrite" conv to 2C and GLU."""
 
-    def __init__(self, chin: int, chout: int, *, freq: bool, kernel_size: int, stride: int,
-                 norm: bool, norm_groups: int, dconv: DConv | None, rewrite: bool,
-                 context: int) -> None:
+    def __init__(
+        self,
+        chin: int,
+        chout: int,
+        *,
+        freq: bool,
+        kernel_size: int,
+        stride: int,
+        norm: bool,
+        norm_groups: int,
+        dconv: DConv | None,
+        rewrite: bool,
+        context: int,
+    ) -> None:
         super().__init__()
         self.freq = freq
         self.stride = stride
@@ -113,7 +128,8 @@ class EncoderLayer(nn.Module):
         self.rewrite_norm = _group_norm(norm_groups, 2 * chout, norm and rewrite)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, Cin, F, T) -> (B, Cout, F / stride, T), or (B, Cin, T) -> (B, Cout, ceil(T / stride))."""
+        """(B, Cin, F, T) -> (B, Cout, F / stride, T);
+        (B, Cin, T) -> (B, Cout, ceil(T / stride))."""
         if not self.freq and x.shape[-1] % self.stride:
             x = F.pad(x, (0, self.stride - x.shape[-1] % self.stride))
         y = F.gelu(_apply(self.norm, self.conv(x)))
@@ -127,9 +143,21 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
     """Mirror of EncoderLayer: add the skip, rewrite + GLU, DConv, transposed conv, crop."""
 
-    def __init__(self, chin: int, chout: int, *, freq: bool, last: bool, kernel_size: int,
-                 stride: int, norm: bool, norm_groups: int, dconv: DConv | None, rewrite: bool,
-                 context: int) -> None:
+    def __init__(
+        self,
+        chin: int,
+        chout: int,
+        *,
+        freq: bool,
+        last: bool,
+        kernel_size: int,
+        stride: int,
+        norm: bool,
+        norm_groups: int,
+        dconv: DConv | None,
+        rewrite: bool,
+        context: int,
+    ) -> None:
         super().__init__()
         self.freq = freq
         self.last = last
@@ -142,13 +170,15 @@ class DecoderLayer(nn.Module):
         self.dconv = dconv
         if freq:
             self.conv_transpose: nn.Module = nn.ConvTranspose2d(
-                chin, chout, (kernel_size, 1), (stride, 1))
+                chin, chout, (kernel_size, 1), (stride, 1)
+            )
         else:
             self.conv_transpose = nn.ConvTranspose1d(chin, chout, kernel_size, stride)
         self.norm = _group_norm(norm_groups, chout, norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor, length: int) -> torch.Tensor:
-        """x, skip: (B, Cin, F, T) -> (B, Cout, F * stride, T); or (B, Cin, T) -> (B, Cout, length)."""
+        """x, skip: (B, Cin, F, T) -> (B, Cout, F * stride, T);
+        (B, Cin, T) -> (B, Cout, length)."""
         y = x + skip
         if self.rewrite is not None:
             y = F.glu(_apply(self.rewrite_norm, self.rewrite(y)), dim=1)

@@ -17,8 +17,9 @@ from torch import nn
 from htsep.model.config import TransformerConfig
 
 
-def sin_embedding_1d(length: int, dim: int, max_period: float,
-                     device: torch.device | None = None) -> torch.Tensor:
+def sin_embedding_1d(
+    length: int, dim: int, max_period: float, device: torch.device | None = None
+) -> torch.Tensor:
     """Sinusoidal positions: cos in the first half of the channels, sin in the second, with
     periods from 2*pi up to 2*pi*max_period.
 
@@ -27,12 +28,13 @@ def sin_embedding_1d(length: int, dim: int, max_period: float,
     half = dim // 2
     position = torch.arange(length, device=device, dtype=torch.float32)[:, None]
     exponent = torch.arange(half, device=device, dtype=torch.float32) / (half - 1)
-    phase = position / (max_period ** exponent)
+    phase = position / (max_period**exponent)
     return torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)
 
 
-def sin_embedding_2d(dim: int, rows: int, frames: int, max_period: float,
-                     device: torch.device | None = None) -> torch.Tensor:
+def sin_embedding_2d(
+    dim: int, rows: int, frames: int, max_period: float, device: torch.device | None = None
+) -> torch.Tensor:
     """2-D sinusoidal positions for a (rows x frames) grid of tokens, in time-major order.
 
     Channels [0, dim/2) encode the frame index, [dim/2, dim) the row index; within each half,
@@ -54,8 +56,9 @@ def sin_embedding_2d(dim: int, rows: int, frames: int, max_period: float,
     return torch.cat([time_part, row_part], dim=-1).reshape(frames * rows, dim)
 
 
-def sequence_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                  eps: float = 1e-5) -> torch.Tensor:
+def sequence_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
+) -> torch.Tensor:
     """GroupNorm with one group over the whole sequence: x (B, N, C) is normalized over (N, C)
     for each batch item, then scaled and shifted per channel."""
     var, mean = torch.var_mean(x, dim=(1, 2), correction=0, keepdim=True)
@@ -81,12 +84,14 @@ class Attention(nn.Module):
             q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads)
         else:
             weight, bias = self.in_proj.weight, self.in_proj.bias
-            q = rearrange(F.linear(x, weight[:dim], bias[:dim]), "b n (h d) -> b h n d",
-                          h=self.heads)
+            q = rearrange(
+                F.linear(x, weight[:dim], bias[:dim]), "b n (h d) -> b h n d", h=self.heads
+            )
             kv = F.linear(context, weight[dim:], bias[dim:])
             k, v = rearrange(kv, "b m (two h d) -> two b h m d", two=2, h=self.heads)
         out = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0)
+            q, k, v, dropout_p=self.dropout if self.training else 0.0
+        )
         return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -130,8 +135,9 @@ class TransformerLayer(nn.Module):
         hidden = self._drop(self.activation(self.feedforward_in(self.feedforward_norm(x))))
         x = x + self._scaled(self.feedforward_scale, self._drop(self.feedforward_out(hidden)))
         if self.output_norm is not None:
-            x = sequence_norm(x, self.output_norm.weight, self.output_norm.bias,
-                              self.output_norm.eps)
+            x = sequence_norm(
+                x, self.output_norm.weight, self.output_norm.bias, self.output_norm.eps
+            )
         return x
 
 
@@ -167,10 +173,12 @@ class CrossDomainTransformer(nn.Module):
         time_pos = sin_embedding_1d(time_tokens.shape[1], dim, max_period, xt.device)
         time_tokens = time_tokens + weight * time_pos.to(time_tokens.dtype)
 
-        for freq_layer, time_layer in zip(self.freq_layers, self.time_layers):
+        for freq_layer, time_layer in zip(self.freq_layers, self.time_layers, strict=True):
             if freq_layer.cross:
-                freq_tokens, time_tokens = (freq_layer(freq_tokens, time_tokens),
-                                            time_layer(time_tokens, freq_tokens))
+                freq_tokens, time_tokens = (
+                    freq_layer(freq_tokens, time_tokens),
+                    time_layer(time_tokens, freq_tokens),
+                )
             else:
                 freq_tokens, time_tokens = freq_layer(freq_tokens), time_layer(time_tokens)
 

@@ -14,16 +14,24 @@ def _params(model):
 def test_released_parameter_counts():
     htdemucs = HTDemucs(HTDemucsConfig(sources=("drums", "bass", "other", "vocals")))
     assert _params(htdemucs) == 41_984_456
-    six = HTDemucsConfig(sources=("drums", "bass", "other", "vocals", "guitar", "piano"),
-                         transformer=TransformerConfig(bottom_channels=0))
+    six = HTDemucsConfig(
+        sources=("drums", "bass", "other", "vocals", "guitar", "piano"),
+        transformer=TransformerConfig(bottom_channels=0),
+    )
     assert _params(HTDemucs(six)) == 27_414_996
 
 
 def tiny(channels=2, sources=("a", "b", "c"), **kwargs) -> HTDemucsConfig:
     return HTDemucsConfig(
-        sources=sources, audio_channels=channels, sample_rate=8000, segment=Fraction(1, 2),
-        stft=STFTConfig(n_fft=256), conv=ConvConfig(channels=4, depth=2, dconv_compress=2),
-        transformer=TransformerConfig(layers=2, heads=2, bottom_channels=0), **kwargs)
+        sources=sources,
+        audio_channels=channels,
+        sample_rate=8000,
+        segment=Fraction(1, 2),
+        stft=STFTConfig(n_fft=256),
+        conv=ConvConfig(channels=4, depth=2, dconv_compress=2),
+        transformer=TransformerConfig(layers=2, heads=2, bottom_channels=0),
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize("channels", [1, 2, 3])

@@ -22,12 +22,16 @@ def test_dconv_matches_reference_on_every_row():
     reference = ReferenceDConv(8, compress=4, depth=2, init=0.5, gelu=True)
     ours = DConv(8, depth=2, compress=4, dilate=True, init=0.5)
     with torch.no_grad():
-        for branch, layer in zip(ours.branches, reference.layers):
+        for branch, layer in zip(ours.branches, reference.layers, strict=True):
             layer[1].weight.normal_()
             layer[4].bias.normal_()
             layer[6].scale.uniform_(0.3, 1.0)
-            pairs = [(branch.conv_in, layer[0]), (branch.norm_in, layer[1]),
-                     (branch.conv_out, layer[3]), (branch.norm_out, layer[4])]
+            pairs = [
+                (branch.conv_in, layer[0]),
+                (branch.norm_in, layer[1]),
+                (branch.conv_out, layer[3]),
+                (branch.norm_out, layer[4]),
+            ]
             for mine, theirs in pairs:
                 mine.weight.copy_(theirs.weight)
                 mine.bias.copy_(theirs.bias)

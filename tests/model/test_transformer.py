@@ -40,7 +40,8 @@ def test_sin_embedding_2d_formula_time_major():
                 assert token[2 * k + 1].item() == pytest.approx(math.cos(frame * omega), abs=1e-5)
                 assert token[half + 2 * k].item() == pytest.approx(math.sin(row * omega), abs=1e-5)
                 assert token[half + 2 * k + 1].item() == pytest.approx(
-                    math.cos(row * omega), abs=1e-5)
+                    math.cos(row * omega), abs=1e-5
+                )
 
 
 def test_sequence_norm_is_one_group_groupnorm():
