@@ -15,3 +15,19 @@ class UnsupportedOptionError(CheckpointError):
 
 class InputLengthError(HtsepError, ValueError):
     """A tensor given to the network is longer than the model's segment."""
+
+
+class AudioError(HtsepError):
+    """An audio file cannot be read or written (missing, empty, corrupt, unsupported, ...)."""
+
+
+class ModelNotFoundError(HtsepError):
+    """A model name, signature or path that resolves to nothing."""
+
+
+class DownloadError(HtsepError):
+    """A checkpoint could not be downloaded or failed its hash check."""
+
+
+class UsageError(HtsepError):
+    """Options that contradict each other or the model (e.g. a segment longer than the model's)."""
