@@ -1,0 +1,216 @@
+"""Separation around the network: chunking with cross-faded overlap-add, the shift trick, and
+bags of models. Tensors in, tensors out; no files.
+
+Dimensions: B batch, S sources, C audio channels, T samples.
+
+The procedure is the reference's: the track is seen as extended with silence on both sides;
+each chunk of one segment is centred in a model-sized window of real neighbouring audio; chunk
+outputs are weighted by a triangle and normalized by the summed weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Protocol
+
+import torch
+
+ProgressCallback = Callable[[float], None]  # called with the fraction of the work just done
+
+
+class SeparationModel(Protocol):
+    """What separation needs of a network (htsep.model.HTDemucs satisfies it)."""
+
+    @property
+    def sources(self) -> list[str]: ...
+
+    @property
+    def sample_rate(self) -> int: ...
+
+    @property
+    def audio_channels(self) -> int: ...
+
+    @property
+    def segment(self) -> Fraction: ...
+
+    def __call__(self, mix: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class ChunkOptions:
+    """How one model is applied to a long signal.
+
+    segment: chunk length in seconds (None: the model's own); overlap: fraction of a chunk
+    shared with the next; transition_power: sharpness of the cross-fade; batch_size: chunks run
+    through the network at once; split: False runs the whole signal as a single chunk.
+    """
+
+    segment: Fraction | None = None
+    overlap: float = 0.25
+    transition_power: float = 1.0
+    batch_size: int = 1
+    split: bool = True
+
+
+def triangle_weights(length: int, power: float = 1.0) -> torch.Tensor:
+    """Cross-fade weights of a chunk: 1, 2, ... up to the middle, then back down, scaled to a
+    peak of 1 and raised to ``power``. -> (length,)"""
+    rising = torch.arange(1, length // 2 + 1, dtype=torch.float32)
+    falling = torch.arange(length - length // 2, 0, -1, dtype=torch.float32)
+    weights = torch.cat([rising, falling])
+    return (weights / weights.max()) ** power
+
+
+def zero_extended(signal: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """signal[..., start:start + length] where indices outside the signal read as zeros.
+
+    signal: (..., T) -> (..., length)
+    """
+    total = signal.shape[-1]
+    lo, hi = max(start, 0), min(start + length, total)
+    if lo >= hi:
+        return signal.new_zeros(*signal.shape[:-1], length)
+    if lo == start and hi == start + length:
+        return signal[..., lo:hi]
+    return torch.nn.functional.pad(signal[..., lo:hi], (lo - start, start + length - hi))
+
+
+def segment_samples(model: SeparationModel, segment: Fraction | None) -> int:
+    seconds = model.segment if segment is None else segment
+    return int(model.sample_rate * seconds)
+
+
+def apply_split(
+    model: SeparationModel,
+    mix: torch.Tensor,
+    *,
+    start: int = 0,
+    length: int | None = None,
+    options: ChunkOptions = ChunkOptions(),
+    device: torch.device | str | None = None,
+    progress: ProgressCallback | None = None,
+) -> torch.Tensor:
+    """Separate the window [start, start + length) of ``mix`` chunk by chunk.
+
+    Each chunk takes its context from ``mix`` itself (zeros beyond it), so a window may start
+    before 0 or end after the signal. mix: (B, C, T) -> (B, S, C, length)
+    """
+    length = mix.shape[-1] - start if length is None else length
+    batch, channels = mix.shape[:2]
+    sources = len(model.sources)
+    chunk = segment_samples(model, options.segment)
+    if not options.split:
+        chunk = max(chunk, length)
+    stride = int((1 - options.overlap) * chunk) if options.split else chunk
+    if stride <= 0:
+        raise ValueError(f"overlap {options.overlap} leaves no stride between chunks")
+    weights = triangle_weights(chunk, options.transition_power)
+    out = torch.zeros(batch, sources, channels, length)
+    total = torch.zeros(length)
+    offsets = list(range(0, length, stride))
+    for first in range(0, len(offsets), options.batch_size):
+        group = offsets[first : first + options.batch_size]
+        sizes = [min(chunk, length - offset) for offset in group]
+        # Centre each chunk in a full model window of real neighbouring audio.
+        windows = [
+            zero_extended(mix, start + offset - (chunk - size) // 2, chunk)
+            for offset, size in zip(group, sizes, strict=True)
+        ]
+        with torch.no_grad():
+            estimates = model(torch.cat(windows).to(device)).to("cpu", torch.float32)
+        for index, (offset, size) in enumerate(zip(group, sizes, strict=True)):
+            lead = (chunk - size) // 2
+            piece = estimates[index * batch : (index + 1) * batch, ..., lead : lead + size]
+            out[..., offset : offset + size] += weights[:size] * piece
+            total[offset : offset + size] += weights[:size]
+            if progress is not None:
+                progress(1 / len(offsets))
+    return out / total
+
+
+def apply_shifts(
+    model: SeparationModel,
+    mix: torch.Tensor,
+    *,
+    shifts: int,
+    generator: torch.Generator,
+    options: ChunkOptions = ChunkOptions(),
+    device: torch.device | str | None = None,
+    progress: ProgressCallback | None = None,
+) -> torch.Tensor:
+    """The shift trick: separate ``shifts`` copies of the mix delayed by random offsets of up
+    to half a second, undo each delay, and average. shifts=0 separates the mix as it is.
+
+    mix: (B, C, T) -> (B, S, C, T)
+    """
+    length = mix.shape[-1]
+    if shifts <= 0:
+        return apply_split(model, mix, options=options, device=device, progress=progress)
+    max_shift = int(0.5 * model.sample_rate)
+    scaled = None if progress is None else (lambda done: progress(done / shifts))
+    total: torch.Tensor | None = None
+    for _ in range(shifts):
+        offset = int(torch.randint(0, max_shift + 1, (1,), generator=generator))
+        # Delaying the mix by (max_shift - offset) and separating from its new start is the
+        # same as separating the window that starts that far before the original start.
+        shifted = apply_split(
+            model, mix, start=offset - max_shift, length=length + max_shift - offset,
+            options=options, device=device, progress=scaled,
+        )[..., max_shift - offset :]
+        total = shifted if total is None else total + shifted
+    assert total is not None
+    return total / shifts
+
+
+def plan_bag(
+    weights: Sequence[Sequence[float]], wanted: Sequence[int]
+) -> tuple[list[int], list[list[float]]]:
+    """Which members of a bag must run to produce the ``wanted`` sources, and their weights.
+
+    A member runs only if it carries weight for a wanted source. Among the members that run,
+    a source that none of them is weighted for gets equal weights, so that every source still
+    has an estimate (used for "add" complements when only some members run).
+    -> (member indices, weights of those members x sources)
+    """
+    sources = len(weights[0])
+    running = [m for m, row in enumerate(weights) if any(row[s] for s in wanted)]
+    plan = [list(map(float, weights[m])) for m in running]
+    for source in range(sources):
+        if not any(row[source] for row in plan):
+            for row in plan:
+                row[source] = 1.0
+    return running, plan
+
+
+def standardize_mix(mix: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """Normalize by the mono mix's mean and std (as the reference does before separating).
+
+    mix: (C, T) -> (normalized (C, T), mean, std); undo with ``x * std + mean``.
+    """
+    mono = mix.mean(0)
+    mean = float(mono.mean())
+    # One sample has no spread: an unbiased std would be NaN.
+    std = float(mono.std()) if mono.numel() > 1 else 0.0
+    std += 1e-8
+    return (mix - mean) / std, mean, std
+
+
+def limit_peaks(stems: dict[str, torch.Tensor], mode: str) -> dict[str, torch.Tensor]:
+    """Keep stems inside full scale before they are written.
+
+    rescale: one gain for all stems of the track, 1 / max(1.01 * peak, 1) with the loudest
+    peak among them (stems that did not clip are untouched, and the stems keep summing to
+    the equally scaled mix); clamp: to +-0.99; none: unchanged.
+    """
+    if mode == "none":
+        return dict(stems)
+    if mode == "clamp":
+        return {name: stem.clamp(-0.99, 0.99) for name, stem in stems.items()}
+    if mode == "rescale":
+        peak = max((float(stem.abs().max()) for stem in stems.values() if stem.numel()),
+                   default=0.0)
+        gain = 1 / max(1.01 * peak, 1.0)
+        return {name: stem * gain for name, stem in stems.items()}
+    raise ValueError(f"unknown clip mode {mode!r} (rescale, clamp or none)")
