@@ -156,8 +156,13 @@ def apply_shifts(
         # Delaying the mix by (max_shift - offset) and separating from its new start is the
         # same as separating the window that starts that far before the original start.
         shifted = apply_split(
-            model, mix, start=offset - max_shift, length=length + max_shift - offset,
-            options=options, device=device, progress=scaled,
+            model,
+            mix,
+            start=offset - max_shift,
+            length=length + max_shift - offset,
+            options=options,
+            device=device,
+            progress=scaled,
         )[..., max_shift - offset :]
         total = shifted if total is None else total + shifted
     assert total is not None
@@ -209,8 +214,9 @@ def limit_peaks(stems: dict[str, torch.Tensor], mode: str) -> dict[str, torch.Te
     if mode == "clamp":
         return {name: stem.clamp(-0.99, 0.99) for name, stem in stems.items()}
     if mode == "rescale":
-        peak = max((float(stem.abs().max()) for stem in stems.values() if stem.numel()),
-                   default=0.0)
+        peak = max(
+            (float(stem.abs().max()) for stem in stems.values() if stem.numel()), default=0.0
+        )
         gain = 1 / max(1.01 * peak, 1.0)
         return {name: stem * gain for name, stem in stems.items()}
     raise ValueError(f"unknown clip mode {mode!r} (rescale, clamp or none)")

@@ -1,17 +1,41 @@
-"""The command line: a thin Typer layer that parses, calls the library and reports."""
+"""The command line: a thin Typer layer that parses, calls the library and reports.
+
+Exit codes: 0 every track succeeded (or was skipped), 1 some track or the model failed,
+2 usage errors (bad options, unknown model). Errors are one line on stderr, no traceback.
+"""
 
 from __future__ import annotations
+
+import glob
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
 
 import typer
 
 from htsep import __version__
+from htsep.errors import HtsepError, ModelNotFoundError, UsageError
 
 app = typer.Typer(
     name="htsep",
     help="Music stem separation with Hybrid Transformer Demucs.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
+models_app = typer.Typer(help="List and download the named models.", no_args_is_help=False)
+app.add_typer(models_app, name="models")
+
+USAGE_EXIT = 2
+
+
+def _error(message: str) -> None:
+    typer.echo(f"htsep: error: {message}", err=True)
 
 
 def _print_version(value: bool) -> None:
@@ -29,20 +53,509 @@ def root(
         is_eager=True,
         help="Print the version and exit.",
     ),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Log what happens."),
 ) -> None:
     """Separate music into stems (drums, bass, other, vocals, ...)."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="htsep: %(message)s"
+    )
+
+
+# --- separate --------------------------------------------------------------------------------
+
+
+class OtherMethod(str, Enum):
+    add = "add"
+    minus = "minus"
+    none = "none"
+
+
+class ClipMode(str, Enum):
+    rescale = "rescale"
+    clamp = "clamp"
+    none = "none"
+
+
+@dataclass
+class Track:
+    """One input of a batch, with what became of it."""
+
+    source: str  # as the user named it (or the file found under a folder or glob)
+    path: Path | None
+    error: str | None = None
+    status: str = "pending"
+    outputs: list[str] = field(default_factory=list)
+    sample_rate: int | None = None
+    duration: float | None = None
+    seconds: float | None = None
+
+    def record(self, model: str) -> dict[str, Any]:
+        rtf = (self.seconds / self.duration) if self.seconds and self.duration else None
+        return {
+            "input": self.source,
+            "outputs": self.outputs,
+            "model": model,
+            "sample_rate": self.sample_rate,
+            "duration": self.duration,
+            "seconds": None if self.seconds is None else round(self.seconds, 3),
+            "realtime_factor": None if rtf is None else round(rtf, 4),
+            "status": self.status,
+            "error": self.error,
+        }
+
+
+def expand_inputs(patterns: list[str], exclude: Path) -> list[Track]:
+    """Files as given, folders searched recursively for audio, glob patterns expanded; in a
+    stable order, without duplicates, and never from inside the output folder."""
+    from htsep.audio import AUDIO_EXTENSIONS
+
+    exclude = exclude.resolve()
+    tracks: list[Track] = []
+    seen: set[Path] = set()
+
+    def add(path: Path, source: str) -> None:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            tracks.append(Track(source, path))
+
+    def audio_under(folder: Path) -> list[Path]:
+        found = []
+        for item in sorted(folder.rglob("*")):
+            if item.name.startswith(".") or not item.is_file():
+                continue
+            if item.suffix.lower() in AUDIO_EXTENSIONS and not item.resolve().is_relative_to(
+                exclude
+            ):
+                found.append(item)
+        return found
+
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            files = audio_under(path)
+            if not files:
+                tracks.append(Track(pattern, None, f"{pattern}: no audio files in this folder"))
+            for item in files:
+                add(item, str(item))
+        elif path.exists():
+            add(path, pattern)
+        elif glob.has_magic(pattern):
+            matches = [Path(m) for m in sorted(glob.glob(pattern, recursive=True))]
+            files = [m for m in matches if m.is_file()]
+            files += [f for m in matches if m.is_dir() for f in audio_under(m)]
+            if not files:
+                tracks.append(Track(pattern, None, f"{pattern}: no files match this pattern"))
+            for item in files:
+                add(item, str(item))
+        else:
+            tracks.append(Track(pattern, None, f"{pattern}: no such file or folder"))
+    return tracks
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text!r}: expected K/N, e.g. 1/4") from None
+    if count < 1 or not 1 <= index <= count:
+        raise UsageError(f"--shard {text!r}: need 1 <= K <= N")
+    return index, count
+
+
+def take_shard(tracks: list[Track], index: int, count: int) -> list[Track]:
+    """Every count-th input starting at the index-th: slices that cover the list exactly once."""
+    return tracks[index - 1 :: count]
+
+
+def _check_template(template: str) -> None:
+    try:
+        template.format(track="t", trackext="wav", stem="s", ext="wav")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise UsageError(
+            f"--filename {template!r}: only {{track}}, {{trackext}}, {{stem}} and {{ext}} "
+            f"are available ({exc})"
+        ) from None
+
+
+def stem_names(
+    sources: list[str], stems: list[str] | None, two_stems: str | None, other_method: OtherMethod
+) -> list[str]:
+    """The file stems written for a track."""
+    if two_stems is None:
+        return list(stems or sources)
+    names = [two_stems]
+    if other_method is OtherMethod.add:
+        names.append(f"no_{two_stems}")
+    elif other_method is OtherMethod.minus:
+        names.append(f"minus_{two_stems}")
+    return names
+
+
+@app.command()
+def separate(
+    inputs: list[str] = typer.Argument(
+        ...,
+        help="Audio files, folders (searched recursively) or glob patterns.",
+        show_default=False,
+    ),
+    name: str = typer.Option(
+        "htdemucs", "-n", "--name", help="Model name, signature, or path to a checkpoint file."
+    ),
+    repo: Path | None = typer.Option(
+        None,
+        "--repo",
+        help="Folder of checkpoints (<sig>-<sha8>.th, <sig>.safetensors) and "
+        "<name>.yaml bags, as demucs reads it.",
+    ),
+    out: Path = typer.Option(
+        Path("separated"), "-o", "--out", help="Output folder; stems go under <out>/<model name>/."
+    ),
+    filename: str = typer.Option(
+        "{track}/{stem}.{ext}",
+        "--filename",
+        help="Output path template: {track}, {trackext}, {stem}, {ext}.",
+    ),
+    device: str | None = typer.Option(
+        None, "-d", "--device", help="cpu, cuda, cuda:N or mps [default: cuda, mps, cpu]"
+    ),
+    shifts: int = typer.Option(1, "--shifts", help="Random shifts to average (0: none)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the shifts: same seed, same bytes."),
+    overlap: float = typer.Option(0.25, "--overlap", help="Overlap between chunks."),
+    no_split: bool = typer.Option(
+        False, "--no-split", help="Run the track as one chunk (tracks up to one segment)."
+    ),
+    segment: float | None = typer.Option(
+        None, "--segment", help="Chunk length in seconds, at most the model's."
+    ),
+    two_stems: str | None = typer.Option(
+        None, "--two-stems", metavar="STEM", help="Write STEM and its complement only."
+    ),
+    other_method: OtherMethod = typer.Option(
+        OtherMethod.add,
+        "--other-method",
+        help="Complement of --two-stems: sum of the other stems (add), mix minus STEM (minus).",
+    ),
+    stems: str | None = typer.Option(
+        None, "--stems", help="Comma-separated stems to write, e.g. vocals,drums."
+    ),
+    int24: bool = typer.Option(False, "--int24", help="24-bit output."),
+    float32: bool = typer.Option(False, "--float32", help="32-bit float WAV output."),
+    clip_mode: ClipMode = typer.Option(
+        ClipMode.rescale,
+        "--clip-mode",
+        help="rescale: one gain for all stems when any clips; clamp: hard clip; none.",
+    ),
+    flac: bool = typer.Option(False, "--flac", help="Write FLAC."),
+    mp3: bool = typer.Option(False, "--mp3", help="Write MP3."),
+    mp3_bitrate: int = typer.Option(320, "--mp3-bitrate", help="MP3 bitrate in kbps."),
+    mp3_preset: int = typer.Option(
+        2, "--mp3-preset", min=2, max=7, help="MP3 encoder preset: 2 best ... 7 fastest."
+    ),
+    jobs: int = typer.Option(0, "-j", "--jobs", help="CPU threads for torch (0: its default)."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Chunks per network call."),
+    downmix: bool = typer.Option(
+        False, "--downmix", help="Mix inputs with more channels than the model down to mono."
+    ),
+    skip_existing: bool = typer.Option(
+        False, "--skip-existing", help="Skip tracks whose stems all exist already."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing stem files."),
+    shard: str | None = typer.Option(
+        None, "--shard", metavar="K/N", help="Process only the K-th of N slices of the inputs."
+    ),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress, only errors."),
+    json_lines: bool = typer.Option(
+        False, "--json", help="Print one JSON object per track on stdout."
+    ),
+) -> None:
+    """Separate tracks into stems: <out>/<model>/<track>/<stem>.wav by default."""
+    try:
+        code = _separate(**locals())
+    except (UsageError, ModelNotFoundError) as exc:
+        _error(str(exc))
+        raise typer.Exit(USAGE_EXIT) from None
+    except HtsepError as exc:
+        _error(str(exc))
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        _error("interrupted (finished stems are complete; none is half-written)")
+        raise typer.Exit(130) from None
+    raise typer.Exit(code)
+
+
+def _separate(**opts: Any) -> int:
+    import torch
+
+    from htsep.separator import Separator
+
+    if opts["int24"] and opts["float32"]:
+        raise UsageError("--int24 and --float32 exclude each other")
+    if opts["flac"] and opts["mp3"]:
+        raise UsageError("--flac and --mp3 exclude each other")
+    if opts["float32"] and not (opts["flac"] or opts["mp3"]):
+        bits = 32
+    elif opts["float32"]:
+        raise UsageError("--float32 is for WAV output only")
+    else:
+        bits = 24 if opts["int24"] else 16
+    ext = "flac" if opts["flac"] else "mp3" if opts["mp3"] else "wav"
+    if opts["two_stems"] and opts["stems"]:
+        raise UsageError("--two-stems and --stems exclude each other")
+    _check_template(opts["filename"])
+    shard = parse_shard(opts["shard"]) if opts["shard"] else None
+    if opts["jobs"] < 0:
+        raise UsageError(f"--jobs must be >= 0, got {opts['jobs']}")
+    if opts["jobs"]:
+        torch.set_num_threads(opts["jobs"])
+    wanted = None
+    if opts["stems"]:
+        wanted = [s.strip() for s in opts["stems"].split(",") if s.strip()]
+    if opts["two_stems"]:
+        wanted = [opts["two_stems"]]
+    quiet = opts["quiet"]
+    out: Path = opts["out"]
+
+    tracks = expand_inputs(opts["inputs"], exclude=out)
+    if shard:
+        tracks = take_shard(tracks, *shard)
+    if tracks and all(t.error is not None for t in tracks):
+        for track in tracks:  # nothing to separate: do not load (or download) the model
+            track.status = "failed"
+            _error(track.error or "")
+            if opts["json_lines"]:
+                typer.echo(json.dumps(track.record(opts["name"])))
+        return 1
+    separator = Separator(
+        opts["name"],
+        repo=opts["repo"],
+        device=opts["device"],
+        shifts=opts["shifts"],
+        overlap=opts["overlap"],
+        split=not opts["no_split"],
+        segment=opts["segment"],
+        seed=opts["seed"],
+        batch_size=opts["batch_size"],
+        stems=wanted,
+        progress=not quiet,
+    )
+    names = stem_names(separator.sources, wanted, opts["two_stems"], opts["other_method"])
+    folder = out / separator.name
+    if not quiet:
+        typer.echo(
+            f"htsep: {separator.name} ({separator.members_running} network"
+            f"{'s' if separator.members_running > 1 else ''}) on {separator.device}; "
+            f"stems in {folder}",
+            err=True,
+        )
+
+    inputs = {t.path.resolve() for t in tracks if t.path is not None}
+    planned: dict[Path, str] = {}
+    started = time.perf_counter()
+    for position, track in enumerate(tracks, 1):
+        if track.error is None:
+            assert track.path is not None
+            label = f"[{position}/{len(tracks)}] {track.path.name}"
+            _run_track(
+                track, separator, opts, names, folder, ext, bits, inputs, planned, label, quiet
+            )
+        if track.error is not None:
+            track.status = "failed"
+            _error(track.error)
+        if opts["json_lines"]:
+            typer.echo(json.dumps(track.record(separator.name)))
+    failed = sum(t.status == "failed" for t in tracks)
+    skipped = sum(t.status == "skipped" for t in tracks)
+    done = len(tracks) - failed - skipped
+    if not quiet or failed:
+        typer.echo(
+            f"htsep: {done} separated, {skipped} skipped, {failed} failed "
+            f"({time.perf_counter() - started:.1f} s)",
+            err=True,
+        )
+    return 1 if failed or not tracks else 0
+
+
+def _run_track(
+    track: Track,
+    separator: Any,
+    opts: dict[str, Any],
+    names: list[str],
+    folder: Path,
+    ext: str,
+    bits: int,
+    inputs: set[Path],
+    planned: dict[Path, str],
+    label: str,
+    quiet: bool,
+) -> None:
+    from tqdm import tqdm
+
+    from htsep.apply import limit_peaks
+    from htsep.audio import audio_info, write_audio
+
+    assert track.path is not None
+    base, _, suffix = track.path.name.rpartition(".")
+    if not base:
+        base, suffix = suffix, ""
+    paths = {
+        stem: folder / opts["filename"].format(track=base, trackext=suffix, stem=stem, ext=ext)
+        for stem in names
+    }
+    for path in paths.values():
+        key = path.resolve()
+        if key in inputs:
+            track.error = f"{track.source}: output {path} would overwrite an input file"
+            return
+        if key in planned:
+            track.error = (
+                f"{track.source}: output {path} is also the output of "
+                f"{planned[key]}; add {{trackext}} or folders to --filename"
+            )
+            return
+    existing = [p for p in paths.values() if p.exists()]
+    if opts["skip_existing"] and len(existing) == len(paths):
+        track.status = "skipped"
+        track.outputs = [str(p) for p in paths.values()]
+        return
+    if existing and not (opts["overwrite"] or opts["skip_existing"]):
+        track.error = (
+            f"{track.source}: {existing[0]} exists (use --overwrite to replace it "
+            "or --skip-existing to skip finished tracks)"
+        )
+        return
+    for path in paths.values():
+        planned[path.resolve()] = track.source
+
+    started = time.perf_counter()
+    try:
+        info = audio_info(track.path)
+        track.sample_rate, track.duration = info.sample_rate, info.frames / info.sample_rate
+        with tqdm(
+            total=round(track.duration, 2),
+            unit="s",
+            desc=label,
+            disable=quiet,
+            leave=False,
+            dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]",
+        ) as bar:
+            mix, rate, result = separator.separate_file(
+                track.path,
+                downmix=opts["downmix"],
+                progress=lambda done: bar.update(done * track.duration),
+                all_sources=opts["two_stems"] is not None,
+            )
+        stems = _final_stems(result, mix, names, opts["two_stems"], opts["other_method"])
+        stems = limit_peaks(stems, opts["clip_mode"].value)
+        for stem, path in paths.items():
+            write_audio(
+                path,
+                stems[stem],
+                rate,
+                bits=bits,
+                mp3_bitrate=opts["mp3_bitrate"],
+                mp3_preset=opts["mp3_preset"],
+            )
+            track.outputs.append(str(path))
+    except HtsepError as exc:
+        message = str(exc)
+        track.error = (
+            message if message.startswith(str(track.path)) else (f"{track.source}: {message}")
+        )
+        return
+    track.seconds = time.perf_counter() - started
+    track.status = "ok"
+    if not quiet:
+        typer.echo(
+            f"{label}: {len(paths)} stems in {track.seconds:.1f} s "
+            f"({track.duration / track.seconds:.2f}x real time)",
+            err=True,
+        )
+
+
+def _final_stems(
+    result: dict[str, Any],
+    mix: Any,
+    names: list[str],
+    two_stems: str | None,
+    other_method: OtherMethod,
+) -> dict[str, Any]:
+    if two_stems is None:
+        return {name: result[name] for name in names}
+    stems = {two_stems: result[two_stems]}
+    if other_method is OtherMethod.add:
+        stems[f"no_{two_stems}"] = sum(v for k, v in result.items() if k != two_stems)
+    elif other_method is OtherMethod.minus:
+        target = result[two_stems]
+        if mix.shape[0] != target.shape[0]:  # mono output of a downmixed input
+            mix = mix.mean(0, keepdim=True)
+        stems[f"minus_{two_stems}"] = mix - target
+    return stems
+
+
+# --- models and info -------------------------------------------------------------------------
+
+
+@models_app.callback(invoke_without_command=True)
+def models_list(ctx: typer.Context) -> None:
+    """List the named models: sources, members, and whether they are downloaded."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from htsep import zoo
+
+    for spec in zoo.registry_models():
+        cached = sum(zoo.is_cached(member) for member in spec.members)
+        state = (
+            "cached"
+            if cached == len(spec.members)
+            else (f"{cached}/{len(spec.members)} cached" if cached else "not downloaded")
+        )
+        sources = ", ".join(spec.sources or ())
+        typer.echo(
+            f"{spec.name:<14} {len(spec.members)} member"
+            f"{'s' if len(spec.members) > 1 else ' '}  {state:<15} {sources}"
+        )
+        if spec.description:
+            typer.echo(f"{'':<14} {spec.description}")
+
+
+@models_app.command("download")
+def models_download(
+    names: list[str] = typer.Argument(..., help="Model names to fetch ahead of time."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
+) -> None:
+    """Download models into the cache (HTSEP_CACHE or ~/.cache/htsep)."""
+    from htsep import zoo
+
+    failed = False
+    for name in names:
+        try:
+            spec = zoo.find_model(name)
+        except ModelNotFoundError as exc:
+            _error(str(exc))
+            raise typer.Exit(USAGE_EXIT) from None
+        for member in spec.members:
+            try:
+                path = zoo.fetch(member, progress=not quiet)
+            except HtsepError as exc:
+                _error(str(exc))
+                failed = True
+                continue
+            if not quiet:
+                typer.echo(f"{name}: {member.signature} -> {path}", err=True)
+    raise typer.Exit(1 if failed else 0)
 
 
 @app.command("info")
 def info(checkpoint: str = typer.Argument(..., help="Path to a checkpoint file.")) -> None:
     """Load a checkpoint and print what it contains."""
     from htsep.checkpoint import load_model
-    from htsep.errors import HtsepError
 
     try:
         model = load_model(checkpoint)
     except HtsepError as exc:
-        typer.echo(f"htsep: error: {exc}", err=True)
+        _error(str(exc))
         raise typer.Exit(1) from None
     params = sum(p.numel() for p in model.parameters())
     typer.echo(f"sources: {', '.join(model.sources)}")
@@ -52,7 +565,11 @@ def info(checkpoint: str = typer.Argument(..., help="Path to a checkpoint file."
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # pragma: no cover - interrupted outside a command
+        _error("interrupted")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

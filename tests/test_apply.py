@@ -55,8 +55,9 @@ def test_chunking_matches_reference(pair, seconds, overlap):
     model, oracle = pair
     mix = _mix(seconds)
     ref = demucs.apply.apply_model(oracle, mix, shifts=0, split=True, overlap=overlap)
-    ours = apply_shifts(model, mix, shifts=0, generator=torch.Generator(),
-                        options=ChunkOptions(overlap=overlap))
+    ours = apply_shifts(
+        model, mix, shifts=0, generator=torch.Generator(), options=ChunkOptions(overlap=overlap)
+    )
     assert ours.shape == ref.shape
     assert _relative(ours, ref) <= TOLERANCE
 
@@ -65,8 +66,9 @@ def test_shorter_segment_matches_reference(pair):
     model, oracle = pair
     mix = _mix(4.2)
     ref = demucs.apply.apply_model(oracle, mix, shifts=0, split=True, segment=Fraction(1))
-    ours = apply_shifts(model, mix, shifts=0, generator=torch.Generator(),
-                        options=ChunkOptions(segment=Fraction(1)))
+    ours = apply_shifts(
+        model, mix, shifts=0, generator=torch.Generator(), options=ChunkOptions(segment=Fraction(1))
+    )
     assert _relative(ours, ref) <= TOLERANCE
 
 
@@ -98,8 +100,9 @@ def test_batched_chunks_equal_one_at_a_time(pair):
     model, _ = pair
     mix = _mix(6.1, batch=2)
     one = apply_shifts(model, mix, shifts=0, generator=torch.Generator())
-    many = apply_shifts(model, mix, shifts=0, generator=torch.Generator(),
-                        options=ChunkOptions(batch_size=4))
+    many = apply_shifts(
+        model, mix, shifts=0, generator=torch.Generator(), options=ChunkOptions(batch_size=4)
+    )
     torch.testing.assert_close(many, one, rtol=1e-6, atol=1e-6)
 
 
@@ -107,8 +110,9 @@ def test_no_split_equals_split_within_one_stride(pair):
     model, oracle = pair
     mix = _mix(1.1)  # one chunk: shorter than the 1.125 s stride of the 1.5 s segment
     split = apply_shifts(model, mix, shifts=0, generator=torch.Generator())
-    whole = apply_shifts(model, mix, shifts=0, generator=torch.Generator(),
-                         options=ChunkOptions(split=False))
+    whole = apply_shifts(
+        model, mix, shifts=0, generator=torch.Generator(), options=ChunkOptions(split=False)
+    )
     ref = demucs.apply.apply_model(oracle, mix, shifts=0, split=False)
     torch.testing.assert_close(whole, split, rtol=1e-6, atol=1e-6)
     assert _relative(whole, ref) <= TOLERANCE

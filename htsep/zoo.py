@@ -1,0 +1,551 @@
+"""The model zoo: named models, local repositories of checkpoints, download and verification.
+
+A model is resolved by ``find_model`` from, in order: a checkpoint file path, a folder laid out
+like demucs's ``--repo`` (``<sig>-<sha8>.th``, ``<sig>.th``, ``<sig>.safetensors`` and
+``<name>.yaml`` bags), or the registry shipped in ``models/`` (installed as ``htsep.registry``).
+``fetch`` turns one member into a local file whose SHA-256 matches the checksum it names.
+
+Where files live (environment variables):
+
+- ``HTSEP_CACHE``: our download cache (default ``$XDG_CACHE_HOME/htsep``, else
+  ``~/.cache/htsep``). Files are named ``<sig>-<checksum>.th`` like demucs's.
+- ``TORCH_HOME``: demucs's (torch.hub's) cache, ``$TORCH_HOME/hub/checkpoints`` (default
+  ``$XDG_CACHE_HOME/torch``, else ``~/.cache/torch``). A verified file there is used in place,
+  so a machine that already ran demucs downloads nothing; it is never modified.
+- ``HTSEP_MIRROR``: a base URL; when set, ``<base>/<sig>-<checksum>.th`` is downloaded instead
+  of the registry's URL (self-hosted mirrors, offline sites, tests).
+
+Downloads stream into a temporary file in the cache folder and are renamed into place only
+after the hash matched, so the cache never holds a partial or wrong file, even when several
+processes download the same checkpoint at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import http.client
+import importlib.resources
+import logging
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+from tqdm import tqdm
+
+from htsep.errors import CheckpointError, DownloadError, ModelNotFoundError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "htdemucs"
+
+CHECKPOINT_SUFFIXES = (".th", ".safetensors")
+DOWNLOAD_TIMEOUT_SECONDS = 30.0
+_BLOCK_BYTES = 1 << 20
+_HEX = re.compile(r"[0-9a-fA-F]+")
+# demucs's save_with_checksum names files "<sig>-<first 8 hex of the SHA-256>"; a full hash is
+# accepted too. Anything else after a dash stays part of the signature.
+_CHECKSUM_SUFFIX = re.compile(r"^(?P<signature>.+)-(?P<checksum>[0-9a-f]{8}|[0-9a-f]{64})$")
+# YAML 1.1 reads 12345678 as an integer and 01234567 as an octal one: hex values must be quoted.
+_QUOTE_HINT = " (quote all-digit values, e.g. '01234567')"
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """One checkpoint of a model: where to find or download it and how to check it."""
+
+    signature: str
+    checksum: str | None = None  # hex prefix (or all) of the file's SHA-256
+    url: str | None = None  # where to download it (registry models)
+    path: Path | None = None  # an already-local file (repository folder or explicit path)
+
+    def __post_init__(self) -> None:
+        if self.checksum is not None:
+            if not _HEX.fullmatch(self.checksum):
+                raise ValueError(f"checksum {self.checksum!r} is not a hexadecimal SHA-256 prefix")
+            object.__setattr__(self, "checksum", self.checksum.lower())
+
+    @property
+    def file_name(self) -> str:
+        """The cache file name, demucs's ``<sig>-<checksum>.th``."""
+        return f"{self.signature}-{self.checksum}.th" if self.checksum else f"{self.signature}.th"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named model: one checkpoint, or a bag of them whose outputs are averaged per source."""
+
+    name: str  # used for the output folder <out>/<name>/
+    members: tuple[MemberSpec, ...]
+    weights: tuple[tuple[float, ...], ...] | None = None  # members x sources; None = all ones
+    segment: Fraction | None = None  # a bag's segment override in seconds, else None
+    sources: tuple[str, ...] | None = None  # known for registry models, None before loading
+    description: str = ""
+
+
+# --- where files live --------------------------------------------------------------------------
+
+
+def _user_cache_home() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
+
+def cache_dir() -> Path:
+    """Our download cache: ``$HTSEP_CACHE``, else ``$XDG_CACHE_HOME/htsep`` or ``~/.cache/htsep``.
+
+    The folder is not created here; ``fetch`` creates it when it downloads.
+    """
+    configured = os.environ.get("HTSEP_CACHE")
+    return Path(configured).expanduser() if configured else _user_cache_home() / "htsep"
+
+
+def torch_hub_dir() -> Path:
+    """Where torch.hub (hence demucs) caches downloads: ``$TORCH_HOME/hub/checkpoints``.
+
+    Computed like ``torch.hub.get_dir`` without importing torch.
+    """
+    configured = os.environ.get("TORCH_HOME")
+    home = Path(configured).expanduser() if configured else _user_cache_home() / "torch"
+    return home / "hub" / "checkpoints"
+
+
+# --- the shipped registry ----------------------------------------------------------------------
+
+
+def registry_models() -> list[ModelSpec]:
+    """The models shipped in ``models/`` (package ``htsep.registry``), sorted by name."""
+    folder = importlib.resources.files("htsep.registry")
+    models = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".yaml") and entry.is_file():
+            origin = f"htsep.registry/{entry.name}"
+            spec = _parse_registry_entry(_load_yaml(entry.read_text("utf-8"), origin), origin)
+            if spec.name != entry.name.removesuffix(".yaml"):
+                raise ModelNotFoundError(f"{origin}: 'name' is {spec.name!r}, not the file name")
+            models.append(spec)
+    return sorted(models, key=lambda spec: spec.name)
+
+
+def _load_yaml(text: str, origin: str) -> Mapping[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = str(exc).replace("\n", " ")
+        raise ModelNotFoundError(f"{origin}: not valid YAML ({problem})") from exc
+    if not isinstance(data, Mapping):
+        raise ModelNotFoundError(f"{origin}: expected a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _string_list(value: Any, key: str, origin: str) -> tuple[str, ...]:
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(item, str) and item for item in value)
+    ):
+        raise ModelNotFoundError(f"{origin}: '{key}' must be a non-empty list of names")
+    return tuple(value)
+
+
+def _parse_registry_entry(data: Mapping[str, Any], origin: str) -> ModelSpec:
+    name = data.get("name")
+    if not isinstance(name, str) or not name:
+        raise ModelNotFoundError(f"{origin}: 'name' must be a non-empty string")
+    sources = _string_list(data.get("sources"), "sources", origin)
+    raw_members = data.get("members")
+    if not isinstance(raw_members, list) or not raw_members:
+        raise ModelNotFoundError(f"{origin}: 'members' must be a non-empty list")
+    members = []
+    for index, raw in enumerate(raw_members):
+        if not isinstance(raw, Mapping):
+            raise ModelNotFoundError(f"{origin}: members[{index}] must be a mapping")
+        fields = {key: raw.get(key) for key in ("signature", "checksum", "url")}
+        if not all(isinstance(value, str) and value for value in fields.values()):
+            raise ModelNotFoundError(
+                f"{origin}: members[{index}] needs 'signature', 'checksum' and 'url' as strings"
+                f"{_QUOTE_HINT}"
+            )
+        try:
+            members.append(MemberSpec(raw["signature"], checksum=raw["checksum"], url=raw["url"]))
+        except ValueError as exc:
+            raise ModelNotFoundError(f"{origin}: members[{index}]: {exc}") from None
+    return ModelSpec(
+        name=name,
+        members=tuple(members),
+        weights=_parse_weights(data.get("weights"), len(members), len(sources), origin),
+        segment=_parse_segment(data.get("segment"), origin),
+        sources=sources,
+        description=str(data.get("description") or ""),
+    )
+
+
+def _parse_weights(
+    value: Any, members: int, sources: int | None, origin: str
+) -> tuple[tuple[float, ...], ...] | None:
+    """A members x sources matrix of numbers; ``sources`` is None where it is not known yet."""
+    if value is None:
+        return None
+    expected = f"{members} x {sources if sources is not None else 'sources'}"
+    problem = f"{origin}: 'weights' must be a {expected} matrix of numbers"
+    if not isinstance(value, list) or len(value) != members:
+        raise ModelNotFoundError(problem)
+    rows = []
+    for row in value:
+        if not isinstance(row, list) or not all(
+            isinstance(item, (int, float)) and not isinstance(item, bool) for item in row
+        ):
+            raise ModelNotFoundError(problem)
+        rows.append(tuple(float(item) for item in row))
+    widths = {len(row) for row in rows}
+    if len(widths) != 1 or (sources is not None and widths != {sources}) or widths == {0}:
+        raise ModelNotFoundError(problem)
+    return tuple(rows)
+
+
+def _parse_segment(value: Any, origin: str) -> Fraction | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ModelNotFoundError(f"{origin}: 'segment' must be a number of seconds")
+    try:
+        # Via str so that 7.8 means 39/5 exactly, not the binary float nearest to it.
+        segment = Fraction(str(value))
+    except ValueError:
+        raise ModelNotFoundError(f"{origin}: 'segment' must be a number of seconds") from None
+    if segment <= 0:
+        raise ModelNotFoundError(f"{origin}: 'segment' must be positive, got {value}")
+    return segment
+
+
+# --- resolving a name --------------------------------------------------------------------------
+
+
+def find_model(name: str, repo: str | os.PathLike[str] | None = None) -> ModelSpec:
+    """Resolve ``name`` to a model: a checkpoint path, a model in ``repo``, or a registry model.
+
+    Raises ModelNotFoundError (one line) when nothing matches, with close names suggested.
+    """
+    file_spec = _find_file(name)
+    if file_spec is not None:
+        return file_spec
+    if repo is not None:
+        return _find_in_repo(name, Path(repo))
+    registry = registry_models()
+    for spec in registry:
+        if spec.name == name:
+            return spec
+    for spec in registry:
+        for index, member in enumerate(spec.members):
+            if member.signature == name:
+                return ModelSpec(
+                    name=member.signature,
+                    members=(member,),
+                    sources=spec.sources,
+                    description=f"member {index + 1} of {spec.name}",
+                )
+    known = [spec.name for spec in registry]
+    raise ModelNotFoundError(
+        _not_found(f"unknown model '{name}'", name, known, "known models: " + ", ".join(known))
+    )
+
+
+def _looks_like_path(name: str) -> bool:
+    separators = [os.sep] + ([os.altsep] if os.altsep else [])
+    return any(sep in name for sep in separators) or name.endswith(CHECKPOINT_SUFFIXES)
+
+
+def _find_file(name: str) -> ModelSpec | None:
+    path = Path(name).expanduser()
+    if path.is_file():
+        return _file_spec(path)
+    if not _looks_like_path(name):
+        return None  # a plain name, even if a folder of that name happens to exist here
+    if path.is_dir():
+        raise ModelNotFoundError(
+            f"{name}: is a folder, not a checkpoint file (pass a folder of checkpoints with --repo)"
+        )
+    raise ModelNotFoundError(f"{name}: no such checkpoint file")
+
+
+def _split_checksum(stem: str) -> tuple[str, str | None]:
+    match = _CHECKSUM_SUFFIX.match(stem)
+    return (match["signature"], match["checksum"]) if match else (stem, None)
+
+
+def _file_spec(path: Path) -> ModelSpec:
+    signature, checksum = _split_checksum(path.stem)
+    return ModelSpec(
+        name=signature,
+        members=(MemberSpec(signature=signature, checksum=checksum, path=path),),
+        description=f"checkpoint {path}",
+    )
+
+
+@dataclass(frozen=True)
+class _RepoContents:
+    checkpoints: dict[str, list[Path]]  # signature -> files (more than one is a conflict)
+    bags: dict[str, Path]
+
+
+def _scan_repo(repo: Path) -> _RepoContents:
+    if not repo.is_dir():
+        what = "does not exist" if not repo.exists() else "is not a folder"
+        raise ModelNotFoundError(f"{repo}: model repository {what}")
+    checkpoints: dict[str, list[Path]] = {}
+    bags: dict[str, Path] = {}
+    for file in sorted(repo.iterdir()):
+        if not file.is_file():
+            continue
+        if file.suffix in CHECKPOINT_SUFFIXES:
+            signature, _ = _split_checksum(file.stem)
+            checkpoints.setdefault(signature, []).append(file)
+        elif file.suffix == ".yaml":
+            bags[file.stem] = file
+    return _RepoContents(checkpoints, bags)
+
+
+def _repo_member(contents: _RepoContents, signature: str, repo: Path) -> MemberSpec:
+    files = contents.checkpoints.get(signature)
+    if not files:
+        raise ModelNotFoundError(f"no checkpoint with signature '{signature}' in {repo}")
+    if len(files) > 1:
+        # Which one the user meant is a guess; demucs refuses duplicates too.
+        names = ", ".join(file.name for file in files)
+        raise ModelNotFoundError(
+            f"{repo}: several checkpoints for signature '{signature}' ({names}); keep only one"
+        )
+    _, checksum = _split_checksum(files[0].stem)
+    return MemberSpec(signature=signature, checksum=checksum, path=files[0])
+
+
+def _find_in_repo(name: str, repo: Path) -> ModelSpec:
+    contents = _scan_repo(repo)
+    if name in contents.bags:
+        return _repo_bag(name, contents, repo)
+    if name in contents.checkpoints:
+        member = _repo_member(contents, name, repo)
+        return ModelSpec(name=name, members=(member,), description=f"checkpoint {member.path}")
+    names = sorted(contents.bags) + sorted(set(contents.checkpoints) - set(contents.bags))
+    listing = (
+        "it holds: " + ", ".join(names) if names else "it holds no .th, .safetensors or .yaml files"
+    )
+    raise ModelNotFoundError(_not_found(f"no model '{name}' in {repo}", name, names, listing))
+
+
+def _repo_bag(name: str, contents: _RepoContents, repo: Path) -> ModelSpec:
+    path = contents.bags[name]
+    try:
+        text = path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelNotFoundError(f"{path}: cannot read ({exc})") from exc
+    data = _load_yaml(text, str(path))
+    signatures = data.get("models")
+    if not isinstance(signatures, list) or not signatures:
+        raise ModelNotFoundError(f"{path}: 'models' must be a non-empty list of signatures")
+    if not all(isinstance(signature, str) for signature in signatures):
+        raise ModelNotFoundError(f"{path}: 'models' must be a list of signatures{_QUOTE_HINT}")
+    members = []
+    for signature in signatures:
+        try:
+            members.append(_repo_member(contents, signature, repo))
+        except ModelNotFoundError as exc:
+            raise ModelNotFoundError(f"{path}: {exc}") from None
+    return ModelSpec(
+        name=name,
+        members=tuple(members),
+        weights=_parse_weights(data.get("weights"), len(members), None, str(path)),
+        segment=_parse_segment(data.get("segment"), str(path)),
+        description=f"bag of {len(members)} checkpoints from {repo}",
+    )
+
+
+def _not_found(head: str, name: str, candidates: Iterable[str], listing: str) -> str:
+    """One line: what failed, the closest known name if any, then what is known."""
+    close = difflib.get_close_matches(name, list(candidates), n=1)
+    if close:
+        return f"{head}; did you mean '{close[0]}'? {listing[0].upper()}{listing[1:]}"
+    return f"{head}; {listing}"
+
+
+# --- verification and download -----------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(_BLOCK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verified(path: Path, checksum: str | None) -> tuple[bool, str]:
+    """Whether ``path`` is readable and its SHA-256 starts with ``checksum``, and the hash."""
+    if checksum is None:
+        return path.is_file(), ""
+    try:
+        actual = _sha256(path)
+    except OSError as exc:
+        logger.warning("%s: cannot read (%s)", path, exc.strerror or exc)
+        return False, ""
+    return actual.startswith(checksum), actual
+
+
+def is_cached(member: MemberSpec) -> bool:
+    """Whether ``fetch`` would find ``member`` on disk (present; the hash is not checked here)."""
+    if member.path is not None:
+        return member.path.is_file()
+    return any((folder / member.file_name).is_file() for folder in (cache_dir(), torch_hub_dir()))
+
+
+def fetch(member: MemberSpec, *, progress: bool = True) -> Path:
+    """A local file for ``member`` whose SHA-256 matches its checksum; downloads it if needed.
+
+    Looks in our cache, then in torch.hub's (used in place), then downloads into our cache.
+    Raises CheckpointError for a bad explicit file, DownloadError when downloading fails.
+    """
+    if member.path is not None:
+        return _check_local(member.path, member.checksum)
+
+    ours = cache_dir() / member.file_name
+    if ours.is_file():
+        good, actual = _verified(ours, member.checksum)
+        if good:
+            return ours
+        logger.warning(
+            "%s: SHA-256 %s does not match %s; deleting it and downloading again",
+            ours,
+            actual[:12],
+            member.checksum,
+        )
+        ours.unlink(missing_ok=True)
+
+    theirs = torch_hub_dir() / member.file_name
+    if theirs.is_file():
+        good, actual = _verified(theirs, member.checksum)
+        if good:
+            logger.info("using %s from torch.hub's cache", theirs)
+            return theirs
+        # Not ours to delete: demucs manages that folder.
+        logger.warning(
+            "%s: SHA-256 %s does not match %s; ignoring it", theirs, actual[:12], member.checksum
+        )
+
+    if member.checksum is None:
+        logger.warning("%s has no checksum: the download cannot be verified", member.signature)
+    return _download(_download_url(member), ours, member.checksum, progress=progress)
+
+
+def _check_local(path: Path, checksum: str | None) -> Path:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if checksum is not None:
+        try:
+            actual = _sha256(path)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+        if not actual.startswith(checksum):
+            raise CheckpointError(
+                f"{path}: SHA-256 starts with {actual[: len(checksum)]}, expected {checksum} "
+                "(the file is damaged or not the checkpoint its name claims)"
+            )
+    return path
+
+
+def _download_url(member: MemberSpec) -> str:
+    mirror = os.environ.get("HTSEP_MIRROR")
+    if mirror:
+        return f"{mirror.rstrip('/')}/{member.file_name}"
+    if member.url is None:
+        raise DownloadError(
+            f"no download address for '{member.signature}'; {_offline_advice(member.file_name)}"
+        )
+    return member.url
+
+
+def _offline_advice(file_name: str) -> str:
+    return (
+        "to work offline, pass a checkpoint file path with -n PATH or a folder of checkpoints "
+        f"with --repo DIR, or put '{file_name}' in {cache_dir()}"
+    )
+
+
+def _download(url: str, final: Path, checksum: str | None, *, progress: bool) -> Path:
+    """Download ``url`` to ``final`` through a private temporary file, renamed once verified."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # Each download writes its own file in the same folder, so the rename is atomic and
+    # concurrent downloads of the same checkpoint cannot interleave their bytes.
+    handle, temp_name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".part")
+    temp = Path(temp_name)
+    renamed = False
+    try:
+        with os.fdopen(handle, "wb") as out:
+            actual = _stream(url, out, final.name, progress=progress)
+        if checksum is not None and not actual.startswith(checksum):
+            raise DownloadError(
+                f"{url}: downloaded file has SHA-256 {actual[: len(checksum)]}..., expected "
+                f"{checksum}...; the server sent a different file (nothing was kept; "
+                f"{_offline_advice(final.name)})"
+            )
+        os.chmod(temp, 0o644)  # mkstemp's 0600 would hide the file from a shared cache's users
+        os.replace(temp, final)
+        renamed = True
+    finally:
+        if not renamed:
+            temp.unlink(missing_ok=True)
+    logger.info("downloaded %s to %s", url, final)
+    return final
+
+
+def _stream(url: str, out: IO[bytes], label: str, *, progress: bool) -> str:
+    """Copy ``url`` into ``out``; return the SHA-256 of what was received."""
+    digest = hashlib.sha256()
+    received = 0
+    total: int | None = None
+    logger.info("downloading %s", url)
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_SECONDS) as response:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            with tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=label,
+                disable=not progress,
+                leave=False,
+            ) as bar:
+                while block := response.read(_BLOCK_BYTES):
+                    digest.update(block)
+                    out.write(block)
+                    received += len(block)
+                    bar.update(len(block))
+    except urllib.error.HTTPError as exc:
+        raise DownloadError(_failed(url, f"HTTP {exc.code} {exc.reason}", label)) from exc
+    except urllib.error.URLError as exc:
+        raise DownloadError(_failed(url, str(exc.reason), label)) from exc
+    except http.client.IncompleteRead as exc:
+        raise DownloadError(_truncated(url, received + len(exc.partial), total, label)) from exc
+    except (http.client.HTTPException, OSError) as exc:
+        # Resets, timeouts mid-transfer, and a full disk while writing the temporary file.
+        raise DownloadError(_failed(url, str(exc) or type(exc).__name__, label)) from exc
+    if total is not None and received != total:
+        raise DownloadError(_truncated(url, received, total, label))
+    return digest.hexdigest()
+
+
+def _failed(url: str, reason: str, label: str) -> str:
+    return f"could not download {url}: {reason}; {_offline_advice(label)}"
+
+
+def _truncated(url: str, received: int, total: int | None, label: str) -> str:
+    of_total = f" of {total}" if total is not None else ""
+    return _failed(url, f"the connection closed after {received}{of_total} bytes", label)

@@ -1,0 +1,589 @@
+"""htsep.audio: round trips per format, one-line errors for every bad file, atomic writes, and
+decoding through ffmpeg (real when installed, a stand-in that speaks its output format always)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from htsep import audio
+from htsep.audio import AudioInfo, audio_info, read_audio, write_audio
+from htsep.errors import AudioError
+
+RATE = 44100
+POSIX = sys.platform != "win32"
+
+
+def noise(channels: int, frames: int, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """Uniform noise in [-scale, scale): (channels, frames) float32."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(channels, frames, generator=generator) * 2 - 1) * scale
+
+
+def sine(channels: int, frames: int, rate: int, hz: float = 440.0) -> torch.Tensor:
+    t = torch.arange(frames, dtype=torch.float64) / rate
+    return (0.5 * torch.sin(2 * torch.pi * hz * t)).float().expand(channels, -1).contiguous()
+
+
+def assert_audio_error(excinfo: pytest.ExceptionInfo, path: Path, phrase: str) -> None:
+    message = str(excinfo.value)
+    assert message.startswith(f"{path}: "), message
+    assert phrase in message, message
+    assert "\n" not in message
+
+
+# Round trips ------------------------------------------------------------------------------------
+
+
+def test_float_wav_is_exact_and_keeps_values_beyond_full_scale(tmp_path):
+    x = noise(2, 10007, scale=3.0)
+    path = tmp_path / "float.wav"
+    write_audio(path, x, RATE, bits=32)
+    y, rate = read_audio(path)
+    assert rate == RATE and y.dtype == torch.float32 and y.is_contiguous()
+    assert torch.equal(y, x)
+    assert sf.info(path).subtype == "FLOAT"
+
+
+@pytest.mark.parametrize(
+    ("suffix", "bits", "tolerance", "subtype"),
+    [
+        (".wav", 16, 1 / 32767, "PCM_16"),
+        (".wav", 24, 2**-22, "PCM_24"),
+        (".flac", 16, 1 / 32767, "PCM_16"),
+        (".flac", 24, 2**-22, "PCM_24"),
+    ],
+)
+def test_integer_round_trip_within_one_step(tmp_path, suffix, bits, tolerance, subtype):
+    x = noise(2, 10007)
+    x[:, :2] = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])  # full scale both ways
+    path = tmp_path / f"clip{suffix}"
+    write_audio(path, x, RATE, bits=bits)
+    y, rate = read_audio(path)
+    assert rate == RATE and y.shape == x.shape and y.dtype == torch.float32
+    assert (y - x).abs().max().item() <= tolerance + 1e-7
+    assert sf.info(path).subtype == subtype
+
+
+@pytest.mark.parametrize("suffix", [".wav", ".flac"])
+@pytest.mark.parametrize("rate", [8000, 192000])
+@pytest.mark.parametrize("channels", [1, 2])
+def test_extreme_rates_and_mono(tmp_path, suffix, rate, channels):
+    x = noise(channels, rate // 10 + 3, scale=0.9, seed=rate)
+    path = tmp_path / f"clip{suffix}"
+    write_audio(path, x, rate, bits=24)
+    y, read_rate = read_audio(path)
+    assert read_rate == rate and y.shape == (channels, rate // 10 + 3)
+    assert (y - x).abs().max().item() <= 2**-22 + 1e-7
+    assert audio_info(path) == AudioInfo(rate, channels, rate // 10 + 3)
+
+
+@pytest.mark.parametrize(
+    ("suffix", "subtype", "tolerance"),
+    [
+        (".wav", "PCM_16", 1 / 32767),
+        (".wav", "PCM_24", 2**-22),
+        (".wav", "PCM_32", 2**-30),
+        (".wav", "FLOAT", 0.0),
+        (".wav", "DOUBLE", 0.0),
+        (".flac", "PCM_24", 2**-22),
+        (".aiff", "PCM_16", 1 / 32767),
+        (".ogg", "VORBIS", 0.05),
+    ],
+)
+def test_reads_files_written_by_others(tmp_path, suffix, subtype, tolerance):
+    """Files written by soundfile directly, in (T, C) order, come back as (C, T) float32."""
+    frames = 0.5 * np.sin(np.arange(4001)[:, None] * np.array([[0.01, 0.02, 0.03]]))
+    frames = frames.astype(np.float32)  # (T, 3): three channels, none alike
+    path = tmp_path / f"other{suffix}"
+    sf.write(path, frames, 16000, subtype=subtype)
+    y, rate = read_audio(path)
+    assert rate == 16000 and y.dtype == torch.float32 and y.is_contiguous()
+    assert y.shape == (3, 4001)
+    assert np.abs(y.numpy() - frames.T).max() <= tolerance + 1e-7
+
+
+def test_mono_file_reads_as_one_channel(tmp_path):
+    path = tmp_path / "mono.wav"
+    sf.write(path, np.full(100, 0.25, np.float32), RATE, subtype="FLOAT")
+    y, _ = read_audio(path)
+    assert y.shape == (1, 100) and torch.all(y == 0.25)
+
+
+def test_unknown_extension_is_still_read_by_soundfile(tmp_path):
+    path = tmp_path / "clip.audio"
+    sf.write(path, np.zeros((50, 2), np.float32), RATE, format="WAV", subtype="FLOAT")
+    y, rate = read_audio(path)
+    assert y.shape == (2, 50) and rate == RATE
+
+
+@pytest.mark.parametrize(("rate", "channels"), [(44100, 2), (48000, 1), (22050, 2), (8000, 1)])
+def test_mp3_round_trip(tmp_path, rate, channels):
+    """MP3 is lossy and may pad: same rate and channels, at least the input's length (within two
+    frames of 1152), and the same sine at the best alignment."""
+    x = sine(channels, rate, rate)
+    path = tmp_path / "sine.mp3"
+    write_audio(path, x, rate)
+    y, read_rate = read_audio(path)
+    assert read_rate == rate and y.shape[0] == channels
+    assert x.shape[1] <= y.shape[1] <= x.shape[1] + 2 * 1152
+    assert 0.4 < y.abs().max().item() < 0.6
+    reference = x[0].numpy()
+    correlations = [
+        np.corrcoef(reference, y[0, lag : lag + x.shape[1]].numpy())[0, 1]
+        for lag in range(y.shape[1] - x.shape[1] + 1)
+    ]
+    assert max(correlations) > 0.98
+
+
+@pytest.mark.parametrize(("rate", "kbps"), [(44100, 128), (44100, 320), (22050, 64)])
+def test_mp3_bitrate_sets_file_size(tmp_path, rate, kbps):
+    """Constant bitrate: 2 s of noise take kbps * 250 bytes, give or take headers and a frame."""
+    path = tmp_path / "noise.mp3"
+    write_audio(path, noise(2, 2 * rate, scale=0.5), rate, mp3_bitrate=kbps)
+    expected = kbps * 1000 / 8 * 2
+    assert abs(path.stat().st_size - expected) < 0.05 * expected
+
+
+def test_mp3_bitrate_is_clamped_to_the_rate_range(tmp_path):
+    """320 kbps does not exist at 22.05 kHz (MPEG-2 tops out at 160): the file gets 160."""
+    path = tmp_path / "noise.mp3"
+    write_audio(path, noise(2, 2 * 22050, scale=0.5), 22050, mp3_bitrate=320)
+    assert abs(path.stat().st_size - 40000) < 2000
+
+
+# Clamping and inputs ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("suffix", "bits"), [(".wav", 16), (".wav", 24), (".flac", 16)])
+def test_integer_formats_clamp_instead_of_wrapping(tmp_path, suffix, bits):
+    x = torch.tensor([[1.5, -2.0, 0.5, 1.0001]])
+    before = x.clone()
+    path = tmp_path / f"loud{suffix}"
+    write_audio(path, x, RATE, bits=bits)
+    y, _ = read_audio(path)
+    assert torch.allclose(y, torch.tensor([[1.0, -1.0, 0.5, 1.0]]), atol=1e-4)
+    assert torch.equal(x, before)  # the caller's tensor is not clamped in place
+
+
+def test_write_accepts_other_dtypes_and_non_contiguous_views(tmp_path):
+    x = noise(3, 1001, scale=0.5).double()[::2]  # (2, 1001) float64 view with a stride
+    path = tmp_path / "view.wav"
+    write_audio(path, x, RATE, bits=32)
+    y, _ = read_audio(path)
+    assert torch.equal(y, x.float())
+
+
+# Bad files --------------------------------------------------------------------------------------
+
+
+def _wav_bytes(tmp_path: Path, seconds: float = 0.5, **kwargs) -> bytes:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(exist_ok=True)
+    path = scratch / "source.wav"
+    frames = np.random.default_rng(0).uniform(-0.5, 0.5, (int(RATE * seconds), 2))
+    sf.write(path, frames.astype(np.float32), RATE, **kwargs)
+    return path.read_bytes()
+
+
+def _make_bad_file(tmp_path: Path, kind: str) -> tuple[Path, str]:
+    """A broken file of the given kind and the phrase its error must contain."""
+    if kind == "missing":
+        return tmp_path / "missing.wav", "no such file"
+    if kind == "folder":
+        (tmp_path / "folder.wav").mkdir()
+        return tmp_path / "folder.wav", "is a folder"
+    if kind == "empty":
+        (tmp_path / "empty.wav").write_bytes(b"")
+        return tmp_path / "empty.wav", "is empty (0 bytes)"
+    if kind.startswith("text"):
+        path = tmp_path / f"shopping{kind.removeprefix('text')}"
+        path.write_text("eggs, flour, milk\n" * 30)
+        return path, "not a recognised audio file"
+    if kind == "wav_header_only":
+        path = tmp_path / "cut.wav"
+        path.write_bytes(_wav_bytes(tmp_path, subtype="PCM_16")[:50])
+        return path, "truncated or corrupt audio"
+    if kind in ("wav_before_data", "flac_header_cut"):
+        source = tmp_path / ("source.wav" if kind.startswith("wav") else "source.flac")
+        sf.write(source, np.zeros((100, 2), np.float32), RATE, subtype="PCM_16")
+        path = tmp_path / f"cut{source.suffix}"
+        path.write_bytes(source.read_bytes()[: 40 if kind.startswith("wav") else 20])
+        return path, "truncated or corrupt audio"
+    if kind == "wav_half":
+        data = _wav_bytes(tmp_path, subtype="PCM_24")
+        path = tmp_path / "half.wav"
+        path.write_bytes(data[: len(data) // 2])
+        return path, "truncated or corrupt audio"
+    if kind in ("flac_half", "aiff_half"):
+        suffix = "." + kind.split("_")[0]
+        source = tmp_path / f"source{suffix}"
+        frames = np.random.default_rng(1).uniform(-0.5, 0.5, (RATE // 2, 2))
+        sf.write(source, frames, RATE, subtype="PCM_16")
+        data = source.read_bytes()
+        path = tmp_path / f"half{suffix}"
+        path.write_bytes(data[: len(data) // 2])
+        return path, "truncated or corrupt audio"
+    if kind == "no_frames":
+        path = tmp_path / "silence.wav"
+        sf.write(path, np.zeros((0, 2), np.float32), RATE, subtype="FLOAT")
+        return path, "contains no audio"
+    if kind in ("nan", "inf"):
+        path = tmp_path / f"{kind}.wav"
+        frames = np.zeros((1000, 2), np.float32)
+        frames[500, 1] = np.nan if kind == "nan" else -np.inf
+        sf.write(path, frames, RATE, subtype="FLOAT")
+        return path, "contains NaN or infinite samples"
+    raise AssertionError(kind)
+
+
+HEADER_KINDS = [
+    "missing", "folder", "empty", "text.wav", "text.flac", "text.mp3", "text.aiff",
+    "wav_header_only", "wav_before_data", "flac_header_cut", "wav_half", "aiff_half",
+    "no_frames",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", [*HEADER_KINDS, "flac_half", "nan", "inf"])
+def test_read_audio_rejects_bad_files_in_one_line(tmp_path, kind):
+    path, phrase = _make_bad_file(tmp_path, kind)
+    with pytest.raises(AudioError) as excinfo:
+        read_audio(path)
+    assert_audio_error(excinfo, path, phrase)
+
+
+@pytest.mark.parametrize("kind", HEADER_KINDS)
+def test_audio_info_rejects_bad_headers_in_one_line(tmp_path, kind):
+    path, phrase = _make_bad_file(tmp_path, kind)
+    with pytest.raises(AudioError) as excinfo:
+        audio_info(path)
+    assert_audio_error(excinfo, path, phrase)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.3, 0.5, 0.7, 0.9, 0.99])
+def test_flac_cut_anywhere_is_reported_as_truncated(tmp_path, fraction):
+    source = tmp_path / "source.flac"
+    sf.write(source, np.random.default_rng(2).uniform(-0.5, 0.5, (RATE, 2)), RATE)
+    path = tmp_path / "cut.flac"
+    path.write_bytes(source.read_bytes()[: int(source.stat().st_size * fraction)])
+    with pytest.raises(AudioError) as excinfo:
+        read_audio(path)
+    assert_audio_error(excinfo, path, "truncated or corrupt audio")
+
+
+def test_wav_with_a_streaming_placeholder_size_is_read(tmp_path):
+    """Writers that cannot seek back (pipes) leave 0xFFFFFFFF as the data size: not a cut."""
+    data = bytearray(_wav_bytes(tmp_path, 0.1, subtype="PCM_16"))
+    at = data.index(b"data")
+    data[at + 4 : at + 8] = b"\xff\xff\xff\xff"
+    path = tmp_path / "streamed.wav"
+    path.write_bytes(bytes(data))
+    y, _ = read_audio(path)
+    assert y.shape == (2, RATE // 10)
+
+
+@pytest.mark.skipif(not POSIX or os.geteuid() == 0, reason="needs POSIX permissions, not root")
+def test_unreadable_file(tmp_path):
+    path = tmp_path / "locked.wav"
+    write_audio(path, noise(1, 10), RATE)
+    path.chmod(0)
+    with pytest.raises(AudioError) as excinfo:
+        read_audio(path)
+    assert_audio_error(excinfo, path, "cannot read: Permission denied")
+
+
+# Bad writes -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "rate", "options", "x", "phrase"),
+    [
+        ("out.ogg", RATE, {}, noise(2, 10), "cannot write .ogg files (use one of: .wav, .flac"),
+        ("out", RATE, {}, noise(2, 10), "cannot write a file without an extension"),
+        ("out.flac", RATE, {"bits": 32}, noise(2, 10), "FLAC has no 32-bit float samples"),
+        ("out.wav", RATE, {"bits": 8}, noise(2, 10), "WAV takes 16, 24 or 32 bits, not 8"),
+        ("out.mp3", 96000, {}, noise(2, 10), "mp3 does not support 96000 Hz"),
+        ("out.mp3", RATE, {"mp3_bitrate": 500}, noise(2, 10), "mp3 bitrate must be 8 to 320"),
+        ("out.mp3", RATE, {"mp3_preset": 1}, noise(2, 10), "mp3 preset must be 2 (best)"),
+        ("out.wav", 0, {}, noise(2, 10), "sample rate must be a positive integer"),
+        ("out.wav", RATE, {}, noise(1, 10)[0], "expected (channels, time) audio"),
+        ("out.wav", RATE, {}, noise(1000, 2), "is it (time, channels)?"),
+        ("out.wav", RATE, {}, torch.tensor([[0.0, float("nan")]]), "NaN or infinite samples"),
+        ("out.flac", RATE, {}, torch.tensor([[0.0, float("inf")]]), "NaN or infinite samples"),
+    ],
+)
+def test_write_audio_rejects_bad_requests_in_one_line(tmp_path, name, rate, options, x, phrase):
+    path = tmp_path / name
+    with pytest.raises(AudioError) as excinfo:
+        write_audio(path, x, rate, **options)
+    assert_audio_error(excinfo, path, phrase)
+    assert os.listdir(tmp_path) == []
+
+
+def test_write_creates_missing_folders(tmp_path):
+    path = tmp_path / "a" / "b" / "c.flac"
+    write_audio(path, noise(2, 100, scale=0.5), RATE)
+    assert read_audio(path)[0].shape == (2, 100)
+
+
+def test_write_under_a_file_fails_in_one_line(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    path = blocker / "out" / "song.wav"
+    with pytest.raises(AudioError) as excinfo:
+        write_audio(path, noise(2, 10), RATE)
+    assert_audio_error(excinfo, path, "cannot create folder")
+    assert blocker.read_text() == "x"
+
+
+@pytest.mark.skipif(not POSIX or os.geteuid() == 0, reason="needs POSIX permissions, not root")
+def test_write_into_read_only_folder_fails_in_one_line(tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o555)
+    path = folder / "song.wav"
+    try:
+        with pytest.raises(AudioError) as excinfo:
+            write_audio(path, noise(2, 10), RATE)
+    finally:
+        folder.chmod(0o755)
+    assert_audio_error(excinfo, path, "cannot write: Permission denied")
+    assert os.listdir(folder) == []
+
+
+def test_refused_temporary_is_reported_in_one_line(tmp_path, monkeypatch):
+    """The unwritable-folder case above, as seen by root too: creating the temporary fails."""
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(audio.os, "open", refuse)
+    path = tmp_path / "song.wav"
+    with pytest.raises(AudioError) as excinfo:
+        write_audio(path, noise(2, 10), RATE)
+    assert str(excinfo.value) == f"{path}: cannot write: Permission denied"
+    assert os.listdir(tmp_path) == []
+
+
+def test_write_onto_a_folder_fails_and_cleans_up(tmp_path):
+    """The rename is the last step: its failure is reported and the temporary removed."""
+    path = tmp_path / "taken.wav"
+    (path / "inside").mkdir(parents=True)
+    with pytest.raises(AudioError) as excinfo:
+        write_audio(path, noise(2, 10), RATE)
+    assert_audio_error(excinfo, path, "cannot write:")
+    assert sorted(os.listdir(tmp_path)) == ["taken.wav"] and path.is_dir()
+
+
+# Atomic writes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".wav", ".flac", ".mp3"])
+def test_successful_write_leaves_only_the_file(tmp_path, suffix):
+    path = tmp_path / f"song{suffix}"
+    write_audio(path, noise(2, 4000, scale=0.5), RATE)
+    assert os.listdir(tmp_path) == [path.name]
+
+
+@pytest.mark.skipif(not POSIX, reason="POSIX permissions")
+def test_written_file_gets_the_usual_permissions(tmp_path):
+    """Not mkstemp's 0600: a written stem is as readable as any file the user creates."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    path = tmp_path / "song.wav"
+    write_audio(path, noise(2, 10), RATE)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("failure", "raised"),
+    [(KeyboardInterrupt, KeyboardInterrupt), (sf.LibsndfileError, AudioError)],
+)
+@pytest.mark.parametrize("existing", [False, True])
+def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch, failure, raised, existing):
+    """A write interrupted halfway (Ctrl-C, or libsndfile failing) leaves neither a temporary
+    nor a partial file, and an existing file at the destination is untouched."""
+    path = tmp_path / "song.wav"
+    if existing:
+        path.write_bytes(b"the previous take")
+    seen_during_write: list[list[str]] = []
+    original_write = sf.SoundFile.write
+
+    def write_half_then_fail(self, data):
+        original_write(self, data[: len(data) // 2])
+        self.flush()
+        seen_during_write.append(sorted(os.listdir(tmp_path)))
+        raise failure(2) if failure is sf.LibsndfileError else failure()
+
+    monkeypatch.setattr(sf.SoundFile, "write", write_half_then_fail)
+    with pytest.raises(raised) as excinfo:
+        write_audio(path, noise(2, 10000, scale=0.5), RATE)
+    if raised is AudioError:
+        assert_audio_error(excinfo, path, "cannot write: ")
+    # The half-written data went to a hidden temporary beside the destination, never to it.
+    (during,) = seen_during_write
+    temporaries = [name for name in during if name != "song.wav"]
+    assert len(temporaries) == 1
+    assert temporaries[0].startswith(".song.wav.") and temporaries[0].endswith(".tmp")
+    assert ("song.wav" in during) == existing
+    assert os.listdir(tmp_path) == (["song.wav"] if existing else [])
+    if existing:
+        assert path.read_bytes() == b"the previous take"
+
+
+# ffmpeg -----------------------------------------------------------------------------------------
+
+
+def test_ffmpeg_missing_is_a_clear_error(tmp_path, monkeypatch):
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    path = tmp_path / "song.m4a"
+    path.write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(200))
+    for function in (read_audio, audio_info):
+        with pytest.raises(AudioError) as excinfo:
+            function(path)
+        assert_audio_error(
+            excinfo, path, "reading .m4a files needs ffmpeg, which is not installed (install it"
+        )
+
+
+def test_unknown_extension_without_ffmpeg_is_not_audio(tmp_path, monkeypatch):
+    monkeypatch.setattr(audio.shutil, "which", lambda name: None)
+    path = tmp_path / "notes.txt"
+    path.write_text("not audio")
+    with pytest.raises(AudioError) as excinfo:
+        read_audio(path)
+    assert_audio_error(excinfo, path, "not a recognised audio file")
+
+
+FAKE_FFPROBE = """#!{python}
+import json, sys
+args = sys.argv[1:]
+assert args[args.index("-of") + 1] == "json" and args[-1] == "file:" + {path!r}, args
+print(json.dumps({probe}, indent=4))
+"""
+
+FAKE_FFMPEG = """#!{python}
+import sys
+args = sys.argv[1:]
+assert args[args.index("-i") + 1] == "file:" + {path!r}, args
+assert args[args.index("-f") + 1] == "f32le" and args[-1] == "-", args
+error = {error!r}
+if error is not None:
+    sys.stderr.write(error + "\\nsecond line that must not reach the message\\n")
+    sys.exit(1)
+with open({raw!r}, "rb") as raw:
+    sys.stdout.buffer.write(raw.read())
+"""
+
+
+def _fake_ffmpeg(tmp_path: Path, monkeypatch, path: Path, probe: dict, raw: bytes,
+                 error: str | None = None) -> None:  # fmt: skip
+    """Put stand-ins for ffprobe and ffmpeg first on PATH. They check the arguments we rely on
+    and print exactly what the real tools print for them: ffprobe's JSON (sample_rate as a
+    string, channels as a number) and ffmpeg's headerless interleaved little-endian float32."""
+    folder = tmp_path / "fake-bin"
+    folder.mkdir()
+    (folder / "signal.f32").write_bytes(raw)
+    values = {"python": sys.executable, "path": str(path), "probe": repr(probe)}
+    scripts = {
+        "ffprobe": FAKE_FFPROBE.format(**values),
+        "ffmpeg": FAKE_FFMPEG.format(**values, raw=str(folder / "signal.f32"), error=error),
+    }
+    for tool, script in scripts.items():
+        (folder / tool).write_text(script)
+        (folder / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+@pytest.mark.skipif(not POSIX, reason="the stand-in tools are shebang scripts")
+def test_ffmpeg_output_is_parsed_into_channels_first(tmp_path, monkeypatch):
+    """This tests our side of the contract only (argument layout, ffprobe's JSON, the f32le
+    byte order and interleaving), against stand-ins: no codec is exercised here."""
+    signal = np.stack([np.linspace(-1, 1, 999), np.linspace(0.5, -0.25, 999)]).astype(np.float32)
+    path = tmp_path / "song.m4a"
+    path.write_bytes(b"not something libsndfile knows")
+    probe = {
+        "programs": [],
+        "streams": [{"sample_rate": "22050", "channels": 2, "duration": "0.045306"}],
+        "format": {"duration": "0.045306"},
+    }
+    raw = signal.T.astype("<f4").tobytes()  # (T, C) interleaved, as ffmpeg writes it
+    _fake_ffmpeg(tmp_path, monkeypatch, path, probe, raw)
+    y, rate = read_audio(path)
+    assert rate == 22050 and y.dtype == torch.float32 and y.is_contiguous()
+    assert torch.equal(y, torch.from_numpy(signal))
+    assert audio_info(path) == AudioInfo(22050, 2, round(0.045306 * 22050))
+
+
+@pytest.mark.skipif(not POSIX, reason="the stand-in tools are shebang scripts")
+@pytest.mark.parametrize(
+    "first_line",
+    ["file:{path}: Invalid data found when processing input",
+     "[mov,mp4,m4a,3gp,3g2,mj2 @ 0x55ab471137c0] Invalid data found when processing input"],
+)  # fmt: skip
+def test_ffmpeg_failure_gives_its_first_line(tmp_path, monkeypatch, first_line):
+    """ffmpeg's first line, less the input's URL or the demuxer's address it starts with."""
+    path = tmp_path / "broken.opus"
+    path.write_bytes(b"garbage")
+    probe = {"streams": [{"sample_rate": "48000", "channels": 1}], "format": {}}
+    _fake_ffmpeg(tmp_path, monkeypatch, path, probe, b"", error=first_line.format(path=path))
+    with pytest.raises(AudioError) as excinfo:
+        read_audio(path)
+    message = str(excinfo.value)
+    assert message == f"{path}: ffmpeg cannot read it: Invalid data found when processing input"
+
+
+@pytest.mark.skipif(not POSIX, reason="the stand-in tools are shebang scripts")
+def test_ffmpeg_file_without_audio_stream(tmp_path, monkeypatch):
+    path = tmp_path / "silent-film.mp4"
+    path.write_bytes(b"video only")
+    _fake_ffmpeg(tmp_path, monkeypatch, path, {"programs": [], "streams": []}, b"")
+    with pytest.raises(AudioError) as excinfo:
+        read_audio(path)
+    assert_audio_error(excinfo, path, "has no audio stream")
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")
+@pytest.mark.parametrize(("suffix", "codec", "exact"), [(".m4a", "aac", False),
+                                                        (".m4a", "alac", True),
+                                                        (".mka", "pcm_f32le", True)])  # fmt: skip
+def test_real_ffmpeg_decodes_what_it_encoded(tmp_path, suffix, codec, exact):
+    x = sine(2, RATE // 2, RATE) * torch.tensor([[1.0], [0.5]])
+    source = tmp_path / "source.wav"
+    write_audio(source, x, RATE, bits=32 if codec == "pcm_f32le" else 16)
+    path = tmp_path / f"encoded{suffix}"
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(source), "-c:a", codec,
+                    str(path)], check=True)  # fmt: skip
+    y, rate = read_audio(path)
+    info = audio_info(path)
+    assert rate == RATE and y.shape[0] == 2 and (info.sample_rate, info.channels) == (RATE, 2)
+    assert abs(y.shape[1] - x.shape[1]) <= 2048  # AAC frames are 1024 samples
+    assert abs(info.frames - y.shape[1]) <= 2048
+    if exact:
+        reference, _ = read_audio(source)
+        assert torch.equal(y, reference)
+    else:
+        # The abrupt start overshoots; the level of the middle is the sine's (RMS = peak / sqrt 2).
+        middle = y[:, y.shape[1] // 4 : -y.shape[1] // 4]
+        rms = middle.square().mean(dim=1).sqrt() * 2**0.5
+        assert torch.allclose(rms, torch.tensor([0.5, 0.25]), rtol=0.1)
+
+
+def test_extension_sets_are_consistent():
+    assert audio.AUDIO_EXTENSIONS == audio.SOUNDFILE_EXTENSIONS | audio.FFMPEG_EXTENSIONS
+    assert not audio.SOUNDFILE_EXTENSIONS & audio.FFMPEG_EXTENSIONS
+    assert all(e.startswith(".") and e == e.lower() for e in audio.AUDIO_EXTENSIONS)
+    assert {".wav", ".flac", ".mp3", ".m4a"} <= audio.AUDIO_EXTENSIONS
+    assert audio.WRITE_FORMATS == ("wav", "flac", "mp3")

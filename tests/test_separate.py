@@ -1,0 +1,349 @@
+"""End to end: the `htsep separate` command against the `demucs` command on the same
+checkpoint files, plus the smoke test and the batch behaviour."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import yaml
+from typer.testing import CliRunner
+
+import reference
+from htsep.cli import app
+
+RATE = 8000  # the small test model's sample rate
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A demucs-style --repo folder: two small models written by demucs's own serializer, a
+    weighted bag of both, and a one-hot bag whose members each serve one source."""
+    folder = tmp_path_factory.mktemp("repo")
+    for index, sig in enumerate(["aaaa0001", "bbbb0002"]):
+        model = reference.build(reference.SOURCES_4, reference.SMALL, seed=11 + index)
+        reference.write_th(model, folder, sig)
+    (folder / "mixbag.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "models": ["aaaa0001", "bbbb0002"],
+                "weights": [[1.0, 0.5, 0.25, 1.0], [0.5, 1.0, 1.0, 0.25]],
+            }
+        )
+    )
+    # Members 2..4 of the one-hot bag are not checkpoints at all: a run that loads them fails.
+    for sig in ["dead0003", "dead0004", "dead0005"]:
+        (folder / f"{sig}.th").write_bytes(b"not a checkpoint")
+    (folder / "onehot.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "models": ["dead0003", "dead0004", "dead0005", "aaaa0001"],
+                "weights": [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]],
+            }
+        )
+    )
+    return folder
+
+
+def write_clip(
+    path: Path,
+    seconds: float,
+    rate: int = RATE,
+    channels: int = 2,
+    amplitude: float = 0.05,
+    seed: int = 0,
+    subtype: str = "FLOAT",
+) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    frames = int(seconds * rate)
+    t = np.arange(frames) / rate
+    tone = np.sin(2 * np.pi * 220 * t)[:, None] * np.linspace(0.5, 1.0, channels)[None]
+    audio = amplitude * (0.6 * tone + 0.4 * rng.standard_normal((frames, channels)))
+    audio = audio.astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, audio, rate, subtype=subtype)
+    return audio
+
+
+def htsep(*args: str):
+    result = runner.invoke(app, ["separate", *args])
+    return result
+
+
+def read(path: Path) -> tuple[np.ndarray, int]:
+    return sf.read(path, dtype="float32", always_2d=True)
+
+
+@pytest.mark.parametrize("name", ["aaaa0001", "mixbag"])
+def test_same_stems_as_demucs(tmp_path, repo, name):
+    """`htsep` and `demucs` with the same repo and `--shifts 0 --float32` give the same stems
+    within 1e-4 of full scale: a single model and a weighted bag, on a multi-chunk clip."""
+    clip = tmp_path / "clip.wav"
+    write_clip(clip, 4.3)
+    demucs_out, htsep_out = tmp_path / "demucs", tmp_path / "htsep"
+    common = ["--repo", str(repo), "-n", name, "--shifts", "0", "--float32"]
+    done = subprocess.run(
+        [sys.executable, "-m", "demucs", *common, "-o", str(demucs_out), str(clip)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    result = htsep(*common, "-o", str(htsep_out), "-q", str(clip))
+    assert result.exit_code == 0, result.output
+    for stem in reference.SOURCES_4:
+        ref, ref_rate = read(demucs_out / name / "clip" / f"{stem}.wav")
+        ours, rate = read(htsep_out / name / "clip" / f"{stem}.wav")
+        assert rate == ref_rate == RATE and ours.shape == ref.shape
+        assert 0 < np.abs(ref).max() < 0.99  # nothing clipped: the comparison is exact
+        assert np.abs(ours - ref).max() <= 1e-4, stem
+
+
+def test_smoke_short_clip(tmp_path, repo):
+    clip = tmp_path / "in" / "short clip.wav"
+    mix = write_clip(clip, 1.7)
+    out = tmp_path / "out"
+    result = htsep("--repo", str(repo), "-n", "aaaa0001", "-o", str(out), "-q", str(clip))
+    assert result.exit_code == 0, result.output
+    folder = out / "aaaa0001" / "short clip"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f"{s}.wav" for s in reference.SOURCES_4
+    )
+    for path in folder.iterdir():
+        info = sf.info(path)
+        assert (info.samplerate, info.channels, info.frames) == (RATE, 2, len(mix))
+        assert info.format == "WAV" and info.subtype == "PCM_16"
+
+    result = htsep(
+        "--repo",
+        str(repo),
+        "-n",
+        "aaaa0001",
+        "-o",
+        str(out),
+        "-q",
+        "--two-stems",
+        "vocals",
+        "--other-method",
+        "minus",
+        "--float32",
+        "--clip-mode",
+        "none",
+        "--filename",
+        "{track}.{stem}.{ext}",
+        str(clip),
+    )
+    assert result.exit_code == 0, result.output
+    vocals, _ = read(out / "aaaa0001" / "short clip.vocals.wav")
+    minus, _ = read(out / "aaaa0001" / "short clip.minus_vocals.wav")
+    assert sf.info(out / "aaaa0001" / "short clip.vocals.wav").subtype == "FLOAT"
+    assert np.abs(vocals + minus - mix).max() <= 1e-5
+
+
+def test_formats_flac_24_and_mp3(tmp_path, repo):
+    clip = tmp_path / "song.wav"
+    mix = write_clip(clip, 1.0)
+    out = tmp_path / "out"
+    args = ["--repo", str(repo), "-n", "aaaa0001", "-o", str(out), "-q", "--stems", "vocals"]
+    assert htsep(*args, "--flac", "--int24", str(clip)).exit_code == 0
+    info = sf.info(out / "aaaa0001" / "song" / "vocals.flac")
+    assert (info.format, info.subtype, info.frames) == ("FLAC", "PCM_24", len(mix))
+    assert htsep(*args, "--mp3", "--mp3-bitrate", "128", str(clip)).exit_code == 0
+    assert sf.info(out / "aaaa0001" / "song" / "vocals.mp3").format == "MP3"
+    assert [p.name for p in (out / "aaaa0001" / "song").iterdir()] != []
+    assert not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 44100, 192000])
+def test_any_rate_mono_and_length(tmp_path, repo, rate):
+    clip = tmp_path / "mono.wav"
+    mix = write_clip(clip, 0.6, rate=rate, channels=1)
+    out = tmp_path / "out"
+    result = htsep(
+        "--repo",
+        str(repo),
+        "-n",
+        "aaaa0001",
+        "-o",
+        str(out),
+        "-q",
+        "--stems",
+        "bass,drums",
+        str(clip),
+    )
+    assert result.exit_code == 0, result.output
+    stems = sorted(p.name for p in (out / "aaaa0001" / "mono").iterdir())
+    assert stems == ["bass.wav", "drums.wav"]
+    for stem in stems:
+        info = sf.info(out / "aaaa0001" / "mono" / stem)
+        assert (info.samplerate, info.channels, info.frames) == (rate, 1, len(mix))
+
+
+def test_tiny_and_silent_inputs(tmp_path, repo):
+    for name, audio in [
+        ("few", np.full((3, 2), 0.1, np.float32)),
+        ("silence", np.zeros((RATE, 2), np.float32)),
+    ]:
+        sf.write(tmp_path / f"{name}.wav", audio, RATE, subtype="FLOAT")
+    out = tmp_path / "out"
+    result = htsep(
+        "--repo",
+        str(repo),
+        "-n",
+        "aaaa0001",
+        "-o",
+        str(out),
+        "-q",
+        str(tmp_path / "few.wav"),
+        str(tmp_path / "silence.wav"),
+    )
+    assert result.exit_code == 0, result.output
+    few, _ = read(out / "aaaa0001" / "few" / "vocals.wav")
+    silent, _ = read(out / "aaaa0001" / "silence" / "vocals.wav")
+    assert few.shape == (3, 2) and np.isfinite(few).all()
+    assert silent.shape == (RATE, 2) and np.abs(silent).max() < 1e-3
+
+
+def test_one_hot_bag_runs_only_the_member_needed(tmp_path, repo):
+    """The one-hot bag's other members are not even readable: --two-stems vocals succeeds
+    only because just the vocals member is loaded."""
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 1.0)
+    out = tmp_path / "out"
+    result = htsep(
+        "--repo",
+        str(repo),
+        "-n",
+        "onehot",
+        "-o",
+        str(out),
+        "-q",
+        "--two-stems",
+        "vocals",
+        str(clip),
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "onehot" / "song").iterdir()) == [
+        "no_vocals.wav",
+        "vocals.wav",
+    ]
+    result = htsep(
+        "--repo", str(repo), "-n", "onehot", "-o", str(out), "-q", "--overwrite", str(clip)
+    )
+    assert result.exit_code == 1  # all four stems need the unreadable members
+    assert "dead0003" in result.output
+
+
+def test_batch_folder_glob_failures_json_and_summary(tmp_path, repo):
+    music = tmp_path / "music"
+    write_clip(music / "a.wav", 0.5)
+    write_clip(music / "sub" / "b.flac", 0.5, subtype="PCM_16")
+    (music / "notes.txt").write_text("not audio")
+    (music / "broken.wav").write_text("not audio either")
+    write_clip(tmp_path / "c.wav", 0.5)
+    out = tmp_path / "out"
+    result = htsep(
+        "--repo",
+        str(repo),
+        "-n",
+        "aaaa0001",
+        "-o",
+        str(out),
+        "-q",
+        "--json",
+        "--stems",
+        "vocals",
+        str(music),
+        str(tmp_path / "c*.wav"),
+        str(tmp_path / "missing.wav"),
+    )
+    assert result.exit_code == 1
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    by_input = {Path(r["input"]).name: r for r in records}
+    assert set(by_input) == {"a.wav", "b.flac", "broken.wav", "c.wav", "missing.wav"}
+    for good in ("a.wav", "b.flac", "c.wav"):
+        record = by_input[good]
+        assert record["status"] == "ok" and record["error"] is None
+        assert record["sample_rate"] == RATE and record["duration"] == pytest.approx(0.5)
+        assert record["realtime_factor"] > 0 and len(record["outputs"]) == 1
+        assert Path(record["outputs"][0]).exists()
+    for bad in ("broken.wav", "missing.wav"):
+        assert by_input[bad]["status"] == "failed" and by_input[bad]["error"]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("htsep: error:")]
+    assert len(errors) == 2
+    assert "3 separated, 0 skipped, 2 failed" in result.stderr
+    assert not (out / "aaaa0001" / "broken").exists()
+
+
+def test_existing_outputs_skip_and_overwrite(tmp_path, repo):
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 0.5)
+    out = tmp_path / "out"
+    args = ["--repo", str(repo), "-n", "aaaa0001", "-o", str(out), "-q", "--json"]
+    assert htsep(*args, str(clip)).exit_code == 0
+    vocals = out / "aaaa0001" / "song" / "vocals.wav"
+    vocals.write_bytes(b"my own edit")
+    result = htsep(*args, str(clip))
+    assert result.exit_code == 1 and "exists" in result.stderr
+    assert vocals.read_bytes() == b"my own edit"  # nothing a user had is overwritten
+    result = htsep(*args, "--skip-existing", str(clip))
+    assert result.exit_code == 0 and json.loads(result.stdout)["status"] == "skipped"
+    assert vocals.read_bytes() == b"my own edit"
+    assert htsep(*args, "--overwrite", str(clip)).exit_code == 0
+    assert sf.info(vocals).frames == 4000
+
+
+def test_shard_slices_cover_the_inputs_once(tmp_path, repo):
+    for index in range(5):
+        write_clip(tmp_path / "in" / f"t{index}.wav", 0.3, seed=index)
+    seen = []
+    for k in (1, 2, 3):
+        result = htsep(
+            "--repo",
+            str(repo),
+            "-n",
+            "aaaa0001",
+            "-o",
+            str(tmp_path / "out"),
+            "-q",
+            "--json",
+            "--stems",
+            "bass",
+            "--shard",
+            f"{k}/3",
+            str(tmp_path / "in"),
+        )
+        assert result.exit_code == 0, result.output
+        seen += [Path(json.loads(line)["input"]).name for line in result.stdout.splitlines()]
+    assert sorted(seen) == [f"t{i}.wav" for i in range(5)]
+
+
+def test_same_seed_same_bytes(tmp_path, repo):
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 1.0)
+    digests = []
+    for run, seed in enumerate(["3", "3", "4"]):
+        out = tmp_path / f"out{run}"
+        result = htsep(
+            "--repo",
+            str(repo),
+            "-n",
+            "aaaa0001",
+            "-o",
+            str(out),
+            "-q",
+            "--shifts",
+            "2",
+            "--seed",
+            seed,
+            "--stems",
+            "drums",
+            str(clip),
+        )
+        assert result.exit_code == 0
+        digests.append((out / "aaaa0001" / "song" / "drums.wav").read_bytes())
+    assert digests[0] == digests[1] and digests[0] != digests[2]

@@ -1,0 +1,545 @@
+"""The model zoo: the shipped registry, name resolution, and downloads from a local HTTP server.
+
+Nothing here touches the network beyond 127.0.0.1: every test points HTSEP_CACHE, TORCH_HOME and
+HTSEP_MIRROR into its own temporary folder. The checkpoints served are real demucs files written
+by demucs's own serializer (tests/reference.py), so signatures and checksums are genuine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import logging
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+import htsep
+import reference
+from htsep import zoo
+from htsep.errors import CheckpointError, DownloadError, ModelNotFoundError
+from htsep.zoo import MemberSpec, fetch, find_model, is_cached
+
+RELEASE_HOST = "https://dl.fbaipublicfiles.com/demucs/hybrid_transformer/"
+OFFLINE_ADVICE = "to work offline, pass a checkpoint file path with -n PATH"
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cache_leftovers(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir()) if folder.exists() else []
+
+
+@pytest.fixture(autouse=True)
+def private_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never read or write the user's caches, never reach a real host."""
+    monkeypatch.setenv("HTSEP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HTSEP_MIRROR", "http://127.0.0.1:9/unreachable")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+
+@dataclass(frozen=True)
+class Served:
+    """A real checkpoint file named ``<sig>-<sha8>.th`` and its member spec."""
+
+    path: Path
+    member: MemberSpec
+
+
+@pytest.fixture(scope="session")
+def served(small_checkpoint: tuple[Path, Path, object]) -> Served:
+    th_path = small_checkpoint[0]
+    signature, checksum = th_path.stem.rsplit("-", 1)
+    return Served(th_path, MemberSpec(signature, checksum=checksum))
+
+
+@pytest.fixture(scope="session")
+def impostor(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A different real checkpoint: valid bytes that do not match ``served``'s checksum."""
+    model = reference.build(reference.SOURCES_4, reference.SMALL, seed=8)
+    path, _ = reference.write_th(model, tmp_path_factory.mktemp("impostor"), "small")
+    return path
+
+
+@dataclass
+class Server:
+    """A local HTTP server over ``root``; counts requests and can misbehave on demand."""
+
+    root: Path
+    url: str = ""
+    requests: list[str] = field(default_factory=list)
+    truncate: set[str] = field(default_factory=set)  # names served with half their body
+    barrier: threading.Barrier | None = None  # holds responses until this many requests arrived
+    stall: threading.Event | None = None  # when set, full bodies pause halfway until it fires
+    halfway: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    state = Server(root=tmp_path / "www")
+    state.root.mkdir()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            state.requests.append(self.path)
+            if state.barrier is not None:
+                state.barrier.wait(timeout=10)
+            path = state.root / self.path.lstrip("/")
+            if not path.is_file():
+                self.send_error(404, "Not Found")
+                return
+            body = path.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if path.name in state.truncate:
+                self.wfile.write(body[: len(body) // 2])
+                self.close_connection = True  # the client sees the socket close early
+                return
+            if state.stall is not None:
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                state.halfway.release()
+                state.stall.wait(timeout=10)
+                body = body[len(body) // 2 :]
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        yield state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+@pytest.fixture
+def mirror(server: Server, monkeypatch: pytest.MonkeyPatch) -> Server:
+    monkeypatch.setenv("HTSEP_MIRROR", server.url + "/")
+    return server
+
+
+# --- where files live --------------------------------------------------------------------------
+
+
+def test_cache_folders_follow_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert zoo.cache_dir() == tmp_path / "cache"
+    assert zoo.torch_hub_dir() == tmp_path / "torch" / "hub" / "checkpoints"
+    monkeypatch.delenv("HTSEP_CACHE")
+    monkeypatch.delenv("TORCH_HOME")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert zoo.cache_dir() == tmp_path / "xdg" / "htsep"
+    assert zoo.torch_hub_dir() == tmp_path / "xdg" / "torch" / "hub" / "checkpoints"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert zoo.cache_dir() == tmp_path / "home" / ".cache" / "htsep"
+    assert zoo.torch_hub_dir() == tmp_path / "home" / ".cache" / "torch" / "hub" / "checkpoints"
+
+
+# --- the shipped registry ----------------------------------------------------------------------
+
+
+def test_registry_holds_the_three_released_models() -> None:
+    models = {spec.name: spec for spec in zoo.registry_models()}
+    assert list(models) == ["htdemucs", "htdemucs_6s", "htdemucs_ft"]
+    assert zoo.DEFAULT_MODEL in models
+    four = ("drums", "bass", "other", "vocals")
+
+    htdemucs = models["htdemucs"]
+    assert htdemucs.sources == four
+    assert [(m.signature, m.checksum) for m in htdemucs.members] == [("955717e8", "8726e21a")]
+    assert htdemucs.weights is None and htdemucs.segment is None
+
+    ft = models["htdemucs_ft"]
+    assert ft.sources == four
+    assert [(m.signature, m.checksum) for m in ft.members] == [
+        ("f7e0c4bc", "ba3fe64a"),
+        ("d12395a8", "e57c48e6"),
+        ("92cfc3b6", "ef3bcb9c"),
+        ("04573f0d", "f3cf25b2"),
+    ]
+    assert ft.weights == tuple(
+        tuple(1.0 if row == col else 0.0 for col in range(4)) for row in range(4)
+    )
+
+    six = models["htdemucs_6s"]
+    assert six.sources == (*four, "guitar", "piano")
+    assert [(m.signature, m.checksum) for m in six.members] == [("5c90dfd2", "34c22ccb")]
+
+    for spec in models.values():
+        assert spec.description
+        for member in spec.members:
+            assert member.url == f"{RELEASE_HOST}{member.signature}-{member.checksum}.th"
+            assert member.path is None
+
+
+def test_registry_names_and_signatures_resolve() -> None:
+    assert find_model("htdemucs_ft") == {m.name: m for m in zoo.registry_models()}["htdemucs_ft"]
+    single = find_model("d12395a8")
+    assert single.name == "d12395a8"
+    assert single.members == (
+        MemberSpec("d12395a8", checksum="e57c48e6", url=f"{RELEASE_HOST}d12395a8-e57c48e6.th"),
+    )
+    assert single.weights is None
+    assert single.sources == ("drums", "bass", "other", "vocals")
+
+
+def test_unknown_name_suggests_the_closest() -> None:
+    with pytest.raises(ModelNotFoundError) as caught:
+        find_model("htdemucs_fx")
+    assert str(caught.value) == (
+        "unknown model 'htdemucs_fx'; did you mean 'htdemucs_ft'? "
+        "Known models: htdemucs, htdemucs_6s, htdemucs_ft"
+    )
+    with pytest.raises(ModelNotFoundError) as caught:
+        find_model("mdx_extra")
+    assert str(caught.value) == (
+        "unknown model 'mdx_extra'; known models: htdemucs, htdemucs_6s, htdemucs_ft"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("name: x\nsources: [a, b]\nmembers: []\n", "'members' must be a non-empty list"),
+        (
+            "name: x\nsources: [a, b]\nmembers: [{signature: '01234567', checksum: 12345678, "
+            "url: u}]\n",
+            "quote all-digit values",
+        ),
+        (
+            "name: x\nsources: [a, b]\nmembers: [{signature: s, checksum: nothex, url: u}]\n",
+            "is not a hexadecimal SHA-256 prefix",
+        ),
+        (
+            "name: x\nsources: [a, b]\nmembers: [{signature: s, checksum: ab, url: u}]\n"
+            "weights: [[1, 0, 0]]\n",
+            "'weights' must be a 1 x 2 matrix",
+        ),
+        (
+            "name: x\nsources: [a, b]\nmembers: [{signature: s, checksum: ab, url: u}]\n"
+            "segment: -1\n",
+            "'segment' must be positive",
+        ),
+        ("[1, 2]\n", "expected a mapping of keys, got list"),
+    ],
+)
+def test_malformed_registry_entries_are_named(text: str, problem: str) -> None:
+    with pytest.raises(ModelNotFoundError, match="^bad.yaml: .*" + problem):
+        zoo._parse_registry_entry(zoo._load_yaml(text, "bad.yaml"), "bad.yaml")
+
+
+# --- explicit checkpoint files -----------------------------------------------------------------
+
+
+def test_explicit_th_path(served: Served) -> None:
+    spec = find_model(str(served.path))
+    assert spec.name == served.member.signature == "small"
+    assert spec.members == (MemberSpec("small", checksum=served.member.checksum, path=served.path),)
+    assert spec.sources is None and spec.weights is None
+    assert fetch(spec.members[0]) == served.path
+
+
+def test_explicit_safetensors_path(small_checkpoint: tuple[Path, Path, object]) -> None:
+    spec = find_model(str(small_checkpoint[1]))
+    assert spec.name == "small"
+    assert spec.members == (MemberSpec("small", path=small_checkpoint[1]),)
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    for name in (str(tmp_path / "nothing.th"), "nothing.safetensors", "dir/nothing"):
+        with pytest.raises(ModelNotFoundError) as caught:
+            find_model(name)
+        assert str(caught.value) == f"{name}: no such checkpoint file"
+
+
+def test_folder_given_as_a_model_name(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="is a folder, not a checkpoint file.*--repo"):
+        find_model(str(tmp_path))
+
+
+def test_fetch_checks_a_local_files_checksum(served: Served, tmp_path: Path) -> None:
+    wrong = "0" * 8 if not served.member.checksum.startswith("0") else "1" * 8
+    member = MemberSpec("small", checksum=wrong, path=served.path)
+    with pytest.raises(CheckpointError) as caught:
+        fetch(member)
+    message = str(caught.value)
+    assert str(served.path) in message
+    assert f"SHA-256 starts with {served.member.checksum}, expected {wrong}" in message
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        fetch(MemberSpec("small", path=tmp_path / "gone.th"))
+
+
+# --- local repositories ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A demucs-style --repo folder: a hashed .th, a plain .th, a .safetensors and a bag."""
+    folder = tmp_path_factory.mktemp("repo")
+    model = reference.build(reference.SOURCES_4, reference.SMALL, seed=3)
+    reference.write_th(model, folder, "aaaa1111")
+    reference.write_safetensors(model, folder, "bbbb2222")
+    hashed, _ = reference.write_th(model, folder / "tmp", "cccc3333")
+    shutil.move(hashed, folder / "cccc3333.th")  # demucs also accepts files without a hash
+    (folder / "tmp").rmdir()
+    (folder / "mybag.yaml").write_text(
+        "models: ['aaaa1111', 'bbbb2222', 'cccc3333']\n"
+        "weights: [[1, 0, 0, 0], [0, 1, 1, 0.5], [0, 0, 0, 0.5]]\n"
+        "segment: 7.8\n"
+    )
+    (folder / "plain.yaml").write_text("models: ['aaaa1111']\n")
+    return folder
+
+
+def test_repo_bag(repo: Path) -> None:
+    spec = find_model("mybag", repo)
+    (hashed,) = repo.glob("aaaa1111-*.th")
+    assert spec.name == "mybag"
+    assert spec.members == (
+        MemberSpec("aaaa1111", checksum=hashed.stem.split("-")[1], path=hashed),
+        MemberSpec("bbbb2222", path=repo / "bbbb2222.safetensors"),
+        MemberSpec("cccc3333", path=repo / "cccc3333.th"),
+    )
+    assert spec.weights == ((1.0, 0.0, 0.0, 0.0), (0.0, 1.0, 1.0, 0.5), (0.0, 0.0, 0.0, 0.5))
+    assert spec.segment == Fraction("7.8") == Fraction(39, 5)
+    assert spec.sources is None
+    for member in spec.members:
+        assert fetch(member) == member.path
+        assert htsep.load_model(fetch(member)).config.sources == tuple(reference.SOURCES_4)
+
+    plain = find_model("plain", repo)
+    assert plain.weights is None and plain.segment is None and len(plain.members) == 1
+
+
+def test_repo_single_checkpoints(repo: Path) -> None:
+    for signature, file in [
+        ("aaaa1111", next(repo.glob("aaaa1111-*.th"))),
+        ("bbbb2222", repo / "bbbb2222.safetensors"),
+        ("cccc3333", repo / "cccc3333.th"),
+    ]:
+        spec = find_model(signature, repo)
+        assert spec.name == signature
+        assert [member.path for member in spec.members] == [file]
+
+
+def test_repo_without_the_name(repo: Path) -> None:
+    with pytest.raises(ModelNotFoundError) as caught:
+        find_model("mybg", repo)
+    assert str(caught.value) == (
+        f"no model 'mybg' in {repo}; did you mean 'mybag'? "
+        "It holds: mybag, plain, aaaa1111, bbbb2222, cccc3333"
+    )
+    # With a repo, the registry is not consulted (like demucs --repo).
+    with pytest.raises(ModelNotFoundError, match="no model 'htdemucs' in"):
+        find_model("htdemucs", repo)
+
+
+def test_repo_that_is_not_a_folder(served: Served, tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError) as caught:
+        find_model("small", served.path)
+    assert str(caught.value) == f"{served.path}: model repository is not a folder"
+    with pytest.raises(ModelNotFoundError, match="model repository does not exist"):
+        find_model("small", tmp_path / "missing")
+
+
+def test_repo_duplicate_signature(tmp_path: Path) -> None:
+    model = reference.build(reference.SOURCES_4, reference.SMALL, seed=4)
+    hashed, _ = reference.write_th(model, tmp_path, "dup")
+    reference.write_safetensors(model, tmp_path, "dup")
+    with pytest.raises(ModelNotFoundError) as caught:
+        find_model("dup", tmp_path)
+    assert str(caught.value) == (
+        f"{tmp_path}: several checkpoints for signature 'dup' "
+        f"({hashed.name}, dup.safetensors); keep only one"
+    )
+
+
+def test_repo_bag_with_a_missing_member(tmp_path: Path) -> None:
+    model = reference.build(reference.SOURCES_4, reference.SMALL, seed=5)
+    reference.write_th(model, tmp_path, "present")
+    (tmp_path / "bag.yaml").write_text("models: [present, absent]\n")
+    with pytest.raises(ModelNotFoundError) as caught:
+        find_model("bag", tmp_path)
+    assert str(caught.value) == (
+        f"{tmp_path / 'bag.yaml'}: no checkpoint with signature 'absent' in {tmp_path}"
+    )
+
+
+def test_repo_bag_with_bad_weights(tmp_path: Path) -> None:
+    model = reference.build(reference.SOURCES_4, reference.SMALL, seed=5)
+    reference.write_th(model, tmp_path, "one")
+    (tmp_path / "bag.yaml").write_text("models: [one]\nweights: [[1, 1], [1, 1]]\n")
+    with pytest.raises(ModelNotFoundError, match=r"'weights' must be a 1 x sources matrix"):
+        find_model("bag", tmp_path)
+
+
+# --- downloads ---------------------------------------------------------------------------------
+
+
+def test_download_lands_verified_in_the_cache(mirror: Server, served: Served) -> None:
+    shutil.copy(served.path, mirror.root / served.path.name)
+    assert not is_cached(served.member)
+    path = fetch(served.member, progress=False)
+    assert path == zoo.cache_dir() / served.path.name
+    assert sha256(path) == sha256(served.path)
+    assert mirror.requests == [f"/{served.path.name}"]
+    assert cache_leftovers(zoo.cache_dir()) == [served.path.name]
+    assert is_cached(served.member)
+    model = htsep.load_model(path)
+    assert model.config.sources == tuple(reference.SOURCES_4)
+
+    # The second time the verified cache answers; the server is not asked again.
+    assert fetch(served.member, progress=False) == path
+    assert len(mirror.requests) == 1
+
+
+def test_download_from_the_members_url(
+    server: Server, served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HTSEP_MIRROR")
+    (server.root / "elsewhere").mkdir()
+    shutil.copy(served.path, server.root / "elsewhere" / "file.th")
+    member = MemberSpec("small", served.member.checksum, url=f"{server.url}/elsewhere/file.th")
+    path = fetch(member, progress=False)
+    assert path == zoo.cache_dir() / served.path.name
+    assert server.requests == ["/elsewhere/file.th"]
+
+
+def test_mirror_replaces_the_registry_host(mirror: Server) -> None:
+    member = find_model("htdemucs").members[0]
+    with pytest.raises(DownloadError) as caught:
+        fetch(member, progress=False)
+    assert mirror.requests == ["/955717e8-8726e21a.th"]
+    assert f"could not download {mirror.url}/955717e8-8726e21a.th: HTTP 404" in str(caught.value)
+
+
+def test_wrong_file_is_refused_and_nothing_is_kept(
+    mirror: Server, served: Served, impostor: Path
+) -> None:
+    shutil.copy(impostor, mirror.root / served.path.name)
+    url = f"{mirror.url}/{served.path.name}"
+    with pytest.raises(DownloadError) as caught:
+        fetch(served.member, progress=False)
+    message = str(caught.value)
+    actual = sha256(impostor)[:8]
+    assert message.startswith(
+        f"{url}: downloaded file has SHA-256 {actual}..., expected {served.member.checksum}...; "
+    )
+    assert "\n" not in message
+    assert cache_leftovers(zoo.cache_dir()) == []
+
+
+def test_truncated_download_is_refused_and_nothing_is_kept(mirror: Server, served: Served) -> None:
+    shutil.copy(served.path, mirror.root / served.path.name)
+    mirror.truncate.add(served.path.name)
+    size = served.path.stat().st_size
+    with pytest.raises(DownloadError) as caught:
+        fetch(served.member, progress=False)
+    assert str(caught.value).startswith(
+        f"could not download {mirror.url}/{served.path.name}: the connection closed after "
+        f"{size // 2} of {size} bytes; {OFFLINE_ADVICE}"
+    )
+    assert cache_leftovers(zoo.cache_dir()) == []
+
+
+def test_missing_file_on_the_server(mirror: Server, served: Served) -> None:
+    with pytest.raises(DownloadError) as caught:
+        fetch(served.member, progress=False)
+    assert str(caught.value) == (
+        f"could not download {mirror.url}/{served.path.name}: HTTP 404 Not Found; "
+        f"{OFFLINE_ADVICE} or a folder of checkpoints with --repo DIR, "
+        f"or put '{served.path.name}' in {zoo.cache_dir()}"
+    )
+    assert cache_leftovers(zoo.cache_dir()) == []
+
+
+def test_unreachable_host(served: Served) -> None:
+    # The autouse fixture points the mirror at port 9 (discard), where nothing listens.
+    with pytest.raises(DownloadError, match="^could not download http://127.0.0.1:9/unreachable/"):
+        fetch(served.member, progress=False)
+
+
+def test_torch_hub_cache_is_used_in_place(mirror: Server, served: Served) -> None:
+    hub = zoo.torch_hub_dir()
+    hub.mkdir(parents=True)
+    shutil.copy(served.path, hub / served.path.name)
+    assert is_cached(served.member)
+    assert fetch(served.member, progress=False) == hub / served.path.name
+    assert mirror.requests == []
+    assert cache_leftovers(zoo.cache_dir()) == []
+
+
+def test_bad_torch_hub_file_is_ignored_not_deleted(
+    mirror: Server, served: Served, impostor: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    hub = zoo.torch_hub_dir()
+    hub.mkdir(parents=True)
+    shutil.copy(impostor, hub / served.path.name)
+    shutil.copy(served.path, mirror.root / served.path.name)
+    with caplog.at_level(logging.WARNING, logger="htsep.zoo"):
+        path = fetch(served.member, progress=False)
+    assert path == zoo.cache_dir() / served.path.name
+    assert sha256(path) == sha256(served.path)
+    assert sha256(hub / served.path.name) == sha256(impostor)
+    assert "ignoring it" in caplog.text
+
+
+def test_corrupt_cached_file_is_downloaded_again(mirror: Server, served: Served) -> None:
+    cached = zoo.cache_dir() / served.path.name
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(served.path.read_bytes()[:1000])
+    shutil.copy(served.path, mirror.root / served.path.name)
+    assert fetch(served.member, progress=False) == cached
+    assert sha256(cached) == sha256(served.path)
+    assert len(mirror.requests) == 1
+
+
+def test_concurrent_downloads_end_with_one_good_file(mirror: Server, served: Served) -> None:
+    shutil.copy(served.path, mirror.root / served.path.name)
+    # Both requests are in flight, each paused halfway through its body, before either ends.
+    mirror.barrier = threading.Barrier(2)
+    mirror.stall = threading.Event()
+    results: list[Path | BaseException] = []
+
+    def download() -> None:
+        try:
+            results.append(fetch(served.member, progress=False))
+        except BaseException as exc:  # reported below, not lost in the thread
+            results.append(exc)
+
+    threads = [threading.Thread(target=download) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        assert mirror.halfway.acquire(timeout=10) and mirror.halfway.acquire(timeout=10)
+        # Mid-download, another reader must not find a partial file under the final name.
+        partial = cache_leftovers(zoo.cache_dir())
+        assert len(partial) == 2 and all(name.endswith(".part") for name in partial)
+        assert not is_cached(served.member)
+    finally:
+        mirror.stall.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    final = zoo.cache_dir() / served.path.name
+    assert results == [final, final]
+    assert len(mirror.requests) == 2
+    assert sha256(final) == sha256(served.path)
+    assert cache_leftovers(zoo.cache_dir()) == [served.path.name]
