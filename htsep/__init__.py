@@ -6,6 +6,7 @@ from htsep.checkpoint import load_model, save_model
 from htsep.errors import CheckpointError, HtsepError, UnsupportedOptionError
 from htsep.model.config import HTDemucsConfig
 from htsep.model.htdemucs import HTDemucs
+from htsep.separator import Separator
 
 try:
     __version__ = version("htsep")
@@ -17,6 +18,7 @@ __all__ = [
     "HTDemucs",
     "HTDemucsConfig",
     "HtsepError",
+    "Separator",
     "UnsupportedOptionError",
     "__version__",
     "load_model",

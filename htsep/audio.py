@@ -138,8 +138,9 @@ def write_audio(
       ``mp3_preset`` (2 = best ... 7 = fastest, LAME's ``-q``) is checked but has no effect:
       libsndfile does not expose LAME's algorithm quality, so LAME's default is used.
 
-    Integer formats are clamped to [-1, 1] first (libsndfile would wrap around); float WAV keeps
-    values beyond it. Missing parent folders are created. The file is written under a hidden
+    Integer formats and MP3 are clamped to [-1, 1] first (libsndfile before 1.0.29 wraps
+    around, and LAME encodes any level, to decode as peaks far beyond full scale); float WAV
+    keeps values beyond it. Missing parent folders are created. The file is written under a hidden
     temporary name in the same folder and renamed onto ``path`` only when complete, so ``path``
     never holds half a file and a failed write leaves an existing file untouched.
     """

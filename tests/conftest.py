@@ -17,3 +17,11 @@ def small_checkpoint(tmp_path_factory):
     th_path, oracle = reference.write_th(model, folder, "small")
     st_path = reference.write_safetensors(model, folder, "small")
     return th_path, st_path, oracle
+
+
+@pytest.fixture(autouse=True)
+def _private_model_caches(tmp_path, monkeypatch):
+    """No test reads or writes the user's model caches or reaches a real download host."""
+    monkeypatch.setenv("HTSEP_CACHE", str(tmp_path / "htsep-cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setenv("HTSEP_MIRROR", "http://127.0.0.1:9/unreachable")

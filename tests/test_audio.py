@@ -172,6 +172,14 @@ def test_integer_formats_clamp_instead_of_wrapping(tmp_path, suffix, bits):
     assert torch.equal(x, before)  # the caller's tensor is not clamped in place
 
 
+def test_mp3_is_clamped_too(tmp_path):
+    """LAME itself has no full scale: a sine at 3x full scale would decode with peaks near 3."""
+    path = tmp_path / "loud.mp3"
+    write_audio(path, sine(1, RATE // 4, RATE) * 6, RATE)
+    y, _ = read_audio(path)
+    assert 0.9 < y.abs().max().item() < 1.3
+
+
 def test_write_accepts_other_dtypes_and_non_contiguous_views(tmp_path):
     x = noise(3, 1001, scale=0.5).double()[::2]  # (2, 1001) float64 view with a stride
     path = tmp_path / "view.wav"

@@ -46,3 +46,30 @@ def test_info_missing_file_is_one_line_and_nonzero(tmp_path):
     assert result.returncode == 1
     assert result.stderr == f"htsep: error: {tmp_path / 'x.th'}: no such checkpoint file\n"
     assert result.stdout == ""
+
+
+def test_models_lists_the_registry_and_cache_state(tmp_path, monkeypatch):
+    hub = tmp_path / "torch-home" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / "955717e8-8726e21a.th").write_bytes(b"placeholder")  # as demucs would have cached it
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line[:1] != " "}
+    assert set(lines) == {"htdemucs", "htdemucs_6s", "htdemucs_ft"}
+    assert "cached" in lines["htdemucs"] and "not downloaded" in lines["htdemucs_ft"]
+    assert "guitar, piano" in lines["htdemucs_6s"]
+    assert "4 members" in lines["htdemucs_ft"]
+
+
+def test_models_download_failure_names_url_and_offline_route():
+    result = runner.invoke(app, ["models", "download", "-q", "htdemucs"])
+    assert result.exit_code == 1
+    (line,) = result.stderr.splitlines()
+    assert "127.0.0.1:9/unreachable/955717e8-8726e21a.th" in line
+    assert "--repo" in line
+
+
+def test_models_download_unknown_name_is_a_usage_error():
+    result = runner.invoke(app, ["models", "download", "htdemucs_fx"])
+    assert result.exit_code == 2
+    assert "did you mean 'htdemucs_ft'" in result.stderr
