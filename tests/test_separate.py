@@ -2,6 +2,7 @@
 checkpoint files, plus the smoke test and the batch behaviour."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -347,3 +348,19 @@ def test_same_seed_same_bytes(tmp_path, repo):
         assert result.exit_code == 0
         digests.append((out / "aaaa0001" / "song" / "drums.wav").read_bytes())
     assert digests[0] == digests[1] and digests[0] != digests[2]
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed")
+def test_m4a_input_through_ffmpeg(tmp_path, repo):
+    wav = tmp_path / "src.wav"
+    mix = write_clip(wav, 1.0, subtype="PCM_16")
+    m4a = tmp_path / "song.m4a"
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(wav), "-c:a", "aac", str(m4a)],
+                   check=True, timeout=60)
+    out = tmp_path / "out"
+    result = htsep("--repo", str(repo), "-n", "aaaa0001", "-o", str(out), "-q", "--stems",
+                   "vocals", str(m4a))
+    assert result.exit_code == 0, result.output
+    info = sf.info(out / "aaaa0001" / "song" / "vocals.wav")
+    assert info.samplerate == RATE and info.channels == 2
+    assert abs(info.frames - len(mix)) <= 2048  # AAC pads with encoder delay frames
