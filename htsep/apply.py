@@ -220,3 +220,171 @@ def limit_peaks(stems: dict[str, torch.Tensor], mode: str) -> dict[str, torch.Te
         gain = 1 / max(1.01 * peak, 1.0)
         return {name: stem * gain for name, stem in stems.items()}
     raise ValueError(f"unknown clip mode {mode!r} (rescale, clamp or none)")
+
+
+# --- streaming: the same computation, finished samples handed out in order ----------------------
+
+Reader = Callable[[int, int], torch.Tensor]  # (start, length) -> (B, C, length), zeros outside
+
+
+class ChunkStream:
+    """``apply_split`` over the window [start, start + length) of a signal given by a reader,
+    producing its finished samples in order with memory for about one chunk.
+
+    A sample is finished once no later chunk covers it, i.e. when the next chunk starts after
+    it. The additions happen in the same order as in ``apply_split``: same numbers.
+    """
+
+    def __init__(
+        self,
+        model: SeparationModel,
+        read: Reader,
+        *,
+        start: int,
+        length: int,
+        options: ChunkOptions = ChunkOptions(),
+        device: torch.device | str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        self.model, self.read, self.start, self.length = model, read, start, length
+        self.options, self.device, self.progress = options, device, progress
+        self.chunk = segment_samples(model, options.segment)
+        if not options.split:
+            self.chunk = max(self.chunk, length)
+        self.stride = int((1 - options.overlap) * self.chunk) if options.split else self.chunk
+        if self.stride <= 0:
+            raise ValueError(f"overlap {options.overlap} leaves no stride between chunks")
+        self.weights = triangle_weights(self.chunk, options.transition_power)
+        self.offsets = list(range(0, length, self.stride))
+        self.next_chunk = 0
+        self.base = 0  # window position of the accumulators' first sample
+        self.sum: torch.Tensor | None = None  # (B, S, C, chunk) weighted estimates
+        self.total = torch.zeros(self.chunk)
+        self.ready: list[torch.Tensor] = []
+        self.ready_length = 0
+
+    def _finish_until(self, position: int) -> None:
+        count = position - self.base
+        if count <= 0 or self.sum is None:
+            return
+        self.ready.append(self.sum[..., :count] / self.total[:count])
+        self.ready_length += count
+        self.sum = torch.cat([self.sum[..., count:], torch.zeros_like(self.sum[..., :count])], -1)
+        self.total = torch.cat([self.total[count:], torch.zeros(count)])
+        self.base = position
+
+    def _advance(self) -> None:
+        group = self.offsets[self.next_chunk : self.next_chunk + self.options.batch_size]
+        sizes = [min(self.chunk, self.length - offset) for offset in group]
+        windows = [
+            self.read(self.start + offset - (self.chunk - size) // 2, self.chunk)
+            for offset, size in zip(group, sizes, strict=True)
+        ]
+        batch = windows[0].shape[0]
+        with torch.no_grad():
+            estimates = self.model(torch.cat(windows).to(self.device)).to("cpu", torch.float32)
+        if self.sum is None:
+            self.sum = estimates.new_zeros(batch, *estimates.shape[1:3], self.chunk)
+        for index, (offset, size) in enumerate(zip(group, sizes, strict=True)):
+            self._finish_until(offset)
+            lead = (self.chunk - size) // 2
+            piece = estimates[index * batch : (index + 1) * batch, ..., lead : lead + size]
+            self.sum[..., :size] += self.weights[:size] * piece
+            self.total[:size] += self.weights[:size]
+            if self.progress is not None:
+                self.progress(1 / len(self.offsets))
+        self.next_chunk += len(group)
+        if self.next_chunk == len(self.offsets):
+            self._finish_until(self.length)
+
+    def take(self, count: int) -> torch.Tensor:
+        """The next ``count`` finished samples: (B, S, C, count)."""
+        while self.ready_length < count:
+            if self.next_chunk >= len(self.offsets):
+                raise ValueError("read past the end of the window")
+            self._advance()
+        joined = torch.cat(self.ready, -1) if len(self.ready) > 1 else self.ready[0]
+        out, rest = joined[..., :count], joined[..., count:]
+        self.ready = [rest] if rest.shape[-1] else []
+        self.ready_length -= count
+        return out
+
+
+class SeparationStream:
+    """A bag of models with shifts over a whole signal, streamed: ``take(n)`` gives the next n
+    samples of what ``apply_shifts`` per member, weighted per source, would give.
+
+    members: (model, weights per source); offsets are drawn from ``generator`` member by member,
+    in the order the in-memory path draws them.
+    """
+
+    def __init__(
+        self,
+        members: Sequence[tuple[SeparationModel, Sequence[float]]],
+        read: Reader,
+        length: int,
+        *,
+        shifts: int,
+        generator: torch.Generator,
+        options: ChunkOptions = ChunkOptions(),
+        device: torch.device | str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        self.streams: list[tuple[list[tuple[ChunkStream, int]], torch.Tensor]] = []
+        total = None
+        runs = len(members) * max(shifts, 1)
+        share = None if progress is None else (lambda done: progress(done / runs))
+        for model, weights in members:
+            weight = torch.tensor([float(w) for w in weights])
+            total = weight if total is None else total + weight
+            max_shift = int(0.5 * model.sample_rate)
+            offsets = [
+                int(torch.randint(0, max_shift + 1, (1,), generator=generator))
+                for _ in range(shifts)
+            ]
+            if not offsets:
+                starts = [(0, 0)]
+            else:
+                starts = [(offset - max_shift, max_shift - offset) for offset in offsets]
+            runs_of_member = [
+                (
+                    ChunkStream(
+                        model,
+                        read,
+                        start=start,
+                        length=length + skip,
+                        options=options,
+                        device=device,
+                        progress=share,
+                    ),
+                    skip,
+                )
+                for start, skip in starts
+            ]
+            self.streams.append((runs_of_member, weight))
+        assert total is not None
+        self.total = total
+        self.shifts = shifts
+        self.started = False
+
+    def take(self, count: int) -> torch.Tensor:
+        """The next ``count`` samples of the estimate: (B, S, C, count)."""
+        if not self.started:  # drop the head of each shifted window, before the signal starts
+            for runs, _ in self.streams:
+                for stream, skip in runs:
+                    if skip:
+                        stream.take(skip)
+            self.started = True
+        estimate = None
+        for runs, weight in self.streams:
+            summed = None
+            for stream, _ in runs:
+                block = stream.take(count)
+                summed = block if summed is None else summed + block
+            assert summed is not None
+            if self.shifts:
+                summed = summed / self.shifts
+            weighted = summed * weight.view(1, -1, 1, 1)
+            estimate = weighted if estimate is None else estimate + weighted
+        assert estimate is not None
+        return estimate / self.total.view(1, -1, 1, 1)

@@ -144,16 +144,216 @@ def write_audio(
     temporary name in the same folder and renamed onto ``path`` only when complete, so ``path``
     never holds half a file and a failed write leaves an existing file untouched.
     """
-    name = os.fspath(path)
-    target = Path(name)
-    settings = _encoder_settings(name, target.suffix.lower(), sample_rate, bits, mp3_bitrate,
-                                 mp3_preset)  # fmt: skip
-    frames = _frames_to_write(name, audio, clamp=settings["subtype"] != "FLOAT")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise AudioError(f"{name}: cannot create folder {target.parent}: {_reason(exc)}") from None
-    _write_atomically(name, target, frames, sample_rate, settings)
+    with AudioWriter(
+        path,
+        sample_rate,
+        _channels_of(path, audio),
+        bits=bits,
+        mp3_bitrate=mp3_bitrate,
+        mp3_preset=mp3_preset,
+    ) as writer:
+        writer.write(audio)
+
+
+def _channels_of(path: str | os.PathLike[str], audio: torch.Tensor) -> int:
+    if not isinstance(audio, torch.Tensor) or audio.dim() != 2 or audio.shape[0] == 0:
+        shape = tuple(audio.shape) if hasattr(audio, "shape") else type(audio).__name__
+        raise AudioError(
+            f"{os.fspath(path)}: expected (channels, time) audio to write, got {shape}"
+        )
+    return int(audio.shape[0])
+
+
+class AudioWriter:
+    """Write a file block by block, atomically: the blocks go to a hidden temporary file in the
+    destination folder, renamed onto ``path`` when the ``with`` block ends without an error and
+    deleted otherwise. Formats and clamping as in ``write_audio``."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        sample_rate: int,
+        channels: int,
+        *,
+        bits: int = 16,
+        mp3_bitrate: int = 320,
+        mp3_preset: int = 2,
+    ) -> None:
+        self.name = os.fspath(path)
+        self.target = Path(self.name)
+        self.channels = channels
+        self.settings = _encoder_settings(
+            self.name, self.target.suffix.lower(), sample_rate, bits, mp3_bitrate, mp3_preset
+        )
+        self.sample_rate = sample_rate
+        self._temporary: str | None = None
+        self._handle: sf.SoundFile | None = None
+
+    def __enter__(self) -> AudioWriter:
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise AudioError(
+                f"{self.name}: cannot create folder {self.target.parent}: {_reason(exc)}"
+            ) from None
+        self._temporary = _create_temporary(self.name, self.target)
+        try:
+            self._handle = sf.SoundFile(
+                self._temporary, "w", self.sample_rate, self.channels, **self.settings
+            )
+        except BaseException as exc:
+            self._discard()
+            if isinstance(exc, (OSError, sf.SoundFileError, RuntimeError)):
+                raise AudioError(f"{self.name}: cannot write: {_reason(exc)}") from exc
+            raise
+        return self
+
+    def write(self, audio: torch.Tensor) -> None:
+        """Append ``audio`` (C, T)."""
+        assert self._handle is not None, "use AudioWriter in a with block"
+        frames = _frames_to_write(self.name, audio, clamp=self.settings["subtype"] != "FLOAT")
+        if frames.shape[1] != self.channels:
+            raise AudioError(
+                f"{self.name}: expected {self.channels} channels to write, got {frames.shape[1]}"
+            )
+        try:
+            self._handle.write(frames)
+        except (OSError, sf.SoundFileError, RuntimeError) as exc:
+            raise AudioError(f"{self.name}: cannot write: {_reason(exc)}") from exc
+
+    def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
+        if kind is not None:
+            self._discard()
+            return
+        assert self._handle is not None and self._temporary is not None
+        try:
+            self._handle.close()
+            os.replace(self._temporary, self.target)
+        except BaseException as exc:  # KeyboardInterrupt included: never leave it behind
+            self._discard()
+            if isinstance(exc, (OSError, sf.SoundFileError, RuntimeError)):
+                raise AudioError(f"{self.name}: cannot write: {_reason(exc)}") from exc
+            raise
+
+    def _discard(self) -> None:
+        if self._handle is not None:
+            with contextlib.suppress(Exception):
+                self._handle.close()
+            self._handle = None
+        if self._temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._temporary)
+            self._temporary = None
+
+
+class AudioReader:
+    """Random access to a file's samples without holding them: ``read(start, length)``.
+
+    Formats libsndfile reads are read in place; others are decoded by ffmpeg into a temporary
+    float WAV (on disk, deleted on ``close``). Reads outside the file return zeros. ``frames``
+    is the header's length, which for MP3 and Ogg may be an estimate: ``count_frames`` reads
+    the file through and returns the exact number.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], block_frames: int = 1 << 18) -> None:
+        self.name = os.fspath(path)
+        self.block_frames = block_frames
+        _check_regular_file(self.name)
+        self._decoded: str | None = None
+        handle = _open_soundfile(self.name)
+        if handle is None:
+            handle = self._decode_with_ffmpeg()
+        self._handle = handle
+        self.sample_rate = handle.samplerate
+        self.channels = handle.channels
+        self.frames = handle.frames
+        if self.frames <= 0:
+            self.close()
+            raise AudioError(f"{self.name}: contains no audio")
+
+    def _decode_with_ffmpeg(self) -> sf.SoundFile:
+        ffmpeg, ffprobe = _ffmpeg_tools(self.name)
+        stream = _probe(self.name, ffprobe)
+        handle_fd, decoded = _named_temporary(".wav")
+        os.close(handle_fd)
+        self._decoded = decoded
+        _run_tool(self.name, [
+            ffmpeg, "-nostdin", "-y", "-v", "error", "-i", f"file:{self.name}", "-map", "0:a:0",
+            "-acodec", "pcm_f32le", "-ac", str(stream["channels"]),
+            "-ar", str(stream["sample_rate"]), "-f", "wav", decoded,
+        ])  # fmt: skip
+        try:
+            return sf.SoundFile(decoded)
+        except (sf.LibsndfileError, RuntimeError) as exc:
+            self.close()
+            raise AudioError(
+                f"{self.name}: ffmpeg's output is unreadable ({_reason(exc)})"
+            ) from None
+
+    def read(self, start: int, length: int) -> torch.Tensor:
+        """Samples [start, start + length) as (C, length) float32; zeros outside the file."""
+        out = torch.zeros(self.channels, length)
+        lo, hi = max(start, 0), min(start + length, self.frames)
+        if lo < hi:
+            try:
+                self._handle.seek(lo)
+                frames = self._handle.read(hi - lo, dtype="float32", always_2d=True)
+            except (sf.LibsndfileError, RuntimeError) as exc:
+                raise AudioError(
+                    f"{self.name}: truncated or corrupt audio ({_reason(exc)})"
+                ) from None
+            if not np.isfinite(frames).all():
+                raise AudioError(f"{self.name}: contains NaN or infinite samples")
+            got = frames.shape[0]
+            out[:, lo - start : lo - start + got] = torch.from_numpy(frames.T)
+        return out
+
+    def count_frames(self) -> int:
+        """Read the file through once (checking every sample) and fix ``frames`` to the count."""
+        self._handle.seek(0)
+        total = 0
+        while True:
+            try:
+                frames = self._handle.read(self.block_frames, dtype="float32", always_2d=True)
+            except (sf.LibsndfileError, RuntimeError) as exc:
+                raise AudioError(
+                    f"{self.name}: truncated or corrupt audio ({_reason(exc)})"
+                ) from None
+            if frames.shape[0] == 0:
+                break
+            if not np.isfinite(frames).all():
+                raise AudioError(f"{self.name}: contains NaN or infinite samples")
+            total += frames.shape[0]
+        if total == 0:
+            raise AudioError(f"{self.name}: contains no audio")
+        if total < self.frames and self._handle.format not in _ESTIMATED_LENGTH_FORMATS:
+            raise AudioError(
+                f"{self.name}: truncated or corrupt audio "
+                f"({total} of {self.frames} frames could be read)"
+            )
+        self.frames = total
+        return total
+
+    def close(self) -> None:
+        handle = getattr(self, "_handle", None)
+        if handle is not None:
+            handle.close()
+        if self._decoded is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._decoded)
+            self._decoded = None
+
+    def __enter__(self) -> AudioReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _named_temporary(suffix: str) -> tuple[int, str]:
+    import tempfile
+
+    return tempfile.mkstemp(prefix="htsep-", suffix=suffix)
 
 
 # Reading -----------------------------------------------------------------------------------------
@@ -426,22 +626,6 @@ def _frames_to_write(name: str, audio: torch.Tensor, *, clamp: bool) -> np.ndarr
     if clamp:
         samples = samples.clamp(-1.0, 1.0)
     return np.ascontiguousarray(samples.numpy().T)
-
-
-def _write_atomically(
-    name: str, target: Path, frames: np.ndarray, sample_rate: int, settings: dict[str, Any]
-) -> None:
-    temporary = _create_temporary(name, target)
-    try:
-        with sf.SoundFile(temporary, "w", sample_rate, frames.shape[1], **settings) as out:
-            out.write(frames)
-        os.replace(temporary, target)
-    except BaseException as exc:  # KeyboardInterrupt included: never leave the temporary behind
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        if isinstance(exc, (OSError, sf.SoundFileError, RuntimeError)):
-            raise AudioError(f"{name}: cannot write: {_reason(exc)}") from exc
-        raise
 
 
 def _create_temporary(name: str, target: Path) -> str:

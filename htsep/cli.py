@@ -391,8 +391,7 @@ def _run_track(
 ) -> None:
     from tqdm import tqdm
 
-    from htsep.apply import limit_peaks
-    from htsep.audio import audio_info, write_audio
+    from htsep.audio import audio_info
 
     assert track.path is not None
     base, _, suffix = track.path.name.rpartition(".")
@@ -430,9 +429,9 @@ def _run_track(
     started = time.perf_counter()
     try:
         info = audio_info(track.path)
-        track.sample_rate, track.duration = info.sample_rate, info.frames / info.sample_rate
+        duration = info.frames / info.sample_rate
         with tqdm(
-            total=round(track.duration, 2),
+            total=round(duration, 2),
             unit="s",
             desc=label,
             disable=quiet,
@@ -440,24 +439,20 @@ def _run_track(
             dynamic_ncols=True,
             bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]",
         ) as bar:
-            mix, rate, result = separator.separate_file(
+            rate, frames = separator.separate_file_to(
                 track.path,
-                downmix=opts["downmix"],
-                progress=lambda done: bar.update(done * track.duration),
-                all_sources=opts["two_stems"] is not None,
-            )
-        stems = _final_stems(result, mix, names, opts["two_stems"], opts["other_method"])
-        stems = limit_peaks(stems, opts["clip_mode"].value)
-        for stem, path in paths.items():
-            write_audio(
-                path,
-                stems[stem],
-                rate,
+                paths,
+                two_stems=opts["two_stems"],
+                other_method=opts["other_method"].value,
+                clip_mode=opts["clip_mode"].value,
                 bits=bits,
                 mp3_bitrate=opts["mp3_bitrate"],
                 mp3_preset=opts["mp3_preset"],
+                downmix=opts["downmix"],
+                progress=lambda done: bar.update(done * duration),
             )
-            track.outputs.append(str(path))
+        track.sample_rate, track.duration = rate, frames / rate
+        track.outputs = [str(path) for path in paths.values()]
     except HtsepError as exc:
         message = str(exc)
         track.error = (
@@ -472,26 +467,6 @@ def _run_track(
             f"({track.duration / track.seconds:.2f}x real time)",
             err=True,
         )
-
-
-def _final_stems(
-    result: dict[str, Any],
-    mix: Any,
-    names: list[str],
-    two_stems: str | None,
-    other_method: OtherMethod,
-) -> dict[str, Any]:
-    if two_stems is None:
-        return {name: result[name] for name in names}
-    stems = {two_stems: result[two_stems]}
-    if other_method is OtherMethod.add:
-        stems[f"no_{two_stems}"] = sum(v for k, v in result.items() if k != two_stems)
-    elif other_method is OtherMethod.minus:
-        target = result[two_stems]
-        if mix.shape[0] != target.shape[0]:  # mono output of a downmixed input
-            mix = mix.mean(0, keepdim=True)
-        stems[f"minus_{two_stems}"] = mix - target
-    return stems
 
 
 # --- models and info -------------------------------------------------------------------------

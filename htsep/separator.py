@@ -7,23 +7,36 @@ stems = separator.separate_file("song.wav")       # {"drums": (C, T), ...} at th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
+from pathlib import Path
 
 import torch
 import torchaudio.functional as AF
 
 from htsep import zoo
-from htsep.apply import ChunkOptions, ProgressCallback, apply_shifts, plan_bag, standardize_mix
-from htsep.audio import read_audio
+from htsep.apply import (
+    ChunkOptions,
+    ProgressCallback,
+    SeparationStream,
+    apply_shifts,
+    plan_bag,
+    standardize_mix,
+)
+from htsep.audio import AudioReader, AudioWriter, read_audio
 from htsep.checkpoint import load_model
 from htsep.errors import AudioError, HtsepError, UsageError
 from htsep.model.htdemucs import HTDemucs
+from htsep.resample import ResampledSignal
 
 logger = logging.getLogger(__name__)
+
+BLOCK_FRAMES = 1 << 18  # samples per block when streaming (about 6 s at 44.1 kHz)
 
 
 def default_device() -> str:
@@ -254,7 +267,10 @@ class Separator:
         progress: ProgressCallback | None = None,
         all_sources: bool = False,
     ) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
-        """Read ``path`` and separate it. -> (mix (C, T), sample rate, {stem: (C', T)})"""
+        """Read ``path`` whole and separate it. -> (mix (C, T), sample rate, {stem: (C', T)})
+
+        Holds the track in memory; ``separate_file_to`` streams it to files instead.
+        """
         audio, rate = read_audio(path)
         try:
             stems = self.separate_tensor(
@@ -263,6 +279,262 @@ class Separator:
         except AudioError as exc:
             raise AudioError(f"{os.fspath(path)}: {exc}") from None
         return audio, rate, stems
+
+    def stream_file(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        downmix: bool = False,
+        progress: ProgressCallback | None = None,
+        all_sources: bool = False,
+        block: int = BLOCK_FRAMES,
+    ) -> StreamedTrack:
+        """Separate ``path`` in bounded memory: the returned track yields (mix, stems) blocks in
+        order, equal to ``separate_file``'s output sliced (up to float rounding)."""
+        return StreamedTrack(
+            self, path, downmix=downmix, progress=progress, all_sources=all_sources, block=block
+        )
+
+    def separate_file_to(
+        self,
+        path: str | os.PathLike[str],
+        outputs: dict[str, Path],
+        *,
+        two_stems: str | None = None,
+        other_method: str = "add",
+        clip_mode: str = "rescale",
+        bits: int = 16,
+        mp3_bitrate: int = 320,
+        mp3_preset: int = 2,
+        downmix: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> tuple[int, int]:
+        """Separate ``path`` and write the stems named in ``outputs`` (stem -> file), streaming.
+
+        With ``two_stems``, ``outputs`` may also name ``no_<stem>`` (sum of the other stems) or
+        ``minus_<stem>`` (mix minus the stem). Every file is written atomically; with
+        ``clip_mode`` rescale the stems first go to float files in a temporary folder beside the
+        outputs, since the gain depends on the whole track. -> (sample rate, frames)
+        """
+        track = self.stream_file(
+            path,
+            downmix=downmix,
+            progress=progress,
+            all_sources=two_stems is not None and other_method == "add",
+        )
+        with track:
+            settings = dict(bits=bits, mp3_bitrate=mp3_bitrate, mp3_preset=mp3_preset)
+            if clip_mode != "rescale":
+                _write_blocks(track, outputs, track.sample_rate, two_stems, clip_mode, settings)
+                return track.sample_rate, track.frames
+            first = next(iter(outputs.values()))
+            try:
+                first.parent.mkdir(parents=True, exist_ok=True)
+                staging = tempfile.TemporaryDirectory(prefix=".htsep-", dir=first.parent)
+            except OSError as exc:
+                raise AudioError(
+                    f"{first}: cannot create folder {first.parent}: {exc.strerror or exc}"
+                ) from None
+            with staging as folder:
+                staged = {name: Path(folder) / f"{name}.wav" for name in outputs}
+                peak = _write_blocks(
+                    track, staged, track.sample_rate, two_stems, "none", {"bits": 32}
+                )
+                gain = 1 / max(1.01 * peak, 1.0)
+                for name, target in outputs.items():
+                    with (
+                        AudioReader(staged[name]) as reader,
+                        AudioWriter(
+                            target, track.sample_rate, reader.channels, **settings
+                        ) as writer,
+                    ):
+                        for start in range(0, reader.frames, BLOCK_FRAMES):
+                            writer.write(
+                                reader.read(start, min(BLOCK_FRAMES, reader.frames - start)) * gain
+                            )
+            return track.sample_rate, track.frames
+
+
+def _write_blocks(
+    track: StreamedTrack,
+    outputs: dict[str, Path],
+    rate: int,
+    two_stems: str | None,
+    clip_mode: str,
+    settings: dict[str, int],
+) -> float:
+    """Write every block of ``track`` to ``outputs``; -> the largest absolute sample written."""
+    peak = 0.0
+    with contextlib.ExitStack() as stack:
+        writers = {
+            name: stack.enter_context(AudioWriter(path, rate, track.out_channels, **settings))
+            for name, path in outputs.items()
+        }
+        for mix, stems in track:
+            final = _final_stems(stems, mix, list(outputs), two_stems)
+            if clip_mode == "clamp":
+                final = {name: stem.clamp(-0.99, 0.99) for name, stem in final.items()}
+            for name, writer in writers.items():
+                writer.write(final[name])
+                peak = max(peak, float(final[name].abs().max()))
+    return peak
+
+
+def _final_stems(
+    stems: dict[str, torch.Tensor], mix: torch.Tensor, names: list[str], two_stems: str | None
+) -> dict[str, torch.Tensor]:
+    """The stems named in ``names``: model stems, ``no_<stem>`` or ``minus_<stem>``."""
+    out = {}
+    for name in names:
+        if name in stems:
+            out[name] = stems[name]
+        elif two_stems is not None and name == f"no_{two_stems}":
+            out[name] = sum(v for k, v in stems.items() if k != two_stems)  # type: ignore[assignment]
+        elif two_stems is not None and name == f"minus_{two_stems}":
+            target = stems[two_stems]
+            layout = mix if mix.shape[0] == target.shape[0] else mix.mean(0, keepdim=True)
+            out[name] = layout - target
+        else:
+            raise KeyError(name)
+    return out
+
+
+class _StemBuffer:
+    """Random reads over a stream of model-rate stems, for reads whose starts never go back."""
+
+    def __init__(self, take: Callable[[int], torch.Tensor], length: int, shape: tuple[int, ...]):
+        self.take, self.length = take, length
+        self.start = 0  # position of buffer[..., 0]
+        self.buffer = torch.zeros(*shape, 0)
+
+    def read(self, start: int, length: int) -> torch.Tensor:
+        out = self.buffer.new_zeros(*self.buffer.shape[:-1], length)
+        end = min(start + length, self.length)
+        available = self.start + self.buffer.shape[-1]
+        if end > available:
+            self.buffer = torch.cat([self.buffer, self.take(end - available)], -1)
+        lo = max(start, 0)
+        if lo < end:
+            kept = self.buffer[..., lo - self.start : end - self.start]
+            out[..., lo - start : end - start] = kept
+        drop = max(min(start, end) - self.start, 0)
+        if drop:
+            self.buffer, self.start = self.buffer[..., drop:], self.start + drop
+        return out
+
+
+class StreamedTrack:
+    """One file being separated in bounded memory; iterate for (mix (C, n), {stem: (C', n)})
+    blocks at the file's rate. A first pass counts the frames, checks every sample and computes
+    the mixture statistics; the second runs the networks."""
+
+    def __init__(
+        self,
+        separator: Separator,
+        path: str | os.PathLike[str],
+        *,
+        downmix: bool,
+        progress: ProgressCallback | None,
+        all_sources: bool,
+        block: int,
+    ) -> None:
+        self.separator, self.block = separator, block
+        self.reader = AudioReader(path)
+        try:
+            self._prepare(downmix, progress, all_sources)
+        except BaseException:
+            self.reader.close()
+            raise
+
+    def _prepare(self, downmix: bool, progress: ProgressCallback | None, all_sources: bool) -> None:
+        sep, reader = self.separator, self.reader
+        self.name = reader.name
+        self.frames = reader.count_frames()
+        self.sample_rate = rate = reader.sample_rate
+        channels = reader.channels
+        try:
+            layout = sep._to_model_layout(torch.zeros(channels, 1), downmix)
+        except AudioError as exc:
+            raise AudioError(f"{self.name}: {exc}") from None
+        self.downmix = layout.shape[0] != channels and channels != 1
+        self.out_channels = 1 if (self.downmix or channels == 1) else channels
+
+        def model_layout(start: int, length: int) -> torch.Tensor:
+            return sep._to_model_layout(reader.read(start, length), downmix)
+
+        model_rate = sep.sample_rate
+        source = ResampledSignal(model_layout, self.frames, rate, model_rate)
+        mean, std = _mono_statistics(source, self.block)
+        model_length = source.length
+
+        def normalized(start: int, length: int) -> torch.Tensor:
+            # Inside the track (x - mean) / std; outside it zeros, as the in-memory path pads.
+            out = torch.zeros(sep.audio_channels, length)
+            lo, hi = max(start, 0), min(start + length, model_length)
+            if lo < hi:
+                out[:, lo - start : hi - start] = (source.read(lo, hi - lo) - mean) / std
+            return out[None]
+
+        members = [
+            (sep._load(index).to(sep.device), weights)
+            for index, weights in zip(sep._running, sep._weights, strict=True)
+        ]
+        stream = SeparationStream(
+            members,
+            normalized,
+            model_length,
+            shifts=sep.shifts,
+            generator=torch.Generator().manual_seed(sep.seed),
+            options=sep.options,
+            device=sep.device,
+            progress=progress,
+        )
+        buffer = _StemBuffer(
+            lambda count: stream.take(count)[0] * std + mean,
+            model_length,
+            (len(sep.sources), sep.audio_channels),
+        )
+        self.stems = ResampledSignal(buffer.read, model_length, model_rate, rate)
+        self.names = sep.sources if all_sources else sep.stems
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        sources = self.separator.sources
+        for start in range(0, self.frames, self.block):
+            count = min(self.block, self.frames - start)
+            stems = self.stems.read(start, count)  # (S, C, count)
+            if self.out_channels == 1:
+                stems = stems.mean(1, keepdim=True)
+            mix = self.reader.read(start, count)
+            if self.downmix:
+                mix = mix.mean(0, keepdim=True)
+            yield mix, {name: stems[sources.index(name)] for name in self.names}
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> StreamedTrack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _mono_statistics(source: ResampledSignal, block: int) -> tuple[float, float]:
+    """Mean and unbiased std of the mono mix, one block at a time (Chan et al.'s pairwise
+    update in float64, so long tracks lose no precision)."""
+    count, mean, squares = 0, 0.0, 0.0
+    for start in range(0, source.length, block):
+        mono = source.read(start, min(block, source.length - start)).double().mean(0)
+        n = mono.numel()
+        block_mean = float(mono.mean())
+        block_squares = float(((mono - block_mean) ** 2).sum())
+        delta = block_mean - mean
+        total = count + n
+        mean += delta * n / total
+        squares += block_squares + delta * delta * count * n / total
+        count = total
+    std = (squares / (count - 1)) ** 0.5 if count > 1 else 0.0
+    return mean, std + 1e-8
 
 
 def _fit_length(x: torch.Tensor, length: int) -> torch.Tensor:

@@ -1,0 +1,93 @@
+"""Streamed separation (bounded memory) equals whole-track separation."""
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from test_separate import repo, write_clip  # noqa: F401  (repo is a fixture)
+
+import htsep
+from htsep.apply import ChunkOptions, ChunkStream, apply_split, zero_extended
+
+
+def test_chunk_stream_equals_apply_split(repo):  # noqa: F811
+    model = htsep.Separator("aaaa0001", repo=repo, device="cpu")._load(0)
+    mix = torch.randn(2, 2, 30011, generator=torch.Generator().manual_seed(0))
+    whole = apply_split(model, mix, start=-300, length=29000, options=ChunkOptions(batch_size=2))
+    stream = ChunkStream(
+        model,
+        lambda s, n: zero_extended(mix, s, n),
+        start=-300,
+        length=29000,
+        options=ChunkOptions(batch_size=2),
+    )
+    parts = [stream.take(n) for n in (1, 4999, 12000, 12000)]
+    assert torch.equal(torch.cat(parts, -1), whole)
+    with pytest.raises(ValueError, match="past the end"):
+        stream.take(1)
+
+
+@pytest.mark.parametrize(
+    "rate,channels,shifts,name",
+    [
+        (8000, 2, 2, "mixbag"),  # model rate, shifts, weighted bag
+        (22050, 2, 1, "aaaa0001"),  # resampled in and out
+        (44100, 1, 2, "mixbag"),  # mono, resampled, shifts, bag
+    ],
+)
+def test_streamed_equals_whole(tmp_path, repo, rate, channels, shifts, name):  # noqa: F811
+    clip = tmp_path / "clip.wav"
+    write_clip(clip, 5.3, rate=rate, channels=channels, amplitude=0.2)
+    separator = htsep.Separator(name, repo=repo, device="cpu", shifts=shifts, seed=9)
+    _, _, whole = separator.separate_file(clip)
+    with separator.stream_file(clip, block=7001) as track:
+        blocks = list(track)
+    assert len(blocks) > 3
+    for stem, expected in whole.items():
+        streamed = torch.cat([stems[stem] for _, stems in blocks], -1)
+        assert streamed.shape == expected.shape == (channels, int(5.3 * rate))
+        assert (streamed - expected).abs().max() <= 1e-6 * max(1.0, expected.abs().max())
+    mix = torch.cat([m for m, _ in blocks], -1)
+    torch.testing.assert_close(
+        mix, torch.from_numpy(sf.read(clip, dtype="float32", always_2d=True)[0].T)
+    )
+
+
+@pytest.mark.parametrize(
+    "ext,flags", [("wav", {"bits": 32}), ("flac", {"bits": 24}), ("mp3", {"mp3_bitrate": 192})]
+)
+@pytest.mark.parametrize("clip_mode", ["rescale", "clamp", "none"])
+def test_written_files_match_whole_track(tmp_path, repo, ext, flags, clip_mode):  # noqa: F811
+    clip = tmp_path / "clip.wav"
+    write_clip(clip, 3.1, rate=44100 if ext == "mp3" else 8000, amplitude=0.5)
+    separator = htsep.Separator("aaaa0001", repo=repo, device="cpu", shifts=1)
+    _, rate, whole = separator.separate_file(clip)
+    outputs = {stem: tmp_path / "out" / f"{stem}.{ext}" for stem in ("vocals", "drums")}
+    got_rate, frames = separator.separate_file_to(clip, outputs, clip_mode=clip_mode, **flags)
+    assert (got_rate, frames) == (rate, whole["vocals"].shape[-1])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        p.name for p in outputs.values()
+    )  # no staging folder or temporary file left
+    if ext != "wav":
+        return  # lossy or quantized: the round trip is tested in test_audio
+    peak = max(float(whole[s].abs().max()) for s in outputs)
+    gain = 1 / max(1.01 * peak, 1.0) if clip_mode == "rescale" else 1.0
+    for stem, path in outputs.items():
+        written = torch.from_numpy(sf.read(path, dtype="float32", always_2d=True)[0].T)
+        expected = whole[stem] * gain
+        if clip_mode == "clamp":
+            expected = expected.clamp(-0.99, 0.99)
+        assert (written - expected).abs().max() <= 1e-6 * max(1.0, float(expected.abs().max()))
+
+
+def test_two_stems_streamed(tmp_path, repo):  # noqa: F811
+    clip = tmp_path / "clip.wav"
+    mix = write_clip(clip, 2.2, rate=16000)
+    separator = htsep.Separator("aaaa0001", repo=repo, device="cpu", stems=["bass"])
+    outputs = {name: tmp_path / f"{name}.wav" for name in ("bass", "minus_bass", "no_bass")}
+    separator.separate_file_to(clip, outputs, two_stems="bass", clip_mode="none", bits=32)
+    bass, minus, rest = (sf.read(outputs[n], dtype="float32")[0] for n in outputs)
+    assert np.abs(bass + minus - mix).max() <= 1e-5
+    _, _, whole = separator.separate_file(clip, all_sources=True)
+    others = sum(whole[s] for s in ("drums", "other", "vocals")).numpy().T
+    assert np.abs(rest - others).max() <= 1e-6
