@@ -194,7 +194,8 @@ def standardize_mix(mix: torch.Tensor) -> tuple[torch.Tensor, float, float]:
 
     mix: (C, T) -> (normalized (C, T), mean, std); undo with ``x * std + mean``.
     """
-    mono = mix.mean(0)
+    # float64 statistics: the streamed path accumulates them block by block in float64 too.
+    mono = mix.double().mean(0)
     mean = float(mono.mean())
     # One sample has no spread: an unbiased std would be NaN.
     std = float(mono.std()) if mono.numel() > 1 else 0.0
