@@ -44,7 +44,8 @@ class ChunkOptions:
 
     segment: chunk length in seconds (None: the model's own); overlap: fraction of a chunk
     shared with the next; transition_power: sharpness of the cross-fade; batch_size: chunks run
-    through the network at once; split: False runs the whole signal as a single chunk.
+    through the network at once; split: False runs the whole signal as a single chunk;
+    precision: the network's arithmetic.
     """
 
     segment: Fraction | None = None
@@ -52,6 +53,7 @@ class ChunkOptions:
     transition_power: float = 1.0
     batch_size: int = 1
     split: bool = True
+    precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; the STFT stays float32)
 
 
 def triangle_weights(length: int, power: float = 1.0) -> torch.Tensor:
@@ -98,36 +100,36 @@ def apply_split(
     before 0 or end after the signal. mix: (B, C, T) -> (B, S, C, length)
     """
     length = mix.shape[-1] - start if length is None else length
-    batch, channels = mix.shape[:2]
-    sources = len(model.sources)
-    chunk = segment_samples(model, options.segment)
-    if not options.split:
-        chunk = max(chunk, length)
-    stride = int((1 - options.overlap) * chunk) if options.split else chunk
-    if stride <= 0:
-        raise ValueError(f"overlap {options.overlap} leaves no stride between chunks")
-    weights = triangle_weights(chunk, options.transition_power)
-    out = torch.zeros(batch, sources, channels, length)
-    total = torch.zeros(length)
-    offsets = list(range(0, length, stride))
-    for first in range(0, len(offsets), options.batch_size):
-        group = offsets[first : first + options.batch_size]
-        sizes = [min(chunk, length - offset) for offset in group]
-        # Centre each chunk in a full model window of real neighbouring audio.
-        windows = [
-            zero_extended(mix, start + offset - (chunk - size) // 2, chunk)
-            for offset, size in zip(group, sizes, strict=True)
-        ]
-        with torch.no_grad():
-            estimates = model(torch.cat(windows).to(device)).to("cpu", torch.float32)
-        for index, (offset, size) in enumerate(zip(group, sizes, strict=True)):
-            lead = (chunk - size) // 2
-            piece = estimates[index * batch : (index + 1) * batch, ..., lead : lead + size]
-            out[..., offset : offset + size] += weights[:size] * piece
-            total[offset : offset + size] += weights[:size]
-            if progress is not None:
-                progress(1 / len(offsets))
-    return out / total
+    stream = ChunkStream(
+        model,
+        lambda first, count: zero_extended(mix, first, count),
+        start=start,
+        length=length,
+        options=options,
+        device=device,
+        progress=progress,
+    )
+    return stream.take(length)
+
+
+def run_network(
+    model: SeparationModel,
+    windows: list[torch.Tensor],
+    device: torch.device | str | None,
+    precision: str,
+) -> torch.Tensor:
+    """One network call on a batch of chunks: (N, C, T) windows -> (N, S, C, T) float32 on
+    the CPU. Reduced precision uses autocast (the model keeps its STFT in float32)."""
+    batch = torch.cat(windows)
+    target = torch.device(device) if device is not None else batch.device
+    if target.type == "cuda":
+        batch = batch.pin_memory().to(target, non_blocking=True)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    with (
+        torch.inference_mode(),
+        torch.autocast(target.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+    ):
+        return model(batch.to(target)).to("cpu", torch.float32)
 
 
 def apply_shifts(
@@ -282,8 +284,7 @@ class ChunkStream:
             for offset, size in zip(group, sizes, strict=True)
         ]
         batch = windows[0].shape[0]
-        with torch.no_grad():
-            estimates = self.model(torch.cat(windows).to(self.device)).to("cpu", torch.float32)
+        estimates = run_network(self.model, windows, self.device, self.options.precision)
         if self.sum is None:
             self.sum = estimates.new_zeros(batch, *estimates.shape[1:3], self.chunk)
         for index, (offset, size) in enumerate(zip(group, sizes, strict=True)):

@@ -253,7 +253,14 @@ def separate(
         2, "--mp3-preset", min=2, max=7, help="MP3 encoder preset: 2 best ... 7 fastest."
     ),
     jobs: int = typer.Option(0, "-j", "--jobs", help="CPU threads for torch (0: its default)."),
-    batch_size: int = typer.Option(1, "--batch-size", help="Chunks per network call."),
+    batch_size: int | None = typer.Option(
+        None,
+        "--batch-size",
+        help="Chunks per network call [default: 1 on CPU, from free memory on CUDA].",
+    ),
+    precision: str = typer.Option(
+        "fp32", "--precision", help="fp32, bf16 or fp16 (CUDA) arithmetic; the STFT stays fp32."
+    ),
     downmix: bool = typer.Option(
         False, "--downmix", help="Mix inputs with more channels than the model down to mono."
     ),
@@ -336,6 +343,7 @@ def _separate(**opts: Any) -> int:
         segment=opts["segment"],
         seed=opts["seed"],
         batch_size=opts["batch_size"],
+        precision=opts["precision"],
         stems=wanted,
         progress=not quiet,
     )

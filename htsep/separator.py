@@ -39,6 +39,21 @@ logger = logging.getLogger(__name__)
 BLOCK_FRAMES = 1 << 18  # samples per block when streaming (about 6 s at 44.1 kHz)
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Rough device memory one released-size chunk needs in flight at fp32 (activations of a
+# 7.8 s segment); halved for 16-bit precisions. Used only to pick a default batch size.
+CHUNK_BYTES_FP32 = 3 << 30
+
+
+def auto_batch_size(device: torch.device, precision: str = "fp32") -> int:
+    """Chunks per network call: 1 on the CPU (no gain there), else what free memory holds."""
+    if device.type != "cuda":
+        return 1
+    free, _ = torch.cuda.mem_get_info(device)
+    per_chunk = CHUNK_BYTES_FP32 // (1 if precision == "fp32" else 2)
+    return int(min(max(free * 0.8 // per_chunk, 1), 16))
+
+
 def default_device() -> str:
     if torch.cuda.is_available():
         return "cuda"
@@ -89,7 +104,8 @@ class Separator:
         split: bool = True,
         segment: float | Fraction | None = None,
         seed: int = 0,
-        batch_size: int = 1,
+        batch_size: int | None = None,
+        precision: str = "fp32",
         stems: Sequence[str] | None = None,
         progress: bool = True,
     ) -> None:
@@ -97,9 +113,13 @@ class Separator:
             raise UsageError(f"--shifts must be >= 0, got {shifts}")
         if not 0 <= overlap < 1:
             raise UsageError(f"--overlap must be in [0, 1), got {overlap}")
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise UsageError(f"batch size must be >= 1, got {batch_size}")
+        if precision not in PRECISIONS:
+            raise UsageError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
         self.device = parse_device(device)
+        if precision == "fp16" and self.device.type != "cuda":
+            raise UsageError("--precision fp16 needs a CUDA device (use bf16 or fp32 here)")
         self.shifts = shifts
         self.seed = seed
         self.spec = zoo.find_model(model, repo=None if repo is None else os.fspath(repo))
@@ -140,7 +160,11 @@ class Separator:
         if segment is not None and segment <= 0:
             raise UsageError(f"--segment must be positive, got {float(segment):g}")
         self.options = ChunkOptions(
-            segment=segment, overlap=overlap, batch_size=batch_size, split=split
+            segment=segment,
+            overlap=overlap,
+            split=split,
+            precision=precision,
+            batch_size=batch_size or auto_batch_size(self.device, precision),
         )
 
     # --- models ----------------------------------------------------------------------------

@@ -53,3 +53,19 @@ def test_constructor_usage_errors(repo):  # noqa: F811
         htsep.Separator("aaaa0001", repo=repo, overlap=1.0)
     with pytest.raises(UsageError, match="longer than the model's segment"):
         htsep.Separator("aaaa0001", repo=repo, segment=1.6)
+
+
+def test_precision_options(repo):  # noqa: F811
+    mix = _mix(seconds=2.0)
+    exact = htsep.Separator("aaaa0001", repo=repo, device="cpu", shifts=0)
+    assert exact.options.batch_size == 1  # automatic batch size on the CPU
+    reduced = htsep.Separator("aaaa0001", repo=repo, device="cpu", shifts=0, precision="bf16")
+    ref, low = exact.separate_tensor(mix, 8000), reduced.separate_tensor(mix, 8000)
+    for name in ref:
+        noise = (low[name] - ref[name]).square().sum()
+        snr = 10 * torch.log10(ref[name].square().sum() / noise)
+        assert 10 < snr < 120, (name, snr)  # close, and really computed in bfloat16
+    with pytest.raises(UsageError, match="fp16 needs a CUDA device"):
+        htsep.Separator("aaaa0001", repo=repo, device="cpu", precision="fp16")
+    with pytest.raises(UsageError, match="precision 'fp8'"):
+        htsep.Separator("aaaa0001", repo=repo, device="cpu", precision="fp8")

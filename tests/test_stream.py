@@ -91,3 +91,16 @@ def test_two_stems_streamed(tmp_path, repo):  # noqa: F811
     _, _, whole = separator.separate_file(clip, all_sources=True)
     others = sum(whole[s] for s in ("drums", "other", "vocals")).numpy().T
     assert np.abs(rest - others).max() <= 1e-6
+
+
+def test_mono_statistics_blockwise_equal_numpy():
+    from htsep.resample import ResampledSignal
+    from htsep.separator import _mono_statistics
+
+    rng = np.random.default_rng(3)
+    audio = torch.from_numpy((0.3 * rng.standard_normal((2, 100_003)) + 0.01).astype(np.float32))
+    source = ResampledSignal(lambda s, n: zero_extended(audio, s, n), audio.shape[-1], 8000, 8000)
+    mean, std = _mono_statistics(source, block=7777)
+    mono = audio.double().mean(0).numpy()
+    assert mean == pytest.approx(mono.mean(), rel=1e-12)
+    assert std == pytest.approx(mono.std(ddof=1) + 1e-8, rel=1e-12)
