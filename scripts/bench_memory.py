@@ -69,6 +69,9 @@ def main() -> None:
     for minutes in args.minutes:
         tracks[minutes] = work / f"track-{minutes:g}min.wav"
         write_track(tracks[minutes], minutes)
+    baseline, _ = peak_rss([sys.executable, "-c", "import htsep.cli, htsep.separator"])
+    print(f"baseline: importing htsep (torch {__import__('torch').__version__}) takes "
+          f"{baseline:.0f} MB")
     print(f"{'config':<10}{'minutes':>8}{'htsep MB':>10}{'htsep s':>9}"
           f"{'demucs MB':>11}{'demucs s':>10}")
     for config in args.configs:
