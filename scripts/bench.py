@@ -49,10 +49,25 @@ def main() -> None:
     clip += 0.05 * rng.standard_normal((frames, 2))
     sf.write(work / "clip.wav", clip.astype(np.float32), RATE, subtype="FLOAT")
     common = ["--repo", str(work / "repo"), "-n", "released", "--shifts", "0", "--float32"]
-    demucs = [sys.executable, "-m", "demucs", *common, "-o", str(work / "demucs"),
-              str(work / "clip.wav")]
-    htsep = ["htsep", "separate", *common, "-q", "--overwrite", "-o", str(work / "htsep"),
-             str(work / "clip.wav")]
+    demucs = [
+        sys.executable,
+        "-m",
+        "demucs",
+        *common,
+        "-o",
+        str(work / "demucs"),
+        str(work / "clip.wav"),
+    ]
+    htsep = [
+        "htsep",
+        "separate",
+        *common,
+        "-q",
+        "--overwrite",
+        "-o",
+        str(work / "htsep"),
+        str(work / "clip.wav"),
+    ]
     times: dict[str, list[float]] = {"demucs": [], "htsep": []}
     for _ in range(args.runs):
         times["demucs"].append(timed(demucs))
@@ -63,8 +78,10 @@ def main() -> None:
         ours, _ = sf.read(work / "htsep" / "released" / "clip" / f"{stem}.wav")
         worst = max(worst, float(np.abs(ref - ours).max()))
     med = {name: statistics.median(values) for name, values in times.items()}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.seconds:g} s clip, {args.runs} alternating runs each")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{args.seconds:g} s clip, {args.runs} alternating runs each"
+    )
     print(f"{'':<8}{'median s':>10}{'x real time':>13}  runs")
     for name in ("demucs", "htsep"):
         runs = ", ".join(f"{value:.1f}" for value in times[name])

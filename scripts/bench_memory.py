@@ -27,8 +27,14 @@ import reference  # noqa: E402  (the demucs oracle builder shared with the tests
 
 CONFIGS = {
     # Small: every block of the architecture at a fraction of the width, 44.1 kHz.
-    "small": {**reference.SMALL, "samplerate": 44100, "segment": Fraction(39, 5),
-              "nfft": 4096, "depth": 4, "channels": 8},
+    "small": {
+        **reference.SMALL,
+        "samplerate": 44100,
+        "segment": Fraction(39, 5),
+        "nfft": 4096,
+        "depth": 4,
+        "channels": 8,
+    },
     "released": reference.RELEASED,
 }
 RATE = 44100
@@ -60,8 +66,9 @@ def peak_rss(command: list[str]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, nargs="+", default=[1, 10, 60])
-    parser.add_argument("--configs", nargs="+", default=["small", "released"],
-                        choices=sorted(CONFIGS))
+    parser.add_argument(
+        "--configs", nargs="+", default=["small", "released"], choices=sorted(CONFIGS)
+    )
     parser.add_argument("--demucs", action="store_true", help="also run demucs 4.1.0")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="htsep-bench-memory-"))
@@ -70,24 +77,50 @@ def main() -> None:
         tracks[minutes] = work / f"track-{minutes:g}min.wav"
         write_track(tracks[minutes], minutes)
     baseline, _ = peak_rss([sys.executable, "-c", "import htsep.cli, htsep.separator"])
-    print(f"baseline: importing htsep (torch {__import__('torch').__version__}) takes "
-          f"{baseline:.0f} MB")
-    print(f"{'config':<10}{'minutes':>8}{'htsep MB':>10}{'htsep s':>9}"
-          f"{'demucs MB':>11}{'demucs s':>10}")
+    print(
+        f"baseline: importing htsep (torch {__import__('torch').__version__}) takes "
+        f"{baseline:.0f} MB"
+    )
+    print(
+        f"{'config':<10}{'minutes':>8}{'htsep MB':>10}{'htsep s':>9}"
+        f"{'demucs MB':>11}{'demucs s':>10}"
+    )
     for config in args.configs:
         repo = work / config
         model = reference.build(reference.SOURCES_4, CONFIGS[config], seed=1)
         reference.write_th(model, repo, config)
         for minutes, track in tracks.items():
             common = ["--repo", str(repo), "-n", config, "--shifts", "1"]
-            ours, ours_s = peak_rss(["htsep", "separate", *common, "-q", "--overwrite",
-                                     "-o", str(work / "htsep"), str(track)])
+            ours, ours_s = peak_rss(
+                [
+                    "htsep",
+                    "separate",
+                    *common,
+                    "-q",
+                    "--overwrite",
+                    "-o",
+                    str(work / "htsep"),
+                    str(track),
+                ]
+            )
             theirs = theirs_s = float("nan")
             if args.demucs:
-                theirs, theirs_s = peak_rss([sys.executable, "-m", "demucs", *common,
-                                             "-o", str(work / "demucs"), str(track)])
-            print(f"{config:<10}{minutes:>8g}{ours:>10.0f}{ours_s:>9.0f}"
-                  f"{theirs:>11.0f}{theirs_s:>10.0f}", flush=True)
+                theirs, theirs_s = peak_rss(
+                    [
+                        sys.executable,
+                        "-m",
+                        "demucs",
+                        *common,
+                        "-o",
+                        str(work / "demucs"),
+                        str(track),
+                    ]
+                )
+            print(
+                f"{config:<10}{minutes:>8g}{ours:>10.0f}{ours_s:>9.0f}"
+                f"{theirs:>11.0f}{theirs_s:>10.0f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
