@@ -1,16 +1,25 @@
-"""Speed of `htsep separate` against `demucs` on the same checkpoint and clip.
+"""Speed of `htsep separate` against `python -m demucs` (demucs 4.1.0) on the same checkpoint.
 
-    python scripts/bench.py [--seconds 30] [--runs 3]
+    python scripts/bench.py [--seconds 30] [--runs 3] [--keep DIR] [--threads N] [--tuned-malloc]
+    python scripts/bench.py --forward [--runs 5]
 
-Writes demucs's HTDemucs with the released htdemucs settings and random weights through
-demucs's own serializer, synthesizes a stereo 44.1 kHz clip, then runs both commands with
-`--shifts 0 --float32`, alternating, and prints the median wall-clock times, their ratio and the
-largest difference between the stems.
+A demucs HTDemucs with the released htdemucs settings and random weights is written with
+demucs's own serializer into a temporary checkpoint folder; a deterministic stereo 44.1 kHz
+clip (tones and noise at about 0.1 amplitude, 32-bit float WAV) is separated by both commands,
+alternating, each run in its own process (start-up and model loading included, --shifts 0,
+float32 output). The table gives medians of wall-clock seconds, the ratio htsep / demucs, the
+real-time factors (seconds of compute per second of audio) and the largest absolute difference
+between the two sets of stems.
+
+--forward times one forward pass of each network instead (one released-length segment), on
+identical weights loaded from the same file, alternating in this process.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,68 +35,171 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import reference  # noqa: E402  (the demucs oracle builder shared with the tests)
 
 RATE = 44100
+SIGNATURE = "htdemucs"
+# glibc keeps freed blocks for reuse instead of returning them to the kernel, so large tensors do
+# not pay for fresh page faults on every call (see --tuned-malloc).
+TUNED_MALLOC = {
+    "MALLOC_MMAP_THRESHOLD_": str(1 << 32),
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 34),
+    "MALLOC_TOP_PAD_": str(1 << 28),
+}
 
 
-def timed(command: list[str]) -> float:
+def write_checkpoint(repo: Path) -> Path:
+    """The released htdemucs architecture with random weights, as demucs writes it."""
+    model = reference.build(reference.SOURCES_4, reference.RELEASED, seed=1)
+    path, _ = reference.write_th(model, repo, SIGNATURE)
+    return path
+
+
+def write_clip(path: Path, seconds: float) -> None:
+    """Deterministic stereo test clip: a few tones plus noise, peaks well under 1."""
+    rng = np.random.default_rng(0)
+    t = np.arange(int(seconds * RATE)) / RATE
+    left = 0.05 * np.sin(2 * np.pi * 220 * t) + 0.03 * np.sin(2 * np.pi * 1375 * t)
+    right = 0.05 * np.sin(2 * np.pi * 330 * t) + 0.02 * np.sin(2 * np.pi * 5000 * t)
+    noise = 0.02 * rng.standard_normal((t.size, 2))
+    audio = np.stack([left, right], axis=1) + noise
+    sf.write(path, audio.astype(np.float32), RATE, subtype="FLOAT")
+
+
+def htsep_command() -> list[str]:
+    script = Path(sys.executable).with_name("htsep")
+    return [str(script)] if script.exists() else [shutil.which("htsep") or "htsep"]
+
+
+def timed(command: list[str], env: dict[str, str]) -> float:
     started = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - started
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:3])} failed:\n{done.stderr[-2000:]}")
+    return seconds
+
+
+def largest_difference(ours: Path, theirs: Path) -> float:
+    worst = 0.0
+    stems = sorted(theirs.glob("*.wav"))
+    if not stems:
+        raise RuntimeError(f"no stems under {theirs}")
+    for stem in stems:
+        a, _ = sf.read(ours / stem.name, dtype="float32")
+        b, _ = sf.read(stem, dtype="float32")
+        worst = max(worst, float(np.abs(a - b).max()))
+    return worst
+
+
+def bench_commands(args: argparse.Namespace, work: Path) -> None:
+    repo = work / "repo"
+    write_checkpoint(repo)
+    clip = work / "clip.wav"
+    write_clip(clip, args.seconds)
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    if args.tuned_malloc:
+        env.update(TUNED_MALLOC)
+    common = ["--repo", str(repo), "-n", SIGNATURE, "--shifts", "0", "--float32"]
+    commands = {
+        "demucs": [sys.executable, "-m", "demucs", *common, "-o", str(work / "demucs"), str(clip)],
+        "htsep": [
+            *htsep_command(),
+            "separate",
+            *common,
+            "-q",
+            "--overwrite",
+            "-o",
+            str(work / "htsep"),
+            str(clip),
+        ],
+    }
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for run in range(args.runs):
+        for name, command in commands.items():
+            times[name].append(timed(command, env))
+        print(
+            f"run {run + 1}/{args.runs}: "
+            + ", ".join(f"{name} {seconds[-1]:.2f} s" for name, seconds in times.items()),
+            flush=True,
+        )
+    difference = largest_difference(
+        work / "htsep" / SIGNATURE / clip.stem, work / "demucs" / SIGNATURE / clip.stem
+    )
+    theirs, ours = (statistics.median(times[name]) for name in ("demucs", "htsep"))
+    threads = args.threads or torch.get_num_threads()
+    print()
+    print(f"{args.seconds:g} s stereo clip, {args.runs} runs each, medians of wall-clock seconds")
+    print(
+        f"torch {torch.__version__}, {threads} threads, {os.cpu_count()} CPUs"
+        + (", tuned malloc" if args.tuned_malloc else "")
+    )
+    print(f"{'':<22}{'demucs':>10}{'htsep':>10}")
+    print(f"{'seconds':<22}{theirs:>10.2f}{ours:>10.2f}")
+    print(f"{'real-time factor':<22}{theirs / args.seconds:>10.3f}{ours / args.seconds:>10.3f}")
+    print(f"{'htsep / demucs':<22}{ours / theirs:>20.3f}")
+    print(f"{'max |stem difference|':<22}{difference:>20.2e}")
+
+
+def bench_forward(args: argparse.Namespace, work: Path) -> None:
+    from demucs.states import load_model as demucs_load_model
+
+    import htsep
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = write_checkpoint(work / "repo")
+    theirs = demucs_load_model(torch.load(path, map_location="cpu", weights_only=False)).eval()
+    ours = htsep.load_model(path).eval()
+    mix = torch.randn(1, 2, ours.segment_length, generator=torch.Generator().manual_seed(0))
+    models = {"demucs": theirs, "htsep": ours}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        outputs = {name: model(mix) for name, model in models.items()}  # warm-up
+        for _ in range(args.runs):
+            for name, model in models.items():
+                started = time.perf_counter()
+                model(mix)
+                times[name].append(time.perf_counter() - started)
+    reference_out = outputs["demucs"]
+    relative = (outputs["htsep"] - reference_out).abs().max() / reference_out.abs().max()
+    slow, fast = (statistics.median(times[name]) for name in ("demucs", "htsep"))
+    print(
+        f"one forward pass, {ours.segment_length} samples, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, median of {args.runs}"
+    )
+    for name, seconds in times.items():
+        print(
+            f"{name:<8}{statistics.median(seconds):8.3f} s   runs: "
+            + " ".join(f"{s:.3f}" for s in seconds)
+        )
+    print(f"htsep / demucs {fast / slow:.3f}; max relative difference {relative.item():.2e}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=30.0)
-    parser.add_argument("--runs", type=int, default=3)
-    args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="htsep-bench-"))
-    model = reference.build(reference.SOURCES_4, reference.RELEASED, seed=1)
-    reference.write_th(model, work / "repo", "released")
-    frames = int(args.seconds * RATE)
-    rng = np.random.default_rng(0)
-    t = np.arange(frames) / RATE
-    clip = 0.1 * np.stack([np.sin(2 * np.pi * 220 * t), np.sin(2 * np.pi * 331 * t)], 1)
-    clip += 0.05 * rng.standard_normal((frames, 2))
-    sf.write(work / "clip.wav", clip.astype(np.float32), RATE, subtype="FLOAT")
-    common = ["--repo", str(work / "repo"), "-n", "released", "--shifts", "0", "--float32"]
-    demucs = [
-        sys.executable,
-        "-m",
-        "demucs",
-        *common,
-        "-o",
-        str(work / "demucs"),
-        str(work / "clip.wav"),
-    ]
-    htsep = [
-        "htsep",
-        "separate",
-        *common,
-        "-q",
-        "--overwrite",
-        "-o",
-        str(work / "htsep"),
-        str(work / "clip.wav"),
-    ]
-    times: dict[str, list[float]] = {"demucs": [], "htsep": []}
-    for _ in range(args.runs):
-        times["demucs"].append(timed(demucs))
-        times["htsep"].append(timed(htsep))
-    worst = 0.0
-    for stem in reference.SOURCES_4:
-        ref, _ = sf.read(work / "demucs" / "released" / "clip" / f"{stem}.wav")
-        ours, _ = sf.read(work / "htsep" / "released" / "clip" / f"{stem}.wav")
-        worst = max(worst, float(np.abs(ref - ours).max()))
-    med = {name: statistics.median(values) for name, values in times.items()}
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{args.seconds:g} s clip, {args.runs} alternating runs each"
+    parser.add_argument("--seconds", type=float, default=30.0, help="length of the test clip")
+    parser.add_argument("--runs", type=int, default=3, help="runs of each side")
+    parser.add_argument("--keep", type=Path, help="work in this folder and keep it")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--tuned-malloc",
+        action="store_true",
+        help="run both commands with glibc tuned to reuse freed memory",
     )
-    print(f"{'':<8}{'median s':>10}{'x real time':>13}  runs")
-    for name in ("demucs", "htsep"):
-        runs = ", ".join(f"{value:.1f}" for value in times[name])
-        print(f"{name:<8}{med[name]:>10.2f}{args.seconds / med[name]:>13.2f}  {runs}")
-    print(f"ratio htsep/demucs: {med['htsep'] / med['demucs']:.2f}")
-    print(f"largest stem difference: {worst:.2e}")
+    parser.add_argument(
+        "--forward", action="store_true", help="time one forward pass of each network instead"
+    )
+    args = parser.parse_args()
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        work = args.keep
+    else:
+        work = Path(tempfile.mkdtemp(prefix="htsep-bench-"))
+    try:
+        (bench_forward if args.forward else bench_commands)(args, work)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

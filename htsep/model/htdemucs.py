@@ -16,6 +16,7 @@ from torch import nn
 
 from htsep import spec
 from htsep.errors import InputLengthError
+from htsep.model import kernels
 from htsep.model.config import HTDemucsConfig
 from htsep.model.layers import DConv, DecoderLayer, EncoderLayer, FrequencyEmbedding
 from htsep.model.transformer import CrossDomainTransformer
@@ -26,6 +27,13 @@ def _standardize(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, 
     mean = x.mean(dim=dims, keepdim=True)
     std = x.std(dim=dims, keepdim=True)
     return (x - mean) / (1e-5 + std), mean, std
+
+
+def _destandardize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """x * std + mean for a decoder output, in place in inference."""
+    if kernels.overwritable(x):
+        return x.mul_(std).add_(mean)
+    return x * std + mean
 
 
 class HTDemucs(nn.Module):
@@ -194,7 +202,9 @@ class HTDemucs(nn.Module):
             xt = encode_t(xt)
             x = encode(x)
             if index == 0 and self.freq_embedding is not None:
-                x = x + self.config.conv.freq_emb_weight * self.freq_embedding()
+                embedding = self.config.conv.freq_emb_weight * self.freq_embedding()
+                # The encoder's output is ours to overwrite in inference.
+                x = x.add_(embedding) if kernels.overwritable(x) else x + embedding
             skips.append(x)
             skips_t.append(xt)
 
@@ -205,10 +215,10 @@ class HTDemucs(nn.Module):
             xt = decode_t(xt, skips_t.pop(), lengths_t.pop())
 
         sources = len(self.config.sources)
-        x = x * std + mean
+        x = _destandardize(x, mean, std)
         x = rearrange(x, "b (s c ri) f n -> b s c f n ri", s=sources, ri=2)
         z_out = torch.view_as_complex(x.float().contiguous())
         wave = spec.synthesis(z_out, padded_length).to(xt.dtype)  # (B, S, C, T)
-        xt = xt * std_t + mean_t
+        xt = _destandardize(xt, mean_t, std_t)
         out = rearrange(xt, "b (s c) t -> b s c t", s=sources) + wave
         return out[..., :length]

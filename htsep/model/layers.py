@@ -6,63 +6,77 @@ Spectral layers work on (B, C, F, T) and convolve along F only; waveform layers 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def normalize_rows(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
-) -> torch.Tensor:
-    """One-group GroupNorm applied to every frequency row separately.
-
-    x: (B, C, F, T) normalized over (C, T) for each (B, F); or (B, C, T) over (C, T).
-    weight, bias: (C,)
-    """
-    dims = (1, -1)
-    var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
-    shape = (-1,) + (1,) * (x.dim() - 2)
-    return (x - mean) * torch.rsqrt(var + eps) * weight.view(shape) + bias.view(shape)
+from htsep.model import kernels
 
 
-class RowNorm(nn.Module):
-    """Learned affine one-group GroupNorm over (C, T), per frequency row."""
-
-    def __init__(self, channels: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return normalize_rows(x, self.weight, self.bias, self.eps)
+def _gelu_fresh(x: torch.Tensor) -> torch.Tensor:
+    """GELU of a tensor nothing else refers to: in place when ``kernels.overwritable``."""
+    return torch.ops.aten.gelu_(x) if kernels.overwritable(x) else F.gelu(x)
 
 
-def _row_conv(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
-    """Apply a Conv1d along T of a (B, C, F, T) tensor, each row independently, with no
-    layout copy: a (1, k) Conv2d with the same weights."""
-    padding = int(conv.padding[0])  # type: ignore[arg-type]  # always an int here
-    return F.conv2d(
-        x, conv.weight.unsqueeze(2), conv.bias, padding=(0, padding), dilation=(1, conv.dilation[0])
-    )
+def _glu_fresh(x: torch.Tensor) -> torch.Tensor:
+    """GLU over channels (dim 1) of a tensor nothing else refers to. In inference the result is
+    written over the first half of x (a view), sparing a new tensor."""
+    if not kernels.overwritable(x):
+        return F.glu(x, dim=1)
+    value, gate = x.chunk(2, dim=1)
+    return value.mul_(gate.sigmoid_())
+
+
+def _scale_first_half(vector: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(2C,) vector with its first C entries multiplied by scale (C,)."""
+    half = scale.shape[0]
+    return torch.cat([vector[:half] * scale, vector[half:]])
 
 
 class DConvBranch(nn.Module):
-    """One residual branch: dilated conv to a narrow width, 1x1 conv back to 2C, GLU, scale."""
+    """One residual branch along time: dilated conv to a narrow width, GroupNorm, GELU, 1x1 conv
+    back to 2C, GroupNorm, GLU, per-channel scale. Works on (N, C, T)."""
 
     def __init__(self, channels: int, hidden: int, dilation: int, init: float) -> None:
         super().__init__()
         self.conv_in = nn.Conv1d(channels, hidden, 3, dilation=dilation, padding=dilation)
-        self.norm_in = RowNorm(hidden)
+        self.norm_in = nn.GroupNorm(1, hidden)
         self.conv_out = nn.Conv1d(hidden, 2 * channels, 1)
-        self.norm_out = RowNorm(2 * channels)
+        self.norm_out = nn.GroupNorm(1, 2 * channels)
         self.scale = nn.Parameter(torch.full((channels,), float(init)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, F, T) -> (B, C, F, T), the residual to add."""
-        y = F.gelu(self.norm_in(_row_conv(self.conv_in, x)))
-        y = F.glu(self.norm_out(_row_conv(self.conv_out, y)), dim=1)
-        return self.scale.view(-1, 1, 1) * y
+        """x: (N, C, T) -> (N, C, T), the residual to add."""
+        y = F.gelu(self.norm_in(self.conv_in(x)))
+        y = F.glu(self.norm_out(self.conv_out(y)), dim=1)
+        return self.scale[:, None] * y
+
+    def add_to(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out = x + forward(x) in inference (``kernels.overwritable``); ``out`` may be x.
+
+        glu(a, b) * s == (s * a) * sigmoid(b): the scale is folded into the affine of the
+        GroupNorm's first half, and the sum fuses into one multiply-add.
+        """
+        hidden = _gelu_fresh(self.norm_in(self.conv_in(x)))  # (N, H, T), H = C / compress
+        # As a batched product: oneDNN's 1x1 convolution is slow for so few input channels.
+        weight = self.conv_out.weight[:, :, 0]  # (2C, H)
+        bias = cast(torch.Tensor, self.conv_out.bias)
+        y = torch.baddbmm(bias[:, None], weight.expand(x.shape[0], *weight.shape), hidden)
+        norm_weight = _scale_first_half(self.norm_out.weight, self.scale)
+        norm_bias = _scale_first_half(self.norm_out.bias, self.scale)
+        y = F.group_norm(y, 1, norm_weight, norm_bias, self.norm_out.eps)
+        value, gate = y.chunk(2, dim=1)
+        return torch.addcmul(x, value, gate.sigmoid_(), out=out)
+
+
+# Rows of a DConv run together in inference: their widest intermediate (2C x T floats per row)
+# stays near 16 MB, in cache and under the 32 MiB ceiling of glibc's mmap threshold, so freed
+# blocks get reused. Larger blocks are mapped fresh from the kernel on every call, and their page
+# faults cost more than the arithmetic.
+_DCONV_CHUNK_ELEMENTS = 1 << 22
 
 
 class DConv(nn.Module):
@@ -78,11 +92,37 @@ class DConv(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, F, T) or (B, C, T) -> same shape."""
-        rows = x if x.dim() == 4 else x.unsqueeze(2)
-        for branch in self.branches:
-            rows = rows + branch(rows)
-        return rows if x.dim() == 4 else rows.squeeze(2)
+        """x: (B, C, F, T) or (B, C, T) -> same shape, a new tensor."""
+        if x.dim() == 3:
+            return self._rows(x, inplace=False)
+        batch, channels, bins, frames = x.shape
+        rows = x.transpose(1, 2).reshape(batch * bins, channels, frames)  # (B*F, C, T)
+        # The fold is a copy, which may be overwritten, unless C or F is 1.
+        out = self._rows(rows, inplace=rows.data_ptr() != x.data_ptr())
+        return out.view(batch, bins, channels, frames).transpose(1, 2)  # (B, C, F, T), a view
+
+    def _rows(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+        """x: (N, C, T) -> (N, C, T); in inference, written over x if ``inplace``."""
+        if not kernels.overwritable(x):
+            for branch in self.branches:
+                x = x + branch(x)
+            return x
+        out = x if inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
+        channels, frames = x.shape[1:]
+        step = max(1, _DCONV_CHUNK_ELEMENTS // (2 * channels * frames))
+        for start in range(0, x.shape[0], step):
+            rows, rows_out = x[start : start + step], out[start : start + step]
+            for branch in cast(Iterable[DConvBranch], self.branches):
+                rows = branch.add_to(rows, out=rows_out)
+        return out
+
+
+def _conv_input(x: torch.Tensor, freq: bool) -> torch.Tensor:
+    """A spectral conv's input in channels-last on the CPU: oneDNN's kernels for the (k, 1)
+    kernels and transposed convs here run up to twice as fast in that layout."""
+    if freq and x.device.type == "cpu":
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def _group_norm(groups: int, channels: int, enabled: bool) -> nn.Module | None:
@@ -132,11 +172,12 @@ class EncoderLayer(nn.Module):
         (B, Cin, T) -> (B, Cout, ceil(T / stride))."""
         if not self.freq and x.shape[-1] % self.stride:
             x = F.pad(x, (0, self.stride - x.shape[-1] % self.stride))
-        y = F.gelu(_apply(self.norm, self.conv(x)))
+        y = _gelu_fresh(_apply(self.norm, self.conv(_conv_input(x, self.freq))))
         if self.dconv is not None:
             y = self.dconv(y)
         if self.rewrite is not None:
-            y = F.glu(_apply(self.rewrite_norm, self.rewrite(y)), dim=1)
+            y = self.rewrite(_conv_input(y, self.freq))
+            y = _glu_fresh(_apply(self.rewrite_norm, y))
         return y
 
 
@@ -181,10 +222,11 @@ class DecoderLayer(nn.Module):
         (B, Cin, T) -> (B, Cout, length)."""
         y = x + skip
         if self.rewrite is not None:
-            y = F.glu(_apply(self.rewrite_norm, self.rewrite(y)), dim=1)
+            y = self.rewrite(_conv_input(y, self.freq))
+            y = _glu_fresh(_apply(self.rewrite_norm, y))
         if self.dconv is not None:
             y = self.dconv(y)
-        z = _apply(self.norm, self.conv_transpose(y))
+        z = _apply(self.norm, self.conv_transpose(_conv_input(y, self.freq)))
         if self.freq:
             z = z[..., self.pad : z.shape[-2] - self.pad, :]
         else:

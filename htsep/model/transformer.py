@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from htsep.model import kernels
 from htsep.model.config import TransformerConfig
 
 
@@ -61,13 +62,17 @@ def sequence_norm(
 ) -> torch.Tensor:
     """GroupNorm with one group over the whole sequence: x (B, N, C) is normalized over (N, C)
     for each batch item, then scaled and shifted per channel."""
-    var, mean = torch.var_mean(x, dim=(1, 2), correction=0, keepdim=True)
-    return (x - mean) * torch.rsqrt(var + eps) * weight + bias
+    # A layer norm over (N, C) without affine computes exactly that normalization, and much
+    # faster than torch.var_mean.
+    normalized = F.layer_norm(x, x.shape[1:], eps=eps)
+    if kernels.overwritable(x):
+        return normalized.mul_(weight).add_(bias)
+    return normalized * weight + bias
 
 
 class Attention(nn.Module):
-    """Multi-head attention with a packed (q, k, v) input projection, through torch's
-    scaled_dot_product_attention."""
+    """Multi-head attention with a packed (q, k, v) input projection, through
+    ``kernels.attention`` (oneDNN products in CPU inference, torch's fused attention otherwise)."""
 
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
         super().__init__()
@@ -78,21 +83,26 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, N, C) queries; context: (B, M, C) keys and values (x itself when None)."""
+        return self.out_proj(self.heads_output(x, context))
+
+    def heads_output(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention before the output projection, heads concatenated: (B, N, C)."""
         dim = x.shape[-1]
+        # softmax(q k^T / sqrt(D)): the scale is folded into the query projection.
+        scale = (dim // self.heads) ** -0.5
+        weight = torch.cat([self.in_proj.weight[:dim] * scale, self.in_proj.weight[dim:]])
+        bias = torch.cat([self.in_proj.bias[:dim] * scale, self.in_proj.bias[dim:]])
         if context is None:
-            qkv = F.linear(x, self.in_proj.weight, self.in_proj.bias)
+            qkv = kernels.linear(x, weight, bias)
             q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads)
         else:
-            weight, bias = self.in_proj.weight, self.in_proj.bias
             q = rearrange(
-                F.linear(x, weight[:dim], bias[:dim]), "b n (h d) -> b h n d", h=self.heads
+                kernels.linear(x, weight[:dim], bias[:dim]), "b n (h d) -> b h n d", h=self.heads
             )
-            kv = F.linear(context, weight[dim:], bias[dim:])
+            kv = kernels.linear(context, weight[dim:], bias[dim:])
             k, v = rearrange(kv, "b m (two h d) -> two b h m d", two=2, h=self.heads)
-        out = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
+        dropout = self.dropout if self.training else 0.0
+        return rearrange(kernels.attention(q, k, v, dropout), "b n h d -> b n (h d)")
 
 
 class TransformerLayer(nn.Module):
@@ -103,7 +113,7 @@ class TransformerLayer(nn.Module):
         super().__init__()
         self.cross = cross
         self.dropout = config.dropout
-        self.activation = F.gelu if config.gelu else F.relu
+        self.activation = "gelu" if config.gelu else "relu"
         self.attention_norm = nn.LayerNorm(dim)
         self.context_norm = nn.LayerNorm(dim) if cross else None
         self.attention = Attention(dim, config.heads, config.dropout)
@@ -121,8 +131,19 @@ class TransformerLayer(nn.Module):
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.dropout, self.training)
 
-    def _scaled(self, scale: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-        return x if scale is None else scale * x
+    def _residual(
+        self, x: torch.Tensor, y: torch.Tensor, projection: nn.Linear, scale: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x + scale * dropout(projection(y)): x (B, N, C), y (B, N, I)."""
+        if self.training and self.dropout:
+            out = self._drop(projection(y))
+            return x + (out if scale is None else scale * out)
+        weight: torch.Tensor = projection.weight
+        bias: torch.Tensor = projection.bias
+        if scale is not None:
+            # The layer scale folded into the projection; the add fuses into the product.
+            weight, bias = scale[:, None] * weight, scale * bias
+        return kernels.linear_add(y, x, weight, bias)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, N, C); context: (B, M, C) for a cross layer -> (B, N, C)."""
@@ -130,10 +151,15 @@ class TransformerLayer(nn.Module):
             if context is None:
                 raise ValueError("a cross-attention layer needs the other stream")
             context = self.context_norm(context)
-        attended = self.attention(self.attention_norm(x), context)
-        x = x + self._scaled(self.attention_scale, self._drop(attended))
-        hidden = self._drop(self.activation(self.feedforward_in(self.feedforward_norm(x))))
-        x = x + self._scaled(self.feedforward_scale, self._drop(self.feedforward_out(hidden)))
+        attended = self.attention.heads_output(self.attention_norm(x), context)
+        x = self._residual(x, attended, self.attention.out_proj, self.attention_scale)
+        hidden = kernels.linear(
+            self.feedforward_norm(x),
+            self.feedforward_in.weight,
+            self.feedforward_in.bias,
+            self.activation,
+        )
+        x = self._residual(x, self._drop(hidden), self.feedforward_out, self.feedforward_scale)
         if self.output_norm is not None:
             x = sequence_norm(
                 x, self.output_norm.weight, self.output_norm.bias, self.output_norm.eps

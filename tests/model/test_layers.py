@@ -1,23 +1,12 @@
+import pytest
 import torch
 from demucs.demucs import DConv as ReferenceDConv
-from torch import nn
 
-from htsep.model.layers import DConv, normalize_rows
-
-
-def test_normalize_rows_is_groupnorm_per_row():
-    x = torch.randn(2, 6, 5, 13)  # (B, C, F, T)
-    norm = nn.GroupNorm(1, 6)
-    nn.init.normal_(norm.weight)
-    nn.init.normal_(norm.bias)
-    rows = x.permute(0, 2, 1, 3).reshape(10, 6, 13)
-    expected = norm(rows).reshape(2, 5, 6, 13).permute(0, 2, 1, 3)
-    torch.testing.assert_close(normalize_rows(x, norm.weight, norm.bias), expected)
+from htsep.model import layers
+from htsep.model.layers import DConv
 
 
-def test_dconv_matches_reference_on_every_row():
-    """The spectral DConv convolves along time for each frequency row independently, exactly
-    as demucs's DConv applied to the rows folded into the batch."""
+def _dconv_pair() -> tuple[DConv, ReferenceDConv]:
     torch.manual_seed(0)
     reference = ReferenceDConv(8, compress=4, depth=2, init=0.5, gelu=True)
     ours = DConv(8, depth=2, compress=4, dilate=True, init=0.5)
@@ -36,8 +25,37 @@ def test_dconv_matches_reference_on_every_row():
                 mine.weight.copy_(theirs.weight)
                 mine.bias.copy_(theirs.bias)
             branch.scale.copy_(layer[6].scale)
+    return ours, reference
+
+
+@pytest.mark.parametrize("grad,chunk", [(True, None), (False, None), (False, 1)])
+def test_dconv_matches_reference_on_every_row(grad, chunk, monkeypatch):
+    """The spectral DConv convolves along time for each frequency row independently, exactly
+    as demucs's DConv applied to the rows folded into the batch; with and without autograd
+    (the inference path fuses the layer scale, adds in place, and runs rows in chunks: here
+    all at once, or one by one)."""
+    if chunk is not None:
+        monkeypatch.setattr(layers, "_DCONV_CHUNK_ELEMENTS", chunk)
+    ours, reference = _dconv_pair()
     x = torch.randn(2, 8, 3, 20)  # (B, C, F, T)
     rows = x.permute(0, 2, 1, 3).reshape(6, 8, 20)
-    expected = reference(rows).reshape(2, 3, 8, 20).permute(0, 2, 1, 3)
-    torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ours(x[:, :, 1]), expected[:, :, 1], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        expected = reference(rows).reshape(2, 3, 8, 20).permute(0, 2, 1, 3)
+    before = x.clone()
+    with torch.set_grad_enabled(grad):
+        rows_out = ours(x)
+        time_out = ours(x[:, :, 1])
+    assert torch.equal(x, before)  # the caller's tensor is never written
+    torch.testing.assert_close(rows_out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(time_out, expected[:, :, 1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 1, 20), (1, 8, 20), (3, 8, 5, 7)])
+def test_dconv_inference_never_writes_its_input(shape):
+    """Single rows and single items make the (B*F, C, T) fold a view: still no write-back."""
+    ours, _ = _dconv_pair()
+    x = torch.randn(shape)
+    before = x.clone()
+    with torch.inference_mode():
+        ours(x)
+    assert torch.equal(x, before)
