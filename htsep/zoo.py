@@ -167,14 +167,23 @@ def _parse_registry_entry(data: Mapping[str, Any], origin: str) -> ModelSpec:
     for index, raw in enumerate(raw_members):
         if not isinstance(raw, Mapping):
             raise ModelNotFoundError(f"{origin}: members[{index}] must be a mapping")
-        fields = {key: raw.get(key) for key in ("signature", "checksum", "url")}
+        where = "file" if "file" in raw else "url"
+        fields = {key: raw.get(key) for key in ("signature", "checksum", where)}
         if not all(isinstance(value, str) and value for value in fields.values()):
             raise ModelNotFoundError(
-                f"{origin}: members[{index}] needs 'signature', 'checksum' and 'url' as strings"
-                f"{_QUOTE_HINT}"
+                f"{origin}: members[{index}] needs 'signature', 'checksum' and 'url' (or "
+                f"'file') as strings{_QUOTE_HINT}"
             )
         try:
-            members.append(MemberSpec(raw["signature"], checksum=raw["checksum"], url=raw["url"]))
+            if where == "file":
+                members.append(
+                    MemberSpec(raw["signature"], checksum=raw["checksum"],
+                               path=_shipped_file(raw["file"], origin))
+                )  # fmt: skip
+            else:
+                members.append(
+                    MemberSpec(raw["signature"], checksum=raw["checksum"], url=raw["url"])
+                )
         except ValueError as exc:
             raise ModelNotFoundError(f"{origin}: members[{index}]: {exc}") from None
     return ModelSpec(
@@ -185,6 +194,13 @@ def _parse_registry_entry(data: Mapping[str, Any], origin: str) -> ModelSpec:
         sources=sources,
         description=str(data.get("description") or ""),
     )
+
+
+def _shipped_file(name: str, origin: str) -> Path:
+    """A checkpoint shipped inside the registry package (``file:`` instead of ``url:``)."""
+    if Path(name).name != name:
+        raise ValueError(f"'file' must be a plain file name in the registry, got {name!r}")
+    return Path(str(importlib.resources.files("htsep.registry") / name))
 
 
 def _parse_weights(
