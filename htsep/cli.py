@@ -14,12 +14,15 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from htsep import __version__
 from htsep.errors import HtsepError, ModelNotFoundError, UsageError
+
+if TYPE_CHECKING:
+    from htsep.data import Track as DatasetTrack
 
 app = typer.Typer(
     name="htsep",
@@ -545,6 +548,171 @@ def info(checkpoint: str = typer.Argument(..., help="Path to a checkpoint file."
     typer.echo(f"sample rate: {model.sample_rate} Hz, channels: {model.audio_channels}")
     typer.echo(f"segment: {model.segment} s ({model.segment_length} samples)")
     typer.echo(f"parameters: {params:,}")
+
+
+# --- eval ------------------------------------------------------------------------------------
+
+
+class Split(str, Enum):
+    train = "train"
+    test = "test"
+
+
+@app.command("eval")
+def eval_command(
+    dataset: Path = typer.Argument(
+        ..., help="Dataset folder in the MUSDB18-HQ layout: <split>/<track>/mixture.wav, ..."
+    ),
+    name: str = typer.Option(
+        "htdemucs", "-n", "--name", help="Model name, signature, or path to a checkpoint file."
+    ),
+    repo: Path | None = typer.Option(
+        None, "--repo", help="Folder of checkpoints and <name>.yaml bags, as demucs reads it."
+    ),
+    split: Split = typer.Option(Split.test, "--split", help="Which part of the dataset."),
+    tracks: str | None = typer.Option(
+        None, "--tracks", help="Comma-separated track names to evaluate (default: all)."
+    ),
+    sources: str | None = typer.Option(
+        None,
+        "--sources",
+        help="Comma-separated sources to score (default: every source file of the tracks).",
+    ),
+    device: str | None = typer.Option(
+        None, "-d", "--device", help="cpu, cuda, cuda:N or mps [default: cuda, mps, cpu]"
+    ),
+    shifts: int = typer.Option(1, "--shifts", help="Random shifts to average (0: none)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the shifts."),
+    overlap: float = typer.Option(0.25, "--overlap", help="Overlap between chunks."),
+    segment: float | None = typer.Option(
+        None, "--segment", help="Chunk length in seconds, at most the model's."
+    ),
+    museval: bool = typer.Option(
+        False,
+        "--museval",
+        help="Also compute museval's SDR (median over 1 s frames; slow; pip install museval).",
+    ),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress, only errors."),
+    json_output: bool = typer.Option(
+        False, "--json", help="Print the scores as one JSON object on stdout."
+    ),
+) -> None:
+    """Score a model on a dataset: nSDR (dB, MDX challenge) per track and source."""
+    from htsep.data import find_tracks
+    from htsep.evaluate import evaluate, evaluation_sources, import_museval
+    from htsep.separator import Separator
+
+    def report_track(index: int, track: DatasetTrack, scores: dict[str, float]) -> None:
+        if not quiet:
+            values = ", ".join(f"{source} {value:.2f}" for source, value in scores.items())
+            typer.echo(f"[{index + 1}/{len(chosen)}] {track.name}: {values}", err=True)
+
+    try:
+        wanted = _comma_list(sources, "--sources") if sources is not None else None
+        if museval:
+            import_museval()
+        names, found = find_tracks(dataset, split.value, wanted)
+        chosen = _choose_tracks(found, tracks, dataset / split.value)
+        separator = Separator(
+            name,
+            repo=repo,
+            device=device,
+            shifts=shifts,
+            overlap=overlap,
+            segment=segment,
+            seed=seed,
+            progress=not quiet,
+        )
+        names = evaluation_sources(separator, names)
+        if not quiet:
+            typer.echo(
+                f"htsep: {separator.name} on {separator.device}: {len(chosen)} track"
+                f"{'s' if len(chosen) > 1 else ''} of {dataset / split.value}",
+                err=True,
+            )
+        report = evaluate(separator, chosen, names, framewise=museval, on_track=report_track)
+    except (UsageError, ModelNotFoundError) as exc:
+        _error(str(exc))
+        raise typer.Exit(USAGE_EXIT) from None
+    except HtsepError as exc:
+        _error(str(exc))
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        _error("interrupted")
+        raise typer.Exit(130) from None
+    if json_output:
+        record: dict[str, Any] = {
+            "model": report.model,
+            "dataset": str(dataset),
+            "split": split.value,
+            "sources": report.sources,
+            "tracks": _finite(report.nsdr),
+            "mean": _finite(report.mean),
+            "median": _finite(report.median),
+        }
+        if report.sdr is not None:
+            record["museval"] = {
+                "tracks": _finite(report.sdr),
+                "mean": _finite(report.sdr_mean),
+                "median": _finite(report.sdr_median),
+            }
+        typer.echo(json.dumps(record))
+        return
+    typer.echo(f"nSDR (dB) of {report.model} on {dataset / split.value}")
+    typer.echo(_score_table(report.sources, report.nsdr, report.mean, report.median))
+    if report.sdr is not None and report.sdr_mean is not None and report.sdr_median is not None:
+        typer.echo(f"\nSDR (dB, museval: median over 1 s frames) of {report.model}")
+        typer.echo(_score_table(report.sources, report.sdr, report.sdr_mean, report.sdr_median))
+
+
+def _comma_list(text: str, option: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise UsageError(f"{option} {text!r}: expected comma-separated names")
+    return items
+
+
+def _choose_tracks(
+    found: list[DatasetTrack], wanted: str | None, folder: Path
+) -> list[DatasetTrack]:
+    """The tracks named in ``wanted`` (comma-separated), in the dataset's order; all if None."""
+    if wanted is None:
+        return found
+    names = _comma_list(wanted, "--tracks")
+    known = {track.name for track in found}
+    unknown = [item for item in names if item not in known]
+    if unknown:
+        raise UsageError(f"--tracks: no track {', '.join(map(repr, unknown))} in {folder}")
+    return [track for track in found if track.name in names]
+
+
+def _finite(value: Any) -> Any:
+    """NaN (an undefined museval score) as JSON null."""
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
+def _score_table(
+    sources: list[str],
+    scores: dict[str, dict[str, float]],
+    mean: dict[str, float],
+    median: dict[str, float],
+) -> str:
+    """One row per track and a column per source (dB, 2 decimals), then mean and median."""
+    rows = [*scores.items(), ("mean", mean), ("median", median)]
+    first = max(len(label) for label, _ in [("track", {}), *rows])
+    widths = {source: max(len(source), 7) for source in sources}
+    header = "  ".join([f"{'track':<{first}}", *(f"{s:>{widths[s]}}" for s in sources)])
+    lines = [header]
+    for position, (label, values) in enumerate(rows):
+        if position == len(scores):
+            lines.append("-" * len(header))
+        cells = (f"{values[s]:>{widths[s]}.2f}" for s in sources)
+        lines.append("  ".join([f"{label:<{first}}", *cells]))
+    return "\n".join(lines)
 
 
 def main() -> None:

@@ -31,3 +31,7 @@ class DownloadError(HtsepError):
 
 class UsageError(HtsepError):
     """Options that contradict each other or the model (e.g. a segment longer than the model's)."""
+
+
+class DatasetError(HtsepError):
+    """A dataset folder does not have the MUSDB18-HQ layout or its tracks do not agree."""
