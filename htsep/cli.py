@@ -715,6 +715,105 @@ def _score_table(
     return "\n".join(lines)
 
 
+@app.command("train")
+def train(
+    dataset: Path = typer.Argument(
+        ..., help="Dataset folder in the MUSDB18-HQ layout: train/<track>/{mixture,<source>}.wav."
+    ),
+    out: Path = typer.Option(..., "--out", help="Run folder: checkpoints, metrics.jsonl."),
+    config: str | None = typer.Option(
+        None,
+        "--config",
+        help="Architecture: tiny, htdemucs, or a YAML/JSON file [default: tiny].",
+    ),
+    init: str | None = typer.Option(
+        None, "--init", help="Fine-tune this checkpoint (model name or file) instead."
+    ),
+    repo: Path | None = typer.Option(None, "--repo", help="Folder of checkpoints for --init."),
+    steps: int | None = typer.Option(
+        None, "--steps", help="Train up to this many steps [default: 1000, or the run's]."
+    ),
+    batch_size: int = typer.Option(4, "--batch-size", help="Examples per step, all processes."),
+    lr: float = typer.Option(3e-4, "--lr", help="Adam learning rate."),
+    ema: float = typer.Option(
+        0.0, "--ema", help="Decay of an exponential moving average of the weights (0: off)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of all randomness: same seed, same run."),
+    log_every: int = typer.Option(10, "--log-every", help="Steps between metrics lines."),
+    save_every: int = typer.Option(100, "--save-every", help="Steps between checkpoints."),
+    valid_every: int = typer.Option(
+        0, "--valid-every", help="Steps between validations on test/ (0: at the end only)."
+    ),
+    valid_tracks: int = typer.Option(
+        0, "--valid-tracks", help="Test tracks used for validation (0: all)."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in --out with its saved options."
+    ),
+    device: str | None = typer.Option(
+        None, "-d", "--device", help="cpu, cuda, cuda:N or mps [default: cuda, mps, cpu]"
+    ),
+    jobs: int = typer.Option(0, "-j", "--jobs", help="CPU threads for torch (0: its default)."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress, only errors."),
+) -> None:
+    """Train or fine-tune a model; under torchrun, on many processes (DDP)."""
+    try:
+        _train(**locals())
+    except (UsageError, ModelNotFoundError) as exc:
+        _error(str(exc))
+        raise typer.Exit(USAGE_EXIT) from None
+    except HtsepError as exc:
+        _error(str(exc))
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        _error("interrupted: continue the run with --resume (from its last checkpoint)")
+        raise typer.Exit(130) from None
+
+
+def _train(**opts: Any) -> None:
+    import dataclasses
+
+    import torch
+
+    from htsep.train import Trainer, TrainOptions, load_run_options
+
+    if opts["jobs"]:
+        torch.set_num_threads(opts["jobs"])
+    run_dir: Path = opts["out"]
+    if opts["resume"]:
+        options = load_run_options(run_dir)
+        if opts["steps"] is not None:
+            options = dataclasses.replace(options, steps=opts["steps"])
+    else:
+        config = opts["config"]
+        if config is None and opts["init"] is None:
+            config = "tiny"
+        options = TrainOptions(
+            dataset=str(opts["dataset"]),
+            config=config,
+            init=opts["init"],
+            repo=None if opts["repo"] is None else str(opts["repo"]),
+            steps=1000 if opts["steps"] is None else opts["steps"],
+            **{key: opts[key] for key in _TRAIN_NUMBERS},
+        )
+    trainer = Trainer(
+        options, run_dir, device=opts["device"], resume=opts["resume"], progress=not opts["quiet"]
+    )
+    result = trainer.run()
+    if not opts["quiet"] and trainer.processes.main:
+        typer.echo(
+            f"step {result.step}: loss {result.loss:.4f}, {result.seconds:.1f} s; "
+            f"model in {run_dir / 'model.safetensors'}",
+            err=True,
+        )
+
+
+_TRAIN_NUMBERS = (
+    "batch_size", "lr", "ema", "seed", "log_every", "save_every", "valid_every",
+    "valid_tracks",
+)  # fmt: skip
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,653 @@
+"""Training and fine-tuning on a MUSDB18-HQ-layout dataset, on one process or many (torchrun).
+
+Dimensions: B batch, S sources, C audio channels, T samples.
+
+Each training example is drawn from a random generator seeded with (seed, step, item), so the
+data a step sees depends on nothing else: not on how many processes share the batch, not on
+whether the run was interrupted. With the model, optimizer and EMA state saved in
+``<run>/state.pt``, ``--resume`` continues exactly where the run stopped, and a 2-process run
+computes the same steps as a 1-process run (up to float rounding of the gradient average).
+
+Augmentations follow the HT Demucs recipe: a random excerpt per example, each source taken from
+another random track with probability ``remix`` (remixing across tracks), shifted by up to
+``shift_seconds`` independently of the others, its channels swapped and its sign flipped with
+probability 1/2, and scaled by a gain drawn from [0.25, 1.25]. The mixture is the sum of the
+augmented sources. The loss is the L1 distance between estimated and true sources.
+
+Files in the run folder: ``run.json`` (the options), ``metrics.jsonl`` (one JSON object per
+logged step ``{step, loss, lr}``, per validation ``{step, valid: {source: nSDR}, nsdr_mean}``
+and at the end ``{step, event: "end", ...}``), ``model.safetensors`` (htsep's format, usable as
+``htsep separate -n <run>/model.safetensors``; the EMA weights when EMA is on) and
+``state.pt`` (what ``--resume`` needs).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+
+from htsep import zoo
+from htsep.audio import AudioReader
+from htsep.checkpoint import load_model, save_model
+from htsep.data import Track, find_tracks
+from htsep.errors import HtsepError, UsageError
+from htsep.model.config import (
+    ConvConfig,
+    HTDemucsConfig,
+    STFTConfig,
+    TransformerConfig,
+    config_from_dict,
+    config_to_dict,
+    from_demucs_kwargs,
+)
+from htsep.model.htdemucs import HTDemucs
+
+logger = logging.getLogger(__name__)
+
+RUN_OPTIONS = "run.json"
+METRICS = "metrics.jsonl"
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+GAIN_RANGE = (0.25, 1.25)
+
+
+def tiny_config(sources: Sequence[str], sample_rate: int, channels: int) -> HTDemucsConfig:
+    """A 1.1M-parameter HT Demucs (both branches 12 channels wide, 4 levels, a 2-layer
+    cross-domain transformer at 96 channels, 3-second segments) that trains on a CPU."""
+    return HTDemucsConfig(
+        sources=tuple(sources),
+        audio_channels=channels,
+        sample_rate=sample_rate,
+        segment=Fraction(3),
+        stft=STFTConfig(n_fft=2048),
+        conv=ConvConfig(channels=12, dconv_compress=4.0),
+        transformer=TransformerConfig(layers=2, heads=4, bottom_channels=0),
+    )
+
+
+def released_config(sources: Sequence[str], sample_rate: int, channels: int) -> HTDemucsConfig:
+    """The released htdemucs architecture (41M parameters), for the dataset's sources."""
+    return HTDemucsConfig(sources=tuple(sources), audio_channels=channels, sample_rate=sample_rate)
+
+
+NAMED_CONFIGS: dict[str, Callable[[Sequence[str], int, int], HTDemucsConfig]] = {
+    "tiny": tiny_config,
+    "htdemucs": released_config,
+}
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything that determines a run's numbers (saved as ``run.json``)."""
+
+    dataset: str
+    config: str | None = "tiny"  # a name in NAMED_CONFIGS or a YAML/JSON file; None with init
+    init: str | None = None  # a checkpoint to fine-tune: registry name or file
+    repo: str | None = None  # folder for ``init`` names, as in ``htsep separate --repo``
+    steps: int = 1000
+    batch_size: int = 4  # examples per step, over all processes
+    lr: float = 3e-4
+    ema: float = 0.0  # EMA decay of the weights (0: off); the exported model uses the average
+    seed: int = 0
+    shift_seconds: float = 0.5
+    remix: float = 0.5  # probability of taking a source from another random track
+    log_every: int = 10
+    save_every: int = 100
+    valid_every: int = 0  # steps between validations on the test split (0: only at the end)
+    valid_tracks: int = 0  # test tracks used for validation (0: all)
+
+    def check(self) -> None:
+        """Raise UsageError for values no run can use."""
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "log_every": self.log_every}
+        positive["save_every"] = self.save_every
+        for name, value in positive.items():
+            if value < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UsageError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.ema < 1:
+            raise UsageError(f"--ema must be in [0, 1), got {self.ema}")
+        if not 0 <= self.remix <= 1:
+            raise UsageError(f"remix probability must be in [0, 1], got {self.remix}")
+        if self.shift_seconds < 0:
+            raise UsageError(f"shift must be >= 0 seconds, got {self.shift_seconds}")
+        if self.valid_every < 0 or self.valid_tracks < 0:
+            raise UsageError("--valid-every and --valid-tracks must be >= 0")
+        if self.init is not None and self.config is not None:
+            raise UsageError("--config and --init exclude each other: fine-tuning keeps the "
+                             "checkpoint's architecture")  # fmt: skip
+        if self.init is None and self.config is None:
+            raise UsageError("give --config (a size or a file) or --init (a checkpoint)")
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in a torchrun job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls) -> Processes:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@contextmanager
+def process_group(processes: Processes, device: torch.device) -> Iterator[None]:
+    """Join the torchrun job for the duration of a run (no-op for a single process)."""
+    if processes.world == 1 or dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _training_device(name: str | None, processes: Processes) -> torch.device:
+    from htsep.separator import parse_device
+
+    device = parse_device(name)
+    if device.type == "cuda" and processes.world > 1 and device.index is None:
+        device = torch.device("cuda", processes.local_rank)
+    return device
+
+
+# --- the model ---------------------------------------------------------------------------------
+
+
+def build_model(options: TrainOptions, sources: Sequence[str], sample_rate: int, channels: int
+                ) -> HTDemucs:  # fmt: skip
+    """A new network from ``options.config``, or the checkpoint ``options.init`` to fine-tune."""
+    if options.init is not None:
+        return _load_init(options.init, options.repo)
+    assert options.config is not None
+    if options.config in NAMED_CONFIGS:
+        config = NAMED_CONFIGS[options.config](sources, sample_rate, channels)
+    else:
+        config = _config_file(Path(options.config), sources)
+    return HTDemucs(config)
+
+
+def _config_file(path: Path, sources: Sequence[str]) -> HTDemucsConfig:
+    """A config file: htsep's own layout (``stft``/``conv``/``transformer`` groups), or the
+    reference's constructor keywords (``channels``, ``nfft``, ``t_layers``, ...)."""
+    if not path.is_file():
+        names = ", ".join(NAMED_CONFIGS)
+        raise UsageError(f"--config {path}: neither a named size ({names}) nor a file")
+    try:
+        data = yaml.safe_load(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise UsageError(f"--config {path}: unreadable ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, Mapping):
+        raise UsageError(f"--config {path}: expected a mapping of options")
+    data = {"sources": list(sources), **data}
+    try:
+        if {"stft", "conv", "transformer"} & set(data):
+            if "segment" in data and not isinstance(data["segment"], Mapping):
+                seconds = Fraction(str(data["segment"]))
+                data["segment"] = {"numerator": seconds.numerator,
+                                   "denominator": seconds.denominator}  # fmt: skip
+            return config_from_dict(data)
+        return from_demucs_kwargs(data.pop("sources"), data)
+    except HtsepError as exc:
+        raise UsageError(f"--config {path}: {exc}") from None
+    except (TypeError, ValueError, KeyError) as exc:
+        raise UsageError(f"--config {path}: invalid option ({exc})") from None
+
+
+def _load_init(name: str, repo: str | None) -> HTDemucs:
+    spec = zoo.find_model(name, repo=repo)
+    if len(spec.members) != 1:
+        raise UsageError(
+            f"{name} is a bag of {len(spec.members)} networks: fine-tune one of them "
+            f"(give its checkpoint file)"
+        )
+    return load_model(zoo.fetch(spec.members[0]))
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+class Excerpts:
+    """Augmented training examples read from the dataset's stem files on demand.
+
+    Each example depends only on (seed, step, item): see the module docstring.
+    """
+
+    def __init__(
+        self,
+        tracks: Sequence[Track],
+        sources: Sequence[str],
+        length: int,
+        channels: int,
+        shift: int,
+        remix: float,
+    ) -> None:
+        self.tracks = list(tracks)
+        self.sources = list(sources)
+        self.length = length
+        self.channels = channels
+        self.shift = shift
+        self.remix = remix
+        self._readers: dict[Path, AudioReader] = {}
+
+    def example(self, seed: int, step: int, item: int) -> torch.Tensor:
+        """One augmented example: sources (S, C, length)."""
+        rng = np.random.default_rng([seed, step, item])
+        base = int(rng.integers(len(self.tracks)))
+        out = torch.empty(len(self.sources), self.channels, self.length)
+        for index, source in enumerate(self.sources):
+            # Every draw happens in a fixed order, whatever the branch taken.
+            other, take_other = int(rng.integers(len(self.tracks))), rng.random() < self.remix
+            track = self.tracks[other if take_other else base]
+            span = self.length + self.shift
+            start = int(rng.integers(max(track.frames - span, 0) + 1))
+            start += int(rng.integers(self.shift + 1))
+            swap, flip = rng.random() < 0.5, rng.random() < 0.5
+            gain = float(rng.uniform(*GAIN_RANGE))
+            audio = self._read(track.stems[source], start)
+            if swap and audio.shape[0] == 2:
+                audio = audio.flip(0)
+            out[index] = audio * (-gain if flip else gain)
+        return out
+
+    def batch(self, seed: int, step: int, items: range) -> torch.Tensor:
+        """Examples ``items`` of step ``step``: (len(items), S, C, length)."""
+        return torch.stack([self.example(seed, step, item) for item in items])
+
+    def _read(self, path: Path, start: int) -> torch.Tensor:
+        reader = self._readers.get(path)
+        if reader is None:
+            reader = self._readers[path] = AudioReader(path)
+        audio = reader.read(start, self.length)  # (C', length), zeros past the end
+        if audio.shape[0] == self.channels:
+            return audio
+        if audio.shape[0] == 1:
+            return audio.expand(self.channels, -1)
+        return audio.mean(0, keepdim=True).expand(self.channels, -1)
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+
+
+# --- state -------------------------------------------------------------------------------------
+
+
+class WeightAverage:
+    """Exponential moving average of a model's floating-point state."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.state = {
+            key: value.detach().clone()
+            for key, value in model.state_dict().items()
+            if value.is_floating_point()
+        }
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for key, value in model.state_dict().items():
+            if key in self.state:
+                self.state[key].lerp_(value.detach(), 1 - self.decay)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every tensor in the model's state, in order: equal digests, equal weights."""
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().to("cpu").contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    loss: float  # the last logged loss
+    seconds: float
+
+
+class Trainer:
+    """One training run in ``run_dir``; ``run`` trains up to ``options.steps``."""
+
+    def __init__(
+        self,
+        options: TrainOptions,
+        run_dir: Path,
+        *,
+        device: str | None = None,
+        resume: bool = False,
+        progress: bool = True,
+        on_log: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        options.check()
+        self.options = options
+        self.run_dir = run_dir
+        self.processes = Processes.from_environment()
+        self.device = _training_device(device, self.processes)
+        self.resume = resume
+        self.progress = progress
+        self.on_log = on_log
+
+    # --- set-up ------------------------------------------------------------------------------
+
+    def _prepare_folder(self) -> None:
+        if self.options.batch_size % self.processes.world:
+            raise UsageError(
+                f"--batch-size {self.options.batch_size} does not split over "
+                f"{self.processes.world} processes"
+            )
+        state = self.run_dir / STATE_FILE
+        if self.resume:
+            if not state.is_file():
+                raise UsageError(f"{self.run_dir}: nothing to resume (no {STATE_FILE})")
+        elif (self.run_dir / RUN_OPTIONS).exists() or state.exists():
+            raise UsageError(
+                f"{self.run_dir} already holds a training run: continue it with --resume, "
+                f"or choose another --out"
+            )
+
+    def _dataset(self, model_sources: Sequence[str] | None) -> tuple[list[str], list[Track]]:
+        root = Path(self.options.dataset)
+        return find_tracks(root, "train", model_sources)
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        self._prepare_folder()
+        cuda = [self.device] if self.device.type == "cuda" else []
+        # torch's global generator drives weight initialization and dropout: seed it for this
+        # run only, and give the caller's state back afterwards.
+        with process_group(self.processes, self.device), torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(self.options.seed)
+            return self._run()
+
+    def _run(self) -> TrainResult:
+        options, processes = self.options, self.processes
+        started = time.perf_counter()
+        model_sources = None
+        if options.init is not None:
+            model = build_model(options, (), 0, 0)
+            model_sources = model.sources
+            sources, tracks = self._dataset(model_sources)
+        else:
+            sources, tracks = self._dataset(None)
+            rate, channels = tracks[0].sample_rate, max(track.channels for track in tracks)
+            model = build_model(options, sources, rate, channels)
+        if tracks[0].sample_rate != model.sample_rate:
+            raise UsageError(
+                f"the dataset is at {tracks[0].sample_rate} Hz and the model at "
+                f"{model.sample_rate} Hz: resample the dataset"
+            )
+        model.to(self.device).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=options.lr)
+        average = WeightAverage(model, options.ema) if options.ema else None
+        step = 0
+        if self.resume:
+            step = self._load_state(model, optimizer, average)
+        elif processes.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(
+                self.run_dir / RUN_OPTIONS, json.dumps(dataclasses.asdict(options), indent=2)
+            )
+        if processes.main:
+            self._trim_metrics(step)
+        trained: torch.nn.Module = model
+        if processes.world > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            trained = DistributedDataParallel(model, device_ids=device_ids)
+
+        excerpts = Excerpts(
+            tracks,
+            sources,
+            model.segment_length,
+            model.audio_channels,
+            shift=round(options.shift_seconds * model.sample_rate),
+            remix=options.remix,
+        )
+        share = options.batch_size // processes.world
+        mine = range(processes.rank * share, (processes.rank + 1) * share)
+        source_index = [sources.index(name) for name in model.sources]
+        bar = _progress_bar(options.steps, step, self.progress and processes.main)
+        losses: list[float] = []
+        last_loss = math.nan
+        try:
+            while step < options.steps:
+                # All randomness of a step comes from (seed, step): data and dropout alike.
+                torch.manual_seed(options.seed * 1_000_003 + step)
+                batch = excerpts.batch(options.seed, step, mine).to(self.device)
+                targets = batch[:, source_index]  # (B, S, C, T) in the model's source order
+                estimate = trained(batch.sum(1))
+                loss = F.l1_loss(estimate, targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if average is not None:
+                    average.update(model)
+                step += 1
+                losses.append(_global_mean(loss.detach(), processes))
+                bar.update(1)
+                if step % options.log_every == 0 or step == options.steps:
+                    last_loss = sum(losses) / len(losses)
+                    losses.clear()
+                    bar.set_postfix(loss=f"{last_loss:.4f}")
+                    self._log({"step": step, "loss": last_loss, "lr": options.lr})
+                if step % options.save_every == 0 or step == options.steps:
+                    self._save(model, optimizer, average, step)
+                validate = options.valid_every and step % options.valid_every == 0
+                if validate or step == options.steps:
+                    self._validate(step)
+        finally:
+            bar.close()
+            excerpts.close()
+        seconds = time.perf_counter() - started
+        digests = _gather(weights_digest(model), processes)
+        self._log({"step": step, "event": "end", "seconds": round(seconds, 3),
+                   "rank_digests": digests})  # fmt: skip
+        return TrainResult(self.run_dir, step, last_loss, seconds)
+
+    # --- saving and logging ------------------------------------------------------------------
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.processes.main:
+            return
+        with open(self.run_dir / METRICS, "a", encoding="utf-8") as out:
+            out.write(json.dumps(record) + "\n")
+        if self.on_log is not None:
+            self.on_log(record)
+
+    def _trim_metrics(self, step: int) -> None:
+        """Drop records past the step a resumed run restarts from (written after its last save),
+        so the log reads as one uninterrupted run."""
+        path = self.run_dir / METRICS
+        if not path.exists():
+            return
+        kept = [
+            line
+            for line in path.read_text("utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+            and json.loads(line).get("event") != "end"
+        ]  # fmt: skip
+        _atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def _exported(self, model: HTDemucs, average: WeightAverage | None) -> HTDemucs:
+        if average is None:
+            return model
+        copy_ = copy.deepcopy(model)
+        copy_.load_state_dict({**model.state_dict(), **average.state})
+        return copy_
+
+    def _save(
+        self,
+        model: HTDemucs,
+        optimizer: torch.optim.Optimizer,
+        average: WeightAverage | None,
+        step: int,
+    ) -> None:
+        if not self.processes.main:
+            return
+        state = {
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "ema": None if average is None else average.state,
+            "config": json.dumps(config_to_dict(model.config)),
+        }
+        _atomic_torch_save(state, self.run_dir / STATE_FILE)
+        metadata = {"training_step": str(step), "training_run": str(self.run_dir.resolve())}
+        save_model(self._exported(model, average), self.run_dir / MODEL_FILE, metadata)
+
+    def _load_state(
+        self, model: HTDemucs, optimizer: torch.optim.Optimizer, average: WeightAverage | None
+    ) -> int:
+        path = self.run_dir / STATE_FILE
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as exc:  # a truncated or foreign file: say which, not a traceback
+            raise UsageError(
+                f"{path}: cannot resume from it ({str(exc).splitlines()[0]})"
+            ) from None
+        if json.loads(state["config"]) != config_to_dict(model.config):
+            raise UsageError(f"{path}: saved by a run with another model configuration")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if average is not None:
+            if state["ema"] is None:
+                raise UsageError(f"{path}: the run had no EMA; resume it without --ema")
+            average.state = {key: value.to(self.device) for key, value in state["ema"].items()}
+        return int(state["step"])
+
+    def _validate(self, step: int) -> None:
+        if self.processes.main:
+            record = validate_run(self.run_dir, self.options, self.device)
+            if record is not None:
+                self._log({"step": step, **record})
+        if self.processes.world > 1:
+            dist.barrier()
+
+
+def validate_run(run_dir: Path, options: TrainOptions, device: torch.device
+                 ) -> dict[str, Any] | None:  # fmt: skip
+    """nSDR per source of the run's exported model on the dataset's test split (None if the
+    dataset has no test split)."""
+    from htsep.evaluate import evaluate
+    from htsep.separator import Separator
+
+    root = Path(options.dataset)
+    if not (root / "test").is_dir():
+        return None
+    separator = Separator(str(run_dir / MODEL_FILE), device=str(device), shifts=0, progress=False)
+    sources, tracks = find_tracks(root, "test", separator.sources)
+    if options.valid_tracks:
+        tracks = tracks[: options.valid_tracks]
+    report = evaluate(separator, tracks, sources)
+    means = {source: round(value, 4) for source, value in report.mean.items()}
+    return {"valid": means, "nsdr_mean": round(sum(means.values()) / len(means), 4)}
+
+
+def _global_mean(value: torch.Tensor, processes: Processes) -> float:
+    if processes.world > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= processes.world
+    return float(value)
+
+
+def _gather(value: str, processes: Processes) -> list[str]:
+    if processes.world == 1:
+        return [value]
+    values: list[Any] = [None] * processes.world
+    dist.all_gather_object(values, value)
+    return [str(item) for item in values]
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix(self, **values: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="training")
+
+
+def load_run_options(run_dir: Path) -> TrainOptions:
+    """The options a run in ``run_dir`` was started with (for ``--resume``)."""
+    path = run_dir / RUN_OPTIONS
+    if not (run_dir / STATE_FILE).is_file() or not path.is_file():
+        raise UsageError(f"{run_dir}: nothing to resume (no {STATE_FILE} or {RUN_OPTIONS})")
+    try:
+        data = json.loads(path.read_text("utf-8"))
+        return TrainOptions(**data)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UsageError(f"{path}: unreadable run options ({exc})") from None

@@ -1,0 +1,294 @@
+"""Training: the loss falls, resuming equals not stopping, two processes agree, fine-tuning
+starts from the checkpoint, and the run folder is usable by ``htsep separate``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from htsep.cli import app
+from htsep.data import find_tracks
+from htsep.train import (
+    GAIN_RANGE,
+    METRICS,
+    MODEL_FILE,
+    STATE_FILE,
+    Excerpts,
+    Trainer,
+    TrainOptions,
+    WeightAverage,
+)
+
+RATE = 8000
+SOURCES = ["drums", "bass", "other", "vocals"]
+# A toy architecture that takes milliseconds per step: 4 channels, 2 levels, 0.5-s segments.
+TOY = {
+    "samplerate": RATE,
+    "segment": 0.5,
+    "channels": 4,
+    "depth": 2,
+    "nfft": 256,
+    "t_layers": 1,
+    "t_heads": 2,
+    "dconv_comp": 2,
+}
+
+
+def _tone(frequency: float, frames: int, rng: np.random.Generator) -> np.ndarray:
+    t = np.arange(frames) / RATE
+    phase = rng.uniform(0, 2 * np.pi)
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(0.5, 2) * t)
+    return (0.2 * envelope * np.sin(2 * np.pi * frequency * t + phase)).astype(np.float32)
+
+
+def write_toy_dataset(root: Path, tracks: int = 3, seconds: float = 1.5, seed: int = 0) -> Path:
+    """Four sources that differ in pitch, so that even a toy network learns to split them."""
+    rng = np.random.default_rng(seed)
+    frames = int(seconds * RATE)
+    for split, count in (("train", tracks), ("test", 1)):
+        for index in range(count):
+            folder = root / split / f"track{index}"
+            folder.mkdir(parents=True)
+            stems = {}
+            for source, base in zip(SOURCES, (60.0, 110.0, 440.0, 1300.0), strict=True):
+                left = _tone(base * rng.uniform(0.9, 1.1), frames, rng)
+                right = _tone(base * rng.uniform(0.9, 1.1), frames, rng)
+                stems[source] = np.stack([left, right], axis=1)
+                sf.write(folder / f"{source}.wav", stems[source], RATE, subtype="FLOAT")
+            sf.write(folder / "mixture.wav", sum(stems.values()), RATE, subtype="FLOAT")
+    return root
+
+
+@pytest.fixture(scope="module")
+def toy_dataset(tmp_path_factory) -> Path:
+    return write_toy_dataset(tmp_path_factory.mktemp("toy") / "data")
+
+
+@pytest.fixture(scope="module")
+def toy_config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("config") / "toy.yaml"
+    path.write_text(json.dumps(TOY))
+    return path
+
+
+def _options(dataset: Path, config: Path, **changes) -> TrainOptions:
+    base = TrainOptions(
+        dataset=str(dataset),
+        config=str(config),
+        steps=6,
+        batch_size=2,
+        lr=1e-3,
+        log_every=1,
+        save_every=3,
+        valid_every=0,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
+
+
+def _train(options: TrainOptions, run: Path, resume: bool = False):
+    return Trainer(options, run, device="cpu", resume=resume, progress=False).run()
+
+
+def test_loss_falls(toy_dataset, toy_config, tmp_path):
+    options = _options(toy_dataset, toy_config, steps=120, log_every=30, save_every=120, lr=3e-3)
+    _train(options, tmp_path / "run")
+    losses = [record["loss"] for record in _metrics(tmp_path / "run") if "loss" in record]
+    assert len(losses) == 4
+    assert losses[-1] < 0.85 * losses[0], losses
+
+
+def test_run_folder_contents_and_separation(toy_dataset, toy_config, tmp_path):
+    run = tmp_path / "run"
+    _train(_options(toy_dataset, toy_config, steps=2, save_every=1), run)
+    records = _metrics(run)
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(set(r) == {"step", "loss", "lr"} for r in steps)
+    valid = [r for r in records if "valid" in r]
+    assert len(valid) == 1 and set(valid[0]["valid"]) == set(SOURCES)
+    assert records[-1]["event"] == "end" and len(records[-1]["rank_digests"]) == 1
+    # The exported model separates through the CLI like any checkpoint.
+    mix = toy_dataset / "test" / "track0" / "mixture.wav"
+    result = CliRunner().invoke(
+        app, ["separate", "-q", "-n", str(run / MODEL_FILE), "-o", str(tmp_path / "out"), str(mix)]
+    )
+    assert result.exit_code == 0, result.output
+    stems = sorted(p.stem for p in (tmp_path / "out").rglob("*.wav"))
+    assert stems == sorted(SOURCES)
+
+
+def test_resumed_run_equals_uninterrupted(toy_dataset, toy_config, tmp_path):
+    options = _options(toy_dataset, toy_config, ema=0.9)
+    _train(options, tmp_path / "whole")
+    _train(dataclasses.replace(options, steps=3), tmp_path / "halves")
+    # Records written after the last save of an interrupted run are dropped on resume.
+    with open(tmp_path / "halves" / METRICS, "a") as log:
+        log.write(json.dumps({"step": 4, "loss": 123.0, "lr": 1.0}) + "\n")
+    _train(options, tmp_path / "halves", resume=True)
+    whole = torch.load(tmp_path / "whole" / STATE_FILE, weights_only=True)
+    halves = torch.load(tmp_path / "halves" / STATE_FILE, weights_only=True)
+    assert whole["step"] == halves["step"] == 6
+    for key, value in whole["model"].items():
+        assert torch.equal(value, halves["model"][key]), key
+    for key, value in whole["ema"].items():
+        assert torch.equal(value, halves["ema"][key]), key
+    exported = load_file(tmp_path / "whole" / MODEL_FILE)
+    again = load_file(tmp_path / "halves" / MODEL_FILE)
+    assert all(torch.equal(exported[k], again[k]) for k in exported)
+
+    def losses(run):
+        return [(r["step"], r["loss"]) for r in _metrics(run) if "loss" in r]
+
+    assert losses(tmp_path / "whole") == losses(tmp_path / "halves")
+
+
+def test_ema_exports_the_average(toy_dataset, toy_config, tmp_path):
+    run = tmp_path / "run"
+    _train(_options(toy_dataset, toy_config, steps=3, ema=0.5), run)
+    state = torch.load(run / STATE_FILE, weights_only=True)
+    exported = load_file(run / MODEL_FILE)
+    for key, value in state["ema"].items():
+        assert torch.equal(exported[key], value), key
+    assert any(not torch.equal(state["model"][k], state["ema"][k]) for k in state["ema"])
+
+
+def test_weight_average_formula():
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    average = WeightAverage(model, decay=0.75)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    average.update(model)
+    assert torch.allclose(average.state["weight"], torch.full((1, 2), 0.75 * 1 + 0.25 * 3))
+
+
+def test_fine_tuning_starts_from_the_checkpoint(toy_dataset, toy_config, tmp_path):
+    _train(_options(toy_dataset, toy_config, steps=2), tmp_path / "base")
+    base = tmp_path / "base" / MODEL_FILE
+    tuned = _options(toy_dataset, None, init=str(base), steps=1, lr=1e-9)
+    tuned = dataclasses.replace(tuned, config=None)
+    _train(tuned, tmp_path / "tuned")
+    before, after = load_file(base), load_file(tmp_path / "tuned" / MODEL_FILE)
+    assert before.keys() == after.keys()
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=1e-6)
+
+
+def test_examples_are_augmented_excerpts(tmp_path):
+    """Sources are excerpts of the stem files, scaled by a gain in GAIN_RANGE, maybe negated
+    and channel-swapped; each example depends only on (seed, step, item)."""
+    frames = 4000
+    ramp = np.arange(1, frames + 1, dtype=np.float32) / frames
+    folder = tmp_path / "data" / "train" / "t"
+    folder.mkdir(parents=True)
+    for index, source in enumerate(SOURCES):
+        stem = np.stack([ramp * (index + 1), -0.5 * ramp * (index + 1)], axis=1) / 4
+        sf.write(folder / f"{source}.wav", stem, RATE, subtype="FLOAT")
+    sf.write(folder / "mixture.wav", np.zeros((frames, 2), np.float32), RATE, subtype="FLOAT")
+    sources, tracks = find_tracks(tmp_path / "data", "train")
+    excerpts = Excerpts(tracks, sources, length=1000, channels=2, shift=200, remix=0.5)
+    batch = excerpts.batch(seed=3, step=7, items=range(4))
+    assert batch.shape == (4, 4, 2, 1000)
+    assert torch.equal(batch[2], excerpts.example(3, 7, 2))
+    assert not torch.equal(batch[0], excerpts.example(3, 8, 0))
+    for example in batch:
+        for index, audio in enumerate(example):
+            left, right = audio[0].double(), audio[1].double()
+            ratio = left / right  # -2 unswapped, -0.5 swapped
+            assert torch.allclose(ratio, ratio[0]) and float(ratio[0]) in (
+                pytest.approx(-2.0),
+                pytest.approx(-0.5),
+            )
+            louder = left if float(ratio[0].abs()) > 1 else right
+            step = float(louder[1] - louder[0])  # gain * (index+1) / (4 * frames), signed
+            gain = step * 4 * frames / (index + 1)
+            assert GAIN_RANGE[0] - 1e-4 <= abs(gain) <= GAIN_RANGE[1] + 1e-4
+    excerpts.close()
+
+
+def test_two_processes_agree_and_match_one(toy_dataset, toy_config, tmp_path):
+    """torchrun with 2 CPU processes (gloo): both end with the same weights, and those equal a
+    1-process run with the same global batch up to float rounding."""
+    options = ["--config", str(toy_config), "--steps", "4", "--batch-size", "4", "-q"]
+    options += ["--lr", "1e-3", "--save-every", "4", "--log-every", "2"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    command += ["--standalone", "-m", "htsep", "train", str(toy_dataset)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*command, "--out", str(tmp_path / "two"), *options],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    end = _metrics(tmp_path / "two")[-1]
+    assert end["event"] == "end" and len(end["rank_digests"]) == 2
+    assert end["rank_digests"][0] == end["rank_digests"][1]
+    single = CliRunner().invoke(
+        app, ["train", str(toy_dataset), "--out", str(tmp_path / "one"), *options]
+    )
+    assert single.exit_code == 0, single.output
+    two, one = load_file(tmp_path / "two" / MODEL_FILE), load_file(tmp_path / "one" / MODEL_FILE)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
+
+
+def test_cli_refuses_to_reuse_or_resume_the_wrong_folder(toy_dataset, toy_config, tmp_path):
+    runner = CliRunner()
+    run = tmp_path / "run"
+    base = ["train", str(toy_dataset), "--out", str(run), "--config", str(toy_config), "-q"]
+    assert runner.invoke(app, [*base, "--steps", "1"]).exit_code == 0
+    again = runner.invoke(app, [*base, "--steps", "1"])
+    assert again.exit_code == 2 and "--resume" in again.output
+    nothing = runner.invoke(app, [*base[:3], str(tmp_path / "empty"), "--resume", "-q"])
+    assert nothing.exit_code == 2 and "nothing to resume" in nothing.output
+    resumed = runner.invoke(app, ["train", str(toy_dataset), "--out", str(run), "--resume",
+                                  "--steps", "2", "-q"])  # fmt: skip
+    assert resumed.exit_code == 0, resumed.output
+    assert [r["step"] for r in _metrics(run) if "loss" in r] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--config", "huge"], "neither a named size"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--init", "x.th", "--config", "tiny"], "exclude each other"),
+        (["--batch-size", "3", "--lr", "-1"], "--lr must be positive"),
+    ],
+)
+def test_cli_bad_options(toy_dataset, tmp_path, args, message):
+    result = CliRunner().invoke(
+        app, ["train", str(toy_dataset), "--out", str(tmp_path / "r"), "-q", *args]
+    )
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("htsep: error:") and message in lines[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_bad_dataset(tmp_path):
+    (tmp_path / "data" / "train" / "a").mkdir(parents=True)
+    result = CliRunner().invoke(
+        app, ["train", str(tmp_path / "data"), "--out", str(tmp_path / "r"), "-q"]
+    )
+    assert result.exit_code != 0
+    assert result.output.strip().startswith("htsep: error:") and "a" in result.output
+    assert not (tmp_path / "r" / STATE_FILE).exists()
