@@ -220,7 +220,7 @@ def separate(
         help="Output path template: {track}, {trackext}, {stem}, {ext}.",
     ),
     device: str | None = typer.Option(
-        None, "-d", "--device", help="cpu, cuda, cuda:N or mps [default: cuda, mps, cpu]"
+        None, "-d", "--device", help="cpu, cuda, cuda:N or mps (default: cuda, mps, cpu)"
     ),
     shifts: int = typer.Option(1, "--shifts", help="Random shifts to average (0: none)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the shifts: same seed, same bytes."),
@@ -259,7 +259,7 @@ def separate(
     batch_size: int | None = typer.Option(
         None,
         "--batch-size",
-        help="Chunks per network call [default: 1 on CPU, from free memory on CUDA].",
+        help="Chunks per network call (default: 1 on CPU, from free memory on CUDA).",
     ),
     precision: str = typer.Option(
         "fp32", "--precision", help="fp32, bf16 or fp16 (CUDA) arithmetic; the STFT stays fp32."
@@ -493,7 +493,9 @@ def models_list(ctx: typer.Context) -> None:
     for spec in zoo.registry_models():
         cached = sum(zoo.is_cached(member) for member in spec.members)
         state = (
-            "cached"
+            "shipped"
+            if all(member.path is not None for member in spec.members)
+            else "cached"
             if cached == len(spec.members)
             else (f"{cached}/{len(spec.members)} cached" if cached else "not downloaded")
         )
@@ -579,7 +581,7 @@ def eval_command(
         help="Comma-separated sources to score (default: every source file of the tracks).",
     ),
     device: str | None = typer.Option(
-        None, "-d", "--device", help="cpu, cuda, cuda:N or mps [default: cuda, mps, cpu]"
+        None, "-d", "--device", help="cpu, cuda, cuda:N or mps (default: cuda, mps, cpu)"
     ),
     shifts: int = typer.Option(1, "--shifts", help="Random shifts to average (0: none)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the shifts."),
@@ -724,14 +726,14 @@ def train(
     config: str | None = typer.Option(
         None,
         "--config",
-        help="Architecture: tiny, htdemucs, or a YAML/JSON file [default: tiny].",
+        help="Architecture: tiny, htdemucs, or a YAML/JSON file (default: tiny).",
     ),
     init: str | None = typer.Option(
         None, "--init", help="Fine-tune this checkpoint (model name or file) instead."
     ),
     repo: Path | None = typer.Option(None, "--repo", help="Folder of checkpoints for --init."),
     steps: int | None = typer.Option(
-        None, "--steps", help="Train up to this many steps [default: 1000, or the run's]."
+        None, "--steps", help="Train up to this many steps (default: 1000, or the run's)."
     ),
     batch_size: int = typer.Option(4, "--batch-size", help="Examples per step, all processes."),
     lr: float = typer.Option(3e-4, "--lr", help="Adam learning rate."),
@@ -751,7 +753,7 @@ def train(
         False, "--resume", help="Continue the run in --out with its saved options."
     ),
     device: str | None = typer.Option(
-        None, "-d", "--device", help="cpu, cuda, cuda:N or mps [default: cuda, mps, cpu]"
+        None, "-d", "--device", help="cpu, cuda, cuda:N or mps (default: cuda, mps, cpu)"
     ),
     jobs: int = typer.Option(0, "-j", "--jobs", help="CPU threads for torch (0: its default)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress, only errors."),

@@ -55,7 +55,8 @@ def test_models_lists_the_registry_and_cache_state(tmp_path, monkeypatch):
     result = runner.invoke(app, ["models"])
     assert result.exit_code == 0, result.output
     lines = {line.split()[0]: line for line in result.stdout.splitlines() if line[:1] != " "}
-    assert set(lines) == {"htdemucs", "htdemucs_6s", "htdemucs_ft"}
+    assert set(lines) == {"htdemucs", "htdemucs_6s", "htdemucs_ft", "htsep-tiny"}
+    assert "shipped" in lines["htsep-tiny"]
     assert "cached" in lines["htdemucs"] and "not downloaded" in lines["htdemucs_ft"]
     assert "guitar, piano" in lines["htdemucs_6s"]
     assert "4 members" in lines["htdemucs_ft"]

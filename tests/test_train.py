@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -230,14 +231,22 @@ def test_two_processes_agree_and_match_one(toy_dataset, toy_config, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     command += ["--standalone", "-m", "htsep", "train", str(toy_dataset)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
+    # A session of its own, so that a hang kills the workers too, not only torchrun.
+    job = subprocess.Popen(
         [*command, "--out", str(tmp_path / "two"), *options],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
-        timeout=600,
+        start_new_session=True,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    try:
+        _, stderr = job.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.communicate()
+        raise
+    assert job.returncode == 0, stderr[-3000:]
     end = _metrics(tmp_path / "two")[-1]
     assert end["event"] == "end" and len(end["rank_digests"]) == 2
     assert end["rank_digests"][0] == end["rank_digests"][1]

@@ -156,9 +156,11 @@ def test_cache_folders_follow_the_environment(
 # --- the shipped registry ----------------------------------------------------------------------
 
 
-def test_registry_holds_the_three_released_models() -> None:
+def test_registry_holds_the_released_models_and_the_shipped_one() -> None:
     models = {spec.name: spec for spec in zoo.registry_models()}
-    assert list(models) == ["htdemucs", "htdemucs_6s", "htdemucs_ft"]
+    assert list(models) == ["htdemucs", "htdemucs_6s", "htdemucs_ft", "htsep-tiny"]
+    (tiny,) = models.pop("htsep-tiny").members
+    assert tiny.url is None and tiny.path is not None and tiny.path.parent.name == "models"
     assert zoo.DEFAULT_MODEL in models
     four = ("drums", "bass", "other", "vocals")
 
