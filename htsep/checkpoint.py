@@ -17,7 +17,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
 from fractions import Fraction
@@ -30,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from htsep.errors import CheckpointError, UnsupportedOptionError
+from htsep.files import atomic_output
 from htsep.model.config import (
     HTDemucsConfig,
     config_from_dict,
@@ -340,12 +340,6 @@ def save_model(
         "config": json.dumps(config_to_dict(model.config)),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, tmp, metadata=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as temporary:
+        save_file(tensors, temporary, metadata=info)
     return path

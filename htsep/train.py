@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -51,6 +50,7 @@ from htsep.audio import AudioReader
 from htsep.checkpoint import load_model, save_model
 from htsep.data import Track, find_tracks
 from htsep.errors import HtsepError, UsageError
+from htsep.files import atomic_output
 from htsep.model.config import (
     ConvConfig,
     HTDemucsConfig,
@@ -327,25 +327,13 @@ class WeightAverage:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as temporary:
+        torch.save(obj, temporary)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
 
 
 def weights_digest(model: torch.nn.Module) -> str:

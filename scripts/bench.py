@@ -2,6 +2,7 @@
 
     python scripts/bench.py [--seconds 30] [--runs 3] [--keep DIR] [--threads N] [--tuned-malloc]
     python scripts/bench.py --forward [--runs 5]
+    python scripts/bench.py --precision bf16     # htsep under bf16 autocast (inexact)
 
 A demucs HTDemucs with the released htdemucs settings and random weights is written with
 demucs's own serializer into a temporary checkpoint folder; a deterministic stereo 44.1 kHz
@@ -77,16 +78,20 @@ def timed(command: list[str], env: dict[str, str]) -> float:
     return seconds
 
 
-def largest_difference(ours: Path, theirs: Path) -> float:
-    worst = 0.0
+def compare_stems(ours: Path, theirs: Path) -> tuple[float, float]:
+    """The largest absolute difference between the two sets of stems, and the SNR in dB of
+    ours against theirs (all stems together)."""
+    worst, signal, error = 0.0, 0.0, 0.0
     stems = sorted(theirs.glob("*.wav"))
     if not stems:
         raise RuntimeError(f"no stems under {theirs}")
     for stem in stems:
-        a, _ = sf.read(ours / stem.name, dtype="float32")
-        b, _ = sf.read(stem, dtype="float32")
+        a, _ = sf.read(ours / stem.name, dtype="float64")
+        b, _ = sf.read(stem, dtype="float64")
         worst = max(worst, float(np.abs(a - b).max()))
-    return worst
+        signal += float(np.square(b).sum())
+        error += float(np.square(a - b).sum())
+    return worst, 10 * np.log10(signal / error) if error else float("inf")
 
 
 def bench_commands(args: argparse.Namespace, work: Path) -> None:
@@ -108,6 +113,8 @@ def bench_commands(args: argparse.Namespace, work: Path) -> None:
             *common,
             "-q",
             "--overwrite",
+            "--precision",
+            args.precision,
             "-o",
             str(work / "htsep"),
             str(clip),
@@ -122,7 +129,7 @@ def bench_commands(args: argparse.Namespace, work: Path) -> None:
             + ", ".join(f"{name} {seconds[-1]:.2f} s" for name, seconds in times.items()),
             flush=True,
         )
-    difference = largest_difference(
+    difference, snr = compare_stems(
         work / "htsep" / SIGNATURE / clip.stem, work / "demucs" / SIGNATURE / clip.stem
     )
     theirs, ours = (statistics.median(times[name]) for name in ("demucs", "htsep"))
@@ -132,12 +139,14 @@ def bench_commands(args: argparse.Namespace, work: Path) -> None:
     print(
         f"torch {torch.__version__}, {threads} threads, {os.cpu_count()} CPUs"
         + (", tuned malloc" if args.tuned_malloc else "")
+        + f"; htsep --precision {args.precision}"
     )
     print(f"{'':<22}{'demucs':>10}{'htsep':>10}")
     print(f"{'seconds':<22}{theirs:>10.2f}{ours:>10.2f}")
     print(f"{'real-time factor':<22}{theirs / args.seconds:>10.3f}{ours / args.seconds:>10.3f}")
     print(f"{'htsep / demucs':<22}{ours / theirs:>20.3f}")
     print(f"{'max |stem difference|':<22}{difference:>20.2e}")
+    print(f"{'SNR htsep vs demucs':<22}{snr:>17.1f} dB")
 
 
 def bench_forward(args: argparse.Namespace, work: Path) -> None:
@@ -185,6 +194,12 @@ def main() -> None:
         "--tuned-malloc",
         action="store_true",
         help="run both commands with glibc tuned to reuse freed memory",
+    )
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="htsep's --precision (demucs always runs in float32)",
     )
     parser.add_argument(
         "--forward", action="store_true", help="time one forward pass of each network instead"
