@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -808,6 +809,13 @@ def _train(**opts: Any) -> None:
             f"model in {run_dir / 'model.safetensors'}",
             err=True,
         )
+    if trainer.processes.world > 1:
+        # Every file is written and closed. Skip the interpreter's teardown: torch's gloo
+        # threads occasionally abort a worker there (std::terminate after the last Python
+        # frame), which torchrun would report as a failed run.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 _TRAIN_NUMBERS = (

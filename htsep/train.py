@@ -172,6 +172,8 @@ def process_group(processes: Processes, device: torch.device) -> Iterator[None]:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield
+        # Leave together: a gloo process whose peer already tore the group down can abort.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

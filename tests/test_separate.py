@@ -355,11 +355,13 @@ def test_m4a_input_through_ffmpeg(tmp_path, repo):
     wav = tmp_path / "src.wav"
     mix = write_clip(wav, 1.0, subtype="PCM_16")
     m4a = tmp_path / "song.m4a"
-    subprocess.run(["ffmpeg", "-v", "error", "-i", str(wav), "-c:a", "aac", str(m4a)],
-                   check=True, timeout=60)
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", str(wav), "-c:a", "aac", str(m4a)], check=True, timeout=60
+    )
     out = tmp_path / "out"
-    result = htsep("--repo", str(repo), "-n", "aaaa0001", "-o", str(out), "-q", "--stems",
-                   "vocals", str(m4a))
+    result = htsep(
+        "--repo", str(repo), "-n", "aaaa0001", "-o", str(out), "-q", "--stems", "vocals", str(m4a)
+    )
     assert result.exit_code == 0, result.output
     info = sf.info(out / "aaaa0001" / "song" / "vocals.wav")
     assert info.samplerate == RATE and info.channels == 2

@@ -208,7 +208,7 @@ def test_unknown_name_suggests_the_closest() -> None:
         find_model("htdemucs_fx")
     assert str(caught.value) == (
         "unknown model 'htdemucs_fx'; did you mean 'htdemucs_ft'? "
-        "Known models: htdemucs, htdemucs_6s, htdemucs_ft"
+        "Known models: htdemucs, htdemucs_6s, htdemucs_ft, htsep-tiny"
     )
     with pytest.raises(ModelNotFoundError) as caught:
         find_model("mdx_extra")
