@@ -213,7 +213,7 @@ def test_unknown_name_suggests_the_closest() -> None:
     with pytest.raises(ModelNotFoundError) as caught:
         find_model("mdx_extra")
     assert str(caught.value) == (
-        "unknown model 'mdx_extra'; known models: htdemucs, htdemucs_6s, htdemucs_ft"
+        "unknown model 'mdx_extra'; known models: htdemucs, htdemucs_6s, htdemucs_ft, htsep-tiny"
     )
 
 
