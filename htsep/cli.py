@@ -720,6 +720,7 @@ def _score_table(
 
 @app.command("train")
 def train(
+    ctx: typer.Context,
     dataset: Path = typer.Argument(
         ..., help="Dataset folder in the MUSDB18-HQ layout: train/<track>/{mixture,<source>}.wav."
     ),
@@ -761,7 +762,7 @@ def train(
 ) -> None:
     """Train or fine-tune a model; under torchrun, on many processes (DDP)."""
     try:
-        _train(**locals())
+        _train(**locals(), given=_given_options(ctx))
     except (UsageError, ModelNotFoundError) as exc:
         _error(str(exc))
         raise typer.Exit(USAGE_EXIT) from None
@@ -771,6 +772,17 @@ def train(
     except KeyboardInterrupt:
         _error("interrupted: continue the run with --resume (from its last checkpoint)")
         raise typer.Exit(130) from None
+
+
+def _given_options(ctx: typer.Context) -> set[str]:
+    """The parameters the user typed (not left at their defaults)."""
+    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}
+    # Compared by name: typer may bring its own copy of click's ParameterSource.
+    return {name for name, source in sources.items() if source and source.name != "DEFAULT"}
+
+
+# What a resumed run may change: everything else is the run's, saved in run.json.
+_RESUME_MAY_CHANGE = {"dataset", "out", "resume", "steps", "device", "jobs", "quiet"}
 
 
 def _train(**opts: Any) -> None:
@@ -784,7 +796,15 @@ def _train(**opts: Any) -> None:
         torch.set_num_threads(opts["jobs"])
     run_dir: Path = opts["out"]
     if opts["resume"]:
-        options = load_run_options(run_dir)
+        fixed = sorted(opts["given"] - _RESUME_MAY_CHANGE)
+        if fixed:
+            names = ", ".join("--" + name.replace("_", "-") for name in fixed)
+            raise UsageError(
+                f"--resume continues with the run's saved options; {names} cannot change "
+                f"(see {run_dir / 'run.json'})"
+            )
+        # The dataset may have moved since; everything else is the run's.
+        options = dataclasses.replace(load_run_options(run_dir), dataset=str(opts["dataset"]))
         if opts["steps"] is not None:
             options = dataclasses.replace(options, steps=opts["steps"])
     else:

@@ -272,6 +272,11 @@ def test_cli_refuses_to_reuse_or_resume_the_wrong_folder(toy_dataset, toy_config
                                   "--steps", "2", "-q"])  # fmt: skip
     assert resumed.exit_code == 0, resumed.output
     assert [r["step"] for r in _metrics(run) if "loss" in r] == [1, 2]
+    changed = runner.invoke(app, ["train", str(toy_dataset), "--out", str(run), "--resume",
+                                  "--steps", "3", "--lr", "1", "--seed", "0", "-q"])  # fmt: skip
+    assert changed.exit_code == 2
+    assert "--lr, --seed cannot change" in changed.output
+    assert [r["step"] for r in _metrics(run) if "loss" in r] == [1, 2]
 
 
 @pytest.mark.parametrize(
