@@ -199,13 +199,16 @@ def build_model(options: TrainOptions, sources: Sequence[str], sample_rate: int,
     if options.config in NAMED_CONFIGS:
         config = NAMED_CONFIGS[options.config](sources, sample_rate, channels)
     else:
-        config = _config_file(Path(options.config), sources)
+        config = _config_file(Path(options.config), sources, sample_rate, channels)
     return HTDemucs(config)
 
 
-def _config_file(path: Path, sources: Sequence[str]) -> HTDemucsConfig:
+def _config_file(
+    path: Path, sources: Sequence[str], sample_rate: int, channels: int
+) -> HTDemucsConfig:
     """A config file: htsep's own layout (``stft``/``conv``/``transformer`` groups), or the
-    reference's constructor keywords (``channels``, ``nfft``, ``t_layers``, ...)."""
+    reference's constructor keywords (``channels``, ``nfft``, ``t_layers``, ...). The sources,
+    sample rate and channel count are the dataset's unless the file says otherwise."""
     if not path.is_file():
         names = ", ".join(NAMED_CONFIGS)
         raise UsageError(f"--config {path}: neither a named size ({names}) nor a file")
@@ -215,14 +218,16 @@ def _config_file(path: Path, sources: Sequence[str]) -> HTDemucsConfig:
         raise UsageError(f"--config {path}: unreadable ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, Mapping):
         raise UsageError(f"--config {path}: expected a mapping of options")
-    data = {"sources": list(sources), **data}
+    data = {"sources": list(sources), "audio_channels": channels, **data}
     try:
         if {"stft", "conv", "transformer"} & set(data):
+            data.setdefault("sample_rate", sample_rate)
             if "segment" in data and not isinstance(data["segment"], Mapping):
                 seconds = Fraction(str(data["segment"]))
                 data["segment"] = {"numerator": seconds.numerator,
                                    "denominator": seconds.denominator}  # fmt: skip
             return config_from_dict(data)
+        data.setdefault("samplerate", sample_rate)
         return from_demucs_kwargs(data.pop("sources"), data)
     except HtsepError as exc:
         raise UsageError(f"--config {path}: {exc}") from None

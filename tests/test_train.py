@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,10 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import reference
 from htsep.cli import app
 from htsep.data import find_tracks
+from htsep.errors import UsageError
 from htsep.train import (
     GAIN_RANGE,
     METRICS,
@@ -29,6 +32,7 @@ from htsep.train import (
     Trainer,
     TrainOptions,
     WeightAverage,
+    build_model,
 )
 
 RATE = 8000
@@ -306,3 +310,26 @@ def test_cli_bad_dataset(tmp_path):
     assert result.exit_code != 0
     assert result.output.strip().startswith("htsep: error:") and "a" in result.output
     assert not (tmp_path / "r" / STATE_FILE).exists()
+
+
+def test_named_and_file_configs(tmp_path):
+    """--config htdemucs is the released architecture (parameter count from demucs itself);
+    a config file may use htsep's own groups instead of demucs's keywords."""
+    released = build_model(TrainOptions(dataset="d", config="htdemucs"), SOURCES, 44100, 2)
+    oracle = reference.build(reference.SOURCES_4, reference.RELEASED)
+    count = sum(p.numel() for p in released.parameters())
+    assert count == sum(p.numel() for p in oracle.parameters())
+    path = tmp_path / "groups.yaml"
+    path.write_text(
+        "segment: 0.5\nstft: {n_fft: 256}\n"
+        "conv: {channels: 4, depth: 2}\ntransformer: {layers: 1, heads: 2}\n"
+    )
+    model = build_model(TrainOptions(dataset="d", config=str(path)), ["a", "b"], 8000, 1)
+    assert model.sources == ["a", "b"] and model.audio_channels == 1  # the dataset's
+    assert model.sample_rate == 8000
+    assert model.config.conv.channels == 4 and model.config.stft.n_fft == 256
+    assert model.config.segment == Fraction(1, 2)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("conv: {channels: 4, wings: 2}\n")
+    with pytest.raises(UsageError, match="bad.yaml: invalid option"):
+        build_model(TrainOptions(dataset="d", config=str(bad)), ["a"], 8000, 1)
