@@ -1,17 +1,37 @@
-"""htsep: music stem separation with Hybrid Transformer Demucs."""
+"""htsep: music stem separation with Hybrid Transformer Demucs.
 
+The public names below are imported on first use, so that tools which need no network (the
+synthetic dataset writer, ``htsep --version``) do not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
 from importlib.metadata import PackageNotFoundError, version
-
-from htsep.checkpoint import load_model, save_model
-from htsep.errors import CheckpointError, HtsepError, UnsupportedOptionError
-from htsep.model.config import HTDemucsConfig
-from htsep.model.htdemucs import HTDemucs
-from htsep.separator import Separator
+from typing import TYPE_CHECKING, Any
 
 try:
     __version__ = version("htsep")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
+
+if TYPE_CHECKING:
+    from htsep.checkpoint import load_model, save_model
+    from htsep.errors import CheckpointError, HtsepError, UnsupportedOptionError
+    from htsep.model.config import HTDemucsConfig
+    from htsep.model.htdemucs import HTDemucs
+    from htsep.separator import Separator
+
+_HOMES = {
+    "CheckpointError": "htsep.errors",
+    "HTDemucs": "htsep.model.htdemucs",
+    "HTDemucsConfig": "htsep.model.config",
+    "HtsepError": "htsep.errors",
+    "Separator": "htsep.separator",
+    "UnsupportedOptionError": "htsep.errors",
+    "load_model": "htsep.checkpoint",
+    "save_model": "htsep.checkpoint",
+}
 
 __all__ = [
     "CheckpointError",
@@ -24,3 +44,12 @@ __all__ = [
     "load_model",
     "save_model",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'htsep' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
