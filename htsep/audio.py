@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 import stat
 import struct
@@ -30,6 +29,7 @@ import soundfile as sf
 import torch
 
 from htsep.errors import AudioError
+from htsep.files import create_temporary
 
 logger = logging.getLogger(__name__)
 
@@ -631,16 +631,14 @@ def _frames_to_write(name: str, audio: torch.Tensor, *, clamp: bool) -> np.ndarr
 def _create_temporary(name: str, target: Path) -> str:
     """Create an empty hidden file next to ``target``. Unlike ``tempfile.mkstemp`` (mode 0600)
     it gets the permissions the umask gives any new file, which the renamed result keeps."""
-    for _ in range(100):
-        candidate = target.parent / f".{target.name[:200]}.{secrets.token_hex(4)}.tmp"
-        try:
-            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise AudioError(f"{name}: cannot write: {_reason(exc)}") from None
-        return os.fspath(candidate)
-    raise AudioError(f"{name}: cannot write: no free temporary name in {target.parent}")
+    try:
+        return os.fspath(create_temporary(target))
+    except FileExistsError:
+        raise AudioError(
+            f"{name}: cannot write: no free temporary name in {target.parent}"
+        ) from None
+    except OSError as exc:
+        raise AudioError(f"{name}: cannot write: {_reason(exc)}") from None
 
 
 # Helpers -----------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ def atomic_output(target: str | os.PathLike[str]) -> Iterator[Path]:
     ``target``, on any exception removed. Unlike ``tempfile.mkstemp`` (mode 0600) the file gets
     the permissions the umask gives any new file, so the result is readable as usual."""
     target = Path(target)
-    temporary = _create(target)
+    temporary = create_temporary(target)
     mode = temporary.stat().st_mode
     try:
         yield temporary
@@ -28,7 +28,8 @@ def atomic_output(target: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
-def _create(target: Path) -> Path:
+def create_temporary(target: Path) -> Path:
+    """A new empty hidden file beside ``target``, with the umask's usual permissions."""
     for _ in range(100):
         candidate = target.parent / f".{target.name[:200]}.{secrets.token_hex(4)}.tmp"
         try:
