@@ -518,13 +518,9 @@ class Trainer:
         path = self.run_dir / METRICS
         if not path.exists():
             return
-        kept = [
-            line
-            for line in path.read_text("utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-            and json.loads(line).get("event") != "end"
-        ]  # fmt: skip
-        _atomic_write_text(path, "".join(line + "\n" for line in kept))
+        records = [json.loads(line) for line in path.read_text("utf-8").splitlines() if line]
+        kept = [r for r in records if r.get("step", 0) <= step and r.get("event") != "end"]
+        _atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def _exported(self, model: HTDemucs, average: WeightAverage | None) -> HTDemucs:
         if average is None:
