@@ -6,12 +6,14 @@ Exit codes: 0 every track succeeded (or was skipped), 1 some track or the model 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -37,9 +39,41 @@ app.add_typer(models_app, name="models")
 
 USAGE_EXIT = 2
 
+# Options several commands share, defined once.
+NAME_OPTION = typer.Option(
+    "htdemucs", "-n", "--name", help="Model name, signature, or path to a checkpoint file."
+)
+DEVICE_OPTION = typer.Option(
+    None, "-d", "--device", help="cpu, cuda, cuda:N or mps (default: cuda, mps, cpu)"
+)
+SHIFTS_OPTION = typer.Option(1, "--shifts", help="Random shifts to average (0: none).")
+OVERLAP_OPTION = typer.Option(0.25, "--overlap", help="Overlap between chunks.")
+SEGMENT_OPTION = typer.Option(
+    None, "--segment", help="Chunk length in seconds, at most the model's."
+)
+JOBS_OPTION = typer.Option(0, "-j", "--jobs", help="CPU threads for torch (0: its default).")
+QUIET_OPTION = typer.Option(False, "-q", "--quiet", help="No progress, only errors.")
+
 
 def _error(message: str) -> None:
     typer.echo(f"htsep: error: {message}", err=True)
+
+
+@contextlib.contextmanager
+def _reported_errors(interrupted: str) -> Iterator[None]:
+    """Map a command's failures to one ``htsep: error:`` line and its exit code: 2 for usage
+    errors and unknown models, 1 for other failures, 130 (with ``interrupted``) for Ctrl-C."""
+    try:
+        yield
+    except (UsageError, ModelNotFoundError) as exc:
+        _error(str(exc))
+        raise typer.Exit(USAGE_EXIT) from None
+    except HtsepError as exc:
+        _error(str(exc))
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        _error(interrupted)
+        raise typer.Exit(130) from None
 
 
 def _print_version(value: bool) -> None:
@@ -203,9 +237,7 @@ def separate(
         help="Audio files, folders (searched recursively) or glob patterns.",
         show_default=False,
     ),
-    name: str = typer.Option(
-        "htdemucs", "-n", "--name", help="Model name, signature, or path to a checkpoint file."
-    ),
+    name: str = NAME_OPTION,
     repo: Path | None = typer.Option(
         None,
         "--repo",
@@ -220,18 +252,14 @@ def separate(
         "--filename",
         help="Output path template: {track}, {trackext}, {stem}, {ext}.",
     ),
-    device: str | None = typer.Option(
-        None, "-d", "--device", help="cpu, cuda, cuda:N or mps (default: cuda, mps, cpu)"
-    ),
-    shifts: int = typer.Option(1, "--shifts", help="Random shifts to average (0: none)."),
+    device: str | None = DEVICE_OPTION,
+    shifts: int = SHIFTS_OPTION,
     seed: int = typer.Option(0, "--seed", help="Seed of the shifts: same seed, same bytes."),
-    overlap: float = typer.Option(0.25, "--overlap", help="Overlap between chunks."),
+    overlap: float = OVERLAP_OPTION,
     no_split: bool = typer.Option(
         False, "--no-split", help="Run the track as one chunk (tracks up to one segment)."
     ),
-    segment: float | None = typer.Option(
-        None, "--segment", help="Chunk length in seconds, at most the model's."
-    ),
+    segment: float | None = SEGMENT_OPTION,
     two_stems: str | None = typer.Option(
         None, "--two-stems", metavar="STEM", help="Write STEM and its complement only."
     ),
@@ -256,7 +284,7 @@ def separate(
     mp3_preset: int = typer.Option(
         2, "--mp3-preset", min=2, max=7, help="MP3 encoder preset: 2 best ... 7 fastest."
     ),
-    jobs: int = typer.Option(0, "-j", "--jobs", help="CPU threads for torch (0: its default)."),
+    jobs: int = JOBS_OPTION,
     batch_size: int | None = typer.Option(
         None,
         "--batch-size",
@@ -275,23 +303,14 @@ def separate(
     shard: str | None = typer.Option(
         None, "--shard", metavar="K/N", help="Process only the K-th of N slices of the inputs."
     ),
-    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress, only errors."),
+    quiet: bool = QUIET_OPTION,
     json_lines: bool = typer.Option(
         False, "--json", help="Print one JSON object per track on stdout."
     ),
 ) -> None:
     """Separate tracks into stems: <out>/<model>/<track>/<stem>.wav by default."""
-    try:
+    with _reported_errors("interrupted (finished stems are complete; none is half-written)"):
         code = _separate(**locals())
-    except (UsageError, ModelNotFoundError) as exc:
-        _error(str(exc))
-        raise typer.Exit(USAGE_EXIT) from None
-    except HtsepError as exc:
-        _error(str(exc))
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        _error("interrupted (finished stems are complete; none is half-written)")
-        raise typer.Exit(130) from None
     raise typer.Exit(code)
 
 
@@ -566,9 +585,7 @@ def eval_command(
     dataset: Path = typer.Argument(
         ..., help="Dataset folder in the MUSDB18-HQ layout: <split>/<track>/mixture.wav, ..."
     ),
-    name: str = typer.Option(
-        "htdemucs", "-n", "--name", help="Model name, signature, or path to a checkpoint file."
-    ),
+    name: str = NAME_OPTION,
     repo: Path | None = typer.Option(
         None, "--repo", help="Folder of checkpoints and <name>.yaml bags, as demucs reads it."
     ),
@@ -581,21 +598,17 @@ def eval_command(
         "--sources",
         help="Comma-separated sources to score (default: every source file of the tracks).",
     ),
-    device: str | None = typer.Option(
-        None, "-d", "--device", help="cpu, cuda, cuda:N or mps (default: cuda, mps, cpu)"
-    ),
-    shifts: int = typer.Option(1, "--shifts", help="Random shifts to average (0: none)."),
+    device: str | None = DEVICE_OPTION,
+    shifts: int = SHIFTS_OPTION,
     seed: int = typer.Option(0, "--seed", help="Seed of the shifts."),
-    overlap: float = typer.Option(0.25, "--overlap", help="Overlap between chunks."),
-    segment: float | None = typer.Option(
-        None, "--segment", help="Chunk length in seconds, at most the model's."
-    ),
+    overlap: float = OVERLAP_OPTION,
+    segment: float | None = SEGMENT_OPTION,
     museval: bool = typer.Option(
         False,
         "--museval",
         help="Also compute museval's SDR (median over 1 s frames; slow; pip install museval).",
     ),
-    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress, only errors."),
+    quiet: bool = QUIET_OPTION,
     json_output: bool = typer.Option(
         False, "--json", help="Print the scores as one JSON object on stdout."
     ),
@@ -610,7 +623,7 @@ def eval_command(
             values = ", ".join(f"{source} {value:.2f}" for source, value in scores.items())
             typer.echo(f"[{index + 1}/{len(chosen)}] {track.name}: {values}", err=True)
 
-    try:
+    with _reported_errors("interrupted"):
         wanted = _comma_list(sources, "--sources") if sources is not None else None
         if museval:
             import_museval()
@@ -634,15 +647,6 @@ def eval_command(
                 err=True,
             )
         report = evaluate(separator, chosen, names, framewise=museval, on_track=report_track)
-    except (UsageError, ModelNotFoundError) as exc:
-        _error(str(exc))
-        raise typer.Exit(USAGE_EXIT) from None
-    except HtsepError as exc:
-        _error(str(exc))
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        _error("interrupted")
-        raise typer.Exit(130) from None
     if json_output:
         record: dict[str, Any] = {
             "model": report.model,
@@ -754,24 +758,13 @@ def train(
     resume: bool = typer.Option(
         False, "--resume", help="Continue the run in --out with its saved options."
     ),
-    device: str | None = typer.Option(
-        None, "-d", "--device", help="cpu, cuda, cuda:N or mps (default: cuda, mps, cpu)"
-    ),
-    jobs: int = typer.Option(0, "-j", "--jobs", help="CPU threads for torch (0: its default)."),
-    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress, only errors."),
+    device: str | None = DEVICE_OPTION,
+    jobs: int = JOBS_OPTION,
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Train or fine-tune a model; under torchrun, on many processes (DDP)."""
-    try:
+    with _reported_errors("interrupted: continue the run with --resume (from its last checkpoint)"):
         _train(**locals(), given=_given_options(ctx))
-    except (UsageError, ModelNotFoundError) as exc:
-        _error(str(exc))
-        raise typer.Exit(USAGE_EXIT) from None
-    except HtsepError as exc:
-        _error(str(exc))
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        _error("interrupted: continue the run with --resume (from its last checkpoint)")
-        raise typer.Exit(130) from None
 
 
 def _given_options(ctx: typer.Context) -> set[str]:
