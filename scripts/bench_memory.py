@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,14 @@ def main() -> None:
     parser.add_argument("--demucs", action="store_true", help="also run demucs 4.1.0")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="htsep-bench-memory-"))
+    try:
+        run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
+    """Write the tracks and checkpoints under ``work`` and print one row per run."""
     tracks = {}
     for minutes in args.minutes:
         tracks[minutes] = work / f"track-{minutes:g}min.wav"

@@ -234,7 +234,9 @@ def test_two_processes_agree_and_match_one(toy_dataset, toy_config, tmp_path):
     options += ["--lr", "1e-3", "--save-every", "4", "--log-every", "2"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     command += ["--standalone", "-m", "htsep", "train", str(toy_dataset)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # torchrun leaves a torchelastic_* folder in the temporary directory: keep it in tmp_path.
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "tmp")}
     # A session of its own, so that a hang kills the workers too, not only torchrun.
     job = subprocess.Popen(
         [*command, "--out", str(tmp_path / "two"), *options],
