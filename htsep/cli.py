@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -307,6 +308,11 @@ def separate(
     json_lines: bool = typer.Option(
         False, "--json", help="Print one JSON object per track on stdout."
     ),
+    pipeline: bool = typer.Option(
+        True,
+        "--pipeline/--no-pipeline",
+        help="Decode the next track and encode the previous one while a track is separated.",
+    ),
 ) -> None:
     """Separate tracks into stems: <out>/<model>/<track>/<stem>.wav by default."""
     with _reported_errors("interrupted (finished stems are complete; none is half-written)"):
@@ -381,20 +387,10 @@ def _separate(**opts: Any) -> int:
         )
 
     inputs = {t.path.resolve() for t in tracks if t.path is not None}
-    planned: dict[Path, str] = {}
     started = time.perf_counter()
-    for position, track in enumerate(tracks, 1):
-        if track.error is None:
-            assert track.path is not None
-            label = f"[{position}/{len(tracks)}] {track.path.name}"
-            _run_track(
-                track, separator, opts, names, folder, ext, bits, inputs, planned, label, quiet
-            )
-        if track.error is not None:
-            track.status = "failed"
-            _error(track.error)
-        if opts["json_lines"]:
-            typer.echo(json.dumps(track.record(separator.name)))
+    batch = _Batch(separator, tracks, opts, names, folder, ext, bits, inputs)
+    with batch:
+        batch.run()
     failed = sum(t.status == "failed" for t in tracks)
     skipped = sum(t.status == "skipped" for t in tracks)
     done = len(tracks) - failed - skipped
@@ -407,23 +403,207 @@ def _separate(**opts: Any) -> int:
     return 1 if failed or not tracks else 0
 
 
-def _run_track(
+class _Batch:
+    """The tracks of one ``separate`` call, in order. With the pipeline on, the next track's
+    first pass (decoding, checks, statistics) and the previous track's final encoding (the
+    rescale pass) run in two background threads while the networks separate the current one.
+    Reports (lines, JSON records) keep the input order."""
+
+    def __init__(
+        self,
+        separator: Any,
+        tracks: list[Track],
+        opts: dict[str, Any],
+        names: list[str],
+        folder: Path,
+        ext: str,
+        bits: int,
+        inputs: set[Path],
+    ) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.separator, self.tracks, self.opts = separator, tracks, opts
+        self.names, self.folder, self.ext, self.bits, self.inputs = names, folder, ext, bits, inputs
+        self.quiet = opts["quiet"]
+        self.planned: dict[Path, str] = {}
+        self.outputs: dict[int, dict[str, Path]] = {}
+        self.scans: dict[int, Any] = {}  # track index -> Future of a ScannedFile
+        self.encoding: tuple[int, Any, Any, float] | None = None  # index, future, pending, start
+        self.stop = threading.Event()
+        self.bar: Any = None  # the tqdm progress bar being shown
+        background = opts["pipeline"]
+        self.decoder = ThreadPoolExecutor(1, "htsep-decode") if background else None
+        self.encoder = ThreadPoolExecutor(1, "htsep-encode") if background else None
+
+    def run(self) -> None:
+        self._plan(0)
+        for index in range(len(self.tracks)):
+            self._plan(index + 1)  # before this one runs, so that its decoding can start
+            if index in self.outputs:
+                self._separate(index)
+            else:
+                self._collect()
+                self._report(index)
+        self._collect()
+
+    def _plan(self, index: int) -> None:
+        if index >= len(self.tracks) or self.tracks[index].error is not None:
+            return
+        paths = _plan_outputs(
+            self.tracks[index], self.opts, self.names, self.folder, self.ext, self.inputs,
+            self.planned,
+        )  # fmt: skip
+        if paths is None:
+            return
+        self.outputs[index] = paths
+        if self.decoder is not None:
+            self.scans[index] = self.decoder.submit(self._scan, index)
+
+    def _scan(self, index: int) -> Any:
+        if self.stop.is_set():
+            return None
+        return self.separator.scan_file(self.tracks[index].path, downmix=self.opts["downmix"])
+
+    def _separate(self, index: int) -> None:
+        from tqdm import tqdm
+
+        track, opts = self.tracks[index], self.opts
+        assert track.path is not None
+        label = f"[{index + 1}/{len(self.tracks)}] {track.path.name}"
+        started = time.perf_counter()
+        try:
+            future = self.scans.pop(index, None)
+            scanned = (
+                future.result()
+                if future is not None
+                else self.separator.scan_file(track.path, downmix=opts["downmix"])
+            )
+            duration = scanned.frames / scanned.sample_rate
+            with tqdm(
+                total=round(duration, 2),
+                unit="s",
+                desc=label,
+                disable=self.quiet,
+                leave=False,
+                dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]",
+            ) as bar:
+                self.bar = None if self.quiet else bar
+                pending = self.separator.separate_file_staged(
+                    scanned,
+                    self.outputs[index],
+                    two_stems=opts["two_stems"],
+                    other_method=opts["other_method"].value,
+                    clip_mode=opts["clip_mode"].value,
+                    bits=self.bits,
+                    mp3_bitrate=opts["mp3_bitrate"],
+                    mp3_preset=opts["mp3_preset"],
+                    progress=lambda done: self._progress(bar, done * duration),
+                )
+            self.bar = None
+        except HtsepError as exc:
+            self.bar = None
+            self._collect()
+            self._fail(index, exc)
+            self._report(index)
+            return
+        track.sample_rate, track.duration = (
+            pending.sample_rate,
+            pending.frames / pending.sample_rate,
+        )
+        self._collect()
+        future = None if self.encoder is None else self.encoder.submit(self._encode, pending)
+        self.encoding = (index, future, pending, started)
+        if future is None:
+            self._collect()
+
+    def _encode(self, pending: Any) -> float:
+        pending.finish(self.stop)
+        return time.perf_counter()
+
+    def _progress(self, bar: Any, seconds: float) -> None:
+        """Advance the bar; report the track encoded in the background once it is done."""
+        bar.update(seconds)
+        if self.encoding is not None and self.encoding[1] is not None and self.encoding[1].done():
+            self._collect()
+
+    def _collect(self) -> None:
+        """Wait for the track being encoded, and report it."""
+        if self.encoding is None:
+            return
+        index, future, pending, started = self.encoding
+        self.encoding = None
+        track = self.tracks[index]
+        try:
+            finished = self._encode(pending) if future is None else future.result()
+        except HtsepError as exc:
+            self._fail(index, exc)
+        else:
+            track.seconds = finished - started
+            track.status = "ok"
+            track.outputs = [str(path) for path in self.outputs[index].values()]
+        self._report(index)
+
+    def _fail(self, index: int, exc: HtsepError) -> None:
+        track, message = self.tracks[index], str(exc)
+        assert track.path is not None
+        track.error = (
+            message if message.startswith(str(track.path)) else f"{track.source}: {message}"
+        )
+
+    def _report(self, index: int) -> None:
+        track = self.tracks[index]
+        if track.error is not None:
+            track.status = "failed"
+            self._say(f"htsep: error: {track.error}", err=True)
+        elif track.status == "ok" and not self.quiet:
+            assert track.path is not None and track.seconds and track.duration is not None
+            self._say(
+                f"[{index + 1}/{len(self.tracks)}] {track.path.name}: {len(self.outputs[index])} "
+                f"stems in {track.seconds:.1f} s "
+                f"({track.duration / track.seconds:.2f}x real time)",
+                err=True,
+            )
+        if self.opts["json_lines"]:
+            self._say(json.dumps(track.record(self.separator.name)), err=False)
+
+    def _say(self, line: str, err: bool) -> None:
+        """A line on stderr or stdout; through tqdm while a progress bar is on screen, so that
+        the bar is redrawn below it instead of being torn."""
+        if self.bar is None:
+            typer.echo(line, err=err)
+        else:
+            self.bar.write(line, file=sys.stderr if err else sys.stdout)
+
+    def __enter__(self) -> _Batch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """On an interruption or error: stop the background work, drop what it left."""
+        self.stop.set()
+        for executor in (self.decoder, self.encoder):
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
+        for future in self.scans.values():
+            if future.done() and not future.cancelled() and future.exception() is None:
+                scanned = future.result()
+                if scanned is not None:
+                    scanned.close()
+        if self.encoding is not None:
+            self.encoding[2].discard()
+
+
+def _plan_outputs(
     track: Track,
-    separator: Any,
     opts: dict[str, Any],
     names: list[str],
     folder: Path,
     ext: str,
-    bits: int,
     inputs: set[Path],
     planned: dict[Path, str],
-    label: str,
-    quiet: bool,
-) -> None:
-    from tqdm import tqdm
-
-    from htsep.audio import audio_info
-
+) -> dict[str, Path] | None:
+    """The stem files of ``track``; None (with the track's error or skipped status set) when it
+    must not run: its outputs would overwrite an input or another track's outputs, or exist."""
     assert track.path is not None
     base, _, suffix = track.path.name.rpartition(".")
     if not base:
@@ -436,68 +616,27 @@ def _run_track(
         key = path.resolve()
         if key in inputs:
             track.error = f"{track.source}: output {path} would overwrite an input file"
-            return
+            return None
         if key in planned:
             track.error = (
                 f"{track.source}: output {path} is also the output of "
                 f"{planned[key]}; add {{trackext}} or folders to --filename"
             )
-            return
+            return None
     existing = [p for p in paths.values() if p.exists()]
     if opts["skip_existing"] and len(existing) == len(paths):
         track.status = "skipped"
         track.outputs = [str(p) for p in paths.values()]
-        return
+        return None
     if existing and not (opts["overwrite"] or opts["skip_existing"]):
         track.error = (
             f"{track.source}: {existing[0]} exists (use --overwrite to replace it "
             "or --skip-existing to skip finished tracks)"
         )
-        return
+        return None
     for path in paths.values():
         planned[path.resolve()] = track.source
-
-    started = time.perf_counter()
-    try:
-        info = audio_info(track.path)
-        duration = info.frames / info.sample_rate
-        with tqdm(
-            total=round(duration, 2),
-            unit="s",
-            desc=label,
-            disable=quiet,
-            leave=False,
-            dynamic_ncols=True,
-            bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]",
-        ) as bar:
-            rate, frames = separator.separate_file_to(
-                track.path,
-                paths,
-                two_stems=opts["two_stems"],
-                other_method=opts["other_method"].value,
-                clip_mode=opts["clip_mode"].value,
-                bits=bits,
-                mp3_bitrate=opts["mp3_bitrate"],
-                mp3_preset=opts["mp3_preset"],
-                downmix=opts["downmix"],
-                progress=lambda done: bar.update(done * duration),
-            )
-        track.sample_rate, track.duration = rate, frames / rate
-        track.outputs = [str(path) for path in paths.values()]
-    except HtsepError as exc:
-        message = str(exc)
-        track.error = (
-            message if message.startswith(str(track.path)) else (f"{track.source}: {message}")
-        )
-        return
-    track.seconds = time.perf_counter() - started
-    track.status = "ok"
-    if not quiet:
-        typer.echo(
-            f"{label}: {len(paths)} stems in {track.seconds:.1f} s "
-            f"({track.duration / track.seconds:.2f}x real time)",
-            err=True,
-        )
+    return paths
 
 
 # --- models and info -------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -304,24 +305,41 @@ class Separator:
             raise AudioError(f"{os.fspath(path)}: {exc}") from None
         return audio, rate, stems
 
+    def scan_file(self, path: str | os.PathLike[str], *, downmix: bool = False) -> ScannedFile:
+        """The first pass over ``path``: decode (ffmpeg formats to a temporary file), count the
+        frames, check every sample and compute the mixture statistics. Touches no network, so
+        it may run in another thread while a track is separated."""
+        reader = AudioReader(path)
+        try:
+            return ScannedFile(self, reader, downmix=downmix)
+        except BaseException:
+            reader.close()
+            raise
+
     def stream_file(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | ScannedFile,
         *,
         downmix: bool = False,
         progress: ProgressCallback | None = None,
         all_sources: bool = False,
         block: int = BLOCK_FRAMES,
     ) -> StreamedTrack:
-        """Separate ``path`` in bounded memory: the returned track yields (mix, stems) blocks in
-        order, equal to ``separate_file``'s output sliced (up to float rounding)."""
-        return StreamedTrack(
-            self, path, downmix=downmix, progress=progress, all_sources=all_sources, block=block
-        )
+        """Separate ``path`` (or a file ``scan_file`` has read) in bounded memory: the returned
+        track yields (mix, stems) blocks in order, equal to ``separate_file``'s output sliced
+        (up to float rounding)."""
+        scanned = path if isinstance(path, ScannedFile) else self.scan_file(path, downmix=downmix)
+        try:
+            return StreamedTrack(
+                self, scanned, progress=progress, all_sources=all_sources, block=block
+            )
+        except BaseException:
+            scanned.close()
+            raise
 
     def separate_file_to(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | ScannedFile,
         outputs: dict[str, Path],
         *,
         two_stems: str | None = None,
@@ -340,6 +358,38 @@ class Separator:
         ``clip_mode`` rescale the stems first go to float files in a temporary folder beside the
         outputs, since the gain depends on the whole track. -> (sample rate, frames)
         """
+        pending = self.separate_file_staged(
+            path,
+            outputs,
+            two_stems=two_stems,
+            other_method=other_method,
+            clip_mode=clip_mode,
+            bits=bits,
+            mp3_bitrate=mp3_bitrate,
+            mp3_preset=mp3_preset,
+            downmix=downmix,
+            progress=progress,
+        )
+        pending.finish()
+        return pending.sample_rate, pending.frames
+
+    def separate_file_staged(
+        self,
+        path: str | os.PathLike[str] | ScannedFile,
+        outputs: dict[str, Path],
+        *,
+        two_stems: str | None = None,
+        other_method: str = "add",
+        clip_mode: str = "rescale",
+        bits: int = 16,
+        mp3_bitrate: int = 320,
+        mp3_preset: int = 2,
+        downmix: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> PendingOutputs:
+        """``separate_file_to`` up to the networks' end: the returned outputs are complete after
+        ``finish()``, which (for clip mode rescale) applies the gain and encodes the final
+        files, and needs no network, so it may run in another thread."""
         track = self.stream_file(
             path,
             downmix=downmix,
@@ -350,7 +400,7 @@ class Separator:
             settings = dict(bits=bits, mp3_bitrate=mp3_bitrate, mp3_preset=mp3_preset)
             if clip_mode != "rescale":
                 _write_blocks(track, outputs, track.sample_rate, two_stems, clip_mode, settings)
-                return track.sample_rate, track.frames
+                return PendingOutputs(track.sample_rate, track.frames)
             first = next(iter(outputs.values()))
             try:
                 first.parent.mkdir(parents=True, exist_ok=True)
@@ -359,24 +409,70 @@ class Separator:
                 raise AudioError(
                     f"{first}: cannot create folder {first.parent}: {exc.strerror or exc}"
                 ) from None
-            with staging as folder:
-                staged = {name: Path(folder) / f"{name}.wav" for name in outputs}
+            try:
+                staged = {name: Path(staging.name) / f"{name}.wav" for name in outputs}
                 peak = _write_blocks(
                     track, staged, track.sample_rate, two_stems, "none", {"bits": 32}
                 )
-                gain = 1 / max(1.01 * peak, 1.0)
-                for name, target in outputs.items():
-                    with (
-                        AudioReader(staged[name]) as reader,
-                        AudioWriter(
-                            target, track.sample_rate, reader.channels, **settings
-                        ) as writer,
-                    ):
-                        for start in range(0, reader.frames, BLOCK_FRAMES):
-                            writer.write(
-                                reader.read(start, min(BLOCK_FRAMES, reader.frames - start)) * gain
-                            )
-            return track.sample_rate, track.frames
+            except BaseException:
+                staging.cleanup()
+                raise
+            pending = PendingOutputs(track.sample_rate, track.frames)
+            pending.stage(staging, staged, outputs, 1 / max(1.01 * peak, 1.0), settings)
+            return pending
+
+
+class EncodingStopped(HtsepError):
+    """``PendingOutputs.finish`` was told to stop; no final file was written."""
+
+
+class PendingOutputs:
+    """A separated track whose final files may still have to be written: with clip mode
+    rescale, float stems wait in a staging folder for the track's gain."""
+
+    def __init__(self, sample_rate: int, frames: int) -> None:
+        self.sample_rate, self.frames = sample_rate, frames
+        self._staging: tempfile.TemporaryDirectory[str] | None = None
+        self._work: tuple[dict[str, Path], dict[str, Path], float, dict[str, int]] | None = None
+
+    def stage(
+        self,
+        staging: tempfile.TemporaryDirectory[str],
+        staged: dict[str, Path],
+        outputs: dict[str, Path],
+        gain: float,
+        settings: dict[str, int],
+    ) -> None:
+        self._staging, self._work = staging, (staged, outputs, gain, settings)
+
+    def finish(self, stop: threading.Event | None = None) -> None:
+        """Write the final files (scaled by the track's gain), atomically, then drop the
+        staging folder. ``stop`` set: stop between blocks, leave no final file of this call
+        half-written, and raise EncodingStopped."""
+        try:
+            if self._work is None:
+                return
+            staged, outputs, gain, settings = self._work
+            for name, target in outputs.items():
+                with (
+                    AudioReader(staged[name]) as reader,
+                    AudioWriter(target, self.sample_rate, reader.channels, **settings) as writer,
+                ):
+                    for start in range(0, reader.frames, BLOCK_FRAMES):
+                        if stop is not None and stop.is_set():
+                            raise EncodingStopped(f"{target}: stopped before it was complete")
+                        writer.write(
+                            reader.read(start, min(BLOCK_FRAMES, reader.frames - start)) * gain
+                        )
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Drop the staging folder (the final files not yet written stay unwritten)."""
+        self._work = None
+        if self._staging is not None:
+            self._staging.cleanup()
+            self._staging = None
 
 
 def _write_blocks(
@@ -447,48 +543,53 @@ class _StemBuffer:
         return out
 
 
-class StreamedTrack:
-    """One file being separated in bounded memory; iterate for (mix (C, n), {stem: (C', n)})
-    blocks at the file's rate. A first pass counts the frames, checks every sample and computes
-    the mixture statistics; the second runs the networks."""
+class ScannedFile:
+    """An open input after the first pass (``Separator.scan_file``): its length, layout and
+    the mixture statistics, with the model-rate signal they were computed from."""
 
-    def __init__(
-        self,
-        separator: Separator,
-        path: str | os.PathLike[str],
-        *,
-        downmix: bool,
-        progress: ProgressCallback | None,
-        all_sources: bool,
-        block: int,
-    ) -> None:
-        self.separator, self.block = separator, block
-        self.reader = AudioReader(path)
-        try:
-            self._prepare(downmix, progress, all_sources)
-        except BaseException:
-            self.reader.close()
-            raise
-
-    def _prepare(self, downmix: bool, progress: ProgressCallback | None, all_sources: bool) -> None:
-        sep, reader = self.separator, self.reader
+    def __init__(self, separator: Separator, reader: AudioReader, *, downmix: bool) -> None:
+        self.reader = reader
         self.name = reader.name
         self.frames = reader.count_frames()
         self.sample_rate = rate = reader.sample_rate
         channels = reader.channels
         try:
-            layout = sep._to_model_layout(torch.zeros(channels, 1), downmix)
+            layout = separator._to_model_layout(torch.zeros(channels, 1), downmix)
         except AudioError as exc:
             raise AudioError(f"{self.name}: {exc}") from None
         self.downmix = layout.shape[0] != channels and channels != 1
         self.out_channels = 1 if (self.downmix or channels == 1) else channels
 
         def model_layout(start: int, length: int) -> torch.Tensor:
-            return sep._to_model_layout(reader.read(start, length), downmix)
+            return separator._to_model_layout(reader.read(start, length), downmix)
 
-        model_rate = sep.sample_rate
-        source = ResampledSignal(model_layout, self.frames, rate, model_rate)
-        mean, std = _mono_statistics(source, self.block)
+        self.source = ResampledSignal(model_layout, self.frames, rate, separator.sample_rate)
+        self.mean, self.std = _mono_statistics(self.source, BLOCK_FRAMES)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class StreamedTrack:
+    """One file being separated in bounded memory; iterate for (mix (C, n), {stem: (C', n)})
+    blocks at the file's rate. A first pass (``ScannedFile``) counted the frames, checked every
+    sample and computed the mixture statistics; this one runs the networks."""
+
+    def __init__(
+        self,
+        separator: Separator,
+        scanned: ScannedFile,
+        *,
+        progress: ProgressCallback | None,
+        all_sources: bool,
+        block: int,
+    ) -> None:
+        self.separator, self.block, self.scanned = separator, block, scanned
+        self.reader = scanned.reader
+        self.name, self.frames = scanned.name, scanned.frames
+        self.sample_rate = rate = scanned.sample_rate
+        self.downmix, self.out_channels = scanned.downmix, scanned.out_channels
+        sep, source, mean, std = separator, scanned.source, scanned.mean, scanned.std
         model_length = source.length
 
         def normalized(start: int, length: int) -> torch.Tensor:
@@ -518,7 +619,7 @@ class StreamedTrack:
             model_length,
             (len(sep.sources), sep.audio_channels),
         )
-        self.stems = ResampledSignal(buffer.read, model_length, model_rate, rate)
+        self.stems = ResampledSignal(buffer.read, model_length, sep.sample_rate, rate)
         self.names = sep.sources if all_sources else sep.stems
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:

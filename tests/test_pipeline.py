@@ -1,0 +1,143 @@
+"""Batches with the pipeline: the next track is decoded and the previous one encoded while a
+track is separated. Same bytes as one track at a time, reports in input order, and an
+interruption leaves no partial file or staging folder behind."""
+
+import json
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+import soundfile as sf
+from test_separate import htsep, repo, write_clip  # noqa: F401  (repo is a fixture)
+
+from htsep import apply as apply_module
+from htsep.separator import PendingOutputs, Separator
+
+WAIT = 20  # seconds a patched step waits for the background step it expects to overlap
+
+
+def _batch(tmp_path: Path) -> list[Path]:
+    """Three tracks; the second clips (its stems are rescaled), the third is FLAC."""
+    clips = [tmp_path / "in" / "a.wav", tmp_path / "in" / "b.wav", tmp_path / "in" / "c.flac"]
+    write_clip(clips[0], 1.3, seed=1)
+    write_clip(clips[1], 0.9, seed=2, amplitude=4.0)
+    write_clip(clips[2], 0.7, seed=3, subtype="PCM_24")
+    return clips
+
+
+def _stems(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.wav"))}
+
+
+def test_pipelined_batch_equals_one_track_at_a_time(tmp_path, repo):  # noqa: F811
+    clips = _batch(tmp_path)
+    common = ["--repo", str(repo), "-n", "mixbag", "--shifts", "1", "-q", "--json"]
+    piped = htsep(*common, "-o", str(tmp_path / "piped"), *map(str, clips))
+    serial = htsep(*common, "--no-pipeline", "-o", str(tmp_path / "serial"), *map(str, clips))
+    assert piped.exit_code == serial.exit_code == 0, piped.output + serial.output
+    records = [json.loads(line) for line in piped.stdout.splitlines()]
+    assert [Path(r["input"]).name for r in records] == ["a.wav", "b.wav", "c.flac"]
+    assert all(r["status"] == "ok" for r in records)
+    ours, theirs = _stems(tmp_path / "piped"), _stems(tmp_path / "serial")
+    assert len(ours) == 12 and ours == theirs
+    # and the library's one-call path, which has no threads, writes the same files
+    separator = Separator("mixbag", repo=repo, shifts=1, progress=False)
+    alone = tmp_path / "alone" / "b"
+    separator.separate_file_to(clips[1], {s: alone / f"{s}.wav" for s in separator.sources})
+    for stem in separator.sources:
+        assert (alone / f"{stem}.wav").read_bytes() == ours[f"mixbag/b/{stem}.wav"]
+    peak = max(abs(sf.read(tmp_path / "piped" / "mixbag" / "b" / f"{s}.wav")[0]).max()
+               for s in separator.sources)  # fmt: skip
+    # the loud track was rescaled (its loudest stem to 1 / 1.01, up to 16-bit rounding), so
+    # its encoding pass had work to do
+    assert abs(peak - 1 / 1.01) <= 1 / 32768
+
+
+def test_decoding_and_encoding_overlap_the_networks(tmp_path, repo, monkeypatch):  # noqa: F811
+    """Track b's first pass starts while track a runs its networks, and a's final encoding is
+    still going when b's networks start. Each patched step waits for the step it should
+    overlap, so one track at a time (--no-pipeline) fails both checks by timing out."""
+    clips = _batch(tmp_path)
+    started: dict[str, threading.Event] = defaultdict(threading.Event)
+    threads: dict[str, str] = {}
+    overlapped: dict[str, bool] = {}
+    current: list[str] = []
+
+    scan_file = Separator.scan_file
+
+    def scan(self, path, **kwargs):
+        name = Path(path).name
+        threads[f"scan {name}"] = threading.current_thread().name
+        started[f"scan {name}"].set()
+        return scan_file(self, path, **kwargs)
+
+    staged = Separator.separate_file_staged
+
+    def separate(self, scanned, outputs, **kwargs):
+        current.append(Path(scanned.name).name)
+        return staged(self, scanned, outputs, **kwargs)
+
+    finish = PendingOutputs.finish
+
+    def encode(self, stop=None):
+        if self._work is not None:
+            name = next(iter(self._work[1].values())).parent.name
+            threads[f"encode {name}"] = threading.current_thread().name
+            if name == "a":
+                overlapped["encode a during networks of b"] = started["networks b.wav"].wait(WAIT)
+        return finish(self, stop)
+
+    network = apply_module.run_network
+
+    def run_network(*args, **kwargs):
+        track = current[-1]
+        started[f"networks {track}"].set()
+        if track == "a.wav" and "scan b during networks of a" not in overlapped:
+            overlapped["scan b during networks of a"] = started["scan b.wav"].wait(WAIT)
+        return network(*args, **kwargs)
+
+    monkeypatch.setattr(Separator, "scan_file", scan)
+    monkeypatch.setattr(Separator, "separate_file_staged", separate)
+    monkeypatch.setattr(PendingOutputs, "finish", encode)
+    monkeypatch.setattr(apply_module, "run_network", run_network)
+    result = htsep("--repo", str(repo), "-n", "aaaa0001", "-o", str(tmp_path / "out"), "-q",
+                   *map(str, clips))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert overlapped == {
+        "scan b during networks of a": True,
+        "encode a during networks of b": True,
+    }
+    assert threads["scan b.wav"].startswith("htsep-decode")
+    assert threads["encode a"].startswith("htsep-encode")
+    assert len(_stems(tmp_path / "out")) == 12
+
+
+def test_interrupted_pipeline_leaves_no_partial_output(tmp_path, repo, monkeypatch):  # noqa: F811
+    """Ctrl-C while track b runs its networks and track a is being encoded: exit 130, the
+    encoding stops, and no staging folder, temporary file or partial stem is left."""
+    clips = _batch(tmp_path)
+    encoding = threading.Event()
+    finish = PendingOutputs.finish
+
+    def encode(self, stop=None):
+        encoding.set()
+        assert stop is not None and stop.wait(WAIT)  # until the interruption stops it
+        return finish(self, stop)
+
+    network = apply_module.run_network
+    calls = []
+
+    def run_network(*args, **kwargs):
+        calls.append(1)
+        if encoding.is_set():
+            raise KeyboardInterrupt
+        return network(*args, **kwargs)
+
+    monkeypatch.setattr(PendingOutputs, "finish", encode)
+    monkeypatch.setattr(apply_module, "run_network", run_network)
+    out = tmp_path / "out"
+    result = htsep("--repo", str(repo), "-n", "aaaa0001", "-o", str(out), *map(str, clips))
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    assert encoding.is_set() and len(calls) >= 2
+    left = [p for p in out.rglob("*")]
+    assert all(p.is_dir() and not p.name.startswith(".") for p in left), left
