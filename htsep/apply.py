@@ -10,6 +10,7 @@ outputs are weighted by a triangle and normalized by the summed weights.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import functools
 from collections.abc import Callable, Sequence
@@ -151,6 +152,57 @@ def run_network(
         return model(batch.to(target)).to("cpu", torch.float32)
 
 
+class DeviceSlot:
+    """Runs the members of a bag on a device one at a time, so that device memory holds one
+    member's weights whatever the bag's size. The members stay on the host (pinned, for fast
+    copies to a CUDA device); the slot keeps one device copy and loads the weights of the
+    member whose turn it is into it (a member of another configuration gets a new copy).
+
+    ``get(model)`` -> the network to call for ``model``. ``loads`` counts weight loads.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.copy: torch.nn.Module | None = None
+        self.current: object | None = None
+        self.loads = 0
+
+    def get(self, model: SeparationModel) -> SeparationModel:
+        if model is self.current:
+            assert self.copy is not None
+            return self.copy  # type: ignore[return-value]
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError("a device slot holds torch modules")
+        if self.device.type == "cuda":
+            _pin(model)
+        if self.copy is None or getattr(self.copy, "config", None) != getattr(
+            model, "config", object()
+        ):
+            self.copy = None  # free the old copy before making the new one
+            self.copy = copy.deepcopy(model).to(self.device)
+        else:
+            with torch.no_grad():
+                for ours, theirs in zip(_tensors(self.copy), _tensors(model), strict=True):
+                    ours.copy_(theirs, non_blocking=True)
+        self.current = model
+        self.loads += 1
+        return self.copy  # type: ignore[return-value]
+
+
+def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers()]
+
+
+def _pin(module: torch.nn.Module) -> None:
+    """Page-lock a host module's tensors (once), so that copies to the GPU run asynchronously."""
+    if getattr(module, "_htsep_pinned", False):
+        return
+    for tensor in _tensors(module):
+        if tensor.device.type == "cpu":
+            tensor.data = tensor.data.pin_memory()
+    module._htsep_pinned = True  # type: ignore[assignment]
+
+
 def apply_shifts(
     model: SeparationModel,
     mix: torch.Tensor,
@@ -267,8 +319,10 @@ class ChunkStream:
         options: ChunkOptions = ChunkOptions(),
         device: torch.device | str | None = None,
         progress: ProgressCallback | None = None,
+        slot: DeviceSlot | None = None,
     ) -> None:
         self.model, self.read, self.start, self.length = model, read, start, length
+        self.slot = slot
         self.options, self.device, self.progress = options, device, progress
         self.chunk = segment_samples(model, options.segment)
         if not options.split:
@@ -303,7 +357,8 @@ class ChunkStream:
             for offset, size in zip(group, sizes, strict=True)
         ]
         batch = windows[0].shape[0]
-        estimates = run_network(self.model, windows, self.device, self.options.precision)
+        model = self.model if self.slot is None else self.slot.get(self.model)
+        estimates = run_network(model, windows, self.device, self.options.precision)
         if self.sum is None:
             self.sum = estimates.new_zeros(batch, *estimates.shape[1:3], self.chunk)
         for index, (offset, size) in enumerate(zip(group, sizes, strict=True)):
@@ -338,7 +393,8 @@ class SeparationStream:
     samples of what ``apply_shifts`` per member, weighted per source, would give.
 
     members: (model, weights per source); offsets are drawn from ``generator`` member by member,
-    in the order the in-memory path draws them.
+    in the order the in-memory path draws them. slot: run the members through it, one at a
+    time on its device (the models themselves stay where they are).
     """
 
     def __init__(
@@ -352,6 +408,7 @@ class SeparationStream:
         options: ChunkOptions = ChunkOptions(),
         device: torch.device | str | None = None,
         progress: ProgressCallback | None = None,
+        slot: DeviceSlot | None = None,
     ) -> None:
         self.streams: list[tuple[list[tuple[ChunkStream, int]], torch.Tensor]] = []
         total = None
@@ -379,6 +436,7 @@ class SeparationStream:
                         options=options,
                         device=device,
                         progress=share,
+                        slot=slot,
                     ),
                     skip,
                 )

@@ -23,6 +23,7 @@ import torchaudio.functional as AF
 from htsep import zoo
 from htsep.apply import (
     ChunkOptions,
+    DeviceSlot,
     ProgressCallback,
     SeparationStream,
     apply_shifts,
@@ -146,6 +147,8 @@ class Separator:
         self._running, self._weights = plan_bag(
             weights, [self.sources.index(stem) for stem in wanted]
         )
+        # Off the CPU the members stay on the host and take turns on the device.
+        self._slot = None if self.device.type == "cpu" else DeviceSlot(self.device)
         first = self._load(self._running[0])
         self.sample_rate = first.sample_rate
         self.audio_channels = first.audio_channels
@@ -263,20 +266,16 @@ class Separator:
         total = torch.zeros(len(self.sources))
         estimate: torch.Tensor | None = None
         for index, weights in zip(self._running, self._weights, strict=True):
-            model = self._load(index).to(self.device)
-            try:
-                out = apply_shifts(
-                    model,
-                    mix,
-                    shifts=self.shifts,
-                    generator=generator,
-                    options=self.options,
-                    device=self.device,
-                    progress=share,
-                )
-            finally:
-                if self.device.type != "cpu":
-                    model.to("cpu")
+            model = self._load(index)
+            out = apply_shifts(
+                model if self._slot is None else self._slot.get(model),
+                mix,
+                shifts=self.shifts,
+                generator=generator,
+                options=self.options,
+                device=self.device,
+                progress=share,
+            )
             weight = torch.tensor(weights)
             out = out * weight.view(1, -1, 1, 1)
             estimate = out if estimate is None else estimate + out
@@ -601,7 +600,7 @@ class StreamedTrack:
             return out[None]
 
         members = [
-            (sep._load(index).to(sep.device), weights)
+            (sep._load(index), weights)
             for index, weights in zip(sep._running, sep._weights, strict=True)
         ]
         stream = SeparationStream(
@@ -613,6 +612,7 @@ class StreamedTrack:
             options=sep.options,
             device=sep.device,
             progress=progress,
+            slot=sep._slot,
         )
         buffer = _StemBuffer(
             lambda count: stream.take(count)[0] * std + mean,

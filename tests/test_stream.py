@@ -7,6 +7,7 @@ import torch
 from test_separate import repo, write_clip  # noqa: F401  (repo is a fixture)
 
 import htsep
+import reference
 from htsep.apply import ChunkOptions, ChunkStream, apply_split, zero_extended
 
 
@@ -104,3 +105,44 @@ def test_mono_statistics_blockwise_equal_numpy():
     mono = audio.double().mean(0).numpy()
     assert mean == pytest.approx(mono.mean(), rel=1e-12)
     assert std == pytest.approx(mono.std(ddof=1) + 1e-8, rel=1e-12)
+
+
+def _bag_stream(members, mix, slot=None):
+    from htsep.apply import SeparationStream
+
+    return SeparationStream(
+        members,
+        lambda s, n: zero_extended(mix, s, n),
+        mix.shape[-1],
+        shifts=2,
+        generator=torch.Generator().manual_seed(3),
+        options=ChunkOptions(batch_size=2),
+        slot=slot,
+    )
+
+
+def test_device_slot_runs_members_one_at_a_time(repo, tmp_path):  # noqa: F811
+    """A bag streamed through a DeviceSlot (one member's weights on the device at a time, here
+    the CPU) gives the same numbers as the members run in place, and leaves them untouched."""
+    from htsep.apply import DeviceSlot
+
+    separator = htsep.Separator("mixbag", repo=repo, device="cpu")
+    first, second = separator._load(0), separator._load(1)
+    # a member of another configuration: the slot makes a new device copy for it
+    wider = reference.build(reference.SOURCES_4, {**reference.SMALL, "channels": 12}, seed=5)
+    other = htsep.load_model(reference.write_th(wider, tmp_path, "wider")[0])
+    assert other.config != first.config and other.sources == first.sources
+    members = [(first, [1.0, 0.5, 0.25, 1.0]), (second, [0.5, 1.0, 1.0, 0.25]), (other, [1] * 4)]
+    before = [[p.detach().clone() for p in model.parameters()] for model, _ in members]
+    mix = torch.randn(1, 2, 26000, generator=torch.Generator().manual_seed(1))
+    expected = _bag_stream(members, mix).take(mix.shape[-1])
+    slot = DeviceSlot("cpu")
+    got = _bag_stream(members, mix, slot)
+    parts = [got.take(count) for count in (9000, 9000, 8000)]
+    assert torch.equal(torch.cat(parts, -1), expected)
+    # 3 chunks in batches of 2, 2 shifts: 4 network calls per member, 12 in all. The members
+    # take turns (a whole number of rounds), and a member's shifts share its turn.
+    assert slot.loads % 3 == 0 and 3 <= slot.loads < 12
+    assert all(slot.copy is not model for model, _ in members)
+    for (model, _), saved in zip(members, before, strict=True):
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), saved, strict=True))
