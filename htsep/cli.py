@@ -308,6 +308,12 @@ def separate(
     json_lines: bool = typer.Option(
         False, "--json", help="Print one JSON object per track on stdout."
     ),
+    keep_memory: bool = typer.Option(
+        False,
+        "--keep-memory",
+        help="Keep freed memory for reuse: about 10% faster on the CPU, about 200 MB more "
+        "peak memory with htdemucs.",
+    ),
     pipeline: bool = typer.Option(
         True,
         "--pipeline/--no-pipeline",
@@ -375,6 +381,7 @@ def _separate(**opts: Any) -> int:
         precision=opts["precision"],
         stems=wanted,
         progress=not quiet,
+        keep_memory=opts["keep_memory"],
     )
     names = stem_names(separator.sources, wanted, opts["two_stems"], opts["other_method"])
     folder = out / separator.name

@@ -27,6 +27,7 @@ from htsep.apply import (
     ProgressCallback,
     SeparationStream,
     apply_shifts,
+    keep_freed_memory,
     plan_bag,
     standardize_mix,
 )
@@ -92,7 +93,8 @@ class Separator:
     """A named model, a checkpoint file or a bag, with the separation settings.
 
     stems: the sources wanted (None: all). With a bag whose members serve single sources,
-    only the members needed for them are downloaded and run.
+    only the members needed for them are downloaded and run. keep_memory: trade a higher
+    resident size for speed (``apply.keep_freed_memory``; it tunes this process's malloc).
     """
 
     def __init__(
@@ -110,6 +112,7 @@ class Separator:
         precision: str = "fp32",
         stems: Sequence[str] | None = None,
         progress: bool = True,
+        keep_memory: bool = False,
     ) -> None:
         if shifts < 0:
             raise UsageError(f"--shifts must be >= 0, got {shifts}")
@@ -169,6 +172,7 @@ class Separator:
             split=split,
             precision=precision,
             batch_size=batch_size or auto_batch_size(self.device, precision),
+            release_memory=not (keep_memory and keep_freed_memory()),
         )
 
     # --- models ----------------------------------------------------------------------------

@@ -3,6 +3,7 @@
     python scripts/bench.py [--seconds 30] [--runs 3] [--keep DIR] [--threads N] [--tuned-malloc]
     python scripts/bench.py --forward [--runs 5]
     python scripts/bench.py --precision bf16     # htsep under bf16 autocast (inexact)
+    python scripts/bench.py --keep-memory        # also htsep --keep-memory (more memory)
 
 A demucs HTDemucs with the released htdemucs settings and random weights is written with
 demucs's own serializer into a temporary checkpoint folder; a deterministic stereo 44.1 kHz
@@ -13,7 +14,8 @@ real-time factors (seconds of compute per second of audio) and the largest absol
 between the two sets of stems.
 
 --forward times one forward pass of each network instead (one released-length segment), on
-identical weights loaded from the same file, alternating in this process.
+identical weights loaded from the same file, alternating in this process, and sets them
+against the floor: the chunk's FLOP count over the rate of a large float32 matrix product.
 """
 
 from __future__ import annotations
@@ -120,6 +122,10 @@ def bench_commands(args: argparse.Namespace, work: Path) -> None:
             str(clip),
         ],
     }
+    if args.keep_memory:
+        commands["htsep --keep-memory"] = [
+            *commands["htsep"][:-3], "--keep-memory", "-o", str(work / "htsep-keep"), str(clip)
+        ]  # fmt: skip
     times: dict[str, list[float]] = {name: [] for name in commands}
     for run in range(args.runs):
         for name, command in commands.items():
@@ -129,10 +135,7 @@ def bench_commands(args: argparse.Namespace, work: Path) -> None:
             + ", ".join(f"{name} {seconds[-1]:.2f} s" for name, seconds in times.items()),
             flush=True,
         )
-    difference, snr = compare_stems(
-        work / "htsep" / SIGNATURE / clip.stem, work / "demucs" / SIGNATURE / clip.stem
-    )
-    theirs, ours = (statistics.median(times[name]) for name in ("demucs", "htsep"))
+    theirs = statistics.median(times["demucs"])
     threads = args.threads or torch.get_num_threads()
     print()
     print(f"{args.seconds:g} s stereo clip, {args.runs} runs each, medians of wall-clock seconds")
@@ -141,12 +144,19 @@ def bench_commands(args: argparse.Namespace, work: Path) -> None:
         + (", tuned malloc" if args.tuned_malloc else "")
         + f"; htsep --precision {args.precision}"
     )
-    print(f"{'':<22}{'demucs':>10}{'htsep':>10}")
-    print(f"{'seconds':<22}{theirs:>10.2f}{ours:>10.2f}")
-    print(f"{'real-time factor':<22}{theirs / args.seconds:>10.3f}{ours / args.seconds:>10.3f}")
-    print(f"{'htsep / demucs':<22}{ours / theirs:>20.3f}")
-    print(f"{'max |stem difference|':<22}{difference:>20.2e}")
-    print(f"{'SNR htsep vs demucs':<22}{snr:>17.1f} dB")
+    names = list(commands)
+    width = max(12, *(len(name) + 2 for name in names))
+    print(f"{'':<22}" + "".join(f"{name:>{width}}" for name in names))
+    medians = [statistics.median(times[name]) for name in names]
+    print(f"{'seconds':<22}" + "".join(f"{m:>{width}.2f}" for m in medians))
+    print(f"{'real-time factor':<22}" + "".join(f"{m / args.seconds:>{width}.3f}" for m in medians))
+    print(f"{'/ demucs':<22}" + "".join(f"{m / theirs:>{width}.3f}" for m in medians))
+    folders = {"htsep": work / "htsep", "htsep --keep-memory": work / "htsep-keep"}
+    for name in names[1:]:
+        difference, snr = compare_stems(
+            folders[name] / SIGNATURE / clip.stem, work / "demucs" / SIGNATURE / clip.stem
+        )
+        print(f"{name}: max |stem difference| from demucs {difference:.2e}, SNR {snr:.1f} dB")
 
 
 def bench_forward(args: argparse.Namespace, work: Path) -> None:
@@ -182,6 +192,34 @@ def bench_forward(args: argparse.Namespace, work: Path) -> None:
             + " ".join(f"{s:.3f}" for s in seconds)
         )
     print(f"htsep / demucs {fast / slow:.3f}; max relative difference {relative.item():.2e}")
+    flops, peak = chunk_flops(theirs, mix), matmul_rate()
+    print(
+        f"one chunk is {flops / 1e9:.1f} GFLOP (torch's FlopCounterMode on demucs's network); "
+        f"fp32 matrix products run at {peak / 1e9:.0f} GFLOP/s here, so the chunk needs at least "
+        f"{flops / peak:.2f} s: htsep runs at {flops / fast / 1e9:.0f} GFLOP/s "
+        f"({flops / peak / fast:.0%} of that rate), demucs at {flops / slow / 1e9:.0f} GFLOP/s"
+    )
+
+
+def chunk_flops(model: torch.nn.Module, mix: torch.Tensor) -> float:
+    """Floating-point operations of one forward pass (convolutions and matrix products)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(mix)
+    return float(counter.get_total_flops())
+
+
+def matmul_rate(size: int = 2048, runs: int = 5) -> float:
+    """The best rate of ``runs`` float32 (size x size) matrix products, in FLOP/s."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(runs):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
 
 
 def main() -> None:
@@ -204,6 +242,7 @@ def main() -> None:
     parser.add_argument(
         "--forward", action="store_true", help="time one forward pass of each network instead"
     )
+    parser.add_argument("--keep-memory", action="store_true", help="also time htsep --keep-memory")
     args = parser.parse_args()
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """Peak memory of `htsep separate` (and optionally `demucs`) against track length.
 
     python scripts/bench_memory.py [--minutes 1 10 60] [--configs small released] [--demucs]
+    python scripts/bench_memory.py --keep-memory     # htsep --keep-memory instead
 
 For each configuration a demucs HTDemucs with random weights is written with demucs's own
 serializer (the released htdemucs settings, or a small one); for each length a stereo 44.1 kHz
@@ -24,6 +25,9 @@ import numpy as np
 import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import htsep_command  # noqa: E402
+
 import reference  # noqa: E402  (the demucs oracle builder shared with the tests)
 
 CONFIGS = {
@@ -71,6 +75,9 @@ def main() -> None:
         "--configs", nargs="+", default=["small", "released"], choices=sorted(CONFIGS)
     )
     parser.add_argument("--demucs", action="store_true", help="also run demucs 4.1.0")
+    parser.add_argument(
+        "--keep-memory", action="store_true", help="run htsep with --keep-memory (faster)"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="htsep-bench-memory-"))
     try:
@@ -102,11 +109,12 @@ def run(args: argparse.Namespace, work: Path) -> None:
             common = ["--repo", str(repo), "-n", config, "--shifts", "1"]
             ours, ours_s = peak_rss(
                 [
-                    "htsep",
+                    *htsep_command(),
                     "separate",
                     *common,
                     "-q",
                     "--overwrite",
+                    *(["--keep-memory"] if args.keep_memory else []),
                     "-o",
                     str(work / "htsep"),
                     str(track),

@@ -141,3 +141,34 @@ def test_interrupted_pipeline_leaves_no_partial_output(tmp_path, repo, monkeypat
     assert encoding.is_set() and len(calls) >= 2
     left = [p for p in out.rglob("*")]
     assert all(p.is_dir() and not p.name.startswith(".") for p in left), left
+
+
+def test_keep_memory_same_bytes(tmp_path, repo):  # noqa: F811
+    """--keep-memory tunes the process's malloc (so it runs in a process of its own here) and
+    skips the per-chunk release; the stems are the same bytes."""
+    import subprocess
+    import sys
+
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 4.0)
+    digests = []
+    for extra in ([], ["--keep-memory"]):
+        out = tmp_path / ("keep" if extra else "default")
+        command = [sys.executable, "-m", "htsep", "separate", "--repo", str(repo), "-n"]
+        command += ["mixbag", "-q", "-o", str(out), *extra, str(clip)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        digests.append(_stems(out))
+    assert len(digests[0]) == 4 and digests[0] == digests[1]
+
+
+def test_keep_memory_skips_the_release_where_malloc_was_tuned(repo, monkeypatch):  # noqa: F811
+    import htsep.separator
+
+    assert Separator("aaaa0001", repo=repo).options.release_memory
+    tuned = []
+    monkeypatch.setattr(htsep.separator, "keep_freed_memory", lambda: tuned.append(1) or True)
+    assert not Separator("aaaa0001", repo=repo, keep_memory=True).options.release_memory
+    monkeypatch.setattr(htsep.separator, "keep_freed_memory", lambda: False)  # not glibc
+    assert Separator("aaaa0001", repo=repo, keep_memory=True).options.release_memory
+    assert tuned == [1]
