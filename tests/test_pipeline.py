@@ -172,3 +172,32 @@ def test_keep_memory_skips_the_release_where_malloc_was_tuned(repo, monkeypatch)
     monkeypatch.setattr(htsep.separator, "keep_freed_memory", lambda: False)  # not glibc
     assert Separator("aaaa0001", repo=repo, keep_memory=True).options.release_memory
     assert tuned == [1]
+
+
+def test_a_failed_background_encoding_fails_only_its_track(tmp_path, repo, monkeypatch):  # noqa: F811
+    """Writing b's final files fails in the background (a full disk, say): b is reported failed
+    in its place, a and c are written, and b leaves neither stems nor staging files."""
+    from htsep.errors import AudioError
+
+    clips = _batch(tmp_path)
+    finish = PendingOutputs.finish
+
+    def encode(self, stop=None):
+        if self._work is not None and next(iter(self._work[1].values())).parent.name == "b":
+            self.discard()
+            raise AudioError("no space left on device")
+        return finish(self, stop)
+
+    monkeypatch.setattr(PendingOutputs, "finish", encode)
+    out = tmp_path / "out"
+    result = htsep("--repo", str(repo), "-n", "aaaa0001", "-o", str(out), "-q", "--json",
+                   *map(str, clips))  # fmt: skip
+    assert result.exit_code == 1
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(Path(r["input"]).name, r["status"]) for r in records] == [
+        ("a.wav", "ok"), ("b.wav", "failed"), ("c.flac", "ok")
+    ]  # fmt: skip
+    assert "no space left on device" in records[1]["error"]
+    assert result.stderr.count("htsep: error:") == 1
+    assert sorted(p.parent.name for p in out.rglob("*.wav")) == ["a"] * 4 + ["c"] * 4
+    assert not [p for p in out.rglob(".*")]
