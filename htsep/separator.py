@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchaudio.functional as AF
@@ -344,35 +345,11 @@ class Separator:
         self,
         path: str | os.PathLike[str] | ScannedFile,
         outputs: dict[str, Path],
-        *,
-        two_stems: str | None = None,
-        other_method: str = "add",
-        clip_mode: str = "rescale",
-        bits: int = 16,
-        mp3_bitrate: int = 320,
-        mp3_preset: int = 2,
-        downmix: bool = False,
-        progress: ProgressCallback | None = None,
+        **options: Any,
     ) -> tuple[int, int]:
-        """Separate ``path`` and write the stems named in ``outputs`` (stem -> file), streaming.
-
-        With ``two_stems``, ``outputs`` may also name ``no_<stem>`` (sum of the other stems) or
-        ``minus_<stem>`` (mix minus the stem). Every file is written atomically; with
-        ``clip_mode`` rescale the stems first go to float files in a temporary folder beside the
-        outputs, since the gain depends on the whole track. -> (sample rate, frames)
-        """
-        pending = self.separate_file_staged(
-            path,
-            outputs,
-            two_stems=two_stems,
-            other_method=other_method,
-            clip_mode=clip_mode,
-            bits=bits,
-            mp3_bitrate=mp3_bitrate,
-            mp3_preset=mp3_preset,
-            downmix=downmix,
-            progress=progress,
-        )
+        """Separate ``path`` and write the stems named in ``outputs`` (stem -> file), streaming;
+        the options are ``separate_file_staged``'s. -> (sample rate, frames)"""
+        pending = self.separate_file_staged(path, outputs, **options)
         pending.finish()
         return pending.sample_rate, pending.frames
 
@@ -390,9 +367,15 @@ class Separator:
         downmix: bool = False,
         progress: ProgressCallback | None = None,
     ) -> PendingOutputs:
-        """``separate_file_to`` up to the networks' end: the returned outputs are complete after
-        ``finish()``, which (for clip mode rescale) applies the gain and encodes the final
-        files, and needs no network, so it may run in another thread."""
+        """Separate ``path`` and stream the stems named in ``outputs`` (stem -> file) to disk,
+        up to the networks' end: the files are complete after ``finish()``.
+
+        With ``two_stems``, ``outputs`` may also name ``no_<stem>`` (sum of the other stems) or
+        ``minus_<stem>`` (mix minus the stem). Every file is written atomically. With
+        ``clip_mode`` rescale the stems first go to float files in a temporary folder beside the
+        outputs, since the gain depends on the whole track; ``finish()`` then applies the gain
+        and encodes the final files. It needs no network, so it may run in another thread.
+        """
         track = self.stream_file(
             path,
             downmix=downmix,
