@@ -7,6 +7,7 @@ import threading
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
 import soundfile as sf
 from test_separate import htsep, repo, write_clip  # noqa: F401  (repo is a fixture)
 
@@ -25,8 +26,8 @@ def _batch(tmp_path: Path) -> list[Path]:
     return clips
 
 
-def _stems(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.wav"))}
+def _stems(folder: Path, ext: str = "wav") -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob(f"*.{ext}"))}
 
 
 def test_pipelined_batch_equals_one_track_at_a_time(tmp_path, repo):  # noqa: F811
@@ -110,6 +111,19 @@ def test_decoding_and_encoding_overlap_the_networks(tmp_path, repo, monkeypatch)
     assert threads["scan b.wav"].startswith("htsep-decode")
     assert threads["encode a"].startswith("htsep-encode")
     assert len(_stems(tmp_path / "out")) == 12
+
+
+@pytest.mark.parametrize("flag", ["--mp3", "--flac"])
+def test_pipelined_encoders_write_the_same_bytes(tmp_path, repo, flag):  # noqa: F811
+    """MP3 and FLAC encoding on the background thread (while the next track's staging WAVs
+    are written on the main one) gives the files one track at a time gives."""
+    clips = _batch(tmp_path)
+    common = ["--repo", str(repo), "-n", "aaaa0001", "-q", flag, *map(str, clips)]
+    assert htsep(*common, "-o", str(tmp_path / "piped")).exit_code == 0
+    assert htsep(*common, "--no-pipeline", "-o", str(tmp_path / "serial")).exit_code == 0
+    ext = flag.strip("-")
+    ours, theirs = _stems(tmp_path / "piped", ext), _stems(tmp_path / "serial", ext)
+    assert len(ours) == 12 and ours == theirs
 
 
 def test_interrupted_pipeline_leaves_no_partial_output(tmp_path, repo, monkeypatch):  # noqa: F811
