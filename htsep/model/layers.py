@@ -30,6 +30,16 @@ def _glu_fresh(x: torch.Tensor) -> torch.Tensor:
     return value.mul_(gate.sigmoid_())
 
 
+def _glu_compact(x: torch.Tensor) -> torch.Tensor:
+    """GLU over channels (dim 1) into a new tensor of half the size: for results that are kept
+    (the encoders' outputs live on as skip connections), a view into x would keep all of x
+    alive. The gate half of x is overwritten in inference."""
+    if not kernels.overwritable(x):
+        return F.glu(x, dim=1)
+    value, gate = x.chunk(2, dim=1)
+    return torch.mul(value, gate.sigmoid_())
+
+
 def _scale_first_half(vector: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """(2C,) vector with its first C entries multiplied by scale (C,)."""
     half = scale.shape[0]
@@ -177,7 +187,7 @@ class EncoderLayer(nn.Module):
             y = self.dconv(y)
         if self.rewrite is not None:
             y = self.rewrite(_conv_input(y, self.freq))
-            y = _glu_fresh(_apply(self.rewrite_norm, y))
+            y = _glu_compact(_apply(self.rewrite_norm, y))
         return y
 
 

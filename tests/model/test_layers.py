@@ -59,3 +59,21 @@ def test_dconv_inference_never_writes_its_input(shape):
     with torch.inference_mode():
         ours(x)
     assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("freq", [True, False])
+def test_encoder_output_owns_only_its_own_storage(freq):
+    """An encoder's output lives on as a skip connection until its decoder runs: in inference
+    it must not be a view that keeps the rewrite conv's twice-as-large output alive. Its values
+    equal the autograd path's."""
+    torch.manual_seed(0)
+    dconv = DConv(8, depth=2, compress=4, dilate=True, init=0.5)
+    layer = layers.EncoderLayer(
+        4, 8, freq=freq, kernel_size=8, stride=4, norm=False, norm_groups=1, dconv=dconv,
+        rewrite=True, context=0,
+    )  # fmt: skip
+    x = torch.randn(2, 4, 64, 30) if freq else torch.randn(2, 4, 240)
+    with torch.inference_mode():
+        out = layer(x)
+    assert out.untyped_storage().nbytes() == out.numel() * out.element_size()
+    torch.testing.assert_close(out, layer(x).detach())
