@@ -141,7 +141,7 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse: blocks up to 1 GiB come from the heap instead of
     fresh mappings, and the heap is not shrunk. Network calls then stop paying page faults for
-    their activations on every chunk (about 10% faster on the CPU) at the cost of a higher,
+    their activations on every chunk (about 8% faster on the CPU) at the cost of a higher,
     slowly settling resident size. -> whether it took effect (False where malloc is not glibc)"""
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):
