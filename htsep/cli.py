@@ -467,36 +467,51 @@ class _Batch:
             self.scans[index] = self.decoder.submit(self._scan, index)
 
     def _scan(self, index: int) -> Any:
+        """The track's first pass (a ScannedFile); None once the batch is stopping, when no one
+        will use it."""
         if self.stop.is_set():
             return None
         return self.separator.scan_file(self.tracks[index].path, downmix=self.opts["downmix"])
 
     def _separate(self, index: int) -> None:
-        from tqdm import tqdm
-
-        track, opts = self.tracks[index], self.opts
-        assert track.path is not None
-        label = f"[{index + 1}/{len(self.tracks)}] {track.path.name}"
+        track = self.tracks[index]
         started = time.perf_counter()
         try:
             future = self.scans.pop(index, None)
-            scanned = (
-                future.result()
-                if future is not None
-                else self.separator.scan_file(track.path, downmix=opts["downmix"])
-            )
-            duration = scanned.frames / scanned.sample_rate
-            with tqdm(
-                total=round(duration, 2),
-                unit="s",
-                desc=label,
-                disable=self.quiet,
-                leave=False,
-                dynamic_ncols=True,
-                bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]",
-            ) as bar:
-                self.bar = None if self.quiet else bar
-                pending = self.separator.separate_file_staged(
+            scanned = future.result() if future is not None else self._scan(index)
+            pending = self._run_networks(index, scanned)
+        except HtsepError as exc:
+            self._collect()
+            self._fail(index, exc)
+            self._report(index)
+            return
+        track.sample_rate = pending.sample_rate
+        track.duration = pending.frames / pending.sample_rate
+        self._collect()
+        future = None if self.encoder is None else self.encoder.submit(self._encode, pending)
+        self.encoding = (index, future, pending, started)
+        if future is None:
+            self._collect()
+
+    def _run_networks(self, index: int, scanned: Any) -> Any:
+        """Separate a scanned track under its progress bar. -> its PendingOutputs"""
+        from tqdm import tqdm
+
+        opts, path = self.opts, self.tracks[index].path
+        assert path is not None
+        duration = scanned.frames / scanned.sample_rate
+        with tqdm(
+            total=round(duration, 2),
+            unit="s",
+            desc=f"[{index + 1}/{len(self.tracks)}] {path.name}",
+            disable=self.quiet,
+            leave=False,
+            dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]",
+        ) as bar:
+            self.bar = None if self.quiet else bar
+            try:
+                return self.separator.separate_file_staged(
                     scanned,
                     self.outputs[index],
                     two_stems=opts["two_stems"],
@@ -507,22 +522,8 @@ class _Batch:
                     mp3_preset=opts["mp3_preset"],
                     progress=lambda done: self._progress(bar, done * duration),
                 )
-            self.bar = None
-        except HtsepError as exc:
-            self.bar = None
-            self._collect()
-            self._fail(index, exc)
-            self._report(index)
-            return
-        track.sample_rate, track.duration = (
-            pending.sample_rate,
-            pending.frames / pending.sample_rate,
-        )
-        self._collect()
-        future = None if self.encoder is None else self.encoder.submit(self._encode, pending)
-        self.encoding = (index, future, pending, started)
-        if future is None:
-            self._collect()
+            finally:
+                self.bar = None
 
     def _encode(self, pending: Any) -> float:
         pending.finish(self.stop)
