@@ -1,20 +1,221 @@
-"""Writing files so that readers only ever see a complete file: a temporary beside the target,
-renamed over it once written."""
+"""Writing files so that readers only ever see a complete file, and nothing a user has is lost.
+
+- A file is written under a hidden temporary name beside its target, flushed to disk (fsync),
+  then renamed onto the target; the folder is synced too, so that after a power loss the target
+  holds either its old content or the complete new one, never an empty or partial file.
+- ``replace=False`` renames without replacing (``renameat2(RENAME_NOREPLACE)``, else a hard link
+  then unlink): a file that appeared at the target meanwhile, from another process, is kept and
+  the write fails with ``FileExistsError``.
+- Temporaries and staging folders are named after their owner (host, boot, process id and the
+  process's start time). A process killed with SIGKILL cannot remove them; a later run over the
+  same folder removes those whose owner provably no longer runs (``remove_stale``), and never
+  touches another live process's files or those of another machine sharing the folder.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import hashlib
 import os
+import re
 import secrets
+import shutil
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
+
+# .<target name>.<owner>.<8 hex>.tmp (files) and .htsep-<owner>.<8 hex> (staging folders).
+_OWNER = r"h[0-9a-f]{8}b[0-9a-f]{8}p\d+s\d+"
+_TEMPORARY = re.compile(rf"^\..*\.({_OWNER})\.[0-9a-f]{{8}}\.(tmp|part)$", re.DOTALL)
+_STAGING = re.compile(rf"^\.htsep-({_OWNER})\.[0-9a-f]{{8}}$")
+_OWNER_PARTS = re.compile(r"^h([0-9a-f]{8})b([0-9a-f]{8})p(\d+)s(\d+)$")
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            return handle.read().strip().replace("-", "")[:8].ljust(8, "0")
+    except OSError:
+        return "00000000"
+
+
+def _start_time(pid: int) -> int | None:
+    """The start time of process ``pid`` (clock ticks after boot); None if it does not run.
+    Where /proc is missing (macOS), 0 for any process that exists."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self"):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return 0
+        return 0
+    except OSError:
+        return 0
+    # The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return 0
+
+
+@cache
+def _host() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def owner_tag() -> str:
+    """This process, as its temporaries name it: host, boot, pid and start time."""
+    pid = os.getpid()
+    return f"h{_host()}b{_boot_id()}p{pid}s{_start_time(pid) or 0}"
+
+
+def _owner_alive(tag: str) -> bool:
+    """False only when the owner provably no longer runs: same host, and either another boot
+    or no process with its pid and start time."""
+    match = _OWNER_PARTS.match(tag)
+    if match is None:
+        return True
+    host, boot, pid, start = match.groups()
+    if host != _host():
+        return True  # another machine sharing the folder: nothing can be proved from here
+    if boot != _boot_id():
+        return False
+    now = _start_time(int(pid))
+    if now is None:
+        return False
+    return now == 0 or now == int(start)
+
+
+def create_temporary(target: str | os.PathLike[str], suffix: str = ".tmp") -> Path:
+    """A new empty hidden file beside ``target`` (``suffix`` .tmp or .part), with the umask's
+    usual permissions (unlike ``mkstemp``'s 0600), named so that ``remove_stale`` can tell
+    when its owner is gone."""
+    target = Path(target)
+    owner = owner_tag()
+    for _ in range(100):
+        candidate = target.parent / (f".{target.name[:150]}.{owner}.{secrets.token_hex(4)}{suffix}")
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(errno.EEXIST, f"no free temporary name in {target.parent}")
+
+
+def sync_file(path: str | os.PathLike[str]) -> None:
+    """Flush a file's data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_folder(folder: str | os.PathLike[str]) -> None:
+    """Flush a folder's entries (a rename in it) to the disk, where the platform can."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a folder; the rename is then as durable as it gets
+    finally:
+        os.close(fd)
+
+
+@cache
+def _renameat2() -> object | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        function = ctypes.CDLL(name, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    function.restype = ctypes.c_int
+    return function
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def rename_no_replace(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Rename ``source`` to ``target`` unless ``target`` exists: FileExistsError then, and
+    ``source`` stays. Atomic with renameat2 (Linux) or a hard link; on file systems that have
+    neither, an existence check just before the rename (a small window remains)."""
+    function = _renameat2()
+    if function is not None:
+        result = function(  # type: ignore[operator]
+            _AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE
+        )
+        if result == 0:
+            return
+        code = ctypes.get_errno()
+        if code == errno.EEXIST:
+            raise FileExistsError(code, os.strerror(code), os.fspath(target))
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise OSError(code, os.strerror(code), os.fspath(target))
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (
+            errno.EPERM,
+            errno.ENOTSUP,
+            errno.EOPNOTSUPP,
+            errno.EXDEV,
+            errno.EMLINK,
+        ):
+            raise
+        if os.path.lexists(target):
+            raise FileExistsError(
+                errno.EEXIST, os.strerror(errno.EEXIST), os.fspath(target)
+            ) from None
+        os.rename(source, target)
+        return
+    os.unlink(source)
+
+
+def place(
+    temporary: str | os.PathLike[str], target: str | os.PathLike[str], *, replace: bool
+) -> None:
+    """Sync ``temporary`` to disk and rename it onto ``target`` (without ``replace``: only if
+    ``target`` does not exist, else FileExistsError), then sync the folder."""
+    sync_file(temporary)
+    if replace:
+        os.replace(temporary, target)
+    else:
+        rename_no_replace(temporary, target)
+    sync_folder(Path(target).parent)
 
 
 @contextmanager
-def atomic_output(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a new empty temporary path beside ``target``; on success it is renamed onto
-    ``target``, on any exception removed. Unlike ``tempfile.mkstemp`` (mode 0600) the file gets
-    the permissions the umask gives any new file, so the result is readable as usual."""
+def atomic_output(target: str | os.PathLike[str], *, replace: bool = True) -> Iterator[Path]:
+    """Yield a new empty temporary path beside ``target``; on success it is synced and renamed
+    onto ``target`` (see ``place``), on any exception removed."""
     target = Path(target)
     temporary = create_temporary(target)
     mode = temporary.stat().st_mode
@@ -22,19 +223,54 @@ def atomic_output(target: str | os.PathLike[str]) -> Iterator[Path]:
         yield temporary
         # Some writers (safetensors) replace the file with one of their own, mode 0600.
         os.chmod(temporary, mode)
-        os.replace(temporary, target)
+        place(temporary, target, replace=replace)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
 
 
-def create_temporary(target: Path) -> Path:
-    """A new empty hidden file beside ``target``, with the umask's usual permissions."""
-    for _ in range(100):
-        candidate = target.parent / f".{target.name[:200]}.{secrets.token_hex(4)}.tmp"
-        try:
-            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        except FileExistsError:
+class StagingFolder:
+    """A hidden working folder beside the outputs (``.htsep-<owner>.<hex>``), removed by
+    ``cleanup`` or, if this process is killed, by a later ``remove_stale``."""
+
+    def __init__(self, parent: str | os.PathLike[str]) -> None:
+        parent = Path(parent)
+        owner = owner_tag()
+        for _ in range(100):
+            candidate = parent / f".htsep-{owner}.{secrets.token_hex(4)}"
+            try:
+                candidate.mkdir()
+            except FileExistsError:
+                continue
+            self.path: Path | None = candidate
+            self.name = str(candidate)
+            return
+        raise FileExistsError(errno.EEXIST, f"no free staging name in {parent}")
+
+    def cleanup(self) -> None:
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path = None
+
+
+def remove_stale(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporaries and staging folders in ``folder`` (not below it) whose owner
+    provably no longer runs. -> what was removed. A folder that cannot be listed removes
+    nothing."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name) or _STAGING.match(entry.name)
+        if match is None or _owner_alive(match.group(1)):
             continue
-        return candidate
-    raise FileExistsError(f"no free temporary name in {target.parent}")
+        path = Path(entry.path)
+        with contextlib.suppress(OSError):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+    return removed
