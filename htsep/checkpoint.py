@@ -17,6 +17,8 @@ import json
 import os
 import pickle
 import re
+import stat
+import struct
 import zipfile
 from collections.abc import Callable, Mapping
 from fractions import Fraction
@@ -28,13 +30,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from htsep.errors import CheckpointError, UnsupportedOptionError
+from htsep.errors import CheckpointError, HtsepError, UnsupportedOptionError
 from htsep.files import atomic_output
 from htsep.model.config import (
     HTDemucsConfig,
     config_from_dict,
     config_to_dict,
     from_demucs_kwargs,
+    show,
 )
 from htsep.model.htdemucs import HTDemucs
 
@@ -74,38 +77,126 @@ def _numpy_scalar_globals() -> list[Any]:
     return names
 
 
+class _UnsafeValue(Exception):
+    """Raised while unpickling: a value that is allowed in kind but not in size."""
+
+
+# Digits an integer of a pickled fraction may have: a segment needs a handful.
+_FRACTION_DIGITS = 30
+
+
+def _pickled_fraction(*args: Any) -> Fraction:
+    """What a pickle's ``fractions.Fraction(...)`` calls: only small integers, since Fraction
+    of a string such as '1e999999999' would compute a billion-digit number."""
+    small = all(type(arg) is int and abs(arg) < 10**_FRACTION_DIGITS for arg in args)
+    if small and 1 <= len(args) <= 2 and args[1:] != (0,):
+        return Fraction(*args)
+    raise _UnsafeValue(f"a fraction of {show(args)} (only small integers are accepted)")
+
+
 def _allowed_globals() -> list[Any]:
     return [
         *((ref, name) for name, ref in _DEMUCS_CLASSES.items()),
-        Fraction,
+        (_pickled_fraction, "fractions.Fraction"),
         *_numpy_scalar_globals(),
     ]
 
 
 # --- reading -----------------------------------------------------------------------------------
 
+# The most parameters a checkpoint may ask for (8 GB in float32; the released models have 42M).
+MAX_PARAMETERS = 2_000_000_000
+# Nesting of demucs's JSON metadata: a few levels are needed.
+_MAX_JSON_DEPTH = 32
+# What a hostile file can raise deep inside the parsers; all of it means "malformed".
+_MALFORMED = (
+    KeyError,
+    TypeError,
+    ValueError,
+    AttributeError,
+    IndexError,
+    LookupError,
+    OverflowError,
+    ZeroDivisionError,
+    RecursionError,
+    MemoryError,
+    RuntimeError,
+    EOFError,
+    struct.error,
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+    UnicodeError,
+    SafetensorError,
+)
+
 
 def load_model(source: str | os.PathLike[str]) -> HTDemucs:
-    """Load an HT Demucs checkpoint of any supported format, in eval mode on the CPU."""
+    """Load an HT Demucs checkpoint of any supported format, in eval mode on the CPU.
+
+    The file is untrusted data: anything wrong with it (unsafe pickles, malformed metadata,
+    settings out of range, source names that are not plain file names, tensors that do not
+    fit or hold NaN) raises CheckpointError naming the file, never another exception.
+    """
     path = Path(source)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
+    head = _read_head(path)
     try:
-        with open(path, "rb") as handle:
-            head = handle.read(16)
+        if _is_safetensors(head):
+            config, state, translate = _read_safetensors(path)
+        elif head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+            config, state, translate = _read_torch_package(path)
+        else:
+            raise CheckpointError(
+                f"{path}: not a checkpoint (neither a torch file nor safetensors)"
+            )
+        return _build(config, state, translate, path)
+    except HtsepError:
+        raise
+    except _MALFORMED as exc:
+        raise CheckpointError(
+            f"{path}: malformed checkpoint ({type(exc).__name__}: {_first_line(exc)})"
+        ) from exc
+
+
+def _read_head(path: Path) -> bytes:
+    """The first bytes of ``path``, which must be a regular file (or a link to one): a FIFO
+    or a device is refused from its status, without opening it for reading."""
+    try:
+        status = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read ({_reason(exc)})") from exc
+    if stat.S_ISDIR(status.st_mode):
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
+    if not stat.S_ISREG(status.st_mode):
+        raise CheckpointError(f"{path}: is {_kind(status.st_mode)}, not a checkpoint file")
+    try:
+        # Non-blocking, and checked again once open: the name may have changed hands meanwhile.
+        handle = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    if _is_safetensors(head):
-        config, state, translate = _read_safetensors(path)
-    elif head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        config, state, translate = _read_torch_package(path)
-    else:
-        raise CheckpointError(f"{path}: not a checkpoint (neither a torch file nor safetensors)")
-    model = HTDemucs(config)
-    _load_state(model, state, translate, path)
-    return model.eval()
+        raise CheckpointError(f"{path}: cannot read ({_reason(exc)})") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(handle).st_mode):
+            raise CheckpointError(f"{path}: is not a regular file, not a checkpoint file")
+        return os.read(handle, 16)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({_reason(exc)})") from exc
+    finally:
+        os.close(handle)
+
+
+def _kind(mode: int) -> str:
+    kinds = [
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ]
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def _reason(exc: BaseException) -> str:
+    return (isinstance(exc, OSError) and exc.strerror) or _first_line(exc)
 
 
 def _is_safetensors(head: bytes) -> bool:
@@ -116,6 +207,8 @@ def _read_torch_package(path: Path) -> tuple[HTDemucsConfig, dict[str, torch.Ten
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
             package = torch.load(path, map_location="cpu", weights_only=True)
+    except _UnsafeValue as exc:
+        raise CheckpointError(f"{path}: refusing to load: the file holds {exc}") from None
     except pickle.UnpicklingError as exc:
         match = re.search(r"GLOBAL ([\w.]+)", str(exc))
         what = (
@@ -127,7 +220,7 @@ def _read_torch_package(path: Path) -> tuple[HTDemucsConfig, dict[str, torch.Ten
             f"{path}: refusing to load: the file {what} (loading never "
             "executes code from a checkpoint)"
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+    except _MALFORMED + (OSError,) as exc:
         raise CheckpointError(
             f"{path}: unreadable or truncated checkpoint ({_first_line(exc)})"
         ) from exc
@@ -136,7 +229,7 @@ def _read_torch_package(path: Path) -> tuple[HTDemucsConfig, dict[str, torch.Ten
         raise CheckpointError(f"{path}: not a demucs model package (no klass/kwargs/state)")
     klass = package["klass"]
     if not (isinstance(klass, type) and issubclass(klass, DemucsClassRef)):
-        raise CheckpointError(f"{path}: the model class is not a demucs class: {klass!r}")
+        raise CheckpointError(f"{path}: the model class is not a demucs class: {show(klass)}")
     if klass.name != DEMUCS_CLASS:
         raise UnsupportedOptionError(
             f"{path}: model class {klass.name} is not supported (only {DEMUCS_CLASS})"
@@ -153,7 +246,7 @@ def _read_safetensors(path: Path) -> tuple[HTDemucsConfig, dict[str, torch.Tenso
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
+    except _MALFORMED + (OSError,) as exc:
         raise CheckpointError(
             f"{path}: unreadable or truncated safetensors file ({_first_line(exc)})"
         ) from exc
@@ -162,13 +255,16 @@ def _read_safetensors(path: Path) -> tuple[HTDemucsConfig, dict[str, torch.Tenso
         version = metadata.get("format_version")
         if version != FORMAT_VERSION:
             raise CheckpointError(
-                f"{path}: htsep format version {version!r} is not supported "
+                f"{path}: htsep format version {show(version)} is not supported "
                 f"by this htsep (expects {FORMAT_VERSION})"
             )
+        if "config" not in metadata:
+            raise CheckpointError(f"{path}: htsep file without its 'config' metadata")
+        data = _json(metadata["config"], "config", path)
         try:
-            config = config_from_dict(json.loads(metadata["config"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: malformed htsep config metadata ({exc})") from exc
+            config = config_from_dict(data)
+        except CheckpointError as exc:
+            raise type(exc)(f"{path}: {exc}") from None
         return config, state, lambda key: key
 
     if "klass" not in metadata:
@@ -178,50 +274,65 @@ def _read_safetensors(path: Path) -> tuple[HTDemucsConfig, dict[str, torch.Tenso
         )
     if metadata["klass"] != DEMUCS_CLASS:
         raise UnsupportedOptionError(
-            f"{path}: model class {metadata['klass']} is not supported (only {DEMUCS_CLASS})"
+            f"{path}: model class {show(metadata['klass'])} is not supported (only {DEMUCS_CLASS})"
         )
     if "structure" in metadata:
         raise UnsupportedOptionError(f"{path}: quantized (packed) demucs states are not supported")
-    try:
-        args = _decode_demucs_json(json.loads(metadata.get("args", "[]")))
-        kwargs = _decode_demucs_json(json.loads(metadata["kwargs"]))
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"{path}: malformed demucs metadata ({exc})") from exc
+    if "kwargs" not in metadata:
+        raise CheckpointError(f"{path}: demucs metadata without 'kwargs'")
+    args = _decode_demucs_json(_json(metadata.get("args", "[]"), "args", path), path)
+    kwargs = _decode_demucs_json(_json(metadata["kwargs"], "kwargs", path), path)
     config = _demucs_config(args, kwargs, path)
     return config, state, _demucs_translator(config)
 
 
-def _decode_demucs_json(value: Any) -> Any:
+def _json(text: str, key: str, path: Path) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(
+            f"{path}: metadata '{key}' is not valid JSON ({_first_line(exc)})"
+        ) from None
+
+
+def _decode_demucs_json(value: Any, path: Path, depth: int = 0) -> Any:
     """demucs writes fractions as {"_type": "fraction", "numerator": n, "denominator": d}."""
+    if depth > _MAX_JSON_DEPTH:
+        raise CheckpointError(f"{path}: demucs metadata nested too deeply")
     if isinstance(value, dict):
         if value.get("_type") == "fraction":
-            return Fraction(value["numerator"], value["denominator"])
-        return {key: _decode_demucs_json(item) for key, item in value.items()}
+            try:
+                return _pickled_fraction(value.get("numerator"), value.get("denominator"))
+            except _UnsafeValue as exc:
+                raise CheckpointError(f"{path}: demucs metadata holds {exc}") from None
+        return {key: _decode_demucs_json(item, path, depth + 1) for key, item in value.items()}
     if isinstance(value, list):
-        return [_decode_demucs_json(item) for item in value]
+        return [_decode_demucs_json(item, path, depth + 1) for item in value]
     return value
 
 
 def _demucs_config(args: Any, kwargs: Any, path: Path) -> HTDemucsConfig:
     if not isinstance(kwargs, Mapping):
         raise CheckpointError(f"{path}: constructor keywords are not a mapping")
+    if not isinstance(args, (list, tuple)):
+        raise CheckpointError(f"{path}: constructor arguments are not a list")
     kwargs = dict(kwargs)
     sources = kwargs.pop("sources", None)
     if sources is None and args:
         sources = args[0]
-    if not sources:
+    if sources is None:
         raise CheckpointError(f"{path}: the checkpoint does not name its sources")
     try:
         return from_demucs_kwargs(sources, kwargs)
-    except UnsupportedOptionError as exc:
-        raise UnsupportedOptionError(f"{path}: {exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: invalid model settings ({exc})") from exc
+    except CheckpointError as exc:
+        raise type(exc)(f"{path}: {exc}") from None
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    return text[0] if len(text[0]) <= 200 else text[0][:197] + "..."
 
 
 # --- demucs parameter names -> ours ------------------------------------------------------------
@@ -291,35 +402,87 @@ def _describe(names: list[str], limit: int = 4) -> str:
     return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
-def _load_state(
-    model: HTDemucs, state: Mapping[str, Any], translate: Callable[[str], str], path: Path
-) -> None:
-    """Copy ``state`` into ``model``; every tensor must be there, known, and the right shape."""
-    if state.get("__quantized"):
-        raise UnsupportedOptionError(f"{path}: quantized (diffq) demucs states are not supported")
+def _build(
+    config: HTDemucsConfig,
+    state: Mapping[Any, Any],
+    translate: Callable[[str], str],
+    path: Path,
+) -> HTDemucs:
+    """The model of ``config`` holding ``state``. It is first built without memory (on the meta
+    device): only once the file's tensors are known to fit it is memory allocated, so a small
+    file describing a huge model costs nothing."""
+    with torch.device("meta"):
+        model = HTDemucs(config)
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    if parameters > MAX_PARAMETERS:
+        raise UnsupportedOptionError(
+            f"{path}: the model would have {parameters:,} parameters, more than htsep "
+            f"loads ({MAX_PARAMETERS:,})"
+        )
+    renamed = _fit_state(model, state, translate, path)
+    model.to_empty(device="cpu")
     ours = model.state_dict()
-    renamed: dict[str, Any] = {}
+    with torch.no_grad():
+        for new, value in renamed.items():
+            ours[new].copy_(value.to(ours[new].dtype))
+    return model.eval()
+
+
+def _fit_state(
+    model: HTDemucs, state: Mapping[Any, Any], translate: Callable[[str], str], path: Path
+) -> dict[str, torch.Tensor]:
+    """``state`` under our names; every tensor must be there, known, the right shape, of a
+    floating-point type, and finite. -> our name: tensor"""
+    if "__quantized" in state:
+        raise UnsupportedOptionError(f"{path}: quantized (diffq) demucs states are not supported")
+    names = [key for key in state if not isinstance(key, str)]
+    if names:
+        raise CheckpointError(f"{path}: tensor names must be strings, not {show(names[0])}")
+    ours = model.state_dict()
+    renamed: dict[str, tuple[str, Any]] = {}
     for key, value in state.items():
         renamed[translate(key)] = (key, value)
     missing = sorted(set(ours) - set(renamed))
     unexpected = sorted(original for new, (original, _) in renamed.items() if new not in ours)
     wrong = []
     for new, (original, value) in renamed.items():
-        if new in ours and (not isinstance(value, torch.Tensor) or value.shape != ours[new].shape):
-            got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            wrong.append(f"{original} (file {got}, model {list(ours[new].shape)})")
+        if new in ours and (not _dense(value) or value.shape != ours[new].shape):
+            got = list(value.shape) if _dense(value) else type(value).__name__
+            wrong.append(f"{_label(original)} (file {got}, model {list(ours[new].shape)})")
     problems = []
     if missing:
         problems.append(f"missing tensors: {_describe(missing)}")
     if unexpected:
-        problems.append(f"unexpected tensors: {_describe(unexpected)}")
+        problems.append(f"unexpected tensors: {_describe([_label(n) for n in unexpected])}")
     if wrong:
         problems.append(f"wrong shapes: {_describe(sorted(wrong))}")
     if problems:
         raise CheckpointError(f"{path}: checkpoint does not fit its model: " + "; ".join(problems))
-    with torch.no_grad():
-        for new, (_, value) in renamed.items():
-            ours[new].copy_(value.to(ours[new].dtype))
+    for original, value in renamed.values():
+        if not value.is_floating_point():
+            dtype = str(value.dtype).removeprefix("torch.")
+            raise CheckpointError(
+                f"{path}: tensor {_label(original)} holds {dtype}, not floating-point numbers"
+            )
+        if not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{path}: tensor {_label(original)} holds NaN or infinite values")
+    return {new: value for new, (_, value) in renamed.items()}
+
+
+def _label(name: str) -> str:
+    """A tensor name for a message: as it is, or quoted and cut when it would not print
+    plainly on one line."""
+    return name if name.isprintable() and len(name) <= 80 else show(name, 80)
+
+
+def _dense(value: Any) -> bool:
+    """A plain tensor: strided (not sparse), not quantized, not a tensor on another device."""
+    return (
+        isinstance(value, torch.Tensor)
+        and value.layout == torch.strided
+        and not value.is_quantized
+        and value.device.type == "cpu"
+    )
 
 
 # --- writing -----------------------------------------------------------------------------------

@@ -15,21 +15,28 @@ Where files live (environment variables):
 - ``HTSEP_MIRROR``: a base URL; when set, ``<base>/<sig>-<checksum>.th`` is downloaded instead
   of the registry's URL (self-hosted mirrors, offline sites, tests).
 
-Downloads stream into a temporary file in the cache folder and are renamed into place only
-after the hash matched, so the cache never holds a partial or wrong file, even when several
-processes download the same checkpoint at once.
+Downloads stream into a temporary file in the cache folder (``.<name>.<owner>.<hex>.part``,
+see ``htsep.files``) and are renamed into place only after the hash matched, so the cache never
+holds a partial or wrong file, even when several processes download the same checkpoint at
+once; the temporaries of killed processes are removed by the next download.
+
+Registry entries, ``--repo`` folders and file names are untrusted data like checkpoints: the
+names they give (models, signatures, sources) become file and folder names, so they must be
+plain names (``htsep.model.config.name_problem``), and bag weights and segments are checked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import http.client
 import importlib.resources
 import logging
+import math
 import os
 import re
-import tempfile
+import stat
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
@@ -41,7 +48,9 @@ from typing import IO, Any
 import yaml
 from tqdm import tqdm
 
+from htsep import files
 from htsep.errors import CheckpointError, DownloadError, ModelNotFoundError
+from htsep.model.config import MAX_SEGMENT_SECONDS, check_sources, name_problem, show
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +65,15 @@ _HEX = re.compile(r"[0-9a-fA-F]+")
 _CHECKSUM_SUFFIX = re.compile(r"^(?P<signature>.+)-(?P<checksum>[0-9a-f]{8}|[0-9a-f]{64})$")
 # YAML 1.1 reads 12345678 as an integer and 01234567 as an octal one: hex values must be quoted.
 _QUOTE_HINT = " (quote all-digit values, e.g. '01234567')"
+# Model names and signatures come from file names, which may be longer than source names.
+_MAX_MODEL_NAME = 200
+# A bag or registry file is a few lines; anything much larger is not one.
+_MAX_YAML_BYTES = 1 << 20
+# A bag weight above this only serves to overflow the weighted sums.
+_MAX_WEIGHT = 1e6
+# A segment given as text: plain decimals or a fraction (Fraction('1e999999999') would compute a
+# billion-digit number).
+_SEGMENT_TEXT = re.compile(r"^\s*\d{1,9}(\.\d{1,9})?\s*$|^\s*\d{1,9}\s*/\s*\d{1,9}\s*$")
 
 
 @dataclass(frozen=True)
@@ -68,7 +86,12 @@ class MemberSpec:
     path: Path | None = None  # an already-local file (repository folder or explicit path)
 
     def __post_init__(self) -> None:
+        problem = name_problem(self.signature, _MAX_MODEL_NAME)
+        if problem is not None:
+            raise ValueError(f"signature {show(self.signature)} {problem}")
         if self.checksum is not None:
+            if not isinstance(self.checksum, str):
+                raise ValueError(f"checksum {show(self.checksum)} is not a string")
             if not _HEX.fullmatch(self.checksum):
                 raise ValueError(f"checksum {self.checksum!r} is not a hexadecimal SHA-256 prefix")
             object.__setattr__(self, "checksum", self.checksum.lower())
@@ -90,12 +113,80 @@ class ModelSpec:
     sources: tuple[str, ...] | None = None  # known for registry models, None before loading
     description: str = ""
 
+    def __post_init__(self) -> None:
+        problem = name_problem(self.name, _MAX_MODEL_NAME)
+        if problem is not None:
+            raise ValueError(f"model name {show(self.name)} {problem}")
+
 
 # --- where files live --------------------------------------------------------------------------
 
 
+def _expand(path: str) -> Path:
+    """``~`` expanded where it can be (an unknown user's ``~name`` stays as written)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        return Path(path)
+
+
 def _user_cache_home() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    configured = os.environ.get("XDG_CACHE_HOME")
+    if configured:
+        return Path(configured)
+    try:
+        return Path.home() / ".cache"
+    except (RuntimeError, KeyError):  # no HOME and no password entry
+        return Path(".cache")
+
+
+def _status(path: Path) -> os.stat_result | None:
+    """``os.stat(path)`` (following links), or None when nothing can be found there: missing,
+    a parent that is not a folder, no permission to look, a name the system refuses."""
+    try:
+        return os.stat(path)
+    except (OSError, ValueError):
+        return None
+
+
+def _is_regular(path: Path) -> bool:
+    status = _status(path)
+    return status is not None and stat.S_ISREG(status.st_mode)
+
+
+def _what(status: os.stat_result) -> str:
+    """What a file system entry that is not a regular file is, for messages."""
+    kinds = [
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ]
+    return next((name for test, name in kinds if test(status.st_mode)), "not a regular file")
+
+
+def _open_regular(path: Path) -> IO[bytes]:
+    """``path`` open for reading, refused (IsADirectoryError or OSError) unless a regular file;
+    never blocks on a FIFO."""
+    handle = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        status = os.fstat(handle)
+        if not stat.S_ISREG(status.st_mode):
+            raise OSError(f"{path}: is {_what(status)}, not a regular file")
+        return os.fdopen(handle, "rb")
+    except BaseException:
+        os.close(handle)
+        raise
+
+
+def _read_text(path: Path) -> str:
+    """A small text file (a bag, a registry entry), read without following it into a FIFO."""
+    with _open_regular(path) as handle:
+        data = handle.read(_MAX_YAML_BYTES + 1)
+    if len(data) > _MAX_YAML_BYTES:
+        raise OSError(f"larger than {_MAX_YAML_BYTES} bytes")
+    return data.decode("utf-8")
 
 
 def cache_dir() -> Path:
@@ -104,7 +195,7 @@ def cache_dir() -> Path:
     The folder is not created here; ``fetch`` creates it when it downloads.
     """
     configured = os.environ.get("HTSEP_CACHE")
-    return Path(configured).expanduser() if configured else _user_cache_home() / "htsep"
+    return _expand(configured) if configured else _user_cache_home() / "htsep"
 
 
 def torch_hub_dir() -> Path:
@@ -113,7 +204,7 @@ def torch_hub_dir() -> Path:
     Computed like ``torch.hub.get_dir`` without importing torch.
     """
     configured = os.environ.get("TORCH_HOME")
-    home = Path(configured).expanduser() if configured else _user_cache_home() / "torch"
+    home = _expand(configured) if configured else _user_cache_home() / "torch"
     return home / "hub" / "checkpoints"
 
 
@@ -137,29 +228,37 @@ def registry_models() -> list[ModelSpec]:
 def _load_yaml(text: str, origin: str) -> Mapping[str, Any]:
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        problem = str(exc).replace("\n", " ")
-        raise ModelNotFoundError(f"{origin}: not valid YAML ({problem})") from exc
+    except (yaml.YAMLError, RecursionError, ValueError) as exc:
+        problem = str(exc).replace("\n", " ")[:200] or type(exc).__name__
+        raise ModelNotFoundError(f"{origin}: not valid YAML ({problem})") from None
     if not isinstance(data, Mapping):
         raise ModelNotFoundError(f"{origin}: expected a mapping of keys, got {type(data).__name__}")
     return data
 
 
-def _string_list(value: Any, key: str, origin: str) -> tuple[str, ...]:
-    if (
-        not isinstance(value, list)
-        or not value
-        or not all(isinstance(item, str) and item for item in value)
-    ):
-        raise ModelNotFoundError(f"{origin}: '{key}' must be a non-empty list of names")
-    return tuple(value)
+def _sources(value: Any, origin: str) -> tuple[str, ...]:
+    """A registry entry's 'sources': the names a checkpoint may have (``check_sources``)."""
+    if not isinstance(value, list) or not value:
+        raise ModelNotFoundError(f"{origin}: 'sources' must be a non-empty list of names")
+    try:
+        return check_sources(value)
+    except CheckpointError as exc:
+        raise ModelNotFoundError(f"{origin}: {exc}") from None
+
+
+def _plain_name(value: Any, what: str, origin: str) -> str:
+    problem = name_problem(value, _MAX_MODEL_NAME)
+    if problem is not None:
+        raise ModelNotFoundError(f"{origin}: {what} {show(value)} {problem}")
+    return str(value)
 
 
 def _parse_registry_entry(data: Mapping[str, Any], origin: str) -> ModelSpec:
     name = data.get("name")
     if not isinstance(name, str) or not name:
         raise ModelNotFoundError(f"{origin}: 'name' must be a non-empty string")
-    sources = _string_list(data.get("sources"), "sources", origin)
+    _plain_name(name, "'name'", origin)
+    sources = _sources(data.get("sources"), origin)
     raw_members = data.get("members")
     if not isinstance(raw_members, list) or not raw_members:
         raise ModelNotFoundError(f"{origin}: 'members' must be a non-empty list")
@@ -174,6 +273,8 @@ def _parse_registry_entry(data: Mapping[str, Any], origin: str) -> ModelSpec:
                 f"{origin}: members[{index}] needs 'signature', 'checksum' and 'url' (or "
                 f"'file') as strings{_QUOTE_HINT}"
             )
+        # The signature names the cache file <signature>-<checksum>.th.
+        _plain_name(raw["signature"], f"members[{index}]: signature", origin)
         try:
             if where == "file":
                 members.append(
@@ -198,15 +299,16 @@ def _parse_registry_entry(data: Mapping[str, Any], origin: str) -> ModelSpec:
 
 def _shipped_file(name: str, origin: str) -> Path:
     """A checkpoint shipped inside the registry package (``file:`` instead of ``url:``)."""
-    if Path(name).name != name:
-        raise ValueError(f"'file' must be a plain file name in the registry, got {name!r}")
+    if Path(name).name != name or name_problem(name, _MAX_MODEL_NAME) is not None:
+        raise ValueError(f"'file' must be a plain file name in the registry, got {show(name)}")
     return Path(str(importlib.resources.files("htsep.registry") / name))
 
 
 def _parse_weights(
     value: Any, members: int, sources: int | None, origin: str
 ) -> tuple[tuple[float, ...], ...] | None:
-    """A members x sources matrix of numbers; ``sources`` is None where it is not known yet."""
+    """A members x sources matrix of finite, non-negative numbers in which every source has
+    some weight; ``sources`` is None where it is not known yet."""
     if value is None:
         return None
     expected = f"{members} x {sources if sources is not None else 'sources'}"
@@ -219,25 +321,52 @@ def _parse_weights(
             isinstance(item, (int, float)) and not isinstance(item, bool) for item in row
         ):
             raise ModelNotFoundError(problem)
-        rows.append(tuple(float(item) for item in row))
+        try:
+            rows.append(tuple(float(item) for item in row))
+        except OverflowError:
+            raise ModelNotFoundError(f"{problem} (finite, at most {_MAX_WEIGHT:g})") from None
     widths = {len(row) for row in rows}
     if len(widths) != 1 or (sources is not None and widths != {sources}) or widths == {0}:
         raise ModelNotFoundError(problem)
+    for index, row in enumerate(rows):
+        for column, weight in enumerate(row):
+            if not (math.isfinite(weight) and 0 <= weight <= _MAX_WEIGHT):
+                raise ModelNotFoundError(
+                    f"{origin}: weights[{index}][{column}] is {weight:g}; weights must be "
+                    f"finite numbers from 0 to {_MAX_WEIGHT:g}"
+                )
+    for column in range(len(rows[0])):
+        if not any(row[column] for row in rows):
+            raise ModelNotFoundError(
+                f"{origin}: 'weights' give source {column + 1} no weight in any member "
+                "(its estimate would be 0 / 0)"
+            )
     return tuple(rows)
 
 
 def _parse_segment(value: Any, origin: str) -> Fraction | None:
+    """A bag's segment in seconds: a number or a short decimal or fraction text, in
+    (0, MAX_SEGMENT_SECONDS]."""
     if value is None:
         return None
+    problem = f"{origin}: 'segment' must be a number of seconds"
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ModelNotFoundError(f"{origin}: 'segment' must be a number of seconds")
+        raise ModelNotFoundError(problem)
+    if isinstance(value, str) and not _SEGMENT_TEXT.match(value):
+        raise ModelNotFoundError(problem)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ModelNotFoundError(f"{problem}, got {value}")
     try:
         # Via str so that 7.8 means 39/5 exactly, not the binary float nearest to it.
-        segment = Fraction(str(value))
-    except ValueError:
-        raise ModelNotFoundError(f"{origin}: 'segment' must be a number of seconds") from None
+        segment = Fraction(str(value).replace(" ", ""))
+    except (ValueError, ZeroDivisionError):
+        raise ModelNotFoundError(problem) from None
     if segment <= 0:
-        raise ModelNotFoundError(f"{origin}: 'segment' must be positive, got {value}")
+        raise ModelNotFoundError(f"{origin}: 'segment' must be positive, got {show(value)}")
+    if segment > MAX_SEGMENT_SECONDS:
+        raise ModelNotFoundError(
+            f"{origin}: 'segment' must be at most {MAX_SEGMENT_SECONDS} seconds, got {show(value)}"
+        )
     return segment
 
 
@@ -279,15 +408,18 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _find_file(name: str) -> ModelSpec | None:
-    path = Path(name).expanduser()
-    if path.is_file():
+    path = _expand(name)
+    status = _status(path)
+    if status is not None and stat.S_ISREG(status.st_mode):
         return _file_spec(path)
     if not _looks_like_path(name):
         return None  # a plain name, even if a folder of that name happens to exist here
-    if path.is_dir():
+    if status is not None and stat.S_ISDIR(status.st_mode):
         raise ModelNotFoundError(
             f"{name}: is a folder, not a checkpoint file (pass a folder of checkpoints with --repo)"
         )
+    if status is not None:
+        raise ModelNotFoundError(f"{name}: is {_what(status)}, not a checkpoint file")
     raise ModelNotFoundError(f"{name}: no such checkpoint file")
 
 
@@ -298,6 +430,13 @@ def _split_checksum(stem: str) -> tuple[str, str | None]:
 
 def _file_spec(path: Path) -> ModelSpec:
     signature, checksum = _split_checksum(path.stem)
+    # The name becomes the output folder <out>/<name>/: "...th" would name it "..".
+    problem = name_problem(signature, _MAX_MODEL_NAME)
+    if problem is not None:
+        raise ModelNotFoundError(
+            f"{path}: the file name gives the model name {show(signature)}, which {problem}; "
+            "rename the file"
+        )
     return ModelSpec(
         name=signature,
         members=(MemberSpec(signature=signature, checksum=checksum, path=path),),
@@ -312,17 +451,26 @@ class _RepoContents:
 
 
 def _scan_repo(repo: Path) -> _RepoContents:
-    if not repo.is_dir():
-        what = "does not exist" if not repo.exists() else "is not a folder"
+    status = _status(repo)
+    if status is None or not stat.S_ISDIR(status.st_mode):
+        what = "does not exist" if status is None else "is not a folder"
         raise ModelNotFoundError(f"{repo}: model repository {what}")
+    try:
+        entries = sorted(repo.iterdir())
+    except OSError as exc:
+        raise ModelNotFoundError(
+            f"{repo}: cannot list the model repository ({exc.strerror or exc})"
+        ) from None
     checkpoints: dict[str, list[Path]] = {}
     bags: dict[str, Path] = {}
-    for file in sorted(repo.iterdir()):
-        if not file.is_file():
+    for file in entries:
+        # Only regular files with plain names: the names become model names and folders.
+        if not _is_regular(file) or name_problem(file.stem, _MAX_MODEL_NAME) is not None:
             continue
         if file.suffix in CHECKPOINT_SUFFIXES:
             signature, _ = _split_checksum(file.stem)
-            checkpoints.setdefault(signature, []).append(file)
+            if name_problem(signature, _MAX_MODEL_NAME) is None:
+                checkpoints.setdefault(signature, []).append(file)
         elif file.suffix == ".yaml":
             bags[file.stem] = file
     return _RepoContents(checkpoints, bags)
@@ -359,15 +507,18 @@ def _find_in_repo(name: str, repo: Path) -> ModelSpec:
 def _repo_bag(name: str, contents: _RepoContents, repo: Path) -> ModelSpec:
     path = contents.bags[name]
     try:
-        text = path.read_text("utf-8")
+        text = _read_text(path)
     except (OSError, UnicodeDecodeError) as exc:
-        raise ModelNotFoundError(f"{path}: cannot read ({exc})") from exc
+        reason = (isinstance(exc, OSError) and exc.strerror) or str(exc)
+        raise ModelNotFoundError(f"{path}: cannot read ({reason})") from None
     data = _load_yaml(text, str(path))
     signatures = data.get("models")
     if not isinstance(signatures, list) or not signatures:
         raise ModelNotFoundError(f"{path}: 'models' must be a non-empty list of signatures")
     if not all(isinstance(signature, str) for signature in signatures):
         raise ModelNotFoundError(f"{path}: 'models' must be a list of signatures{_QUOTE_HINT}")
+    for index, signature in enumerate(signatures):
+        _plain_name(signature, f"models[{index}]: signature", str(path))
     members = []
     for signature in signatures:
         try:
@@ -396,16 +547,17 @@ def _not_found(head: str, name: str, candidates: Iterable[str], listing: str) ->
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with _open_regular(path) as handle:
         while block := handle.read(_BLOCK_BYTES):
             digest.update(block)
     return digest.hexdigest()
 
 
 def _verified(path: Path, checksum: str | None) -> tuple[bool, str]:
-    """Whether ``path`` is readable and its SHA-256 starts with ``checksum``, and the hash."""
+    """Whether ``path`` is a readable file whose SHA-256 starts with ``checksum``, and the
+    hash."""
     if checksum is None:
-        return path.is_file(), ""
+        return _is_regular(path), ""
     try:
         actual = _sha256(path)
     except OSError as exc:
@@ -415,36 +567,43 @@ def _verified(path: Path, checksum: str | None) -> tuple[bool, str]:
 
 
 def is_cached(member: MemberSpec) -> bool:
-    """Whether ``fetch`` would find ``member`` on disk (present; the hash is not checked here)."""
+    """Whether ``fetch`` would find ``member`` on disk (present; the hash is not checked here).
+    An unusable cache (missing, unreadable, not a folder) holds nothing."""
     if member.path is not None:
-        return member.path.is_file()
-    return any((folder / member.file_name).is_file() for folder in (cache_dir(), torch_hub_dir()))
+        return _is_regular(member.path)
+    return any(_is_regular(folder / member.file_name) for folder in (cache_dir(), torch_hub_dir()))
 
 
 def fetch(member: MemberSpec, *, progress: bool = True) -> Path:
     """A local file for ``member`` whose SHA-256 matches its checksum; downloads it if needed.
 
     Looks in our cache, then in torch.hub's (used in place), then downloads into our cache.
-    Raises CheckpointError for a bad explicit file, DownloadError when downloading fails.
+    Raises CheckpointError for a bad explicit file, DownloadError when downloading fails or the
+    cache cannot hold the download.
     """
     if member.path is not None:
         return _check_local(member.path, member.checksum)
 
     ours = cache_dir() / member.file_name
-    if ours.is_file():
+    status = _status(ours)
+    if status is not None and not stat.S_ISREG(status.st_mode):
+        raise DownloadError(
+            f"{ours}: is {_what(status)} where the cache keeps the checkpoint; remove it, or "
+            "set HTSEP_CACHE to another folder"
+        )
+    if status is not None:
         good, actual = _verified(ours, member.checksum)
         if good:
             return ours
         logger.warning(
-            "%s: SHA-256 %s does not match %s; deleting it and downloading again",
+            "%s: SHA-256 %s does not match %s; downloading it again",
             ours,
-            actual[:12],
+            actual[:12] or "(unreadable)",
             member.checksum,
         )
-        ours.unlink(missing_ok=True)
 
     theirs = torch_hub_dir() / member.file_name
-    if theirs.is_file():
+    if _is_regular(theirs):
         good, actual = _verified(theirs, member.checksum)
         if good:
             logger.info("using %s from torch.hub's cache", theirs)
@@ -456,17 +615,21 @@ def fetch(member: MemberSpec, *, progress: bool = True) -> Path:
 
     if member.checksum is None:
         logger.warning("%s has no checksum: the download cannot be verified", member.signature)
+    # A bad file in the cache is replaced by the verified download, never removed before.
     return _download(_download_url(member), ours, member.checksum, progress=progress)
 
 
 def _check_local(path: Path, checksum: str | None) -> Path:
-    if not path.is_file():
+    status = _status(path)
+    if status is None:
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if not stat.S_ISREG(status.st_mode):
+        raise CheckpointError(f"{path}: is {_what(status)}, not a checkpoint file")
     if checksum is not None:
         try:
             actual = _sha256(path)
         except OSError as exc:
-            raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+            raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
         if not actual.startswith(checksum):
             raise CheckpointError(
                 f"{path}: SHA-256 starts with {actual[: len(checksum)]}, expected {checksum} "
@@ -493,29 +656,47 @@ def _offline_advice(file_name: str) -> str:
     )
 
 
+def _unusable_cache(folder: Path, exc: OSError) -> DownloadError:
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return DownloadError(
+        f"cannot use the download cache {folder} ({reason}); set HTSEP_CACHE to a writable "
+        "folder, or pass a checkpoint file path with -n PATH"
+    )
+
+
 def _download(url: str, final: Path, checksum: str | None, *, progress: bool) -> Path:
     """Download ``url`` to ``final`` through a private temporary file, renamed once verified."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # Each download writes its own file in the same folder, so the rename is atomic and
-    # concurrent downloads of the same checkpoint cannot interleave their bytes.
-    handle, temp_name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".part")
-    temp = Path(temp_name)
-    renamed = False
+    folder = final.parent
     try:
-        with os.fdopen(handle, "wb") as out:
-            actual = _stream(url, out, final.name, progress=progress)
+        folder.mkdir(parents=True, exist_ok=True)
+        files.remove_stale(folder)  # .part files of downloads that were killed
+        # Each download writes its own file in the same folder, so the rename is atomic and
+        # concurrent downloads of the same checkpoint cannot interleave their bytes.
+        temp = files.create_temporary(final, suffix=".part")
+    except OSError as exc:
+        raise _unusable_cache(folder, exc) from None
+    placed = False
+    try:
+        try:
+            with open(temp, "wb") as out:
+                actual = _stream(url, out, final.name, progress=progress)
+        except OSError as exc:  # opening or closing; _stream reports its own failures
+            raise _unusable_cache(folder, exc) from None
         if checksum is not None and not actual.startswith(checksum):
             raise DownloadError(
                 f"{url}: downloaded file has SHA-256 {actual[: len(checksum)]}..., expected "
                 f"{checksum}...; the server sent a different file (nothing was kept; "
                 f"{_offline_advice(final.name)})"
             )
-        os.chmod(temp, 0o644)  # mkstemp's 0600 would hide the file from a shared cache's users
-        os.replace(temp, final)
-        renamed = True
+        try:
+            files.place(temp, final, replace=True)
+        except OSError as exc:
+            raise _unusable_cache(folder, exc) from None
+        placed = True
     finally:
-        if not renamed:
-            temp.unlink(missing_ok=True)
+        if not placed:
+            with contextlib.suppress(OSError):  # else remove_stale takes it the next time
+                temp.unlink(missing_ok=True)
     logger.info("downloaded %s to %s", url, final)
     return final
 

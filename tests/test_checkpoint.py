@@ -1,6 +1,11 @@
 import copy
+import json
+import math
 import os
 import shutil
+import threading
+import time
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -9,6 +14,7 @@ from demucs.hdemucs import HDemucs as ReferenceHDemucs
 from demucs.hf import load_safetensors_model
 from demucs.states import serialize_model
 from omegaconf import OmegaConf
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import htsep
@@ -232,3 +238,367 @@ def test_loading_does_not_need_demucs_importable(tmp_path, small_checkpoint):
     )
     assert result.returncode == 0, result.stderr
     assert "drums" in result.stdout
+
+
+# --- hostile checkpoints: contents are untrusted data --------------------------------------------
+
+FORMATS = ["demucs-th", "demucs-safetensors", "htsep"]
+
+
+def _metadata(path: Path) -> tuple[dict, dict]:
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    return load_file(str(path)), metadata
+
+
+@pytest.fixture(scope="module")
+def own_file(tmp_path_factory, small_checkpoint):
+    """The small model in htsep's own format."""
+    path = tmp_path_factory.mktemp("own") / "own.safetensors"
+    return save_model(htsep.load_model(small_checkpoint[0]), path)
+
+
+def _crafted(fmt: str, folder: Path, package, st_path: Path, own: Path, **changes) -> Path:
+    """A copy of the small checkpoint in format ``fmt`` with constructor keywords (demucs) or
+    config entries (htsep, dotted names for groups) replaced by ``changes``."""
+    if fmt == "demucs-th":
+        bad = copy.copy(package)
+        bad["kwargs"] = {**package["kwargs"], **changes}
+        return _write(bad, folder / "crafted.th")
+    tensors, metadata = _metadata(st_path if fmt == "demucs-safetensors" else own)
+    key = "kwargs" if fmt == "demucs-safetensors" else "config"
+    data = json.loads(metadata[key])
+    for name, value in changes.items():
+        if isinstance(value, Fraction):
+            value = {"_type": "fraction", "numerator": value.numerator,
+                     "denominator": value.denominator}  # fmt: skip
+        group, _, option = name.rpartition(".")
+        (data[group] if group else data)[option] = value
+    metadata[key] = json.dumps(data)
+    path = folder / "crafted.safetensors"
+    save_file(tensors, str(path), metadata)
+    return path
+
+
+def _refused(path: Path, *phrases: str) -> str:
+    with pytest.raises(CheckpointError) as info:
+        htsep.load_model(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message, message
+    for phrase in phrases:
+        assert phrase in message, message
+    return message
+
+
+BAD_NAMES = [
+    ("../../escape", "path separator"),
+    ("/tmp/x/victim", "path separator"),
+    ("sub\\dir", "path separator"),
+    (".", "starts with '.'"),
+    ("..", "starts with '.'"),
+    (".hidden", "starts with '.'"),
+    ("", "is empty"),
+    ("nul\x00byte", "control"),
+    ("tab\there", "control"),
+    ("line\nbreak", "control"),
+    ("del\x7f", "control"),
+    ("\u202eevil", "control or invisible"),
+    ("x" * 101, "longer than 100"),
+    (5, "is a int, not a string"),
+    (None, "is a NoneType, not a string"),
+    (["nested"], "not a string"),
+    ("drums", "appears twice"),
+    ("DRUMS", "appears twice"),
+    ("con", "device name"),
+    ("a:b", "<>:"),
+    ("trailing ", "white space"),
+]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(("name", "problem"), BAD_NAMES, ids=[repr(n)[:20] for n, _ in BAD_NAMES])
+def test_source_names_must_be_plain_file_names(
+    tmp_path, package, small_checkpoint, own_file, fmt, name, problem
+):
+    sources = ["drums", name, "other", "vocals"]
+    path = _crafted(fmt, tmp_path, package, small_checkpoint[1], own_file, sources=sources)
+    _refused(path, "source name", problem)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("sources", ["vocals", {"drums": 1}, [], 4, [f"s{i}" for i in range(65)]])
+def test_sources_must_be_a_list_of_names(
+    tmp_path, package, small_checkpoint, own_file, fmt, sources
+):
+    path = _crafted(fmt, tmp_path, package, small_checkpoint[1], own_file, sources=sources)
+    _refused(path, "sources")
+
+
+INT_OPTIONS = [
+    *("channels", "depth", "kernel_size", "stride", "nfft", "samplerate", "t_heads"),
+    *("norm_groups", "audio_channels", "t_layers", "context", "bottom_channels"),
+]
+REAL_OPTIONS = ["growth", "dconv_comp", "t_hidden_scale", "emb_scale", "t_max_period", "segment"]
+# Values valid for some options (t_layers=0, context=0, bottom_channels=0) are left out there.
+ZERO_OK = {"t_layers", "context", "bottom_channels"}
+BAD_VALUES = [0, -1, 2.5, 2**20, math.nan, math.inf, "4", True, None, [4], {"x": 1}]
+REAL_BAD_VALUES = [0, -1, 1e30, math.nan, math.inf, -math.inf, "2", True, None, [2.0]]
+UNBOUNDED_ABOVE = {"emb_scale", "t_max_period"}
+
+
+def _number_cases():
+    for option in INT_OPTIONS:
+        for value in BAD_VALUES:
+            if not (value == 0 and option in ZERO_OK) and not (
+                value is None and option == "bottom_channels"
+            ):
+                yield option, value
+    for option in REAL_OPTIONS:
+        for value in REAL_BAD_VALUES:
+            if not (value == 1e30 and option in UNBOUNDED_ABOVE):
+                yield option, value
+
+
+@pytest.mark.parametrize(("option", "value"), list(_number_cases()))
+def test_demucs_numbers_are_range_checked_before_building(tmp_path, package, option, value):
+    path = _write({**package, "kwargs": {**package["kwargs"], option: value}}, tmp_path / "n.th")
+    started = time.monotonic()
+    message = _refused(path)
+    assert time.monotonic() - started < 10
+    # The option is named; a huge width is named by the layer it would make too wide.
+    assert option in message or "channels wide" in message, message
+
+
+@pytest.mark.parametrize("fmt", ["demucs-safetensors", "htsep"])
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("stride", 0), ("channels", 2**20), ("heads", 0), ("depth", 0), ("sample_rate", 44100.5),
+     ("sample_rate", "44100"), ("growth", math.nan), ("audio_channels", True),
+     ("n_fft", None), ("layers", -1), ("dropout", 1.5), ("segment", math.inf)],
+)  # fmt: skip
+def test_safetensors_numbers_are_range_checked(
+    tmp_path, package, small_checkpoint, own_file, fmt, option, value
+):
+    demucs = {"sample_rate": "samplerate", "heads": "t_heads", "n_fft": "nfft",
+              "layers": "t_layers", "dropout": "t_dropout"}  # fmt: skip
+    ours = {"stride": "conv.stride", "channels": "conv.channels", "heads": "transformer.heads",
+            "depth": "conv.depth", "growth": "conv.growth", "n_fft": "stft.n_fft",
+            "layers": "transformer.layers", "dropout": "transformer.dropout"}  # fmt: skip
+    if fmt == "htsep" and option == "segment":
+        change = {"segment": {"numerator": 1, "denominator": 0}}
+        option = "segment"
+    elif fmt == "htsep":
+        change = {ours.get(option, option): value}
+        option = ours.get(option, option)
+    else:
+        option = demucs.get(option, option)
+        change = {option: value}
+    path = _crafted(fmt, tmp_path, package, small_checkpoint[1], own_file, **change)
+    message = _refused(path)
+    assert option in message or "channels wide" in message, message
+
+
+def test_a_small_file_describing_a_huge_model_allocates_nothing(tmp_path, package):
+    """Every width in range, but 16 layers of 4096 channels: refused by counting the
+    parameters of a model built without memory."""
+    huge = dict(nfft=4096, kernel_size=1, stride=1, depth=16, channels=4096, growth=1,
+                context=16, norm_starts=100, t_layers=0, dconv_mode=0, freq_emb=0)  # fmt: skip
+    path = _write({**package, "kwargs": {**package["kwargs"], **huge}}, tmp_path / "huge.th")
+    started = time.monotonic()
+    with pytest.raises(UnsupportedOptionError, match=r"parameters, more than htsep loads"):
+        htsep.load_model(path)
+    assert time.monotonic() - started < 20
+
+
+class _HugeFraction:
+    def __reduce__(self):
+        return (Fraction, ("1e999999999",))
+
+
+def test_pickled_fraction_of_a_huge_text_is_refused_at_once(tmp_path, package):
+    evil = {**package, "kwargs": {**package["kwargs"], "segment": _HugeFraction()}}
+    path = _write(evil, tmp_path / "fraction.th")
+    started = time.monotonic()
+    _refused(path, "refusing to load", "fraction")
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize(
+    "segment",
+    [
+        {"_type": "fraction", "numerator": 1, "denominator": 0},
+        {"_type": "fraction", "numerator": "1e999999999", "denominator": 1},
+        {"_type": "fraction", "numerator": 10**40, "denominator": 1},
+        {"_type": "fraction"},
+    ],
+)
+def test_demucs_json_fractions_are_checked(tmp_path, small_checkpoint, segment):
+    tensors, metadata = _metadata(small_checkpoint[1])
+    kwargs = json.loads(metadata["kwargs"])
+    kwargs["segment"] = segment
+    path = tmp_path / "fraction.safetensors"
+    save_file(tensors, str(path), {**metadata, "kwargs": json.dumps(kwargs)})
+    _refused(path, "fraction")
+
+
+@pytest.mark.parametrize(
+    ("key", "text", "phrase"),
+    [
+        ("kwargs", "[" * 100_000 + "]" * 100_000, "not valid JSON"),
+        ("kwargs", '{"a": ' * 100 + "1" + "}" * 100, "nested too deeply"),
+        ("kwargs", "[1, 2]", "not a mapping"),
+        ("args", '{"x": 1}', "not a list"),
+        ("kwargs", "{", "not valid JSON"),
+    ],
+)
+def test_malformed_demucs_metadata(tmp_path, small_checkpoint, key, text, phrase):
+    tensors, metadata = _metadata(small_checkpoint[1])
+    path = tmp_path / "meta.safetensors"
+    save_file(tensors, str(path), {**metadata, key: text})
+    _refused(path, phrase)
+
+
+@pytest.mark.parametrize(
+    ("config", "phrase"),
+    [
+        ("[]", "not a mapping"),
+        ('{"sources": ["a"]}', "segment"),
+        ("null", "not a mapping"),
+        ('{"sources": ["a"], "segment": {"numerator": 1, "denominator": 1}, "mystery": 1}',
+         "invalid option mystery: not in htsep's config"),
+        ('{"sources": ["a"], "segment": {"numerator": 1, "denominator": 1}, "conv": [1]}',
+         "option conv must be a mapping"),
+    ],
+)  # fmt: skip
+def test_malformed_htsep_config(tmp_path, own_file, config, phrase):
+    tensors, metadata = _metadata(own_file)
+    path = tmp_path / "config.safetensors"
+    save_file(tensors, str(path), {**metadata, "config": config})
+    _refused(path, phrase)
+
+
+@pytest.mark.parametrize("fmt", ["demucs-th", "htsep"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_nan_or_infinite_weights_are_refused_at_load(tmp_path, package, own_file, fmt, bad):
+    name = "encoder.1.conv.weight" if fmt == "demucs-th" else "freq_encoders.1.conv.weight"
+    if fmt == "demucs-th":
+        state = dict(package["state"])
+        state[name] = state[name].clone()
+        state[name].view(-1)[7] = bad
+        path = _write({**package, "state": state}, tmp_path / "nan.th")
+    else:
+        tensors, metadata = _metadata(own_file)
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[7] = bad
+        path = tmp_path / "nan.safetensors"
+        save_file(tensors, str(path), metadata)
+    _refused(path, f"tensor {name} holds NaN or infinite values")
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.bool, torch.complex64])
+def test_tensors_must_hold_floating_point_numbers(tmp_path, package, dtype):
+    state = dict(package["state"])
+    name = "encoder.1.conv.weight"
+    state[name] = torch.zeros(state[name].shape, dtype=dtype)
+    _refused(_write({**package, "state": state}, tmp_path / "int.th"), f"tensor {name} holds")
+
+
+def test_tensor_names_and_values_of_other_types(tmp_path, package):
+    state = {**package["state"], 7: torch.zeros(1)}
+    _refused(_write({**package, "state": state}, tmp_path / "key.th"), "names must be strings")
+    state = {**package["state"], "encoder.1.conv.weight": [1.0, 2.0]}
+    _refused(_write({**package, "state": state}, tmp_path / "value.th"), "wrong shapes")
+
+
+@pytest.mark.parametrize("args", [{"x": 1}, "drums", 5])
+def test_demucs_args_of_other_types(tmp_path, package, args):
+    kwargs = {k: v for k, v in package["kwargs"].items() if k != "sources"}
+    path = _write({**package, "args": args, "kwargs": kwargs}, tmp_path / "args.th")
+    _refused(path)
+
+
+@pytest.mark.parametrize("value", [torch.ones(3), [torch.ones(2)], {"nested": [1]}])
+def test_exotic_option_values_are_compared_safely(tmp_path, package, value):
+    """A tensor or a mapping where a switch belongs: refused by name, no __eq__ of its run."""
+    for option in ("cac", "multi_freqs", "t_lr"):
+        kwargs = {**package["kwargs"], option: value}
+        path = _write({**package, "kwargs": kwargs}, tmp_path / "exotic.th")
+        if option == "t_lr":  # ignored training-only option: loads
+            htsep.load_model(path)
+        else:
+            _refused(path, option)
+
+
+def test_special_files_are_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.th"
+    os.mkfifo(fifo)
+    link = tmp_path / "link.th"
+    link.symlink_to(fifo)
+    for path in (fifo, link):
+        outcome: list[BaseException | None] = []
+
+        def load(path=path, outcome=outcome):
+            try:
+                htsep.load_model(path)
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=load, daemon=True)
+        thread.start()
+        thread.join(timeout=10)
+        if thread.is_alive():  # unblock the reader before failing
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            pytest.fail(f"load_model blocked on {path}")
+        (error,) = outcome
+        assert isinstance(error, CheckpointError)
+        assert str(error) == f"{path}: is a named pipe (FIFO), not a checkpoint file"
+    with pytest.raises(CheckpointError, match="character device, not a checkpoint"):
+        htsep.load_model("/dev/null")
+
+
+def test_symlink_to_a_checkpoint_loads(tmp_path, small_checkpoint):
+    link = tmp_path / "link.th"
+    link.symlink_to(small_checkpoint[0])
+    assert htsep.load_model(link).sources == reference.SOURCES_4
+
+
+def test_load_builds_the_model_without_random_initialization(small_checkpoint):
+    """Built on the meta device then filled: same values as building it for real."""
+    model = htsep.load_model(small_checkpoint[0])
+    reference_model = small_checkpoint[2]
+    ours = dict(model.state_dict())
+    assert all(tensor.device.type == "cpu" for tensor in ours.values())
+    assert sum(t.numel() for t in ours.values()) == sum(
+        t.numel() for t in reference_model.state_dict().values()
+    )
+
+
+@pytest.mark.parametrize(
+    "sources",
+    [
+        ["drums", "../../escape", "other", "vocals"],
+        ["drums", "ABSOLUTE", "other", "vocals"],
+        ["drums", "..", "other", "vocals"],
+    ],
+)
+def test_cli_refuses_a_checkpoint_whose_sources_are_paths(tmp_path, package, sources):
+    from test_separate import htsep as htsep_separate
+    from test_separate import write_clip
+
+    victim = tmp_path / "x" / "victim"
+    victim.parent.mkdir()
+    sources = [str(victim) if name == "ABSOLUTE" else name for name in sources]
+    work = tmp_path / "work"
+    model = _write({**package, "kwargs": {**package["kwargs"], "sources": sources}},
+                   tmp_path / "crafted.th")  # fmt: skip
+    clip = work / "clip.wav"
+    write_clip(clip, 0.5)
+    before = sorted(tmp_path.rglob("*"))
+    result = htsep_separate("-n", str(model), "-q", "-o", str(work / "out" / "deep"), str(clip))
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("htsep: error:")]
+    assert len(errors) == 1 and "source name" in errors[0], result.stderr
+    assert "Traceback" not in result.output
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written anywhere
+    assert not victim.with_suffix(".wav").exists()

@@ -324,7 +324,7 @@ def test_named_and_file_configs(tmp_path):
     path = tmp_path / "groups.yaml"
     path.write_text(
         "segment: 0.5\nstft: {n_fft: 256}\n"
-        "conv: {channels: 4, depth: 2}\ntransformer: {layers: 1, heads: 2}\n"
+        "conv: {channels: 4, depth: 2, dconv_compress: 4}\ntransformer: {layers: 1, heads: 2}\n"
     )
     model = build_model(TrainOptions(dataset="d", config=str(path)), ["a", "b"], 8000, 1)
     assert model.sources == ["a", "b"] and model.audio_channels == 1  # the dataset's

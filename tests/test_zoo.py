@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import logging
+import os
 import shutil
 import threading
 from collections.abc import Iterator
@@ -545,3 +546,211 @@ def test_concurrent_downloads_end_with_one_good_file(mirror: Server, served: Ser
     assert len(mirror.requests) == 2
     assert sha256(final) == sha256(served.path)
     assert cache_leftovers(zoo.cache_dir()) == [served.path.name]
+
+
+# --- hostile registries, repositories and caches -----------------------------------------------
+
+ENTRY = "name: x\nsources: [a, b]\nmembers: [{signature: s, checksum: ab, url: u}]\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (ENTRY + "weights: [[.nan, 1]]\n", r"weights\[0\]\[0\] is nan"),
+        (ENTRY + "weights: [[.inf, 1]]\n", r"weights\[0\]\[0\] is inf"),
+        (ENTRY + "weights: [[-1, 1]]\n", r"weights\[0\]\[0\] is -1"),
+        (ENTRY + "weights: [[1.0e+300, 1]]\n", "from 0 to 1e"),
+        (ENTRY + "weights: [[1, 0]]\n", "source 2 no weight"),
+        (ENTRY + "weights: [[0, 0]]\n", "source 1 no weight"),
+        (ENTRY + f"weights: [[{10**400}, 1]]\n", "matrix of numbers"),
+        (ENTRY + "segment: .nan\n", "'segment' must be a number"),
+        (ENTRY + "segment: .inf\n", "'segment' must be a number"),
+        (ENTRY + "segment: 1e999999999\n", "'segment' must be a number"),
+        (ENTRY + "segment: '1/0'\n", "'segment' must be a number"),
+        (ENTRY + "segment: 601\n", "at most 600 seconds"),
+        (ENTRY + "segment: 0\n", "must be positive"),
+        ("name: x\nsources: [a, ../b]\nmembers: [{signature: s, checksum: ab, url: u}]\n",
+         "path separator"),
+        ("name: x\nsources: [a, a]\nmembers: [{signature: s, checksum: ab, url: u}]\n",
+         "appears twice"),
+        ("name: x\nsources: vocals\nmembers: [{signature: s, checksum: ab, url: u}]\n",
+         "'sources' must be a non-empty list"),
+        ("name: x\nsources: [a]\nmembers: [{signature: ../../s, checksum: ab, url: u}]\n",
+         "signature '../../s' contains a path separator"),
+        ("name: x\nsources: [a]\nmembers: [{signature: .., checksum: ab, url: u}]\n",
+         "signature '..' starts with '.'"),
+        ("name: ../x\nsources: [a]\nmembers: [{signature: s, checksum: ab, url: u}]\n",
+         "'name' '../x' contains a path separator"),
+        ("name: x\nsources: [a]\nmembers: [{signature: s, checksum: ab, file: ..}]\n",
+         "plain file name"),
+        ("[" * 5000 + "]" * 5000, "not valid YAML"),
+    ],
+)  # fmt: skip
+def test_hostile_registry_entries_are_named(text: str, problem: str) -> None:
+    with pytest.raises(ModelNotFoundError, match="^bad.yaml: .*" + problem) as caught:
+        zoo._parse_registry_entry(zoo._load_yaml(text, "bad.yaml"), "bad.yaml")
+    assert "\n" not in str(caught.value)
+
+
+@pytest.fixture(scope="module")
+def one_member_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("one")
+    model = reference.build(reference.SOURCES_4, reference.SMALL, seed=6)
+    reference.write_th(model, folder, "one")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("bag", "problem"),
+    [
+        ("models: [one]\nweights: [[0, 0, 0, 0]]\n", "source 1 no weight"),
+        ("models: [one]\nweights: [[1, .nan, 1, 1]]\n", "is nan"),
+        ("models: [one]\nweights: [[1, -2, 1, 1]]\n", "is -2"),
+        ("models: [one]\nsegment: -inf\n", "must be a number"),
+        ("models: [one]\nsegment: 1e999999999\n", "must be a number"),
+        ("models: ['../one']\n", r"models\[0\]: signature '../one' contains a path separator"),
+        ('models: ["one\\tx"]\n', "control"),
+        ("models: []\n", "non-empty list"),
+    ],
+)
+def test_hostile_repo_bags_are_refused_at_load(
+    one_member_repo: Path, tmp_path: Path, bag: str, problem: str
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(one_member_repo, repo)
+    (repo / "bag.yaml").write_text(bag)
+    with pytest.raises(ModelNotFoundError, match=problem) as caught:
+        find_model("bag", repo)
+    assert "\n" not in str(caught.value)
+
+
+def test_all_zero_bag_weights_fail_before_separating(one_member_repo: Path, tmp_path: Path) -> None:
+    """Once an IndexError deep in the bag planning: now the one-line error of find_model."""
+    repo = tmp_path / "repo"
+    shutil.copytree(one_member_repo, repo)
+    (repo / "bag.yaml").write_text("models: [one]\nweights: [[0, 0, 0, 0]]\n")
+    with pytest.raises(htsep.HtsepError, match="no weight"):
+        htsep.Separator("bag", repo=repo)
+
+
+def test_a_file_name_that_is_not_a_model_name(served: Served, tmp_path: Path) -> None:
+    """'...th' would name its output folder '..' (outside -o)."""
+    for name in ("...th", "..safetensors"):
+        bad = tmp_path / name
+        shutil.copy(served.path, bad)
+        with pytest.raises(ModelNotFoundError, match="rename the file"):
+            find_model(str(bad))
+    with pytest.raises(ModelNotFoundError, match="no model '..'"):
+        find_model("..", tmp_path)
+
+
+def test_special_files_as_models_never_block(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.th"
+    os.mkfifo(fifo)
+    results: list[BaseException] = []
+
+    def attempt() -> None:
+        for call in (
+            lambda: find_model(str(fifo)),
+            lambda: fetch(MemberSpec("pipe", checksum="ab", path=fifo)),
+        ):
+            try:
+                call()
+            except BaseException as exc:
+                results.append(exc)
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("blocked on a FIFO")
+    assert [type(exc) for exc in results] == [ModelNotFoundError, CheckpointError]
+    assert "named pipe (FIFO)" in str(results[0]) and "named pipe (FIFO)" in str(results[1])
+    assert not is_cached(MemberSpec("pipe", path=fifo))
+    # A FIFO in a repository is not a checkpoint; a FIFO bag is not read.
+    os.mkfifo(tmp_path / "bag.yaml")
+    with pytest.raises(ModelNotFoundError, match="it holds no"):
+        find_model("bag", tmp_path)
+
+
+def _blocked_cache(tmp_path: Path, how: str, member: MemberSpec, monkeypatch) -> Path:
+    if how == "under a file":
+        (tmp_path / "file").write_text("x")
+        monkeypatch.setenv("HTSEP_CACHE", str(tmp_path / "file" / "cache"))
+    elif how == "entry is a folder":
+        (zoo.cache_dir() / member.file_name).mkdir(parents=True)
+    elif how == "permission denied":
+
+        def refuse(*args: object, **kwargs: object) -> None:
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(zoo.files, "create_temporary", refuse)
+    elif how == "rename refused":
+
+        def refuse_place(*args: object, **kwargs: object) -> None:
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(zoo.files, "place", refuse_place)
+    return zoo.cache_dir()
+
+
+CACHE_PROBLEMS = ["under a file", "entry is a folder", "permission denied", "rename refused"]
+
+
+@pytest.mark.parametrize("how", CACHE_PROBLEMS)
+def test_unusable_cache_is_one_download_error(
+    mirror: Server, served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    shutil.copy(served.path, mirror.root / served.path.name)
+    folder = _blocked_cache(tmp_path, how, served.member, monkeypatch)
+    assert not is_cached(served.member)
+    with pytest.raises(DownloadError) as caught:
+        fetch(served.member, progress=False)
+    message = str(caught.value)
+    assert str(folder) in message and "\n" not in message
+    assert "HTSEP_CACHE" in message
+    if how != "under a file":
+        assert not [name for name in cache_leftovers(folder) if name.endswith(".part")]
+
+
+@pytest.mark.parametrize("how", CACHE_PROBLEMS)
+def test_unusable_cache_through_the_cli_and_the_api(
+    mirror: Server, served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from htsep.cli import app
+
+    shutil.copy(served.path, mirror.root / served.path.name)
+    _blocked_cache(tmp_path, how, served.member, monkeypatch)
+    registry = [zoo.ModelSpec("small", (served.member,), sources=tuple(reference.SOURCES_4))]
+    monkeypatch.setattr(zoo, "registry_models", lambda: registry)
+    result = CliRunner().invoke(app, ["models", "download", "-q", "small"])
+    assert result.exit_code == 1, result.output
+    assert (
+        "Traceback" not in result.output
+        and result.exception is None
+        or isinstance(result.exception, SystemExit)
+    )
+    listing = CliRunner().invoke(app, ["models"])
+    assert listing.exit_code == 0 and "not downloaded" in listing.output
+    with pytest.raises(DownloadError):
+        htsep.Separator("small")
+
+
+def test_stale_partial_downloads_are_removed_live_ones_kept(mirror: Server, served: Served) -> None:
+    from htsep import files
+
+    cache = zoo.cache_dir()
+    cache.mkdir(parents=True)
+    mine = files.owner_tag()
+    dead = mine.split("p")[0] + "p" + "999999999" + "s1"
+    stale = cache / f".{served.path.name}.{dead}.0123abcd.part"
+    live = cache / f".{served.path.name}.{mine}.0123abcd.part"
+    old_style = cache / f".{served.path.name}.x1y2z3.part"  # mkstemp's, owner unknown
+    for path in (stale, live, old_style):
+        path.write_bytes(b"partial")
+    shutil.copy(served.path, mirror.root / served.path.name)
+    fetch(served.member, progress=False)
+    assert cache_leftovers(cache) == sorted([served.path.name, live.name, old_style.name])
