@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -595,3 +596,305 @@ def test_extension_sets_are_consistent():
     assert all(e.startswith(".") and e == e.lower() for e in audio.AUDIO_EXTENSIONS)
     assert {".wav", ".flac", ".mp3", ".m4a"} <= audio.AUDIO_EXTENSIONS
     assert audio.WRITE_FORMATS == ("wav", "flac", "mp3")
+
+
+# Containers, encodings and truncation -----------------------------------------------------------
+
+# Every (format, subtype) this libsndfile writes and reads back, as small stereo files (mono where
+# the format has one channel only).
+_WRITABLE: list[tuple[str, str]] = [
+    (fmt, subtype)
+    for fmt in sorted(sf.available_formats())
+    if fmt not in ("RAW", "SD2")  # RAW has no header; SD2 keeps its header in a resource fork
+    for subtype in sorted(sf.available_subtypes(fmt))
+]
+# Formats whose header states no length: only a cut that splits a frame can show.
+_NO_LENGTH = {"IRCAM", "PAF", "PVF", "XI"}
+
+
+def _container_file(folder: Path, fmt: str, subtype: str, frames: int = 6000) -> Path | None:
+    """A valid file of ``fmt``/``subtype`` or None if libsndfile cannot write or read it here."""
+    path = folder / f"source-{fmt}-{subtype}.bin"
+    signal = 0.4 * np.sin(np.arange(frames)[:, None] * np.array([[0.01, 0.023]]))
+    for channels in (2, 1):
+        try:
+            sf.write(path, signal[:, :channels].astype(np.float32), 8000, format=fmt,
+                     subtype=subtype)  # fmt: skip
+            with sf.SoundFile(path) as handle:
+                handle.read(16)
+            return path
+        except (sf.LibsndfileError, RuntimeError, ValueError):
+            path.unlink(missing_ok=True)
+    return None
+
+
+@pytest.mark.parametrize(("fmt", "subtype"), _WRITABLE)
+def test_every_container_reads_whole_or_refuses_in_one_line(tmp_path, fmt, subtype):
+    """Whole files of every encoding: read in place, or (no seeking in it) decoded front to back
+    by AudioReader, with random reads equal to the whole read. Encodings libsndfile opens but
+    cannot decode (AIFF DWVW) are refused in one line."""
+    path = _container_file(tmp_path, fmt, subtype)
+    if path is None:
+        pytest.skip(f"libsndfile cannot write {fmt} {subtype} here")
+    try:
+        whole, rate = read_audio(path)
+    except AudioError as exc:
+        assert subtype.startswith("DWVW"), exc
+        assert str(exc) == (
+            f"{path}: truncated or corrupt audio, or an encoding this libsndfile cannot decode "
+            f"({fmt} {subtype}: Internal psf_fseek() failed)"
+        )
+        return
+    info = audio_info(path)
+    assert (info.sample_rate, info.channels) == (rate, whole.shape[0])
+    assert rate == (44100 if fmt == "XI" else 8000)  # XI instruments have no sample rate
+    with audio.AudioReader(path, block_frames=1000) as reader:
+        assert reader.count_frames() == whole.shape[1]
+        for start, length in [(2500, 700), (-10, 50), (0, 3000), (whole.shape[1] - 5, 20)]:
+            block = reader.read(start, length)
+            lo, hi = max(start, 0), min(start + length, whole.shape[1])
+            expected = whole[:, lo:hi]
+            assert block.shape == (whole.shape[0], length)
+            assert torch.allclose(block[:, lo - start : hi - start], expected, atol=1e-6)
+        reader.check_unchanged()
+    assert os.listdir(tmp_path) == [path.name]  # no decoded temporary left beside it
+
+
+@pytest.mark.parametrize(("fmt", "subtype"), _WRITABLE)
+def test_every_container_cut_is_refused_or_complete(tmp_path, fmt, subtype):
+    """A file cut in its header, its middle or its last bytes is refused in one line, or (a cut
+    of trailing metadata only) reads as the whole; never silently short, except where the
+    header states no length and the cut falls between frames."""
+    path = _container_file(tmp_path, fmt, subtype)
+    if path is None:
+        pytest.skip(f"libsndfile cannot write {fmt} {subtype} here")
+    try:
+        whole, _ = read_audio(path)
+    except AudioError:
+        pytest.skip("refused whole (see the test above)")
+    data = path.read_bytes()
+    for cut in sorted({30, len(data) // 3, len(data) // 2, len(data) - 100, len(data) - 1}):
+        cut_path = tmp_path / f"cut-{cut}.bin"
+        cut_path.write_bytes(data[:cut])
+        for function in (read_audio, lambda p: (_reader_whole(p), None)):
+            try:
+                got = function(cut_path)[0]
+            except AudioError as exc:
+                message = str(exc)
+                assert message.startswith(f"{cut_path}: ") and "\n" not in message
+                continue
+            if fmt in _NO_LENGTH or fmt in ("MP3", "OGG"):
+                assert got.shape[1] <= whole.shape[1] + 2048
+            else:
+                assert got.shape == whole.shape, (cut, got.shape, whole.shape)
+
+
+def _reader_whole(path: Path) -> torch.Tensor:
+    with audio.AudioReader(path) as reader:
+        frames = reader.count_frames()
+        return reader.read(0, frames)
+
+
+@pytest.mark.parametrize("what", ["RF64", "W64", "AU", "CAF", "AIFF", "NIST", "FLAC", "OGG"])
+def test_cut_containers_name_the_truncation(tmp_path, what):
+    """The hostile tester's cases: RF64, W64 and AU files cut in half were half-separated."""
+    path = _container_file(tmp_path, what, "VORBIS" if what == "OGG" else "PCM_16", 20000)
+    assert path is not None
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 + 1])
+    for function in (read_audio, audio_info, _reader_whole):
+        if function is audio_info and what == "FLAC":
+            continue  # FLAC's cut shows when its frames are decoded
+        with pytest.raises(AudioError) as excinfo:
+            function(path)
+        assert_audio_error(excinfo, path, "truncated or corrupt audio")
+
+
+# Inputs that change while they are read ---------------------------------------------------------
+
+
+def _float_wav(path: Path, frames: int = 20000, seed: int = 0) -> torch.Tensor:
+    x = noise(2, frames, scale=0.5, seed=seed)
+    write_audio(path, x, RATE, bits=32)
+    return x
+
+
+def test_input_cut_after_the_first_pass_fails_the_read(tmp_path):
+    path = tmp_path / "song.wav"
+    _float_wav(path)
+    with audio.AudioReader(path) as reader:
+        assert reader.count_frames() == 20000
+        os.truncate(path, path.stat().st_size // 2)
+        with pytest.raises(AudioError) as excinfo:
+            reader.read(15000, 1000)
+        assert_audio_error(excinfo, path, "changed while it was being read")
+        with pytest.raises(AudioError):
+            reader.check_unchanged()
+
+
+def test_input_rewritten_in_place_fails(tmp_path):
+    """Same length, other samples: the size cannot tell, the change time can."""
+    path = tmp_path / "song.wav"
+    _float_wav(path)
+    with audio.AudioReader(path) as reader:
+        reader.count_frames()
+        reader.read(0, 1000)
+        time.sleep(0.05)  # past the file system's clock tick, as any real rewrite is
+        with open(path, "r+b") as handle:  # in place: same inode, same length
+            handle.seek(5000)
+            handle.write(bytes(4000))
+        with pytest.raises(AudioError) as excinfo:
+            reader.check_unchanged()
+        assert_audio_error(excinfo, path, "changed while it was being read (rewritten in place)")
+        with pytest.raises(AudioError):
+            reader.read(1000, 1000)
+
+
+def test_input_shorter_than_counted_fails_even_unnoticed(tmp_path, monkeypatch):
+    """A short read within [0, frames) is never padded with zeros as if the track went on."""
+    path = tmp_path / "song.wav"
+    _float_wav(path)
+    with audio.AudioReader(path) as reader:
+        reader.count_frames()
+        monkeypatch.setattr(reader, "check_unchanged", lambda: None)
+        os.truncate(path, path.stat().st_size - 8000)
+        with pytest.raises(AudioError) as excinfo:
+            reader.read(19000, 1000)
+        assert_audio_error(excinfo, path, "changed while it was read (")
+
+
+def test_input_replaced_by_rename_keeps_reading_the_opened_file(tmp_path):
+    """Editors save by renaming a new file over the old: the reader goes on with the file it
+    opened, whose samples stay whole and consistent."""
+    path = tmp_path / "song.wav"
+    x = _float_wav(path, seed=1)
+    with audio.AudioReader(path) as reader:
+        reader.count_frames()
+        _float_wav(tmp_path / "new.wav", 5000, seed=2)
+        os.replace(tmp_path / "new.wav", path)
+        assert torch.equal(reader.read(0, 20000), x)
+        reader.check_unchanged()
+
+
+@pytest.mark.skipif(not POSIX, reason="FIFOs")
+@pytest.mark.parametrize("function", [read_audio, audio_info, audio.AudioReader])
+def test_fifo_is_refused_without_waiting_for_a_writer(tmp_path, function):
+    path = tmp_path / "pipe.wav"
+    os.mkfifo(path)
+    script = (
+        "import sys\nfrom htsep import audio\n"
+        f"try:\n    audio.{function.__name__}(sys.argv[1])\n"
+        "except audio.AudioError as exc:\n    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.stdout == f"{path}: is not a regular file\n", done.stderr
+
+
+# Writing: no replacing, labels, full disks ------------------------------------------------------
+
+
+def test_no_replace_keeps_a_file_that_appeared_meanwhile(tmp_path):
+    path = tmp_path / "vocals.wav"
+    with (
+        pytest.raises(AudioError) as excinfo,
+        audio.AudioWriter(path, RATE, 2, replace=False) as writer,
+    ):
+        writer.write(noise(2, 1000, scale=0.5))
+        path.write_bytes(b"another program's file")
+    assert str(excinfo.value) == (
+        f"{path}: exists already (created by another program while htsep wrote it); not replaced"
+    )
+    assert path.read_bytes() == b"another program's file"
+    assert os.listdir(tmp_path) == ["vocals.wav"]
+
+
+def test_no_replace_writes_when_nothing_is_there(tmp_path):
+    path = tmp_path / "vocals.flac"
+    x = noise(2, 1000, scale=0.5)
+    write_audio(path, x, RATE, replace=False)
+    assert read_audio(path)[0].shape == (2, 1000)
+    assert os.listdir(tmp_path) == ["vocals.flac"]
+
+
+def test_label_names_the_file_in_errors(tmp_path):
+    staged = tmp_path / ".staging" / "vocals.wav"
+    with pytest.raises(AudioError) as excinfo:
+        write_audio(staged, noise(2, 10), RATE, bits=8, label="out/song/vocals.flac")
+    assert str(excinfo.value).startswith("out/song/vocals.flac: WAV takes 16, 24 or 32 bits")
+    with pytest.raises(AudioError) as excinfo:
+        write_audio(staged, noise(1, 10)[0], RATE, label="out/song/vocals.flac")
+    assert str(excinfo.value).startswith("out/song/vocals.flac: expected (channels, time)")
+
+
+def test_written_file_is_synced_before_the_rename(tmp_path, monkeypatch):
+    """A power loss must not leave an empty file under the final name: the data is flushed
+    before the rename that publishes it."""
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(
+        os, "replace", lambda a, b: (events.append("rename"), real_replace(a, b))[1]
+    )
+    write_audio(tmp_path / "song.wav", noise(2, 100), RATE)
+    assert events[:2] == ["fsync", "rename"]
+
+
+def test_full_disk_is_named_not_system_error(tmp_path, monkeypatch):
+    """libsndfile reports a failed write as "System error": the reason comes from the OS."""
+    path = tmp_path / "drums.wav"
+
+    def fail(self, data):
+        raise sf.LibsndfileError(2)  # SFE_SYSTEM, libsndfile's "System error"
+
+    def no_space(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sf.SoundFile, "write", fail)
+    monkeypatch.setattr(audio.os, "write", no_space)
+    with pytest.raises(AudioError) as excinfo:
+        write_audio(path, noise(2, 1000), RATE, label="out/drums.wav")
+    assert str(excinfo.value) == "out/drums.wav: cannot write: No space left on device"
+    assert os.listdir(tmp_path) == []
+
+
+FILE_SIZE_LIMIT_SCRIPT = """
+import resource, sys, torch
+from htsep.audio import write_audio, AudioError
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+try:
+    write_audio(sys.argv[1], torch.rand(2, {frames}) - 0.5, 44100, bits={bits})
+except AudioError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.skipif(not POSIX, reason="RLIMIT_FSIZE")
+@pytest.mark.parametrize(("suffix", "bits", "frames"), [(".wav", 32, 100_000),
+                                                        (".flac", 16, 400_000)])  # fmt: skip
+def test_file_size_limit_is_named(tmp_path, suffix, bits, frames):
+    """The real failure, without root: a process limited to 200 kB gets EFBIG (Python ignores
+    SIGXFSZ), the same path as a full disk."""
+    path = tmp_path / f"big{suffix}"
+    script = FILE_SIZE_LIMIT_SCRIPT.format(frames=frames, bits=bits)
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.stdout == f"{path}: cannot write: File too large\n", done.stderr
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(not POSIX or os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_full_tmpfs_is_named(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:  # fmt: skip
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        path = disk / "song.wav"
+        with pytest.raises(AudioError) as excinfo:
+            write_audio(path, noise(2, 100_000), RATE, bits=32)
+        assert str(excinfo.value) == f"{path}: cannot write: No space left on device"
+        assert os.listdir(disk) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
