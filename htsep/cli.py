@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -56,8 +57,60 @@ JOBS_OPTION = typer.Option(0, "-j", "--jobs", help="CPU threads for torch (0: it
 QUIET_OPTION = typer.Option(False, "-q", "--quiet", help="No progress, only errors.")
 
 
+def printable(text: str) -> str:
+    """``text`` on one printable line: control characters (a newline in a file name) and
+    undecodable bytes of a file name are written as escapes."""
+    out = []
+    for char in text:
+        code = ord(char)
+        if code < 0x20 or code == 0x7F:
+            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(char, f"\\x{code:02x}"))
+        elif 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8 (surrogateescape)
+            out.append(f"\\x{code - 0xDC00:02x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
 def _error(message: str) -> None:
-    typer.echo(f"htsep: error: {message}", err=True)
+    typer.echo(printable(f"htsep: error: {message}"), err=True)
+
+
+def _warn(message: str) -> None:
+    typer.echo(printable(f"htsep: warning: {message}"), err=True)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C: the work stops and nothing half-written is left."""
+
+
+@contextlib.contextmanager
+def _signals_as_interrupts() -> Iterator[None]:
+    """SIGINT and SIGTERM stop the command with KeyboardInterrupt (Terminated for SIGTERM);
+    once one came, later ones are ignored, so that a second Ctrl-C cannot cut the cleanup
+    short and leave temporary files behind (kill -9 still stops at once; a later run removes
+    what it left)."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    stopped = []
+
+    def stop(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stopped.append(signum)
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        if not stopped:  # once stopping, the process stays deaf to them until it exits
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
@@ -72,9 +125,10 @@ def _reported_errors(interrupted: str) -> Iterator[None]:
     except HtsepError as exc:
         _error(str(exc))
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        _error(interrupted)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        _error(f"terminated: {interrupted}" if terminated else interrupted)
+        raise typer.Exit(143 if terminated else 130) from None
 
 
 def _print_version(value: bool) -> None:
@@ -145,7 +199,8 @@ class Track:
 
 def expand_inputs(patterns: list[str], exclude: Path) -> list[Track]:
     """Files as given, folders searched recursively for audio, glob patterns expanded; in a
-    stable order, without duplicates, and never from inside the output folder."""
+    stable order, without duplicates. Files found under a folder or pattern are never taken
+    from ``exclude`` (the tree htsep writes, ``<out>/<model>``); files named directly are."""
     from htsep.audio import AUDIO_EXTENSIONS
 
     exclude = exclude.resolve()
@@ -161,11 +216,9 @@ def expand_inputs(patterns: list[str], exclude: Path) -> list[Track]:
     def audio_under(folder: Path) -> list[Path]:
         found = []
         for item in sorted(folder.rglob("*")):
-            if item.name.startswith(".") or not item.is_file():
+            if item.name.startswith(".") or item.suffix.lower() not in AUDIO_EXTENSIONS:
                 continue
-            if item.suffix.lower() in AUDIO_EXTENSIONS and not item.resolve().is_relative_to(
-                exclude
-            ):
+            if item.is_file() and not item.resolve().is_relative_to(exclude):
                 found.append(item)
         return found
 
@@ -181,7 +234,7 @@ def expand_inputs(patterns: list[str], exclude: Path) -> list[Track]:
             add(path, pattern)
         elif glob.has_magic(pattern):
             matches = [Path(m) for m in sorted(glob.glob(pattern, recursive=True))]
-            files = [m for m in matches if m.is_file()]
+            files = [m for m in matches if m.is_file() and not m.resolve().is_relative_to(exclude)]
             files += [f for m in matches if m.is_dir() for f in audio_under(m)]
             if not files:
                 tracks.append(Track(pattern, None, f"{pattern}: no files match this pattern"))
@@ -207,46 +260,73 @@ def take_shard(tracks: list[Track], index: int, count: int) -> list[Track]:
     return tracks[index - 1 :: count]
 
 
-def _check_template(template: str) -> None:
+TEMPLATE_FIELDS = ("track", "trackext", "stem", "ext")
+
+
+def check_template(template: str, ext: str, stems: int) -> None:
+    """A --filename template: plain {track}, {trackext}, {stem} and {ext} fields only, a
+    relative path that stays inside <out>/<model>, ending in the format's extension, and
+    naming {stem} when more than one stem is written."""
+    import string
+
+    what = f"--filename {template!r}"
+    if not template.strip():
+        raise UsageError("--filename is empty")
     try:
-        template.format(track="t", trackext="wav", stem="s", ext="wav")
-    except (KeyError, IndexError, ValueError) as exc:
+        parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template)]
+    except ValueError as exc:
+        raise UsageError(f"{what}: {exc}") from None
+    fields = [field_name for field_name, _, _ in parsed if field_name is not None]
+    for field_name, spec, conversion in parsed:
+        if field_name is None:
+            continue
+        if field_name not in TEMPLATE_FIELDS or spec or conversion:
+            raise UsageError(
+                f"{what}: only the plain fields {{track}}, {{trackext}}, {{stem}} and {{ext}} are "
+                f"available, not {{{field_name}{'!' + conversion if conversion else ''}"
+                f"{':' + spec if spec else ''}}}"
+            )
+    sample = template.format(track="t", trackext="wav", stem="s", ext=ext)
+    relative = Path(sample)
+    if relative.is_absolute() or os.path.normpath(sample).split(os.sep)[0] == "..":
+        raise UsageError(f"{what}: must be a relative path inside <out>/<model>")
+    if relative.suffix.lower() != f".{ext}":
         raise UsageError(
-            f"--filename {template!r}: only {{track}}, {{trackext}}, {{stem}} and {{ext}} "
-            f"are available ({exc})"
-        ) from None
+            f"{what}: must end with .{{ext}} (here .{ext}), e.g. {{track}}/{{stem}}.{{ext}}"
+        )
+    if stems > 1 and "stem" not in fields:
+        raise UsageError(f"{what}: {stems} stems would go to one file; add {{stem}}")
 
 
-def stem_names(
-    sources: list[str], stems: list[str] | None, two_stems: str | None, other_method: OtherMethod
-) -> list[str]:
-    """The file stems written for a track."""
-    if two_stems is None:
-        return list(stems or sources)
-    names = [two_stems]
-    if other_method is OtherMethod.add:
-        names.append(f"no_{two_stems}")
-    elif other_method is OtherMethod.minus:
-        names.append(f"minus_{two_stems}")
-    return names
+def track_name(path: Path) -> tuple[str, str]:
+    """(track, trackext) of an input file: its name without and with only the extension.
+    A name that is only dots before its extension (``..wav``) keeps its whole name, so that
+    no track is called ``.`` or ``..``."""
+    base, dot, suffix = path.name.rpartition(".")
+    if not dot:
+        return path.name, ""
+    if not base.strip("."):
+        return path.name, suffix
+    return base, suffix
 
 
 @app.command()
 def separate(
+    ctx: typer.Context,
     inputs: list[str] = typer.Argument(
         ...,
         help="Audio files, folders (searched recursively) or glob patterns.",
         show_default=False,
     ),
     name: str = NAME_OPTION,
-    repo: Path | None = typer.Option(
+    repo: str | None = typer.Option(
         None,
         "--repo",
         help="Folder of checkpoints (<sig>-<sha8>.th, <sig>.safetensors) and "
         "<name>.yaml bags, as demucs reads it.",
     ),
-    out: Path = typer.Option(
-        Path("separated"), "-o", "--out", help="Output folder; stems go under <out>/<model name>/."
+    out: str = typer.Option(
+        "separated", "-o", "--out", help="Output folder; stems go under <out>/<model name>/."
     ),
     filename: str = typer.Option(
         "{track}/{stem}.{ext}",
@@ -321,81 +401,164 @@ def separate(
     ),
 ) -> None:
     """Separate tracks into stems: <out>/<model>/<track>/<stem>.wav by default."""
-    with _reported_errors("interrupted (finished stems are complete; none is half-written)"):
-        code = _separate(**locals())
+    given = _given_options(ctx)
+    options = {key: value for key, value in locals().items() if key not in ("ctx", "given")}
+    with (
+        _signals_as_interrupts(),
+        _reported_errors("interrupted (finished stems are complete; none is half-written)"),
+    ):
+        code = _separate(**options, given=given)
     raise typer.Exit(code)
+
+
+def _check_options(opts: dict[str, Any], given: set[str]) -> tuple[str, int, Any]:
+    """Every option, before any work: UsageError (exit 2) for a bad value, a warning for an
+    option that would be ignored. -> (extension, bits, checked Settings)"""
+    from htsep.separator import Settings
+
+    empty = [
+        name
+        for name in ("out", "name", "repo", "filename", "device", "stems", "two_stems", "shard")
+        if opts[name] is not None and not str(opts[name]).strip()
+    ]
+    if "" in [item.strip() for item in opts["inputs"]]:
+        raise UsageError("an input is an empty string (an unset variable in a script?)")
+    if empty:
+        names = ", ".join("--" + name.replace("_", "-") for name in empty)
+        raise UsageError(f"{names}: empty value (an unset variable in a script?)")
+    if opts["int24"] and opts["float32"]:
+        raise UsageError("--int24 and --float32 exclude each other")
+    if opts["flac"] and opts["mp3"]:
+        raise UsageError("--flac and --mp3 exclude each other")
+    if opts["mp3"] and (opts["int24"] or opts["float32"]):
+        raise UsageError(f"--{'int24' if opts['int24'] else 'float32'} does not apply to --mp3")
+    if opts["float32"] and opts["flac"]:
+        raise UsageError("--float32 is for WAV output only (FLAC has no float samples)")
+    bits = 32 if opts["float32"] else 24 if opts["int24"] else 16
+    ext = "flac" if opts["flac"] else "mp3" if opts["mp3"] else "wav"
+    if not 8 <= opts["mp3_bitrate"] <= 320:
+        raise UsageError(f"--mp3-bitrate must be 8 to 320 kbps, not {opts['mp3_bitrate']}")
+    if not opts["mp3"] and given & {"mp3_bitrate", "mp3_preset"}:
+        _warn("--mp3-bitrate and --mp3-preset apply only with --mp3; ignored")
+    if opts["two_stems"] and opts["stems"]:
+        raise UsageError("--two-stems and --stems exclude each other")
+    if not opts["two_stems"] and "other_method" in given:
+        _warn("--other-method applies only with --two-stems; ignored")
+    if opts["no_split"] and given & {"overlap", "segment"}:
+        _warn("--overlap and --segment do not apply with --no-split; ignored")
+    if not 0 <= opts["jobs"] <= 1024:
+        raise UsageError(f"--jobs must be in 0..1024, got {opts['jobs']}")
+    if opts["shard"]:
+        parse_shard(opts["shard"])
+    try:
+        settings = Settings.check(
+            shifts=opts["shifts"],
+            overlap=opts["overlap"],
+            split=not opts["no_split"],
+            segment=opts["segment"],
+            seed=opts["seed"],
+            batch_size=opts["batch_size"],
+            precision=opts["precision"],
+            stems=_wanted_stems(opts),
+        )
+    except UsageError as exc:  # name the option as typed
+        message = str(exc)
+        for word, option in _SETTING_OPTIONS.items():
+            if message.startswith(word + " "):
+                message = option + message[len(word) :]
+                break
+        raise UsageError(message) from None
+    check_template(opts["filename"], ext, 1)  # {stem} is checked once the stems are known
+    return ext, bits, settings
+
+
+_SETTING_OPTIONS = {
+    "shifts": "--shifts",
+    "overlap": "--overlap",
+    "segment": "--segment",
+    "seed": "--seed",
+    "batch size": "--batch-size",
+    "precision": "--precision",
+}
+
+
+def _wanted_stems(opts: dict[str, Any]) -> list[str] | None:
+    if opts["two_stems"]:
+        return [opts["two_stems"].strip()]
+    if opts["stems"]:
+        return _comma_list(opts["stems"], "--stems")
+    return None
 
 
 def _separate(**opts: Any) -> int:
     import torch
 
+    from htsep import files, zoo
     from htsep.separator import Separator
 
-    if opts["int24"] and opts["float32"]:
-        raise UsageError("--int24 and --float32 exclude each other")
-    if opts["flac"] and opts["mp3"]:
-        raise UsageError("--flac and --mp3 exclude each other")
-    if opts["float32"] and not (opts["flac"] or opts["mp3"]):
-        bits = 32
-    elif opts["float32"]:
-        raise UsageError("--float32 is for WAV output only")
-    else:
-        bits = 24 if opts["int24"] else 16
-    ext = "flac" if opts["flac"] else "mp3" if opts["mp3"] else "wav"
-    if opts["two_stems"] and opts["stems"]:
-        raise UsageError("--two-stems and --stems exclude each other")
-    _check_template(opts["filename"])
-    shard = parse_shard(opts["shard"]) if opts["shard"] else None
-    if opts["jobs"] < 0:
-        raise UsageError(f"--jobs must be >= 0, got {opts['jobs']}")
-    if opts["jobs"]:
-        torch.set_num_threads(opts["jobs"])
-    wanted = None
-    if opts["stems"]:
-        wanted = [s.strip() for s in opts["stems"].split(",") if s.strip()]
-    if opts["two_stems"]:
-        wanted = [opts["two_stems"]]
+    ext, bits, settings = _check_options(opts, opts.pop("given"))
     quiet = opts["quiet"]
-    out: Path = opts["out"]
+    out = Path(opts["out"])
+    spec = zoo.find_model(opts["name"], repo=opts["repo"])
+    if spec.name in ("", ".", "..") or any(sep in spec.name for sep in "/\\\0"):
+        raise UsageError(f"model name {spec.name!r} cannot name an output folder")
+    folder = out / spec.name
 
-    tracks = expand_inputs(opts["inputs"], exclude=out)
-    if shard:
-        tracks = take_shard(tracks, *shard)
+    tracks = expand_inputs(opts["inputs"], exclude=folder)
+    if opts["shard"]:
+        index, count = parse_shard(opts["shard"])
+        total = len(tracks)
+        tracks = take_shard(tracks, index, count)
+        if not tracks:
+            if not quiet:
+                typer.echo(
+                    f"htsep: shard {index}/{count} is empty ({total} input"
+                    f"{'s' if total != 1 else ''}); nothing to do",
+                    err=True,
+                )
+            return 0
     if tracks and all(t.error is not None for t in tracks):
         for track in tracks:  # nothing to separate: do not load (or download) the model
             track.status = "failed"
             _error(track.error or "")
             if opts["json_lines"]:
-                typer.echo(json.dumps(track.record(opts["name"])))
+                typer.echo(json.dumps(track.record(spec.name)))
         return 1
+    if opts["jobs"]:
+        torch.set_num_threads(opts["jobs"])
     separator = Separator(
         opts["name"],
         repo=opts["repo"],
         device=opts["device"],
-        shifts=opts["shifts"],
-        overlap=opts["overlap"],
-        split=not opts["no_split"],
-        segment=opts["segment"],
-        seed=opts["seed"],
-        batch_size=opts["batch_size"],
-        precision=opts["precision"],
-        stems=wanted,
+        shifts=settings.shifts,
+        overlap=settings.overlap,
+        split=settings.split,
+        segment=settings.segment,
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+        precision=settings.precision,
+        stems=settings.stems,
         progress=not quiet,
         keep_memory=opts["keep_memory"],
     )
-    names = stem_names(separator.sources, wanted, opts["two_stems"], opts["other_method"])
-    folder = out / separator.name
+    names = separator.output_names(opts["two_stems"], opts["other_method"].value)
+    check_template(opts["filename"], ext, len(names))
+    plans = plan_outputs(tracks, opts, names, folder, ext)
+    # What killed runs left: staging folders and temporaries beside the stems, decoded inputs
+    # in the temporary folder (never a live process's files).
+    folders = {path.parent for plan in plans.values() for path in plan.paths.values()}
+    for parent in sorted(folders) + [Path(tempfile.gettempdir())]:
+        files.remove_stale(parent)
     if not quiet:
         typer.echo(
             f"htsep: {separator.name} ({separator.members_running} network"
             f"{'s' if separator.members_running > 1 else ''}) on {separator.device}; "
-            f"stems in {folder}",
+            f"stems in {printable(str(folder))}",
             err=True,
         )
 
-    inputs = {t.path.resolve() for t in tracks if t.path is not None}
     started = time.perf_counter()
-    batch = _Batch(separator, tracks, opts, names, folder, ext, bits, inputs)
+    batch = _Batch(separator, tracks, opts, plans, bits)
     with batch:
         batch.run()
     failed = sum(t.status == "failed" for t in tracks)
@@ -410,6 +573,67 @@ def _separate(**opts: Any) -> int:
     return 1 if failed or not tracks else 0
 
 
+@dataclass(frozen=True)
+class OutputPlan:
+    """Where a track's stems go, and which existing ones a resumed track keeps."""
+
+    paths: dict[str, Path]
+    keep: frozenset[str] = frozenset()
+
+
+def plan_outputs(
+    tracks: list[Track], opts: dict[str, Any], names: list[str], folder: Path, ext: str
+) -> dict[int, OutputPlan]:
+    """The stem files of every track, before any work. Two tracks (or two stems) that would
+    write one file are a UsageError; a track whose outputs would replace an input fails; with
+    --skip-existing a finished track is skipped and an unfinished one keeps its finished
+    stems; without --overwrite an existing stem fails its track. -> {track index: plan}"""
+    inputs = {t.path.resolve() for t in tracks if t.path is not None}
+    owners: dict[Path, str] = {}
+    paths_of: dict[int, dict[str, Path]] = {}
+    for index, track in enumerate(tracks):
+        if track.error is not None or track.path is None:
+            continue
+        base, suffix = track_name(track.path)
+        paths = {
+            stem: folder / opts["filename"].format(track=base, trackext=suffix, stem=stem, ext=ext)
+            for stem in names
+        }
+        for stem, path in paths.items():
+            key = Path(os.path.abspath(path))
+            if key in owners:
+                other = owners[key]
+                raise UsageError(
+                    f"--filename {opts['filename']!r}: {path} would be written for both "
+                    f"{other} and {track.source}"
+                    + ("" if other != track.source else f" (stem {stem})")
+                )
+            owners[key] = track.source
+        paths_of[index] = paths
+
+    plans: dict[int, OutputPlan] = {}
+    for index, paths in paths_of.items():
+        track = tracks[index]
+        clash = next((p for p in paths.values() if p.resolve() in inputs), None)
+        if clash is not None:
+            track.error = f"{track.source}: output {clash} would overwrite an input file"
+            continue
+        existing = [stem for stem, path in paths.items() if os.path.lexists(path)]
+        if opts["skip_existing"] and len(existing) == len(paths):
+            track.status = "skipped"
+            track.outputs = [str(p) for p in paths.values()]
+            continue
+        if existing and not (opts["overwrite"] or opts["skip_existing"]):
+            track.error = (
+                f"{track.source}: {paths[existing[0]]} exists (use --overwrite to replace it "
+                "or --skip-existing to skip finished tracks)"
+            )
+            continue
+        keep = frozenset() if opts["overwrite"] else frozenset(existing)
+        plans[index] = OutputPlan(paths, keep)
+    return plans
+
+
 class _Batch:
     """The tracks of one ``separate`` call, in order. With the pipeline on, the next track's
     first pass (decoding, checks, statistics) and the previous track's final encoding (the
@@ -421,19 +645,14 @@ class _Batch:
         separator: Any,
         tracks: list[Track],
         opts: dict[str, Any],
-        names: list[str],
-        folder: Path,
-        ext: str,
+        plans: dict[int, OutputPlan],
         bits: int,
-        inputs: set[Path],
     ) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.separator, self.tracks, self.opts = separator, tracks, opts
-        self.names, self.folder, self.ext, self.bits, self.inputs = names, folder, ext, bits, inputs
+        self.plans, self.bits = plans, bits
         self.quiet = opts["quiet"]
-        self.planned: dict[Path, str] = {}
-        self.outputs: dict[int, dict[str, Path]] = {}
         self.scans: dict[int, Any] = {}  # track index -> Future of a ScannedFile
         self.encoding: tuple[int, Any, Any, float] | None = None  # index, future, pending, start
         self.stop = threading.Event()
@@ -446,7 +665,7 @@ class _Batch:
         self._plan(0)
         for index in range(len(self.tracks)):
             self._plan(index + 1)  # before this one runs, so that its decoding can start
-            if index in self.outputs:
+            if index in self.plans:
                 self._separate(index)
             else:
                 self._collect()
@@ -454,16 +673,8 @@ class _Batch:
         self._collect()
 
     def _plan(self, index: int) -> None:
-        if index >= len(self.tracks) or self.tracks[index].error is not None:
-            return
-        paths = _plan_outputs(
-            self.tracks[index], self.opts, self.names, self.folder, self.ext, self.inputs,
-            self.planned,
-        )  # fmt: skip
-        if paths is None:
-            return
-        self.outputs[index] = paths
-        if self.decoder is not None:
+        """Start the first pass of track ``index`` in the background, if it is to run."""
+        if index in self.plans and self.decoder is not None:
             self.scans[index] = self.decoder.submit(self._scan, index)
 
     def _scan(self, index: int) -> Any:
@@ -503,7 +714,7 @@ class _Batch:
         with tqdm(
             total=round(duration, 2),
             unit="s",
-            desc=f"[{index + 1}/{len(self.tracks)}] {path.name}",
+            desc=printable(f"[{index + 1}/{len(self.tracks)}] {path.name}"),
             disable=self.quiet,
             leave=False,
             dynamic_ncols=True,
@@ -511,9 +722,12 @@ class _Batch:
         ) as bar:
             self.bar = None if self.quiet else bar
             try:
+                plan = self.plans[index]
                 return self.separator.separate_file_staged(
                     scanned,
-                    self.outputs[index],
+                    plan.paths,
+                    overwrite=opts["overwrite"],
+                    keep=plan.keep,
                     two_stems=opts["two_stems"],
                     other_method=opts["other_method"].value,
                     clip_mode=opts["clip_mode"].value,
@@ -549,7 +763,7 @@ class _Batch:
         else:
             track.seconds = finished - started
             track.status = "ok"
-            track.outputs = [str(path) for path in self.outputs[index].values()]
+            track.outputs = [str(path) for path in self.plans[index].paths.values()]
         self._report(index)
 
     def _fail(self, index: int, exc: HtsepError) -> None:
@@ -567,7 +781,8 @@ class _Batch:
         elif track.status == "ok" and not self.quiet:
             assert track.path is not None and track.seconds and track.duration is not None
             self._say(
-                f"[{index + 1}/{len(self.tracks)}] {track.path.name}: {len(self.outputs[index])} "
+                f"[{index + 1}/{len(self.tracks)}] {track.path.name}: "
+                f"{len(self.plans[index].paths)} "
                 f"stems in {track.seconds:.1f} s "
                 f"({track.duration / track.seconds:.2f}x real time)",
                 err=True,
@@ -578,6 +793,7 @@ class _Batch:
     def _say(self, line: str, err: bool) -> None:
         """A line on stderr or stdout; through tqdm while a progress bar is on screen, so that
         the bar is redrawn below it instead of being torn."""
+        line = printable(line)
         if self.bar is None:
             typer.echo(line, err=err)
         else:
@@ -599,52 +815,6 @@ class _Batch:
                     scanned.close()
         if self.encoding is not None:
             self.encoding[2].discard()
-
-
-def _plan_outputs(
-    track: Track,
-    opts: dict[str, Any],
-    names: list[str],
-    folder: Path,
-    ext: str,
-    inputs: set[Path],
-    planned: dict[Path, str],
-) -> dict[str, Path] | None:
-    """The stem files of ``track``; None (with the track's error or skipped status set) when it
-    must not run: its outputs would overwrite an input or another track's outputs, or exist."""
-    assert track.path is not None
-    base, _, suffix = track.path.name.rpartition(".")
-    if not base:
-        base, suffix = suffix, ""
-    paths = {
-        stem: folder / opts["filename"].format(track=base, trackext=suffix, stem=stem, ext=ext)
-        for stem in names
-    }
-    for path in paths.values():
-        key = path.resolve()
-        if key in inputs:
-            track.error = f"{track.source}: output {path} would overwrite an input file"
-            return None
-        if key in planned:
-            track.error = (
-                f"{track.source}: output {path} is also the output of "
-                f"{planned[key]}; add {{trackext}} or folders to --filename"
-            )
-            return None
-    existing = [p for p in paths.values() if p.exists()]
-    if opts["skip_existing"] and len(existing) == len(paths):
-        track.status = "skipped"
-        track.outputs = [str(p) for p in paths.values()]
-        return None
-    if existing and not (opts["overwrite"] or opts["skip_existing"]):
-        track.error = (
-            f"{track.source}: {existing[0]} exists (use --overwrite to replace it "
-            "or --skip-existing to skip finished tracks)"
-        )
-        return None
-    for path in paths.values():
-        planned[path.resolve()] = track.source
-    return paths
 
 
 # --- models and info -------------------------------------------------------------------------

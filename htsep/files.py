@@ -242,15 +242,16 @@ class StagingFolder:
                 candidate.mkdir()
             except FileExistsError:
                 continue
-            self.path: Path | None = candidate
+            self.path = candidate
             self.name = str(candidate)
+            self._removed = False
             return
         raise FileExistsError(errno.EEXIST, f"no free staging name in {parent}")
 
     def cleanup(self) -> None:
-        if self.path is not None:
+        if not self._removed:
             shutil.rmtree(self.path, ignore_errors=True)
-            self.path = None
+            self._removed = True
 
 
 def remove_stale(folder: str | os.PathLike[str]) -> list[Path]:

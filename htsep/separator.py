@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
-import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import torchaudio.functional as AF
 
-from htsep import zoo
+from htsep import files, zoo
 from htsep.apply import (
     ChunkOptions,
     DeviceSlot,
@@ -36,7 +36,7 @@ from htsep.audio import AudioReader, AudioWriter, read_audio
 from htsep.checkpoint import load_model
 from htsep.errors import AudioError, HtsepError, UsageError
 from htsep.model.htdemucs import HTDemucs
-from htsep.resample import ResampledSignal
+from htsep.resample import ResampledSignal, resample
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +44,112 @@ BLOCK_FRAMES = 1 << 18  # samples per block when streaming (about 6 s at 44.1 kH
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# Bounds of the settings: beyond them a value is a typo or an unset variable, not a choice.
+MAX_SHIFTS = 100
+MAX_BATCH_SIZE = 1024
+MIN_SEGMENT = Fraction(1, 10)  # seconds: shorter chunks cost a whole network call per sample
+MAX_SEED = 2**63 - 1
+# Sample rates accepted for tensors and files, as for the resampler's bounds.
+MIN_RATE, MAX_RATE = 1000, 384000
+# separate_tensor holds the whole track (and its stems) in memory; beyond this it must stream.
+MAX_TENSOR_SECONDS = 6 * 3600
+MAX_CHANNELS = 64
 # Rough device memory one released-size chunk needs in flight at fp32 (activations of a
 # 7.8 s segment); halved for 16-bit precisions. Used only to pick a default batch size.
 CHUNK_BYTES_FP32 = 3 << 30
+
+
+def _integer(value: Any, what: str, low: int, high: int) -> int:
+    """``value`` as an int in [low, high]; integral floats are accepted, bools and text not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise UsageError(f"{what} must be an integer, not {value!r}")
+    if isinstance(value, (float, np.floating)) and not (
+        math.isfinite(value) and float(value).is_integer()
+    ):
+        raise UsageError(f"{what} must be an integer, not {value!r}")
+    number = int(value)
+    if not low <= number <= high:
+        raise UsageError(f"{what} must be in {low}..{high}, not {number}")
+    return number
+
+
+def _real(value: Any, what: str) -> float:
+    """``value`` as a finite float; bools and text are refused."""
+    if isinstance(value, bool) or not isinstance(
+        value, (int, float, Fraction, np.integer, np.floating)
+    ):
+        raise UsageError(f"{what} must be a number, not {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise UsageError(f"{what} must be a finite number, not {value!r}")
+    return number
+
+
+def check_sample_rate(rate: Any, what: str = "sample rate") -> int:
+    """A sample rate in Hz: an integer in MIN_RATE..MAX_RATE."""
+    return _integer(rate, what, MIN_RATE, MAX_RATE)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The separation settings, checked: what ``Separator`` accepts beyond the model."""
+
+    shifts: int = 1
+    overlap: float = 0.25
+    split: bool = True
+    segment: Fraction | None = None
+    seed: int = 0
+    batch_size: int | None = None
+    precision: str = "fp32"
+    stems: tuple[str, ...] | None = None
+
+    @classmethod
+    def check(
+        cls,
+        *,
+        shifts: Any = 1,
+        overlap: Any = 0.25,
+        split: Any = True,
+        segment: Any = None,
+        seed: Any = 0,
+        batch_size: Any = None,
+        precision: Any = "fp32",
+        stems: Any = None,
+    ) -> Settings:
+        """Check every value's type and range (UsageError naming the option) before any work."""
+        shifts = _integer(shifts, "shifts", 0, MAX_SHIFTS)
+        overlap = _real(overlap, "overlap")
+        if not 0 <= overlap < 1:
+            raise UsageError(f"overlap must be in [0, 1), got {overlap:g}")
+        if not isinstance(split, bool):
+            raise UsageError(f"split must be True or False, not {split!r}")
+        if segment is not None:
+            seconds = _real(segment, "segment")
+            if seconds <= 0:
+                raise UsageError(f"segment must be positive, got {seconds:g}")
+            segment = (
+                Fraction(segment)
+                if isinstance(segment, (int, Fraction))
+                else (Fraction(str(seconds)))
+            )
+            if segment < MIN_SEGMENT:
+                raise UsageError(
+                    f"segment {seconds:g} s is too short (at least {float(MIN_SEGMENT):g} s)"
+                )
+        seed = _integer(seed, "seed", 0, MAX_SEED)
+        if batch_size is not None:
+            batch_size = _integer(batch_size, "batch size", 1, MAX_BATCH_SIZE)
+        if not isinstance(precision, str) or precision not in PRECISIONS:
+            raise UsageError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        if stems is not None:
+            if isinstance(stems, str):
+                stems = [stems]  # one stem, not its letters
+            if not isinstance(stems, Sequence) or not all(isinstance(s, str) for s in stems):
+                raise UsageError(f"stems must be a list of stem names, not {stems!r}")
+            stems = tuple(dict.fromkeys(stems))
+            if not stems:
+                raise UsageError("no stems requested")
+        return cls(shifts, overlap, split, segment, seed, batch_size, precision, stems)
 
 
 def auto_batch_size(device: torch.device, precision: str = "fp32") -> int:
@@ -115,19 +218,21 @@ class Separator:
         progress: bool = True,
         keep_memory: bool = False,
     ) -> None:
-        if shifts < 0:
-            raise UsageError(f"--shifts must be >= 0, got {shifts}")
-        if not 0 <= overlap < 1:
-            raise UsageError(f"--overlap must be in [0, 1), got {overlap}")
-        if batch_size is not None and batch_size < 1:
-            raise UsageError(f"batch size must be >= 1, got {batch_size}")
-        if precision not in PRECISIONS:
-            raise UsageError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        settings = Settings.check(
+            shifts=shifts,
+            overlap=overlap,
+            split=split,
+            segment=segment,
+            seed=seed,
+            batch_size=batch_size,
+            precision=precision,
+            stems=stems,
+        )
         self.device = parse_device(device)
-        if precision == "fp16" and self.device.type != "cuda":
+        if settings.precision == "fp16" and self.device.type != "cuda":
             raise UsageError("--precision fp16 needs a CUDA device (use bf16 or fp32 here)")
-        self.shifts = shifts
-        self.seed = seed
+        self.shifts = settings.shifts
+        self.seed = settings.seed
         self.spec = zoo.find_model(model, repo=None if repo is None else os.fspath(repo))
         self.name = self.spec.name
         self._download_progress = progress
@@ -137,15 +242,13 @@ class Separator:
             len(row) != len(self.sources) for row in self.spec.weights
         ):
             raise UsageError(f"model {self.name}: bag weights do not match its sources")
-        wanted = list(self.sources) if stems is None else list(stems)
+        wanted = list(self.sources) if settings.stems is None else list(settings.stems)
         unknown = [stem for stem in wanted if stem not in self.sources]
         if unknown:
             raise UsageError(
                 f"model {self.name} has no source {', '.join(map(repr, unknown))} "
                 f"(it has {', '.join(self.sources)})"
             )
-        if not wanted:
-            raise UsageError("no stems requested")
         self.stems = wanted
         weights = self.spec.weights or tuple((1.0,) * len(self.sources) for _ in self._members)
         self._running, self._weights = plan_bag(
@@ -157,22 +260,20 @@ class Separator:
         self.sample_rate = first.sample_rate
         self.audio_channels = first.audio_channels
         limit = min(self._segment_limit(m) for m in self._running)
+        segment = settings.segment
         if segment is None and self.spec.segment is not None and self.spec.segment <= limit:
             segment = self.spec.segment  # a bag's own segment, as demucs applies it
-        segment = None if segment is None else Fraction(str(segment))
         if segment is not None and segment > limit:
             raise UsageError(
                 f"--segment {float(segment):g} is longer than the model's "
                 f"segment ({float(limit):g} s)"
             )
-        if segment is not None and segment <= 0:
-            raise UsageError(f"--segment must be positive, got {float(segment):g}")
         self.options = ChunkOptions(
             segment=segment,
-            overlap=overlap,
-            split=split,
-            precision=precision,
-            batch_size=batch_size or auto_batch_size(self.device, precision),
+            overlap=settings.overlap,
+            split=settings.split,
+            precision=settings.precision,
+            batch_size=settings.batch_size or auto_batch_size(self.device, settings.precision),
             release_memory=not (keep_memory and keep_freed_memory()),
         )
 
@@ -242,22 +343,22 @@ class Separator:
         downmix: the mono mix of all channels). Only the requested stems are returned unless
         ``all_sources``: the others then come from the members that ran (see plan_bag).
         """
-        if audio.dim() != 2:
-            raise AudioError(f"expected (channels, time) audio, got shape {tuple(audio.shape)}")
-        if audio.shape[-1] == 0:
-            raise AudioError("contains no audio")
-        if not torch.isfinite(audio).all():
-            raise AudioError("contains NaN or infinite samples")
-        rate = sample_rate or self.sample_rate
+        audio = _as_audio_tensor(audio)
+        rate = self.sample_rate if sample_rate is None else check_sample_rate(sample_rate)
+        if audio.shape[-1] > MAX_TENSOR_SECONDS * rate:
+            raise UsageError(
+                f"{audio.shape[-1]} samples at {rate} Hz is over {MAX_TENSOR_SECONDS // 3600} "
+                "hours: use separate_file_to, which streams"
+            )
         length = audio.shape[-1]
         mix = self._to_model_layout(audio.float(), downmix)
         out_channels = 1 if mix.shape[0] != audio.shape[0] or audio.shape[0] == 1 else None
         if rate != self.sample_rate:
-            mix = AF.resample(mix, rate, self.sample_rate)
+            mix = resample(mix, rate, self.sample_rate)
         normalized, mean, std = standardize_mix(mix)
         stems = self._apply_bag(normalized[None], progress)[0] * std + mean  # (S, C, T)
         if rate != self.sample_rate:
-            stems = AF.resample(stems, self.sample_rate, rate)
+            stems = resample(stems, self.sample_rate, rate)
             stems = _fit_length(stems, length)
         if out_channels == 1:
             stems = stems.mean(1, keepdim=True)
@@ -344,7 +445,7 @@ class Separator:
     def separate_file_to(
         self,
         path: str | os.PathLike[str] | ScannedFile,
-        outputs: dict[str, Path],
+        outputs: Mapping[str, str | os.PathLike[str]],
         **options: Any,
     ) -> tuple[int, int]:
         """Separate ``path`` and write the stems named in ``outputs`` (stem -> file), streaming;
@@ -353,10 +454,24 @@ class Separator:
         pending.finish()
         return pending.sample_rate, pending.frames
 
+    def output_names(self, two_stems: str | None = None, other_method: str = "add") -> list[str]:
+        """The stems a file separation can write: the requested stems, or with ``two_stems``
+        that stem and its complement (``no_<stem>`` for add, ``minus_<stem>`` for minus)."""
+        if two_stems is None:
+            return list(self.stems)
+        if two_stems not in self.sources:
+            raise UsageError(
+                f"model {self.name} has no source {two_stems!r} (it has {', '.join(self.sources)})"
+            )
+        complement = {"add": [f"no_{two_stems}"], "minus": [f"minus_{two_stems}"], "none": []}
+        if other_method not in complement:
+            raise UsageError(f"other method {other_method!r}: use add, minus or none")
+        return [two_stems, *complement[other_method]]
+
     def separate_file_staged(
         self,
         path: str | os.PathLike[str] | ScannedFile,
-        outputs: dict[str, Path],
+        outputs: Mapping[str, str | os.PathLike[str]],
         *,
         two_stems: str | None = None,
         other_method: str = "add",
@@ -365,47 +480,108 @@ class Separator:
         mp3_bitrate: int = 320,
         mp3_preset: int = 2,
         downmix: bool = False,
+        overwrite: bool = False,
+        keep: Collection[str] = (),
         progress: ProgressCallback | None = None,
     ) -> PendingOutputs:
         """Separate ``path`` and stream the stems named in ``outputs`` (stem -> file) to disk,
         up to the networks' end: the files are complete after ``finish()``.
 
         With ``two_stems``, ``outputs`` may also name ``no_<stem>`` (sum of the other stems) or
-        ``minus_<stem>`` (mix minus the stem). Every file is written atomically. With
-        ``clip_mode`` rescale the stems first go to float files in a temporary folder beside the
+        ``minus_<stem>`` (mix minus the stem). Every file is written atomically and synced to
+        disk. Without ``overwrite`` a file that exists when it would be put in place is never
+        replaced: the track fails instead. ``keep``: stems of ``outputs`` whose existing files
+        are kept as they are (a resumed track); they still count for the rescale gain. With
+        ``clip_mode`` rescale the stems first go to float files in a staging folder beside the
         outputs, since the gain depends on the whole track; ``finish()`` then applies the gain
         and encodes the final files. It needs no network, so it may run in another thread.
         """
+        targets = self._check_outputs(outputs, two_stems, other_method, keep)
+        if not overwrite:
+            self._refuse_existing(targets, keep)
+        if clip_mode not in ("rescale", "clamp", "none"):
+            raise UsageError(f"clip mode {clip_mode!r}: use rescale, clamp or none")
+        settings: dict[str, Any] = dict(bits=bits, mp3_bitrate=mp3_bitrate, mp3_preset=mp3_preset)
         track = self.stream_file(
             path,
             downmix=downmix,
             progress=progress,
-            all_sources=two_stems is not None and other_method == "add",
+            all_sources=two_stems is not None and f"no_{two_stems}" in targets,
         )
         with track:
-            settings = dict(bits=bits, mp3_bitrate=mp3_bitrate, mp3_preset=mp3_preset)
+            for target in targets.values():  # a bad format or rate fails before the networks
+                AudioWriter(target, track.sample_rate, track.out_channels, **settings)
+            written = {name: target for name, target in targets.items() if name not in keep}
             if clip_mode != "rescale":
-                _write_blocks(track, outputs, track.sample_rate, two_stems, clip_mode, settings)
+                _write_blocks(track, written, two_stems, clip_mode, settings, overwrite=overwrite)
                 return PendingOutputs(track.sample_rate, track.frames)
-            first = next(iter(outputs.values()))
+            staging = _staging_folder(next(iter(targets.values())))
             try:
-                first.parent.mkdir(parents=True, exist_ok=True)
-                staging = tempfile.TemporaryDirectory(prefix=".htsep-", dir=first.parent)
-            except OSError as exc:
-                raise AudioError(
-                    f"{first}: cannot create folder {first.parent}: {exc.strerror or exc}"
-                ) from None
-            try:
-                staged = {name: Path(staging.name) / f"{name}.wav" for name in outputs}
+                staged = {name: staging.path / f"{name}.wav" for name in targets}
+                labels = {name: str(target) for name, target in targets.items()}
                 peak = _write_blocks(
-                    track, staged, track.sample_rate, two_stems, "none", {"bits": 32}
+                    track, staged, two_stems, "none", {"bits": 32}, overwrite=True, labels=labels
                 )
             except BaseException:
                 staging.cleanup()
                 raise
             pending = PendingOutputs(track.sample_rate, track.frames)
-            pending.stage(staging, staged, outputs, 1 / max(1.01 * peak, 1.0), settings)
+            pending.stage(
+                staging, staged, written, 1 / max(1.01 * peak, 1.0), settings, overwrite=overwrite
+            )
             return pending
+
+    def _check_outputs(
+        self,
+        outputs: Mapping[str, str | os.PathLike[str]],
+        two_stems: str | None,
+        other_method: str,
+        keep: Collection[str],
+    ) -> dict[str, Path]:
+        """outputs as {stem: Path}, or a UsageError naming what is wrong with it."""
+        if not isinstance(outputs, Mapping) or not outputs:
+            raise UsageError("outputs must be a non-empty mapping of stem names to files")
+        self.output_names(two_stems, other_method)  # checks two_stems and other_method
+        if two_stems is None:
+            known = list(self.stems)
+        else:  # both complements can be written at once
+            known = [two_stems, f"no_{two_stems}", f"minus_{two_stems}"]
+        unknown = [name for name in outputs if name not in known]
+        if unknown:
+            raise UsageError(
+                f"no stem {', '.join(map(repr, unknown))} to write (available: {', '.join(known)})"
+            )
+        targets: dict[str, Path] = {}
+        for name, target in outputs.items():
+            if not isinstance(target, (str, os.PathLike)) or not os.fspath(target):
+                raise UsageError(f"output of {name!r} must be a file path, not {target!r}")
+            targets[name] = Path(target)
+        paths = [os.path.abspath(target) for target in targets.values()]
+        if len(set(paths)) != len(paths):
+            raise UsageError("two stems are to be written to the same file")
+        extra = [name for name in keep if name not in targets]
+        if extra:
+            raise UsageError(f"keep names stems that are not outputs: {', '.join(extra)}")
+        return targets
+
+    @staticmethod
+    def _refuse_existing(targets: dict[str, Path], keep: Collection[str]) -> None:
+        """Fail early on an output that exists already (it is checked again, atomically, when
+        each file is put in place)."""
+        for name, target in targets.items():
+            if name not in keep and os.path.lexists(target):
+                raise AudioError(f"{target}: exists already; not replaced")
+
+
+def _staging_folder(first: Path) -> files.StagingFolder:
+    """A hidden folder beside the outputs, for the float stems of a track."""
+    try:
+        first.parent.mkdir(parents=True, exist_ok=True)
+        return files.StagingFolder(first.parent)
+    except OSError as exc:
+        raise AudioError(
+            f"{first}: cannot create folder {first.parent}: {exc.strerror or exc}"
+        ) from None
 
 
 class EncodingStopped(HtsepError):
@@ -418,18 +594,22 @@ class PendingOutputs:
 
     def __init__(self, sample_rate: int, frames: int) -> None:
         self.sample_rate, self.frames = sample_rate, frames
-        self._staging: tempfile.TemporaryDirectory[str] | None = None
-        self._work: tuple[dict[str, Path], dict[str, Path], float, dict[str, int]] | None = None
+        self._staging: files.StagingFolder | None = None
+        self._work: tuple[dict[str, Path], dict[str, Path], float, dict[str, Any]] | None = None
+        self._overwrite = False
 
     def stage(
         self,
-        staging: tempfile.TemporaryDirectory[str],
+        staging: files.StagingFolder,
         staged: dict[str, Path],
         outputs: dict[str, Path],
         gain: float,
-        settings: dict[str, int],
+        settings: dict[str, Any],
+        *,
+        overwrite: bool,
     ) -> None:
         self._staging, self._work = staging, (staged, outputs, gain, settings)
+        self._overwrite = overwrite
 
     def finish(self, stop: threading.Event | None = None) -> None:
         """Write the final files (scaled by the track's gain), atomically, then drop the
@@ -442,7 +622,13 @@ class PendingOutputs:
             for name, target in outputs.items():
                 with (
                     AudioReader(staged[name]) as reader,
-                    AudioWriter(target, self.sample_rate, reader.channels, **settings) as writer,
+                    AudioWriter(
+                        target,
+                        self.sample_rate,
+                        reader.channels,
+                        replace=self._overwrite,
+                        **settings,
+                    ) as writer,
                 ):
                     for start in range(0, reader.frames, BLOCK_FRAMES):
                         if stop is not None and stop.is_set():
@@ -464,16 +650,28 @@ class PendingOutputs:
 def _write_blocks(
     track: StreamedTrack,
     outputs: dict[str, Path],
-    rate: int,
     two_stems: str | None,
     clip_mode: str,
-    settings: dict[str, int],
+    settings: dict[str, Any],
+    *,
+    overwrite: bool,
+    labels: dict[str, str] | None = None,
 ) -> float:
-    """Write every block of ``track`` to ``outputs``; -> the largest absolute sample written."""
+    """Write every block of ``track`` to ``outputs`` (errors name ``labels`` instead of the
+    files, when given); -> the largest absolute sample written."""
     peak = 0.0
     with contextlib.ExitStack() as stack:
         writers = {
-            name: stack.enter_context(AudioWriter(path, rate, track.out_channels, **settings))
+            name: stack.enter_context(
+                AudioWriter(
+                    path,
+                    track.sample_rate,
+                    track.out_channels,
+                    replace=overwrite,
+                    label=None if labels is None else labels[name],
+                    **settings,
+                )
+            )
             for name, path in outputs.items()
         }
         for mix, stems in track:
@@ -620,6 +818,9 @@ class StreamedTrack:
             if self.downmix:
                 mix = mix.mean(0, keepdim=True)
             yield mix, {name: stems[sources.index(name)] for name in self.names}
+        # A file rewritten in place since the first pass gave other samples than the statistics
+        # and the frame count were computed from.
+        self.reader.check_unchanged()
 
     def close(self) -> None:
         self.reader.close()
@@ -647,6 +848,40 @@ def _mono_statistics(source: ResampledSignal, block: int) -> tuple[float, float]
         count = total
     std = (squares / (count - 1)) ** 0.5 if count > 1 else 0.0
     return mean, std + 1e-8
+
+
+def _as_audio_tensor(audio: Any) -> torch.Tensor:
+    """(C, T) float32 audio from a tensor or a numpy array. Integer samples are scaled to
+    [-1, 1) as audio files store them (int16 / 2^15, ...; uint8 centred on 128); complex and
+    boolean samples, other shapes, empty or non-finite audio are refused."""
+    if isinstance(audio, np.ndarray):
+        if audio.dtype.kind not in "biufc" or audio.dtype.byteorder not in "=|<>":
+            raise AudioError(f"cannot separate an array of {audio.dtype}")
+        audio = torch.from_numpy(np.ascontiguousarray(audio.astype(audio.dtype.newbyteorder("="))))
+    if not isinstance(audio, torch.Tensor):
+        raise AudioError(
+            f"expected a (channels, time) tensor or numpy array, not {type(audio).__name__}"
+        )
+    if audio.dim() != 2:
+        raise AudioError(f"expected (channels, time) audio, got shape {tuple(audio.shape)}")
+    if audio.dtype == torch.bool or audio.is_complex():
+        raise AudioError(f"cannot separate {audio.dtype} samples (real numbers expected)")
+    if audio.shape[0] == 0 or audio.shape[-1] == 0:
+        raise AudioError("contains no audio")
+    if audio.shape[0] > MAX_CHANNELS:
+        raise AudioError(
+            f"expected (channels, time) audio, got shape {tuple(audio.shape)} "
+            f"(more than {MAX_CHANNELS} channels: is it (time, channels)?)"
+        )
+    if not audio.is_floating_point():
+        if audio.dtype == torch.uint8:
+            audio = (audio.float() - 128) / 128
+        else:
+            audio = audio.double() / (torch.iinfo(audio.dtype).max + 1)
+    audio = audio.detach().to(device="cpu", dtype=torch.float32)
+    if not torch.isfinite(audio).all():
+        raise AudioError("contains NaN or infinite samples")
+    return audio
 
 
 def _fit_length(x: torch.Tensor, length: int) -> torch.Tensor:

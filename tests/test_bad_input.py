@@ -1,12 +1,14 @@
 """Every bad input: one line on stderr, a non-zero exit code, nothing half-written."""
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
-from test_separate import RATE, htsep, repo, write_clip  # noqa: F401  (repo is a fixture)
+from test_separate import RATE, htsep, write_clip
 
 MODEL = ["-n", "aaaa0001", "-q"]
 
@@ -27,13 +29,14 @@ def _nothing_written(out) -> bool:
 
 
 @pytest.fixture
-def run(tmp_path, repo):  # noqa: F811
+def run(tmp_path, repo):
     out = tmp_path / "out"
 
     def invoke(*args):
         return htsep("--repo", str(repo), *MODEL, "-o", str(out), *map(str, args))
 
     invoke.out = out
+    invoke.repo = repo
     return invoke
 
 
@@ -42,7 +45,7 @@ def test_missing_file(run, tmp_path):
     assert _nothing_written(run.out)
 
 
-def test_missing_file_exit_code_of_the_real_command(tmp_path, repo):  # noqa: F811
+def test_missing_file_exit_code_of_the_real_command(tmp_path, repo):
     done = subprocess.run(
         [
             sys.executable,
@@ -107,7 +110,7 @@ def test_more_than_two_channels(run, tmp_path):
     assert info.channels == 1 and info.frames == RATE // 2
 
 
-def test_unwritable_output_folder(tmp_path, repo):  # noqa: F811
+def test_unwritable_output_folder(tmp_path, repo):
     clip = tmp_path / "song.wav"
     write_clip(clip, 0.5)
     blocker = tmp_path / "file-not-folder"
@@ -148,12 +151,13 @@ def test_usage_errors_exit_2(run, tmp_path, args, phrase):
 
 
 def test_output_never_overwrites_input(run, tmp_path):
-    clip = tmp_path / "song.wav"
+    clip = run.out / "aaaa0001" / "song.wav"  # an input inside the tree htsep writes
     write_clip(clip, 0.5)
     before = clip.read_bytes()
-    result = run("-o", tmp_path, "--filename", "../song.{ext}", "--stems", "vocals", clip)
+    result = run("--filename", "song.{ext}", "--stems", "vocals", clip)
     _assert_one_line_failure(result, 1, "would overwrite an input file")
     assert clip.read_bytes() == before
+    assert [p.name for p in run.out.rglob("*") if p.is_file()] == ["song.wav"]
 
 
 def test_one_bad_file_does_not_stop_the_batch(run, tmp_path):
@@ -165,3 +169,232 @@ def test_one_bad_file_does_not_stop_the_batch(run, tmp_path):
     assert result.exit_code == 1
     assert len(_errors(result)) == 1
     assert (run.out / "aaaa0001" / "good" / "vocals.wav").exists()
+
+
+# --- options are checked before any work (exit 2) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args,phrase",
+    [
+        (["--segment", "nan"], "--segment"),
+        (["--segment", "inf"], "--segment"),
+        (["--segment", "0.001"], "too short"),
+        (["--seed", "99999999999999999999"], "--seed"),
+        (["--seed", "-1"], "--seed"),
+        (["--shifts", "-1"], "--shifts"),
+        (["--shifts", "100000"], "--shifts"),
+        (["--overlap", "nan"], "--overlap"),
+        (["--overlap", "1"], "--overlap"),
+        (["--overlap", "-0.5"], "--overlap"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--batch-size", "99999999"], "--batch-size"),
+        (["--jobs", "-1"], "--jobs"),
+        (["--jobs", "100000"], "--jobs"),
+        (["--mp3", "--mp3-bitrate", "1000"], "--mp3-bitrate"),
+        (["--mp3", "--mp3-bitrate", "-5"], "--mp3-bitrate"),
+        (["--mp3", "--int24"], "--int24"),
+        (["--mp3", "--float32"], "--float32"),
+        (["--precision", "fp8"], "precision"),
+        (["--filename", "{track.real}/{stem}.{ext}"], "--filename"),
+        (["--filename", "{track[0]}/{stem}.{ext}"], "--filename"),
+        (["--filename", "{stem!r}.{ext}"], "--filename"),
+        (["--filename", "{track:>9}/{stem}.{ext}"], "--filename"),
+        (["--filename", "{}/{stem}.{ext}"], "--filename"),
+        (["--filename", "{track}/{stem"], "--filename"),
+        (["--filename", "{track}/{stem}"], "must end with"),
+        (["--filename", "{track}/{stem}.flac"], "must end with"),
+        (["--filename", "/tmp/{track}/{stem}.{ext}"], "relative"),
+        (["--filename", "../../{track}/{stem}.{ext}"], "relative"),
+        (["--filename", "{track}.{ext}"], "add {stem}"),
+        (["--filename", ""], "--filename"),
+        (["-o", ""], "empty"),
+        (["-n", ""], "empty"),
+        (["--stems", ""], "empty"),
+        (["--stems", " , "], "--stems"),
+        (["--shard", ""], "empty"),
+    ],
+)
+def test_bad_option_values_exit_2_before_any_work(run, tmp_path, args, phrase):
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 0.5)
+    _assert_one_line_failure(run(*args, clip), 2, phrase)
+    assert _nothing_written(run.out)
+
+
+def test_an_empty_input_argument_is_a_usage_error(run, tmp_path, monkeypatch):
+    """`htsep separate "$FILE"` with FILE unset must not separate the current folder."""
+    write_clip(tmp_path / "here" / "song.wav", 0.5)
+    monkeypatch.chdir(tmp_path / "here")
+    _assert_one_line_failure(run(""), 2, "empty")
+    _assert_one_line_failure(run(tmp_path / "here" / "song.wav", " "), 2, "empty")
+    assert _nothing_written(run.out)
+
+
+def test_options_that_would_be_ignored_are_warned_about(run, tmp_path):
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 0.5)
+    result = run("--stems", "vocals", "--mp3-bitrate", "128", "--other-method", "minus", clip)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("htsep: warning:")]
+    assert len(warnings) == 2 and "--mp3" in warnings[0] and "--two-stems" in warnings[1]
+
+
+def test_an_empty_shard_is_not_a_failure(run, tmp_path):
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 0.5)
+    result = htsep(
+        "--repo", str(run.repo), *MODEL[:2], "-o", str(run.out), "--shard", "3/4", str(clip)
+    )
+    assert result.exit_code == 0, result.output
+    assert _errors(result) == []
+    assert result.stderr.splitlines() == ["htsep: shard 3/4 is empty (1 input); nothing to do"]
+    assert _nothing_written(run.out)
+
+
+def test_an_mp3_rate_problem_fails_before_the_networks_run(run, tmp_path, monkeypatch):
+    import htsep.apply
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the networks ran")
+
+    monkeypatch.setattr(htsep.apply.SeparationStream, "take", no_network)
+    clip = tmp_path / "odd.wav"
+    write_clip(clip, 0.5, rate=7000)
+    result = run("--mp3", "--stems", "vocals", clip)
+    _assert_one_line_failure(result, 1, "mp3 does not support 7000 Hz")
+    assert _nothing_written(run.out)
+
+
+# --- what a user has is never replaced ------------------------------------------------------------
+
+
+def test_two_tracks_writing_one_file_is_a_usage_error_before_any_work(run, tmp_path):
+    write_clip(tmp_path / "a" / "01.wav", 0.5, seed=1)
+    write_clip(tmp_path / "b" / "01.wav", 0.5, seed=2)
+    write_clip(tmp_path / "a" / "00.wav", 0.5, seed=3)
+    for extra in ([], ["--skip-existing"], ["--overwrite"]):
+        result = run(*extra, tmp_path / "a", tmp_path / "b")
+        _assert_one_line_failure(result, 2, "would be written for both")
+        assert _nothing_written(run.out)
+
+
+@pytest.mark.parametrize("moment", ["before the track", "at the rename"])
+def test_a_stem_that_appears_while_its_track_runs_is_not_replaced(
+    run, tmp_path, monkeypatch, moment
+):
+    from htsep import files
+    from htsep.separator import Separator
+
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 0.5)
+    target = run.out / "aaaa0001" / "song" / "bass.wav"
+
+    def someone_else_writes(path) -> None:
+        if Path(path) == target and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(b"another program's file")
+
+    if moment == "before the track":
+        original = Separator.separate_file_staged
+
+        def staged(self, path, outputs, **options):
+            someone_else_writes(target)
+            return original(self, path, outputs, **options)
+
+        monkeypatch.setattr(Separator, "separate_file_staged", staged)
+    else:
+        rename = files.rename_no_replace
+
+        def racing_rename(source, destination):
+            someone_else_writes(destination)
+            return rename(source, destination)
+
+        monkeypatch.setattr(files, "rename_no_replace", racing_rename)
+    for extra in ([], ["--clip-mode", "none"], ["--no-pipeline", "--int24"]):
+        result = run(*extra, clip)
+        _assert_one_line_failure(result, 1, "bass.")
+        assert target.read_bytes() == b"another program's file"
+        assert not [p.name for p in target.parent.iterdir() if p.name.startswith(".")]
+        for other in target.parent.iterdir():
+            other.unlink()
+    # With --overwrite the file is replaced, as asked.
+    result = run("--overwrite", clip)
+    assert result.exit_code == 0, result.output
+    assert sf.info(target).frames == RATE // 2
+
+
+def test_skip_existing_keeps_the_finished_stems_of_an_unfinished_track(run, tmp_path):
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 0.7)
+    assert run(clip).exit_code == 0
+    folder = run.out / "aaaa0001" / "song"
+    clean = {p.name: p.read_bytes() for p in folder.iterdir()}
+    (folder / "bass.wav").unlink()
+    (folder / "other.wav").unlink()
+    kept = {name: (folder / name).stat().st_ino for name in ("drums.wav", "vocals.wav")}
+    result = run("--skip-existing", clip)
+    assert result.exit_code == 0, result.output
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == clean
+    assert {name: (folder / name).stat().st_ino for name in kept} == kept
+
+
+def test_two_processes_on_one_output_folder_never_replace_each_others_stems(tmp_path, repo):
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 2.0)
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "htsep", "separate", "--repo", str(repo), "-n", "aaaa0001",
+        "-q", "-o", str(out), str(clip),
+    ]  # fmt: skip
+    first = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    codes = [first.wait(timeout=300), second.wait(timeout=300)]
+    messages = first.stderr.read() + second.stderr.read()
+    # One of them made every stem of this track; the other failed, saying so, without
+    # replacing any file (each stem was created by exactly one process).
+    assert sorted(codes) == [0, 1] or codes == [1, 1], (codes, messages)
+    assert "exists" in messages and "Traceback" not in messages
+    folder = out / "aaaa0001" / "song"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted(f"{s}.wav" for s in ("drums", "bass", "other", "vocals"))
+    for path in folder.iterdir():
+        assert sf.info(path).frames == 2 * RATE
+
+
+# --- every input is read correctly or refused in one line ----------------------------------------
+
+
+def test_a_folder_input_inside_the_output_folder_is_searched(run, tmp_path, monkeypatch):
+    write_clip(tmp_path / "songs" / "a.wav", 0.5)
+    monkeypatch.chdir(tmp_path)
+    result = run("-o", ".", "--stems", "vocals", "songs")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "aaaa0001" / "a" / "vocals.wav").is_file()
+    # The tree htsep writes is not searched: a second run finds only the input.
+    result = run("-o", ".", "--stems", "vocals", "--json", "--skip-existing", ".")
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["input"] for line in result.stdout.splitlines()] == ["songs/a.wav"]
+
+
+@pytest.mark.parametrize("name", ["..wav", "...wav", ".wav", "....", "..."])
+def test_dot_names_keep_their_stems_inside_the_model_folder(run, tmp_path, name):
+    clip = tmp_path / "in" / name
+    clip.parent.mkdir()
+    write_clip(tmp_path / "in" / "x.wav", 0.5)
+    (tmp_path / "in" / "x.wav").rename(clip)
+    result = run("--stems", "vocals", clip)
+    assert result.exit_code == 0, result.output
+    written = [p for p in run.out.rglob("*") if p.is_file()]
+    assert len(written) == 1
+    folder = run.out / "aaaa0001"
+    assert written[0].parent.parent == folder and written[0].parent.name not in (".", "..")
+
+
+def test_a_newline_in_a_file_name_keeps_the_error_on_one_line(run, tmp_path):
+    bad = tmp_path / "bad\nname\r.wav"
+    bad.write_text("not audio")
+    result = run(bad)
+    assert result.exit_code == 1
+    assert len(result.stderr.splitlines()) == 2  # the error and the summary
+    assert "bad\\nname\\r.wav" in _errors(result)[0]

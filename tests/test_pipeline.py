@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
-from test_separate import htsep, repo, write_clip  # noqa: F401  (repo is a fixture)
+from test_separate import htsep, write_clip
 
 from htsep import apply as apply_module
 from htsep.separator import PendingOutputs, Separator
@@ -30,7 +30,7 @@ def _stems(folder: Path, ext: str = "wav") -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob(f"*.{ext}"))}
 
 
-def test_pipelined_batch_equals_one_track_at_a_time(tmp_path, repo):  # noqa: F811
+def test_pipelined_batch_equals_one_track_at_a_time(tmp_path, repo):
     clips = _batch(tmp_path)
     common = ["--repo", str(repo), "-n", "mixbag", "--shifts", "1", "-q", "--json"]
     piped = htsep(*common, "-o", str(tmp_path / "piped"), *map(str, clips))
@@ -54,7 +54,7 @@ def test_pipelined_batch_equals_one_track_at_a_time(tmp_path, repo):  # noqa: F8
     assert abs(peak - 1 / 1.01) <= 1 / 32768
 
 
-def test_decoding_and_encoding_overlap_the_networks(tmp_path, repo, monkeypatch):  # noqa: F811
+def test_decoding_and_encoding_overlap_the_networks(tmp_path, repo, monkeypatch):
     """Track b's first pass starts while track a runs its networks, and a's final encoding is
     still going when b's networks start. Each patched step waits for the step it should
     overlap, so one track at a time (--no-pipeline) fails both checks by timing out."""
@@ -114,7 +114,7 @@ def test_decoding_and_encoding_overlap_the_networks(tmp_path, repo, monkeypatch)
 
 
 @pytest.mark.parametrize("flag", ["--mp3", "--flac"])
-def test_pipelined_encoders_write_the_same_bytes(tmp_path, repo, flag):  # noqa: F811
+def test_pipelined_encoders_write_the_same_bytes(tmp_path, repo, flag):
     """MP3 and FLAC encoding on the background thread (while the next track's staging WAVs
     are written on the main one) gives the files one track at a time gives."""
     clips = _batch(tmp_path)
@@ -126,7 +126,7 @@ def test_pipelined_encoders_write_the_same_bytes(tmp_path, repo, flag):  # noqa:
     assert len(ours) == 12 and ours == theirs
 
 
-def test_interrupted_pipeline_leaves_no_partial_output(tmp_path, repo, monkeypatch):  # noqa: F811
+def test_interrupted_pipeline_leaves_no_partial_output(tmp_path, repo, monkeypatch):
     """Ctrl-C while track b runs its networks and track a is being encoded: exit 130, the
     encoding stops, and no staging folder, temporary file or partial stem is left."""
     clips = _batch(tmp_path)
@@ -157,7 +157,7 @@ def test_interrupted_pipeline_leaves_no_partial_output(tmp_path, repo, monkeypat
     assert all(p.is_dir() and not p.name.startswith(".") for p in left), left
 
 
-def test_keep_memory_same_bytes(tmp_path, repo):  # noqa: F811
+def test_keep_memory_same_bytes(tmp_path, repo):
     """--keep-memory tunes the process's malloc (so it runs in a process of its own here) and
     skips the per-chunk release; the stems are the same bytes."""
     import subprocess
@@ -176,7 +176,7 @@ def test_keep_memory_same_bytes(tmp_path, repo):  # noqa: F811
     assert len(digests[0]) == 4 and digests[0] == digests[1]
 
 
-def test_keep_memory_skips_the_release_where_malloc_was_tuned(repo, monkeypatch):  # noqa: F811
+def test_keep_memory_skips_the_release_where_malloc_was_tuned(repo, monkeypatch):
     import htsep.separator
 
     assert Separator("aaaa0001", repo=repo).options.release_memory
@@ -188,7 +188,7 @@ def test_keep_memory_skips_the_release_where_malloc_was_tuned(repo, monkeypatch)
     assert tuned == [1]
 
 
-def test_a_failed_background_encoding_fails_only_its_track(tmp_path, repo, monkeypatch):  # noqa: F811
+def test_a_failed_background_encoding_fails_only_its_track(tmp_path, repo, monkeypatch):
     """Writing b's final files fails in the background (a full disk, say): b is reported failed
     in its place, a and c are written, and b leaves neither stems nor staging files."""
     from htsep.errors import AudioError

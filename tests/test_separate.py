@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import yaml
 from typer.testing import CliRunner
 
 import reference
@@ -18,36 +17,6 @@ from htsep.cli import app
 
 RATE = 8000  # the small test model's sample rate
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    """A demucs-style --repo folder: two small models written by demucs's own serializer, a
-    weighted bag of both, and a one-hot bag whose members each serve one source."""
-    folder = tmp_path_factory.mktemp("repo")
-    for index, sig in enumerate(["aaaa0001", "bbbb0002"]):
-        model = reference.build(reference.SOURCES_4, reference.SMALL, seed=11 + index)
-        reference.write_th(model, folder, sig)
-    (folder / "mixbag.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "models": ["aaaa0001", "bbbb0002"],
-                "weights": [[1.0, 0.5, 0.25, 1.0], [0.5, 1.0, 1.0, 0.25]],
-            }
-        )
-    )
-    # Members 2..4 of the one-hot bag are not checkpoints at all: a run that loads them fails.
-    for sig in ["dead0003", "dead0004", "dead0005"]:
-        (folder / f"{sig}.th").write_bytes(b"not a checkpoint")
-    (folder / "onehot.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "models": ["dead0003", "dead0004", "dead0005", "aaaa0001"],
-                "weights": [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]],
-            }
-        )
-    )
-    return folder
 
 
 def write_clip(

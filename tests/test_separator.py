@@ -3,7 +3,6 @@
 import pytest
 import torch
 from demucs.api import Separator as ReferenceSeparator
-from test_separate import repo  # noqa: F401  (a fixture)
 
 import htsep
 from htsep.errors import AudioError, UsageError
@@ -14,7 +13,7 @@ def _mix(seconds=3.2, channels=2, rate=8000):
     return 0.1 * torch.randn(channels, int(seconds * rate), generator=gen)
 
 
-def test_separate_tensor_matches_demucs_api(repo):  # noqa: F811
+def test_separate_tensor_matches_demucs_api(repo):
     mix = _mix()
     reference = ReferenceSeparator(model="mixbag", repo=repo, shifts=0, progress=False)
     _, ref = reference.separate_tensor(mix, 8000)
@@ -24,7 +23,7 @@ def test_separate_tensor_matches_demucs_api(repo):  # noqa: F811
         assert (stem - ref[name]).abs().max() <= 1e-4 * ref[name].abs().max(), name
 
 
-def test_separate_tensor_contract(repo):  # noqa: F811
+def test_separate_tensor_contract(repo):
     separator = htsep.Separator("aaaa0001", repo=repo, device="cpu", stems=["vocals"])
     assert separator.sources == ["drums", "bass", "other", "vocals"]
     assert separator.sample_rate == 8000 and separator.audio_channels == 2
@@ -39,14 +38,14 @@ def test_separate_tensor_contract(repo):  # noqa: F811
         separator.separate_tensor(torch.full((2, 100), float("nan")), 8000)
 
 
-def test_progress_reports_all_the_work(repo):  # noqa: F811
+def test_progress_reports_all_the_work(repo):
     done = []
     separator = htsep.Separator("mixbag", repo=repo, device="cpu", shifts=2)
     separator.separate_tensor(_mix(), 8000, progress=done.append)
     assert sum(done) == pytest.approx(1.0)
 
 
-def test_constructor_usage_errors(repo):  # noqa: F811
+def test_constructor_usage_errors(repo):
     with pytest.raises(UsageError, match="no source 'kazoo'"):
         htsep.Separator("aaaa0001", repo=repo, stems=["kazoo"])
     with pytest.raises(UsageError, match="overlap"):
@@ -55,7 +54,7 @@ def test_constructor_usage_errors(repo):  # noqa: F811
         htsep.Separator("aaaa0001", repo=repo, segment=1.6)
 
 
-def test_precision_options(repo):  # noqa: F811
+def test_precision_options(repo):
     mix = _mix(seconds=2.0)
     exact = htsep.Separator("aaaa0001", repo=repo, device="cpu", shifts=0)
     assert exact.options.batch_size == 1  # automatic batch size on the CPU
@@ -69,3 +68,115 @@ def test_precision_options(repo):  # noqa: F811
         htsep.Separator("aaaa0001", repo=repo, device="cpu", precision="fp16")
     with pytest.raises(UsageError, match="precision 'fp8'"):
         htsep.Separator("aaaa0001", repo=repo, device="cpu", precision="fp8")
+
+
+# --- the API checks its inputs --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vocals_only(repo):
+    return htsep.Separator("aaaa0001", repo=repo, device="cpu", shifts=0, stems="vocals")
+
+
+def test_a_single_stem_name_is_one_stem_not_its_letters(vocals_only):
+    assert vocals_only.stems == ["vocals"]
+
+
+def test_numpy_and_integer_samples(vocals_only):
+    import numpy as np
+
+    mix = _mix(seconds=0.6)
+    expected = vocals_only.separate_tensor(mix, 8000)["vocals"]
+    from_numpy = vocals_only.separate_tensor(mix.numpy(), 8000)["vocals"]
+    assert torch.equal(from_numpy, expected)
+    # int16 samples are scaled as audio files store them: k / 2^15.
+    quantized = (mix * 32768).round().clamp(-32768, 32767)
+    as_float = vocals_only.separate_tensor(quantized / 32768, 8000)["vocals"]
+    as_int16 = vocals_only.separate_tensor(quantized.numpy().astype(np.int16), 8000)["vocals"]
+    assert torch.allclose(as_int16, as_float, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "audio,rate,error,phrase",
+    [
+        (torch.zeros(2, 800, dtype=torch.complex64), 8000, AudioError, "complex"),
+        (torch.zeros(2, 800, dtype=torch.bool), 8000, AudioError, "bool"),
+        (torch.zeros(800), 8000, AudioError, "(channels, time)"),
+        (torch.zeros(800, 2), 8000, AudioError, "more than 64 channels"),
+        ([[0.0] * 800] * 2, 8000, AudioError, "list"),
+        (torch.zeros(2, 0), 8000, AudioError, "no audio"),
+        (torch.zeros(2, 800), 0, UsageError, "sample rate"),
+        (torch.zeros(2, 800), -8000, UsageError, "sample rate"),
+        (torch.zeros(2, 800), 8000.5, UsageError, "sample rate"),
+        (torch.zeros(2, 800), "8000", UsageError, "sample rate"),
+        (torch.zeros(2, 800), 10**12, UsageError, "sample rate"),
+        (torch.zeros(2, 800), float("nan"), UsageError, "sample rate"),
+        (torch.zeros(2, 800), True, UsageError, "sample rate"),
+    ],
+)
+def test_bad_tensors_and_rates(vocals_only, audio, rate, error, phrase):
+    with pytest.raises(error, match=None) as caught:
+        vocals_only.separate_tensor(audio, rate)
+    assert phrase in str(caught.value)
+
+
+def test_an_integral_float_rate_is_a_rate(vocals_only):
+    mix = _mix(seconds=0.6)
+    assert torch.equal(
+        vocals_only.separate_tensor(mix, 8000.0)["vocals"],
+        vocals_only.separate_tensor(mix, 8000)["vocals"],
+    )
+
+
+@pytest.mark.parametrize(
+    "settings,phrase",
+    [
+        ({"overlap": "0.5"}, "overlap"),
+        ({"overlap": float("nan")}, "overlap"),
+        ({"segment": float("nan")}, "segment"),
+        ({"segment": "1"}, "segment"),
+        ({"segment": 0.01}, "too short"),
+        ({"shifts": 1.5}, "shifts"),
+        ({"shifts": True}, "shifts"),
+        ({"seed": 2**70}, "seed"),
+        ({"seed": "0"}, "seed"),
+        ({"batch_size": 0}, "batch size"),
+        ({"split": "no"}, "split"),
+        ({"stems": [1, 2]}, "stems"),
+        ({"stems": []}, "no stems"),
+        ({"precision": None}, "precision"),
+    ],
+)
+def test_bad_settings_are_usage_errors(repo, settings, phrase):
+    with pytest.raises(UsageError) as caught:
+        htsep.Separator("aaaa0001", repo=repo, device="cpu", **settings)
+    assert phrase in str(caught.value)
+
+
+def test_separate_file_to_checks_its_outputs(repo, tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, _mix(seconds=0.6).numpy().T, 8000)
+    separator = htsep.Separator("aaaa0001", repo=repo, device="cpu", shifts=0)
+    for outputs, phrase in [
+        ({}, "non-empty"),
+        ({"kazoo": tmp_path / "k.wav"}, "kazoo"),
+        ({"vocals": 3}, "file path"),
+        ({"vocals": ""}, "file path"),
+        ({"vocals": tmp_path / "same.wav", "bass": tmp_path / "same.wav"}, "same file"),
+        (["vocals"], "mapping"),
+    ]:
+        with pytest.raises(UsageError) as caught:
+            separator.separate_file_to(clip, outputs)
+        assert phrase in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.wav"]
+    # str paths work; an existing file is not replaced unless asked.
+    target = str(tmp_path / "v.wav")
+    assert separator.separate_file_to(clip, {"vocals": target}) == (8000, 4800)
+    first = sf.read(target)[0]
+    with pytest.raises(htsep.HtsepError, match="exists"):
+        separator.separate_file_to(clip, {"vocals": target})
+    separator.separate_file_to(clip, {"vocals": target}, overwrite=True)
+    assert np.array_equal(sf.read(target)[0], first)

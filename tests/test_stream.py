@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from test_separate import repo, write_clip  # noqa: F401  (repo is a fixture)
+from test_separate import write_clip
 
 import htsep
 import reference
 from htsep.apply import ChunkOptions, ChunkStream, apply_split, zero_extended
 
 
-def test_chunk_stream_equals_apply_split(repo):  # noqa: F811
+def test_chunk_stream_equals_apply_split(repo):
     model = htsep.Separator("aaaa0001", repo=repo, device="cpu")._load(0)
     mix = torch.randn(2, 2, 30011, generator=torch.Generator().manual_seed(0))
     whole = apply_split(model, mix, start=-300, length=29000, options=ChunkOptions(batch_size=2))
@@ -36,7 +36,7 @@ def test_chunk_stream_equals_apply_split(repo):  # noqa: F811
         (44100, 1, 2, "mixbag"),  # mono, resampled, shifts, bag
     ],
 )
-def test_streamed_equals_whole(tmp_path, repo, rate, channels, shifts, name):  # noqa: F811
+def test_streamed_equals_whole(tmp_path, repo, rate, channels, shifts, name):
     clip = tmp_path / "clip.wav"
     write_clip(clip, 5.3, rate=rate, channels=channels, amplitude=0.2)
     separator = htsep.Separator(name, repo=repo, device="cpu", shifts=shifts, seed=9)
@@ -58,7 +58,7 @@ def test_streamed_equals_whole(tmp_path, repo, rate, channels, shifts, name):  #
     "ext,flags", [("wav", {"bits": 32}), ("flac", {"bits": 24}), ("mp3", {"mp3_bitrate": 192})]
 )
 @pytest.mark.parametrize("clip_mode", ["rescale", "clamp", "none"])
-def test_written_files_match_whole_track(tmp_path, repo, ext, flags, clip_mode):  # noqa: F811
+def test_written_files_match_whole_track(tmp_path, repo, ext, flags, clip_mode):
     clip = tmp_path / "clip.wav"
     write_clip(clip, 3.1, rate=44100 if ext == "mp3" else 8000, amplitude=0.5)
     separator = htsep.Separator("aaaa0001", repo=repo, device="cpu", shifts=1)
@@ -81,7 +81,7 @@ def test_written_files_match_whole_track(tmp_path, repo, ext, flags, clip_mode):
         assert (written - expected).abs().max() <= 1e-6 * max(1.0, float(expected.abs().max()))
 
 
-def test_two_stems_streamed(tmp_path, repo):  # noqa: F811
+def test_two_stems_streamed(tmp_path, repo):
     clip = tmp_path / "clip.wav"
     mix = write_clip(clip, 2.2, rate=16000)
     separator = htsep.Separator("aaaa0001", repo=repo, device="cpu", stems=["bass"])
@@ -121,7 +121,7 @@ def _bag_stream(members, mix, slot=None):
     )
 
 
-def test_device_slot_runs_members_one_at_a_time(repo, tmp_path):  # noqa: F811
+def test_device_slot_runs_members_one_at_a_time(repo, tmp_path):
     """A bag streamed through a DeviceSlot (one member's weights on the device at a time, here
     the CPU) gives the same numbers as the members run in place, and leaves them untouched."""
     from htsep.apply import DeviceSlot

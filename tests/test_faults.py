@@ -1,0 +1,148 @@
+"""Faults: SIGTERM, a second Ctrl-C and kill -9 leave nothing half-written, and a later run over
+the same folder removes what a killed run left and completes the batch with the same bytes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_separate import htsep, write_clip
+
+from htsep import files
+
+MODEL = ["-n", "aaaa0001", "-q"]
+TRACKS = ("one", "two", "three")
+SECONDS = 12.0
+
+
+def _hidden(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*"))
+
+
+def _stems(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory, repo):
+    """Three inputs and the stems of one uninterrupted run."""
+    folder = tmp_path_factory.mktemp("faults")
+    inputs = [folder / "in" / f"{name}.wav" for name in TRACKS]
+    for seed, path in enumerate(inputs):
+        write_clip(path, SECONDS, seed=seed)
+    clean = folder / "clean"
+    result = htsep("--repo", str(repo), *MODEL, "-o", str(clean), *map(str, inputs))
+    assert result.exit_code == 0, result.output
+    return repo, inputs, _stems(clean)
+
+
+def _start(repo: Path, inputs: list[Path], out: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "htsep", "separate", "--repo", str(repo), *MODEL]
+    return subprocess.Popen(
+        [*command, "-o", str(out), *map(str, inputs)], stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait_for(process: subprocess.Popen, condition, timeout: float = 120.0) -> bool:
+    """Poll until ``condition()``; False if the process ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(0.005)
+    raise AssertionError("the moment never came")
+
+
+def _moment(out: Path, moment: str):
+    model = out / "aaaa0001"
+
+    def staging() -> bool:
+        return any(p.name.startswith(".htsep-") for p in model.glob("*/.*"))
+
+    def first_stem() -> bool:
+        return any(model.glob("one/*.wav"))
+
+    def second_track() -> bool:
+        return any(model.glob("two/.*"))
+
+    return {"staging": staging, "first stem": first_stem, "second track": second_track}[moment]
+
+
+@pytest.mark.parametrize("moment", ["staging", "first stem", "second track"])
+def test_kill_9_then_skip_existing_completes_the_batch_identically(batch, tmp_path, moment):
+    repo, inputs, clean = batch
+    out = tmp_path / "out"
+    process = _start(repo, inputs, out)
+    reached = _wait_for(process, _moment(out, moment))
+    process.kill()
+    process.wait(timeout=60)
+    assert reached, f"the run ended before the moment: {process.stderr.read()}"
+    result = htsep(
+        "--repo", str(repo), *MODEL, "-o", str(out), "--skip-existing", *map(str, inputs)
+    )
+    assert result.exit_code == 0, result.output
+    assert _hidden(out) == []
+    assert _stems(out) == clean
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "two Ctrl-C"])
+def test_sigterm_and_a_second_ctrl_c_leave_nothing_behind(batch, tmp_path, how):
+    repo, inputs, clean = batch
+    out = tmp_path / "out"
+    process = _start(repo, inputs, out)
+    assert _wait_for(process, _moment(out, "staging"))
+    if how == "SIGTERM":
+        process.send_signal(signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+    code = process.wait(timeout=60)
+    errors = process.stderr.read()
+    assert code == (143 if how == "SIGTERM" else 130), errors
+    assert "Traceback" not in errors
+    assert _hidden(out) == []
+    for name, content in _stems(out).items():  # whatever was finished is complete
+        assert content == clean[name]
+
+
+def test_a_later_run_removes_stale_temporaries_but_not_live_ones(batch, tmp_path):
+    repo, inputs, clean = batch
+    folder = tmp_path / "out" / "aaaa0001" / "one"
+    folder.mkdir(parents=True)
+    # A process that made a temporary and a staging folder, then died without removing them.
+    code = (
+        "import sys; from htsep import files; "
+        "files.create_temporary(sys.argv[1] + '/vocals.wav'); "
+        "files.StagingFolder(sys.argv[1]); "
+        "files.create_temporary(sys.argv[1] + '/model.th', suffix='.part')"
+    )
+    subprocess.run([sys.executable, "-c", code, str(folder)], check=True)
+    stale = _hidden(folder)
+    assert len(stale) == 3
+    live = files.create_temporary(folder / "drums.wav")  # this process is alive
+    result = htsep("--repo", str(repo), *MODEL, "-o", str(tmp_path / "out"), str(inputs[0]))
+    assert result.exit_code == 0, result.output
+    assert _hidden(folder) == [live.name]
+    live.unlink()
+    assert {k: v for k, v in clean.items() if k.startswith("aaaa0001/one/")} == _stems(
+        tmp_path / "out"
+    )
+
+
+def test_a_dead_owner_is_proved_only_on_this_machine(tmp_path):
+    folder = tmp_path
+    tag = files.owner_tag()
+    other_host = "h00000000" + tag[9:]
+    other_pid = tag.split("p")[0] + "p" + str(2**22 + 1) + "s1"
+    for owner in (other_host, other_pid):
+        (folder / f".song.wav.{owner}.0123abcd.tmp").write_bytes(b"x")
+    assert files.remove_stale(folder) == [folder / f".song.wav.{other_pid}.0123abcd.tmp"]
+    assert os.listdir(folder) == [f".song.wav.{other_host}.0123abcd.tmp"]

@@ -1,0 +1,87 @@
+"""htsep.files: synced, atomic, never-replacing writes and provably stale temporaries."""
+
+import errno
+import os
+
+import pytest
+
+from htsep import files
+
+
+def test_place_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_rename = os.fsync, files.rename_no_replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    def rename(source, target):
+        events.append(("rename", os.path.basename(target)))
+        real_rename(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(files, "rename_no_replace", rename)
+    target = tmp_path / "stem.wav"
+    temporary = files.create_temporary(target)
+    temporary.write_bytes(b"data")
+    files.place(temporary, target, replace=False)
+    assert events == [
+        ("fsync", temporary.name),
+        ("rename", "stem.wav"),
+        ("fsync", tmp_path.name),
+    ]
+    assert target.read_bytes() == b"data" and not temporary.exists()
+
+
+@pytest.mark.parametrize("mechanism", ["renameat2", "link", "check"])
+def test_no_replace_keeps_a_file_that_appeared(tmp_path, monkeypatch, mechanism):
+    if mechanism != "renameat2":
+        monkeypatch.setattr(files, "_renameat2", lambda: None)
+    if mechanism == "check":  # a file system without hard links
+
+        def no_links(source, target):
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_links)
+    target = tmp_path / "stem.wav"
+    target.write_bytes(b"theirs")
+    temporary = files.create_temporary(target)
+    temporary.write_bytes(b"ours")
+    with pytest.raises(FileExistsError):
+        files.rename_no_replace(temporary, target)
+    assert target.read_bytes() == b"theirs" and temporary.read_bytes() == b"ours"
+    target.unlink()
+    files.rename_no_replace(temporary, target)
+    assert target.read_bytes() == b"ours" and not temporary.exists()
+
+
+def test_atomic_output_removes_its_temporary_when_the_target_appeared(tmp_path):
+    target = tmp_path / "model.safetensors"
+    with pytest.raises(FileExistsError), files.atomic_output(target, replace=False) as temporary:
+        temporary.write_bytes(b"new")
+        target.write_bytes(b"old")
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["model.safetensors"]
+
+
+def test_temporaries_keep_the_umask_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        temporary = files.create_temporary(tmp_path / "a.wav")
+    finally:
+        os.umask(old)
+    assert temporary.stat().st_mode & 0o777 == 0o644
+
+
+def test_remove_stale_leaves_other_files_and_live_owners(tmp_path):
+    mine = files.create_temporary(tmp_path / "a.wav")
+    staging = files.StagingFolder(tmp_path)
+    for name in ["a.wav", ".a.wav.1234abcd.tmp", ".htsep-x", ".hidden"]:
+        (tmp_path / name).write_bytes(b"user data")
+    assert files.remove_stale(tmp_path) == []
+    assert files.remove_stale(tmp_path / "missing") == []
+    assert len(os.listdir(tmp_path)) == 6
+    staging.cleanup()
+    assert not (tmp_path / staging.name).exists()
+    assert mine.exists()
