@@ -398,3 +398,62 @@ def test_a_newline_in_a_file_name_keeps_the_error_on_one_line(run, tmp_path):
     assert result.exit_code == 1
     assert len(result.stderr.splitlines()) == 2  # the error and the summary
     assert "bad\\nname\\r.wav" in _errors(result)[0]
+
+
+# --- formats, rates and faults end to end ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("rate", [44099, 7999, 1000])
+def test_odd_sample_rates_separate_in_bounded_time(run, tmp_path, rate):
+    clip = tmp_path / "odd.wav"
+    write_clip(clip, 1.0, rate=rate)
+    result = run("--stems", "vocals", clip)
+    assert result.exit_code == 0, result.output
+    info = sf.info(run.out / "aaaa0001" / "odd" / "vocals.wav")
+    assert (info.samplerate, info.frames) == (rate, rate)
+
+
+def test_a_gsm_wav_separates_and_a_truncated_rf64_fails_alone(run, tmp_path):
+    gsm = tmp_path / "gsm.wav"
+    audio = write_clip(tmp_path / "x.wav", 1.0)
+    sf.write(gsm, audio[:, 0], RATE, format="WAV", subtype="GSM610")
+    rf64 = tmp_path / "cut.wav"
+    sf.write(rf64, audio, RATE, format="RF64", subtype="PCM_16")
+    rf64.write_bytes(rf64.read_bytes()[: -RATE // 2])
+    result = run("--stems", "vocals", gsm, rf64)
+    assert result.exit_code == 1, result.output
+    errors = _errors(result)
+    assert len(errors) == 1 and "cut.wav" in errors[0] and "Traceback" not in result.output
+    info = sf.info(run.out / "aaaa0001" / "gsm" / "vocals.wav")
+    assert info.frames == sf.info(gsm).frames
+    assert not (run.out / "aaaa0001" / "cut").exists()
+
+
+def test_a_full_disk_names_the_stem_and_leaves_nothing(tmp_path, repo):
+    """RLIMIT_FSIZE makes writes fail with EFBIG as a full disk fails with ENOSPC, with no
+    root needed; the float stems staged for the rescale pass hit it first."""
+    import resource
+    import signal
+
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 4.0)
+    out = tmp_path / "out"
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "htsep", "separate", "--repo", str(repo), *MODEL, "-o", str(out)]
+        + [str(clip)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit,
+    )
+    assert done.returncode == 1, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("htsep: error:")]
+    assert len(errors) == 1, done.stderr
+    assert "File too large" in errors[0] and ".htsep-" not in errors[0]
+    assert str(out / "aaaa0001" / "song") in errors[0]
+    assert [p for p in out.rglob("*") if p.is_file() or p.name.startswith(".")] == []
