@@ -51,7 +51,7 @@ DEVICE_OPTION = typer.Option(
 SHIFTS_OPTION = typer.Option(1, "--shifts", help="Random shifts to average (0: none).")
 OVERLAP_OPTION = typer.Option(0.25, "--overlap", help="Overlap between chunks.")
 SEGMENT_OPTION = typer.Option(
-    None, "--segment", help="Chunk length in seconds, at most the model's."
+    None, "--segment", help="Chunk length in seconds: at least 1, at most the model's."
 )
 JOBS_OPTION = typer.Option(0, "-j", "--jobs", help="CPU threads for torch (0: its default).")
 QUIET_OPTION = typer.Option(False, "-q", "--quiet", help="No progress, only errors.")

@@ -47,7 +47,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # Bounds of the settings: beyond them a value is a typo or an unset variable, not a choice.
 MAX_SHIFTS = 100
 MAX_BATCH_SIZE = 1024
-MIN_SEGMENT = Fraction(1, 10)  # seconds: shorter chunks cost a whole network call per sample
+MIN_SEGMENT = Fraction(1)  # seconds: every chunk costs a whole network call, however short
 MAX_SEED = 2**63 - 1
 # Sample rates accepted for tensors and files, as for the resampler's bounds.
 MIN_RATE, MAX_RATE = 1000, 384000
