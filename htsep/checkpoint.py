@@ -133,11 +133,21 @@ _MALFORMED = (
 def load_model(source: str | os.PathLike[str]) -> HTDemucs:
     """Load an HT Demucs checkpoint of any supported format, in eval mode on the CPU.
 
+    ``source`` is a file, or the name of a single-network model of the registry
+    (``htsep-tiny``, ``htdemucs``, a member's signature), fetched like ``htsep separate -n``.
+
     The file is untrusted data: anything wrong with it (unsafe pickles, malformed metadata,
     settings out of range, source names that are not plain file names, tensors that do not
     fit or hold NaN) raises CheckpointError naming the file, never another exception.
     """
     path = Path(source)
+    if (
+        isinstance(source, str)
+        and not os.path.lexists(source)
+        and not any(sep in source for sep in "/\\")
+        and not source.endswith((".th", ".safetensors", ".pt"))
+    ):
+        path = _named_model_file(source)
     head = _read_head(path)
     try:
         if _is_safetensors(head):
@@ -197,6 +207,19 @@ def _kind(mode: int) -> str:
 
 def _reason(exc: BaseException) -> str:
     return (isinstance(exc, OSError) and exc.strerror) or _first_line(exc)
+
+
+def _named_model_file(name: str) -> Path:
+    """The checkpoint file of a registry model with one network (downloaded if need be)."""
+    from htsep import zoo
+
+    spec = zoo.find_model(name)
+    if len(spec.members) != 1:
+        raise CheckpointError(
+            f"{name}: a bag of {len(spec.members)} networks, not one checkpoint "
+            "(use htsep.Separator for bags)"
+        )
+    return zoo.fetch(spec.members[0], progress=False)
 
 
 def _is_safetensors(head: bytes) -> bool:

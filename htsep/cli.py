@@ -825,6 +825,10 @@ def models_list(ctx: typer.Context) -> None:
     """List the named models: sources, members, and whether they are downloaded."""
     if ctx.invoked_subcommand is not None:
         return
+    _list_models()
+
+
+def _list_models() -> None:
     from htsep import zoo
 
     for spec in zoo.registry_models():
@@ -843,6 +847,12 @@ def models_list(ctx: typer.Context) -> None:
         )
         if spec.description:
             typer.echo(f"{'':<14} {spec.description}")
+
+
+@models_app.command("list")
+def models_list_command() -> None:
+    """List the named models (the same as ``htsep models``)."""
+    _list_models()
 
 
 @models_app.command("download")
@@ -873,15 +883,16 @@ def models_download(
 
 
 @app.command("info")
-def info(checkpoint: str = typer.Argument(..., help="Path to a checkpoint file.")) -> None:
+def info(
+    checkpoint: str = typer.Argument(
+        ..., help="A checkpoint file, or the name of a one-network model (e.g. htsep-tiny)."
+    ),
+) -> None:
     """Load a checkpoint and print what it contains."""
     from htsep.checkpoint import load_model
 
-    try:
+    with _reported_errors("interrupted"):
         model = load_model(checkpoint)
-    except HtsepError as exc:
-        _error(str(exc))
-        raise typer.Exit(1) from None
     params = sum(p.numel() for p in model.parameters())
     typer.echo(f"sources: {', '.join(model.sources)}")
     typer.echo(f"sample rate: {model.sample_rate} Hz, channels: {model.audio_channels}")
@@ -1154,9 +1165,34 @@ _TRAIN_NUMBERS = (
 )  # fmt: skip
 
 
+_ROOT_FLAGS = ("-v", "--verbose")
+_ROOT_EAGER = ("--version", "--help")
+
+
+def demucs_style(argv: list[str]) -> list[str]:
+    """The arguments as Typer expects them, from habits of demucs users: a first argument that
+    is not a command starts ``separate`` (``htsep song.mp3 -n htdemucs_ft``), and ``-v`` works
+    after the command too (it is the root's option)."""
+    args = list(argv)
+    verbose = [arg for arg in args if arg in _ROOT_FLAGS]
+    rest = [arg for arg in args if arg not in _ROOT_FLAGS]
+    if "--" in args:  # after "--" everything is an input, "-v" included
+        cut = args.index("--")
+        verbose = [arg for arg in args[:cut] if arg in _ROOT_FLAGS]
+        rest = [arg for arg in args[:cut] if arg not in _ROOT_FLAGS] + args[cut:]
+    commands = {
+        command.name or getattr(command.callback, "__name__", "")
+        for command in app.registered_commands
+    }
+    commands |= {group.name or "" for group in app.registered_groups}
+    if rest and rest[0] not in commands and rest[0] not in _ROOT_EAGER:
+        rest = ["separate", *rest]
+    return verbose[:1] + rest
+
+
 def main() -> None:
     try:
-        app()
+        app(args=demucs_style(sys.argv[1:]), prog_name="htsep")
     except KeyboardInterrupt:  # pragma: no cover - interrupted outside a command
         _error("interrupted")
         sys.exit(130)

@@ -74,3 +74,55 @@ def test_models_download_unknown_name_is_a_usage_error():
     result = runner.invoke(app, ["models", "download", "htdemucs_fx"])
     assert result.exit_code == 2
     assert "did you mean 'htdemucs_ft'" in result.stderr
+
+
+def test_demucs_habits_and_verbose_after_the_command():
+    from htsep.cli import demucs_style
+
+    assert demucs_style(["song.mp3", "-n", "htdemucs_ft", "--two-stems", "vocals"]) == [
+        "separate", "song.mp3", "-n", "htdemucs_ft", "--two-stems", "vocals",
+    ]  # fmt: skip
+    assert demucs_style(["separate", "a.wav", "-v"]) == ["-v", "separate", "a.wav"]
+    assert demucs_style(["info", "--verbose", "x.th"]) == ["--verbose", "info", "x.th"]
+    assert demucs_style(["separate", "--", "-v"]) == ["separate", "--", "-v"]
+    for args in (["models", "list"], ["eval", "d"], ["train", "d"], ["--version"], []):
+        assert demucs_style(args) == args
+
+
+def test_a_first_argument_that_is_not_a_command_separates(tmp_path, repo):
+    from test_separate import write_clip
+
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 0.5)
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "htsep", str(clip), "--repo", str(repo), "-n", "aaaa0001"]
+        + ["--two-stems", "vocals", "-o", str(out), "-q", "-v"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (out / "aaaa0001" / "song").iterdir()) == [
+        "no_vocals.wav",
+        "vocals.wav",
+    ]
+    assert "loaded aaaa0001" in done.stderr  # -v after the command took effect
+
+
+def test_registry_names_work_for_info_and_load_model():
+    result = runner.invoke(app, ["info", "htsep-tiny"])
+    assert result.exit_code == 0, result.output
+    assert "parameters: 1,127,424" in result.output
+    assert htsep.load_model("htsep-tiny").sources == ["drums", "bass", "other", "vocals"]
+    result = runner.invoke(app, ["info", "htdemucs_ft"])
+    assert result.exit_code == 1 and "bag of 4 networks" in result.output
+    result = runner.invoke(app, ["info", "htdemucs_fx"])
+    assert result.exit_code == 2 and "htdemucs_ft" in result.output
+
+
+def test_models_list_is_the_listing():
+    listed = runner.invoke(app, ["models", "list"])
+    assert listed.exit_code == 0
+    assert listed.output == runner.invoke(app, ["models"]).output
+    assert listed.output.splitlines()[0].split()[0] == "htdemucs"
