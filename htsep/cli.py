@@ -182,8 +182,13 @@ class Track:
     duration: float | None = None
     seconds: float | None = None
 
+    @property
+    def speed(self) -> float | None:
+        """Seconds of audio separated per second of work ("4.11x real time")."""
+        return (self.duration / self.seconds) if self.seconds and self.duration else None
+
     def record(self, model: str) -> dict[str, Any]:
-        rtf = (self.seconds / self.duration) if self.seconds and self.duration else None
+        speed = self.speed
         return {
             "input": self.source,
             "outputs": self.outputs,
@@ -191,7 +196,7 @@ class Track:
             "sample_rate": self.sample_rate,
             "duration": self.duration,
             "seconds": None if self.seconds is None else round(self.seconds, 3),
-            "realtime_factor": None if rtf is None else round(rtf, 4),
+            "times_real_time": None if speed is None else round(speed, 2),
             "status": self.status,
             "error": self.error,
         }
@@ -784,7 +789,7 @@ class _Batch:
                 f"[{index + 1}/{len(self.tracks)}] {track.path.name}: "
                 f"{len(self.plans[index].paths)} "
                 f"stems in {track.seconds:.1f} s "
-                f"({track.duration / track.seconds:.2f}x real time)",
+                f"({track.speed:.2f}x real time)",
                 err=True,
             )
         if self.opts["json_lines"]:
