@@ -37,6 +37,7 @@ tracks, whatever the seed.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -49,6 +50,7 @@ import numpy as np
 import soundfile as sf
 
 from htsep.errors import HtsepError
+from htsep.files import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -190,8 +192,10 @@ def write_dataset(
     seed: int,
     sample_rate: int = 44100,
     test_tracks: int | None = None,
-) -> None:
-    """Write ``out/{train,test}/synth-NNNN/{mixture,drums,bass,other,vocals}.wav``.
+) -> bool:
+    """Write ``out/{train,test}/synth-NNNN/{mixture,drums,bass,other,vocals}.wav``, and
+    ``out/synthetic.json`` (the recipe) last. -> False when ``out`` already holds the complete
+    set of this recipe (nothing is written: the same command gives the same bytes).
 
     ``tracks`` train tracks and ``test_tracks`` test tracks (default ``max(1, tracks // 4)``),
     each ``seconds`` long, stereo 16-bit PCM at ``sample_rate``. Refuses (``OutputExistsError``,
@@ -202,6 +206,15 @@ def write_dataset(
     if tracks < 1 or test_tracks < 1:
         raise ValueError(f"need at least one train and one test track, got {tracks}, {test_tracks}")
     _check_arguments(seed, 0, seconds, sample_rate)
+    recipe = {
+        "tracks": tracks,
+        "test_tracks": test_tracks,
+        "seconds": seconds,
+        "seed": seed,
+        "sample_rate": sample_rate,
+    }
+    if _written_before(out, recipe):
+        return False
     for split in SPLITS:
         if os.path.lexists(out / split):
             raise OutputExistsError(f"{out / split} already exists")
@@ -216,6 +229,29 @@ def write_dataset(
             for name, audio in render_track(seed, split, index, seconds, sample_rate).items():
                 _write_wav(folder / f"{name}.wav", audio, sample_rate)
             logger.info("wrote %s", folder)
+    # Written last: its presence says the set is complete, and with which recipe.
+    with atomic_output(out / RECIPE_FILE) as temporary:
+        temporary.write_text(json.dumps(recipe, sort_keys=True) + "\n")
+    return True
+
+
+RECIPE_FILE = "synthetic.json"
+
+
+def _written_before(out: Path, recipe: dict[str, float]) -> bool:
+    """Whether ``out`` holds a complete set written with this very recipe (the same bytes)."""
+    try:
+        saved = json.loads((out / RECIPE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    if saved != json.loads(json.dumps(recipe)):
+        return False
+    for split, count in (("train", recipe["tracks"]), ("test", recipe["test_tracks"])):
+        for index in range(int(count)):
+            folder = out / split / track_name(index)
+            if not all((folder / f"{name}.wav").is_file() for name in ("mixture", *SOURCES)):
+                return False
+    return True
 
 
 def default_test_tracks(tracks: int) -> int:

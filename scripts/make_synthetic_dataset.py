@@ -7,7 +7,9 @@ writes ``OUT/train/synth-0000/{mixture,drums,bass,other,vocals}.wav`` ... (N tra
 ``OUT/test/synth-0000/...`` (M tracks, default max(1, N // 4)): stereo 16-bit PCM, S seconds
 each, where every mixture is exactly the sum of its four stems. The same command always writes
 the same bytes; test tracks never repeat train tracks. See ``htsep/synthetic.py`` for the sound
-design. An existing ``OUT/train`` or ``OUT/test`` is an error (exit code 2) and is left as it is.
+design. An existing ``OUT/train`` or ``OUT/test`` is an error (exit code 2) and is left as it is,
+unless it is the complete set this very command wrote before (``OUT/synthetic.json`` records
+the arguments): then nothing is written and the exit code is 0, so the command can be rerun.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     try:
-        write_dataset(
+        written = write_dataset(
             args.out, args.tracks, args.seconds, args.seed, args.sample_rate, args.test_tracks
         )
     except OutputExistsError as error:
@@ -71,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
     test_tracks = default_test_tracks(args.tracks) if args.test_tracks is None else args.test_tracks
+    if not written:
+        print(f"{args.out} already holds this dataset (same arguments); nothing written")
+        return 0
     print(
         f"wrote {args.tracks} train and {test_tracks} test tracks of {args.seconds:g} s at "
         f"{args.sample_rate} Hz to {args.out} in {time.perf_counter() - started:.1f} s"

@@ -90,7 +90,7 @@ def test_same_command_same_bytes_other_seed_other_bytes(dataset: Path, tmp_path:
 
 def test_layout(dataset: Path) -> None:
     # Only the expected files: no temporary file is left behind.
-    assert sorted(path.name for path in dataset.iterdir()) == ["test", "train"]
+    assert sorted(path.name for path in dataset.iterdir()) == ["synthetic.json", "test", "train"]
     for split, count in (("train", TRACKS), ("test", TEST_TRACKS)):
         tracks = sorted(path.name for path in (dataset / split).iterdir())
         assert tracks == [f"synth-{index:04d}" for index in range(count)]
@@ -240,3 +240,21 @@ def test_write_dataset_refuses_an_existing_split(tmp_path: Path) -> None:
     with pytest.raises(OutputExistsError, match="train already exists"):
         write_dataset(tmp_path, tracks=1, seconds=0.2, seed=1, sample_rate=8000)
     assert digests(tmp_path) == before
+
+
+def test_the_same_command_can_run_twice(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [str(tmp_path), "--tracks", "1", "--seconds", "0.2", "--seed", "3"]
+    argv += ["--sample-rate", "8000"]
+    assert run_main(argv, capsys)[0] == 0
+    before = digests(tmp_path)
+    assert run_main(argv, capsys) == (
+        0,
+        f"{tmp_path} already holds this dataset (same arguments); nothing written\n",
+        "",
+    )
+    assert digests(tmp_path) == before
+    # Another recipe, or a set whose recipe file is missing (cut short), is still refused.
+    other = [*argv[:-4], "4", "--sample-rate", "8000"]
+    assert run_main(other, capsys)[0] == 2
+    (tmp_path / "synthetic.json").unlink()
+    assert run_main(argv, capsys)[0] == 2
