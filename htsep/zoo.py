@@ -428,8 +428,21 @@ def _split_checksum(stem: str) -> tuple[str, str | None]:
     return (match["signature"], match["checksum"]) if match else (stem, None)
 
 
+# What ``htsep train`` writes in its run folder: the exported model, and the run's options.
+_RUN_MODEL, _RUN_OPTIONS = "model.safetensors", "run.json"
+
+
 def _file_spec(path: Path) -> ModelSpec:
     signature, checksum = _split_checksum(path.stem)
+    run = path.resolve().parent
+    # Every run of htsep train exports "model.safetensors": name it after its run folder, so
+    # that the stems of runs/a and runs/b do not share <out>/model/.
+    if (
+        path.name == _RUN_MODEL
+        and (run / _RUN_OPTIONS).is_file()
+        and name_problem(run.name, _MAX_MODEL_NAME) is None
+    ):
+        signature = run.name
     # The name becomes the output folder <out>/<name>/: "...th" would name it "..".
     problem = name_problem(signature, _MAX_MODEL_NAME)
     if problem is not None:

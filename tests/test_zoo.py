@@ -754,3 +754,19 @@ def test_stale_partial_downloads_are_removed_live_ones_kept(mirror: Server, serv
     shutil.copy(served.path, mirror.root / served.path.name)
     fetch(served.member, progress=False)
     assert cache_leftovers(cache) == sorted([served.path.name, live.name, old_style.name])
+
+
+def test_trained_runs_name_their_outputs_after_the_run_folder(tmp_path: Path) -> None:
+    shipped = find_model("htsep-tiny").members[0].path
+    assert shipped is not None
+    names = []
+    for run in ("run-a", "run-b"):
+        folder = tmp_path / "runs" / run
+        folder.mkdir(parents=True)
+        (folder / "run.json").write_text("{}")
+        shutil.copyfile(shipped, folder / "model.safetensors")
+        names.append(find_model(str(folder / "model.safetensors")).name)
+    assert names == ["run-a", "run-b"]
+    # A model.safetensors that is not an htsep run's export keeps its file name.
+    (tmp_path / "model.safetensors").write_bytes(shipped.read_bytes())
+    assert find_model(str(tmp_path / "model.safetensors")).name == "model"
