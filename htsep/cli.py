@@ -175,12 +175,18 @@ class Track:
 
     source: str  # as the user named it (or the file found under a folder or glob)
     path: Path | None
+    name: str | None = None  # the track's name when not its file's (stdin)
     error: str | None = None
     status: str = "pending"
     outputs: list[str] = field(default_factory=list)
     sample_rate: int | None = None
     duration: float | None = None
     seconds: float | None = None
+
+    @property
+    def label(self) -> str:
+        """How progress lines name the track."""
+        return self.name or (self.path.name if self.path is not None else self.source)
 
     @property
     def speed(self) -> float | None:
@@ -431,6 +437,10 @@ def _check_options(opts: dict[str, Any], given: set[str]) -> tuple[str, int, Any
     if empty:
         names = ", ".join("--" + name.replace("_", "-") for name in empty)
         raise UsageError(f"{names}: empty value (an unset variable in a script?)")
+    if opts["out"] == "-" and opts["json_lines"]:
+        raise UsageError("-o - writes the stem to standard output, where --json would write too")
+    if opts["inputs"].count("-") > 1:
+        raise UsageError("'-' (standard input) can be given only once")
     if opts["int24"] and opts["float32"]:
         raise UsageError("--int24 and --float32 exclude each other")
     if opts["flac"] and opts["mp3"]:
@@ -496,13 +506,48 @@ def _wanted_stems(opts: dict[str, Any]) -> list[str] | None:
 
 
 def _separate(**opts: Any) -> int:
+    from htsep import files
+
+    ext, bits, settings = _check_options(opts, opts.pop("given"))
+    with contextlib.ExitStack() as cleanup:
+        if "-" in opts["inputs"]:
+            spooled = _spool_stdin()
+            cleanup.callback(spooled.unlink, missing_ok=True)
+            opts["inputs"] = [str(spooled) if item == "-" else item for item in opts["inputs"]]
+            opts["stdin"] = spooled
+        if opts["out"] == "-":
+            staging = files.StagingFolder(tempfile.gettempdir())
+            cleanup.callback(staging.cleanup)
+            opts["out"], opts["stdout"] = str(staging.path), True
+        return _separate_tracks(opts, ext, bits, settings)
+
+
+def _spool_stdin() -> Path:
+    """Standard input copied to a temporary file: the first pass needs the whole track."""
+    import shutil
+
+    from htsep import files
+
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UsageError("'-' reads audio from standard input, which is a terminal")
+    spooled = files.create_temporary(Path(tempfile.gettempdir()) / "htsep-stdin")
+    try:
+        with open(spooled, "wb") as handle:
+            shutil.copyfileobj(sys.stdin.buffer, handle, 1 << 20)
+    except BaseException:
+        spooled.unlink(missing_ok=True)
+        raise
+    return spooled
+
+
+def _separate_tracks(opts: dict[str, Any], ext: str, bits: int, settings: Any) -> int:
     import torch
 
     from htsep import files, zoo
     from htsep.separator import Separator
 
-    ext, bits, settings = _check_options(opts, opts.pop("given"))
     quiet = opts["quiet"]
+    to_stdout = opts.get("stdout", False)
     out = Path(opts["out"])
     spec = zoo.find_model(opts["name"], repo=opts["repo"])
     if spec.name in ("", ".", "..") or any(sep in spec.name for sep in "/\\\0"):
@@ -510,6 +555,11 @@ def _separate(**opts: Any) -> int:
     folder = out / spec.name
 
     tracks = expand_inputs(opts["inputs"], exclude=folder)
+    for track in tracks:
+        if track.path is not None and track.path == opts.get("stdin"):
+            track.source, track.name = "-", "stdin"
+    if to_stdout and len(tracks) != 1:
+        raise UsageError(f"-o - writes one track to standard output, not {len(tracks)}")
     if opts["shard"]:
         index, count = parse_shard(opts["shard"])
         total = len(tracks)
@@ -547,6 +597,11 @@ def _separate(**opts: Any) -> int:
         keep_memory=opts["keep_memory"],
     )
     names = separator.output_names(opts["two_stems"], opts["other_method"].value)
+    if to_stdout and len(names) != 1:
+        raise UsageError(
+            f"-o - writes one stem to standard output, not {len(names)} ({', '.join(names)}): "
+            "choose it with --stems STEM, or --two-stems STEM --other-method none"
+        )
     check_template(opts["filename"], ext, len(names))
     plans = plan_outputs(tracks, opts, names, folder, ext)
     # What killed runs left: staging folders and temporaries beside the stems, decoded inputs
@@ -558,7 +613,7 @@ def _separate(**opts: Any) -> int:
         typer.echo(
             f"htsep: {separator.name} ({separator.members_running} network"
             f"{'s' if separator.members_running > 1 else ''}) on {separator.device}; "
-            f"stems in {printable(str(folder))}",
+            + ("stem to standard output" if to_stdout else f"stems in {printable(str(folder))}"),
             err=True,
         )
 
@@ -566,6 +621,8 @@ def _separate(**opts: Any) -> int:
     batch = _Batch(separator, tracks, opts, plans, bits)
     with batch:
         batch.run()
+    if to_stdout and tracks[0].status == "ok":
+        _copy_to_stdout(Path(tracks[0].outputs[0]))
     failed = sum(t.status == "failed" for t in tracks)
     skipped = sum(t.status == "skipped" for t in tracks)
     done = len(tracks) - failed - skipped
@@ -576,6 +633,19 @@ def _separate(**opts: Any) -> int:
             err=True,
         )
     return 1 if failed or not tracks else 0
+
+
+def _copy_to_stdout(path: Path) -> None:
+    import shutil
+
+    try:
+        with open(path, "rb") as handle:
+            shutil.copyfileobj(handle, sys.stdout.buffer, 1 << 20)
+        sys.stdout.buffer.flush()
+    except BrokenPipeError:
+        # The reader went away: say so once, and keep Python from complaining at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise HtsepError("standard output was closed before the stem was written") from None
 
 
 @dataclass(frozen=True)
@@ -599,7 +669,7 @@ def plan_outputs(
     for index, track in enumerate(tracks):
         if track.error is not None or track.path is None:
             continue
-        base, suffix = track_name(track.path)
+        base, suffix = track_name(track.path) if track.name is None else (track.name, "")
         paths = {
             stem: folder / opts["filename"].format(track=base, trackext=suffix, stem=stem, ext=ext)
             for stem in names
@@ -719,7 +789,7 @@ class _Batch:
         with tqdm(
             total=round(duration, 2),
             unit="s",
-            desc=printable(f"[{index + 1}/{len(self.tracks)}] {path.name}"),
+            desc=printable(f"[{index + 1}/{len(self.tracks)}] {self.tracks[index].label}"),
             disable=self.quiet,
             leave=False,
             dynamic_ncols=True,
@@ -786,7 +856,7 @@ class _Batch:
         elif track.status == "ok" and not self.quiet:
             assert track.path is not None and track.seconds and track.duration is not None
             self._say(
-                f"[{index + 1}/{len(self.tracks)}] {track.path.name}: "
+                f"[{index + 1}/{len(self.tracks)}] {track.label}: "
                 f"{len(self.plans[index].paths)} "
                 f"stems in {track.seconds:.1f} s "
                 f"({track.speed:.2f}x real time)",

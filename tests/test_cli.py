@@ -126,3 +126,43 @@ def test_models_list_is_the_listing():
     assert listed.exit_code == 0
     assert listed.output == runner.invoke(app, ["models"]).output
     assert listed.output.splitlines()[0].split()[0] == "htdemucs"
+
+
+def test_pipes_stdin_to_stdout_give_the_bytes_of_files(tmp_path, repo):
+    from test_separate import write_clip
+
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 0.8)
+    common = ["--repo", str(repo), "-n", "aaaa0001", "-q", "--stems", "vocals", "--flac"]
+    files_run = runner.invoke(app, ["separate", *common, "-o", str(tmp_path / "out"), str(clip)])
+    assert files_run.exit_code == 0, files_run.output
+    expected = (tmp_path / "out" / "aaaa0001" / "song" / "vocals.flac").read_bytes()
+    done = subprocess.run(
+        [sys.executable, "-m", "htsep", "-", *common, "-o", "-"],
+        input=clip.read_bytes(),
+        capture_output=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == expected
+    assert done.stderr == b""  # -q: nothing else, and never on stdout
+
+
+def test_pipes_refuse_what_cannot_go_to_one_stream(tmp_path, repo):
+    from test_separate import write_clip
+
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 0.5)
+    common = ["separate", "--repo", str(repo), "-n", "aaaa0001", "-q", "-o", "-"]
+    for extra, phrase in [
+        ([str(clip)], "one stem to standard output, not 4"),
+        (["--stems", "vocals", str(clip), str(clip.with_name("b.wav"))], "not 2"),
+        (["--two-stems", "vocals", str(clip)], "not 2"),
+        (["--stems", "vocals", "--json", str(clip)], "--json"),
+        (["--stems", "vocals", "-", "-"], "only once"),
+    ]:
+        if "b.wav" in extra[-1]:
+            write_clip(clip.with_name("b.wav"), 0.5)
+        result = runner.invoke(app, [*common, *extra])
+        assert result.exit_code == 2, result.output
+        assert phrase in result.stderr and result.stdout == ""
