@@ -175,13 +175,13 @@ class Track:
 
     source: str  # as the user named it (or the file found under a folder or glob)
     path: Path | None
-    name: str | None = None  # the track's name when not its file's (stdin)
     error: str | None = None
     status: str = "pending"
     outputs: list[str] = field(default_factory=list)
     sample_rate: int | None = None
     duration: float | None = None
     seconds: float | None = None
+    name: str | None = None  # the track's name when not its file's (stdin)
 
     @property
     def label(self) -> str:
@@ -238,7 +238,9 @@ def expand_inputs(patterns: list[str], exclude: Path) -> list[Track]:
         if path.is_dir():
             files = audio_under(path)
             if not files:
-                tracks.append(Track(pattern, None, f"{pattern}: no audio files in this folder"))
+                tracks.append(
+                    Track(pattern, None, error=f"{pattern}: no audio files in this folder")
+                )
             for item in files:
                 add(item, str(item))
         elif path.exists():
@@ -248,11 +250,11 @@ def expand_inputs(patterns: list[str], exclude: Path) -> list[Track]:
             files = [m for m in matches if m.is_file() and not m.resolve().is_relative_to(exclude)]
             files += [f for m in matches if m.is_dir() for f in audio_under(m)]
             if not files:
-                tracks.append(Track(pattern, None, f"{pattern}: no files match this pattern"))
+                tracks.append(Track(pattern, None, error=f"{pattern}: no files match this pattern"))
             for item in files:
                 add(item, str(item))
         else:
-            tracks.append(Track(pattern, None, f"{pattern}: no such file or folder"))
+            tracks.append(Track(pattern, None, error=f"{pattern}: no such file or folder"))
     return tracks
 
 
