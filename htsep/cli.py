@@ -182,11 +182,13 @@ class Track:
     duration: float | None = None
     seconds: float | None = None
     name: str | None = None  # the track's name when not its file's (stdin)
+    folder: str = ""  # its folder below the folder argument it was found under ("" if named)
 
     @property
     def label(self) -> str:
         """How progress lines name the track."""
-        return self.name or (self.path.name if self.path is not None else self.source)
+        name = self.name or (self.path.name if self.path is not None else self.source)
+        return f"{self.folder}/{name}" if self.folder else name
 
     @property
     def speed(self) -> float | None:
@@ -218,11 +220,12 @@ def expand_inputs(patterns: list[str], exclude: Path) -> list[Track]:
     tracks: list[Track] = []
     seen: set[Path] = set()
 
-    def add(path: Path, source: str) -> None:
+    def add(path: Path, source: str, root: Path | None = None) -> None:
         key = path.resolve()
         if key not in seen:
             seen.add(key)
-            tracks.append(Track(source, path))
+            relative = "" if root is None else path.parent.relative_to(root).as_posix()
+            tracks.append(Track(source, path, folder="" if relative == "." else relative))
 
     def audio_under(folder: Path) -> list[Path]:
         found = []
@@ -242,17 +245,19 @@ def expand_inputs(patterns: list[str], exclude: Path) -> list[Track]:
                     Track(pattern, None, error=f"{pattern}: no audio files in this folder")
                 )
             for item in files:
-                add(item, str(item))
+                add(item, str(item), root=path)
         elif path.exists():
             add(path, pattern)
         elif glob.has_magic(pattern):
             matches = [Path(m) for m in sorted(glob.glob(pattern, recursive=True))]
             files = [m for m in matches if m.is_file() and not m.resolve().is_relative_to(exclude)]
-            files += [f for m in matches if m.is_dir() for f in audio_under(m)]
-            if not files:
+            found = [(f, m) for m in matches if m.is_dir() for f in audio_under(m)]
+            if not files and not found:
                 tracks.append(Track(pattern, None, error=f"{pattern}: no files match this pattern"))
             for item in files:
                 add(item, str(item))
+            for item, root in found:
+                add(item, str(item), root=root)
         else:
             tracks.append(Track(pattern, None, error=f"{pattern}: no such file or folder"))
     return tracks
@@ -273,7 +278,7 @@ def take_shard(tracks: list[Track], index: int, count: int) -> list[Track]:
     return tracks[index - 1 :: count]
 
 
-TEMPLATE_FIELDS = ("track", "trackext", "stem", "ext")
+TEMPLATE_FIELDS = ("track", "trackext", "stem", "ext", "folder")
 
 
 def check_template(template: str, ext: str, stems: int) -> None:
@@ -295,11 +300,12 @@ def check_template(template: str, ext: str, stems: int) -> None:
             continue
         if field_name not in TEMPLATE_FIELDS or spec or conversion:
             raise UsageError(
-                f"{what}: only the plain fields {{track}}, {{trackext}}, {{stem}} and {{ext}} are "
+                f"{what}: only the plain fields {{track}}, {{trackext}}, {{stem}}, {{ext}} and "
+                "{folder} are "
                 f"available, not {{{field_name}{'!' + conversion if conversion else ''}"
                 f"{':' + spec if spec else ''}}}"
             )
-    sample = template.format(track="t", trackext="wav", stem="s", ext=ext)
+    sample = template.format(track="t", trackext="wav", stem="s", ext=ext, folder="f")
     relative = Path(sample)
     if relative.is_absolute() or os.path.normpath(sample).split(os.sep)[0] == "..":
         raise UsageError(f"{what}: must be a relative path inside <out>/<model>")
@@ -309,6 +315,12 @@ def check_template(template: str, ext: str, stems: int) -> None:
         )
     if stems > 1 and "stem" not in fields:
         raise UsageError(f"{what}: {stems} stems would go to one file; add {{stem}}")
+
+
+def _template_fields(template: str) -> list[str]:
+    import string
+
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
 
 
 def track_name(path: Path) -> tuple[str, str]:
@@ -344,7 +356,8 @@ def separate(
     filename: str = typer.Option(
         "{track}/{stem}.{ext}",
         "--filename",
-        help="Output path template: {track}, {trackext}, {stem}, {ext}.",
+        help="Output path template: {track}, {trackext}, {stem}, {ext}, {folder} (of a file "
+        "below a folder argument; without it, stems keep that place before the template).",
     ),
     device: str | None = DEVICE_OPTION,
     shifts: int = SHIFTS_OPTION,
@@ -672,8 +685,15 @@ def plan_outputs(
         if track.error is not None or track.path is None:
             continue
         base, suffix = track_name(track.path) if track.name is None else (track.name, "")
+        template = opts["filename"]
+        # Files found under a folder argument keep their place below it: before the template's
+        # path, or where it says {folder}.
+        below = folder if "folder" in _template_fields(template) else folder / track.folder
         paths = {
-            stem: folder / opts["filename"].format(track=base, trackext=suffix, stem=stem, ext=ext)
+            stem: below
+            / template.format(
+                track=base, trackext=suffix, stem=stem, ext=ext, folder=track.folder or "."
+            )
             for stem in names
         }
         for stem, path in paths.items():

@@ -338,3 +338,25 @@ def test_m4a_input_through_ffmpeg(tmp_path, repo):
     info = sf.info(out / "aaaa0001" / "song" / "vocals.wav")
     assert info.samplerate == RATE and info.channels == 2
     assert abs(info.frames - len(mix)) <= 2048  # AAC pads with encoder delay frames
+
+
+def test_folder_trees_keep_their_layout(tmp_path, repo):
+    album = tmp_path / "album"
+    for index, disc in enumerate(["CD1", "CD2"]):
+        write_clip(album / disc / "01.wav", 0.4, seed=index)
+    write_clip(tmp_path / "single.wav", 0.4, seed=5)
+    out = tmp_path / "out"
+    args = ["--repo", str(repo), "-n", "aaaa0001", "-q", "--stems", "vocals", "-o", str(out)]
+    result = htsep(*args, str(album), str(tmp_path / "single.wav"))
+    assert result.exit_code == 0, result.output
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.wav"))
+    assert written == [
+        "aaaa0001/CD1/01/vocals.wav",
+        "aaaa0001/CD2/01/vocals.wav",
+        "aaaa0001/single/vocals.wav",
+    ]
+    # {folder} places it in the template; a file named directly has the folder ".".
+    result = htsep(*args, "--filename", "{folder}/{track}-{stem}.{ext}", str(album))
+    assert result.exit_code == 0, result.output
+    assert (out / "aaaa0001" / "CD1" / "01-vocals.wav").is_file()
+    assert (out / "aaaa0001" / "CD2" / "01-vocals.wav").is_file()
