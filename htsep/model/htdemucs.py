@@ -126,7 +126,9 @@ class HTDemucs(nn.Module):
         kinds = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)
         with torch.no_grad():
             for module in self.modules():
-                if isinstance(module, kinds):
+                # Without storage (built on the meta device to check a checkpoint's size) there
+                # are no values to rescale.
+                if isinstance(module, kinds) and module.weight.device.type != "meta":
                     factor = (module.weight.std() / reference) ** 0.5
                     module.weight /= factor
                     if module.bias is not None:

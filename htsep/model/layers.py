@@ -251,11 +251,17 @@ class FrequencyEmbedding(nn.Module):
 
     def __init__(self, bins: int, channels: int, scale: float, smooth: bool) -> None:
         super().__init__()
-        weight = torch.randn(bins, channels)
-        if smooth:
-            # A running sum of Gaussians grows like sqrt(n): normalize it back.
-            weight = weight.cumsum(0) / torch.arange(1, bins + 1).sqrt()[:, None]
-        self.weight = nn.Parameter(weight / scale)
+        weight = torch.empty(bins, channels)
+        # Without storage (a checkpoint's model built on the meta device before its weights
+        # are loaded) the initial values do not matter, and random numbers or arithmetic there
+        # would import torch's compiler stack (seconds and ~150 MB).
+        if weight.device.type != "meta":
+            weight.normal_()  # the numbers of torch.randn
+            if smooth:
+                # A running sum of Gaussians grows like sqrt(n): normalize it back.
+                weight = weight.cumsum(0) / torch.arange(1, bins + 1).sqrt()[:, None]
+            weight = weight / scale
+        self.weight = nn.Parameter(weight)
         self.scale = scale
 
     def forward(self) -> torch.Tensor:
