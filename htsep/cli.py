@@ -545,13 +545,21 @@ def _spool_stdin() -> Path:
 
     if sys.stdin is None or sys.stdin.isatty():
         raise UsageError("'-' reads audio from standard input, which is a terminal")
-    spooled = files.create_temporary(Path(tempfile.gettempdir()) / "htsep-stdin")
+    from htsep.errors import AudioError
+
+    folder = tempfile.gettempdir()
     try:
-        with open(spooled, "wb") as handle:
-            shutil.copyfileobj(sys.stdin.buffer, handle, 1 << 20)
-    except BaseException:
-        spooled.unlink(missing_ok=True)
-        raise
+        spooled = files.create_temporary(Path(folder) / "htsep-stdin")
+        try:
+            with open(spooled, "wb") as handle:
+                shutil.copyfileobj(sys.stdin.buffer, handle, 1 << 20)
+        except BaseException:
+            spooled.unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise AudioError(
+            f"-: cannot keep standard input in {folder}: {exc.strerror or exc}"
+        ) from None
     return spooled
 
 

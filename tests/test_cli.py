@@ -1,5 +1,6 @@
 import subprocess
 import sys
+import tempfile
 
 from typer.testing import CliRunner
 
@@ -166,3 +167,26 @@ def test_pipes_refuse_what_cannot_go_to_one_stream(tmp_path, repo):
         result = runner.invoke(app, [*common, *extra])
         assert result.exit_code == 2, result.output
         assert phrase in result.stderr and result.stdout == ""
+
+
+def test_a_full_disk_while_reading_stdin_is_one_line(tmp_path, repo, monkeypatch):
+    import errno
+    import shutil
+
+    def full(source, target, length=0):
+        target.write(b"RIFF")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfileobj", full)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+    result = runner.invoke(
+        app,
+        ["separate", "--repo", str(repo), "-n", "aaaa0001", "-q", "-o", str(tmp_path / "o"), "-"],
+        input=b"RIFF....",
+    )
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip() == (
+        f"htsep: error: -: cannot keep standard input in {tmp_path}: No space left on device"
+    )
+    assert list(tmp_path.iterdir()) == []
