@@ -92,7 +92,16 @@ _PLACEHOLDER_SIZE = 0x7FFF_F000
 _FFMPEG_CONTEXT = re.compile(r"^\[[^\]]* @ 0x[0-9a-fA-F]+\] ")
 
 # How the files libsndfile reads begin (MP3 may also begin with a bare frame sync).
-_AUDIO_SIGNATURES = (b"RIFF", b"RIFX", b"RF64", b"FORM", b"fLaC", b"OggS", b"ID3", b"caff")
+# How the files of every container libsndfile reads begin (those that have a signature): when
+# libsndfile cannot open such a file it is damaged, and ffmpeg, which reads some of them too,
+# would decode what is left of it without a word.
+_AUDIO_SIGNATURES = (
+    b"RIFF", b"RIFX", b"RF64", b"FORM", b"fLaC", b"OggS", b"ID3", b"caff",  # WAV AIFF SVX ...
+    b"riff\x2e\x91\xcf\x11", b".snd", b"dns.", b"NIST_1A", b"Creative Voice File", b"2BIT",
+    b"Extended Instrument:", b"MATLAB 5.0 MAT-file", b" paf", b"fap ", b"PVF1", b"ALawSoundFile",
+    b"\x64\xa3\x01\x00", b"\x64\xa3\x02\x00", b"\x64\xa3\x03\x00", b"\x64\xa3\x04\x00",
+    b"\x00\x01\xa3\x64", b"\x00\x02\xa3\x64", b"\x00\x03\xa3\x64", b"\x00\x04\xa3\x64",
+)  # fmt: skip
 _NOT_AUDIO = "not a recognised audio file (unknown format or corrupt header)"
 # More channels than this is a (T, C) tensor passed as (C, T), not music.
 _MAX_CHANNELS = 64
@@ -870,9 +879,10 @@ def _starts_like_audio(name: str) -> bool:
     """Whether the file begins with the signature of a format libsndfile reads, so that its
     failure to open it means damage rather than some other kind of file."""
     with open(name, "rb") as handle:
-        head = handle.read(4)
+        head = handle.read(32)
     mpeg_sync = len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0
-    return head.startswith(_AUDIO_SIGNATURES) or mpeg_sync
+    sds_dump = len(head) >= 4 and head[:2] == b"\xf0\x7e" and head[3] == 0x01  # MIDI sample dump
+    return head.startswith(_AUDIO_SIGNATURES) or mpeg_sync or sds_dump
 
 
 # Decoding through ffmpeg -------------------------------------------------------------------------
