@@ -10,15 +10,14 @@ outputs are weighted by a triangle and normalized by the summed weights.
 
 from __future__ import annotations
 
-import copy
-import ctypes
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
+
+from htsep.devices import DeviceSlot, release_freed_memory
 
 ProgressCallback = Callable[[float], None]  # called with the fraction of the work just done
 
@@ -117,41 +116,6 @@ def apply_split(
     return stream.take(length)
 
 
-@functools.cache
-def _libc() -> Any:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc
-        return None
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by finished chunks back to the OS. glibc keeps freed blocks of varying
-    size in its heaps, and over thousands of chunks the resident size creeps up without it."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-# mallopt parameters (glibc's malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse: blocks up to 1 GiB come from the heap instead of
-    fresh mappings, and the heap is not shrunk. Network calls then stop paying page faults for
-    their activations on every chunk (about 8% faster on the CPU) at the cost of a higher,
-    slowly settling resident size. -> whether it took effect (False where malloc is not glibc)"""
-    libc = _libc()
-    if libc is None or not hasattr(libc, "mallopt"):
-        return False
-    ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
-    ok &= libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-    ok &= libc.mallopt(_M_TOP_PAD, 1 << 28)
-    return bool(ok)
-
-
 def run_network(
     model: SeparationModel,
     windows: list[torch.Tensor],
@@ -170,57 +134,6 @@ def run_network(
         torch.autocast(target.type, dtype=dtype or torch.float32, enabled=dtype is not None),
     ):
         return model(batch.to(target)).to("cpu", torch.float32)
-
-
-class DeviceSlot:
-    """Runs the members of a bag on a device one at a time, so that device memory holds one
-    member's weights whatever the bag's size. The members stay on the host (pinned, for fast
-    copies to a CUDA device); the slot keeps one device copy and loads the weights of the
-    member whose turn it is into it (a member of another configuration gets a new copy).
-
-    ``get(model)`` -> the network to call for ``model``. ``loads`` counts weight loads.
-    """
-
-    def __init__(self, device: torch.device | str) -> None:
-        self.device = torch.device(device)
-        self.copy: torch.nn.Module | None = None
-        self.current: object | None = None
-        self.loads = 0
-
-    def get(self, model: SeparationModel) -> SeparationModel:
-        if model is self.current:
-            assert self.copy is not None
-            return self.copy  # type: ignore[return-value]
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError("a device slot holds torch modules")
-        if self.device.type == "cuda":
-            _pin(model)
-        if self.copy is None or getattr(self.copy, "config", None) != getattr(
-            model, "config", object()
-        ):
-            self.copy = None  # free the old copy before making the new one
-            self.copy = copy.deepcopy(model).to(self.device)
-        else:
-            with torch.no_grad():
-                for ours, theirs in zip(_tensors(self.copy), _tensors(model), strict=True):
-                    ours.copy_(theirs, non_blocking=True)
-        self.current = model
-        self.loads += 1
-        return self.copy  # type: ignore[return-value]
-
-
-def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
-    return [*module.parameters(), *module.buffers()]
-
-
-def _pin(module: torch.nn.Module) -> None:
-    """Page-lock a host module's tensors (once), so that copies to the GPU run asynchronously."""
-    if getattr(module, "_htsep_pinned", False):
-        return
-    for tensor in _tensors(module):
-        if tensor.device.type == "cpu":
-            tensor.data = tensor.data.pin_memory()
-    module._htsep_pinned = True  # type: ignore[assignment]
 
 
 def apply_shifts(

@@ -7,7 +7,7 @@ Exit codes: 0 every track succeeded (or was skipped), 1 some track or the model 
 from __future__ import annotations
 
 import contextlib
-import glob
+import dataclasses
 import json
 import logging
 import os
@@ -16,7 +16,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +23,18 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from htsep import __version__
+from htsep.batch import (
+    Batch,
+    BatchEvents,
+    ClipMode,
+    OtherMethod,
+    OutputSettings,
+    Track,
+    find_inputs,
+    output_folder,
+    parse_shard,
+    take_shard,
+)
 from htsep.errors import HtsepError, ModelNotFoundError, UsageError
 
 if TYPE_CHECKING:
@@ -157,184 +168,6 @@ def root(
 # --- separate --------------------------------------------------------------------------------
 
 
-class OtherMethod(str, Enum):
-    add = "add"
-    minus = "minus"
-    none = "none"
-
-
-class ClipMode(str, Enum):
-    rescale = "rescale"
-    clamp = "clamp"
-    none = "none"
-
-
-@dataclass
-class Track:
-    """One input of a batch, with what became of it."""
-
-    source: str  # as the user named it (or the file found under a folder or glob)
-    path: Path | None
-    error: str | None = None
-    status: str = "pending"
-    outputs: list[str] = field(default_factory=list)
-    sample_rate: int | None = None
-    duration: float | None = None
-    seconds: float | None = None
-    name: str | None = None  # the track's name when not its file's (stdin)
-    folder: str = ""  # its folder below the folder argument it was found under ("" if named)
-
-    @property
-    def label(self) -> str:
-        """How progress lines name the track."""
-        name = self.name or (self.path.name if self.path is not None else self.source)
-        return f"{self.folder}/{name}" if self.folder else name
-
-    @property
-    def speed(self) -> float | None:
-        """Seconds of audio separated per second of work ("4.11x real time")."""
-        return (self.duration / self.seconds) if self.seconds and self.duration else None
-
-    def record(self, model: str) -> dict[str, Any]:
-        speed = self.speed
-        return {
-            "input": self.source,
-            "outputs": self.outputs,
-            "model": model,
-            "sample_rate": self.sample_rate,
-            "duration": self.duration,
-            "seconds": None if self.seconds is None else round(self.seconds, 3),
-            "times_real_time": None if speed is None else round(speed, 2),
-            "status": self.status,
-            "error": self.error,
-        }
-
-
-def expand_inputs(patterns: list[str], exclude: Path) -> list[Track]:
-    """Files as given, folders searched recursively for audio, glob patterns expanded; in a
-    stable order, without duplicates. Files found under a folder or pattern are never taken
-    from ``exclude`` (the tree htsep writes, ``<out>/<model>``); files named directly are."""
-    from htsep.audio import AUDIO_EXTENSIONS
-
-    exclude = exclude.resolve()
-    tracks: list[Track] = []
-    seen: set[Path] = set()
-
-    def add(path: Path, source: str, root: Path | None = None) -> None:
-        key = path.resolve()
-        if key not in seen:
-            seen.add(key)
-            relative = "" if root is None else path.parent.relative_to(root).as_posix()
-            tracks.append(Track(source, path, folder="" if relative == "." else relative))
-
-    def audio_under(folder: Path) -> list[Path]:
-        found = []
-        for item in sorted(folder.rglob("*")):
-            if item.name.startswith(".") or item.suffix.lower() not in AUDIO_EXTENSIONS:
-                continue
-            if item.is_file() and not item.resolve().is_relative_to(exclude):
-                found.append(item)
-        return found
-
-    for pattern in patterns:
-        path = Path(pattern)
-        if path.is_dir():
-            files = audio_under(path)
-            if not files:
-                tracks.append(
-                    Track(pattern, None, error=f"{pattern}: no audio files in this folder")
-                )
-            for item in files:
-                add(item, str(item), root=path)
-        elif path.exists():
-            add(path, pattern)
-        elif glob.has_magic(pattern):
-            matches = [Path(m) for m in sorted(glob.glob(pattern, recursive=True))]
-            files = [m for m in matches if m.is_file() and not m.resolve().is_relative_to(exclude)]
-            found = [(f, m) for m in matches if m.is_dir() for f in audio_under(m)]
-            if not files and not found:
-                tracks.append(Track(pattern, None, error=f"{pattern}: no files match this pattern"))
-            for item in files:
-                add(item, str(item))
-            for item, root in found:
-                add(item, str(item), root=root)
-        else:
-            tracks.append(Track(pattern, None, error=f"{pattern}: no such file or folder"))
-    return tracks
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise UsageError(f"--shard {text!r}: expected K/N, e.g. 1/4") from None
-    if count < 1 or not 1 <= index <= count:
-        raise UsageError(f"--shard {text!r}: need 1 <= K <= N")
-    return index, count
-
-
-def take_shard(tracks: list[Track], index: int, count: int) -> list[Track]:
-    """Every count-th input starting at the index-th: slices that cover the list exactly once."""
-    return tracks[index - 1 :: count]
-
-
-TEMPLATE_FIELDS = ("track", "trackext", "stem", "ext", "folder")
-
-
-def check_template(template: str, ext: str, stems: int) -> None:
-    """A --filename template: plain {track}, {trackext}, {stem} and {ext} fields only, a
-    relative path that stays inside <out>/<model>, ending in the format's extension, and
-    naming {stem} when more than one stem is written."""
-    import string
-
-    what = f"--filename {template!r}"
-    if not template.strip():
-        raise UsageError("--filename is empty")
-    try:
-        parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template)]
-    except ValueError as exc:
-        raise UsageError(f"{what}: {exc}") from None
-    fields = [field_name for field_name, _, _ in parsed if field_name is not None]
-    for field_name, spec, conversion in parsed:
-        if field_name is None:
-            continue
-        if field_name not in TEMPLATE_FIELDS or spec or conversion:
-            raise UsageError(
-                f"{what}: only the plain fields {{track}}, {{trackext}}, {{stem}}, {{ext}} and "
-                "{folder} are "
-                f"available, not {{{field_name}{'!' + conversion if conversion else ''}"
-                f"{':' + spec if spec else ''}}}"
-            )
-    sample = template.format(track="t", trackext="wav", stem="s", ext=ext, folder="f")
-    relative = Path(sample)
-    if relative.is_absolute() or os.path.normpath(sample).split(os.sep)[0] == "..":
-        raise UsageError(f"{what}: must be a relative path inside <out>/<model>")
-    if relative.suffix.lower() != f".{ext}":
-        raise UsageError(
-            f"{what}: must end with .{{ext}} (here .{ext}), e.g. {{track}}/{{stem}}.{{ext}}"
-        )
-    if stems > 1 and "stem" not in fields:
-        raise UsageError(f"{what}: {stems} stems would go to one file; add {{stem}}")
-
-
-def _template_fields(template: str) -> list[str]:
-    import string
-
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-
-
-def track_name(path: Path) -> tuple[str, str]:
-    """(track, trackext) of an input file: its name without and with only the extension.
-    A name that is only dots before its extension (``..wav``) keeps its whole name, so that
-    no track is called ``.`` or ``..``."""
-    base, dot, suffix = path.name.rpartition(".")
-    if not dot:
-        return path.name, ""
-    if not base.strip("."):
-        return path.name, suffix
-    return base, suffix
-
-
 @app.command()
 def separate(
     ctx: typer.Context,
@@ -437,9 +270,9 @@ def separate(
     raise typer.Exit(code)
 
 
-def _check_options(opts: dict[str, Any], given: set[str]) -> tuple[str, int, Any]:
+def _check_options(opts: dict[str, Any], given: set[str]) -> tuple[OutputSettings, Any]:
     """Every option, before any work: UsageError (exit 2) for a bad value, a warning for an
-    option that would be ignored. -> (extension, bits, checked Settings)"""
+    option that would be ignored. -> (output settings, separation Settings)"""
     from htsep.separator import Settings
 
     empty = [
@@ -464,10 +297,6 @@ def _check_options(opts: dict[str, Any], given: set[str]) -> tuple[str, int, Any
         raise UsageError(f"--{'int24' if opts['int24'] else 'float32'} does not apply to --mp3")
     if opts["float32"] and opts["flac"]:
         raise UsageError("--float32 is for WAV output only (FLAC has no float samples)")
-    bits = 32 if opts["float32"] else 24 if opts["int24"] else 16
-    ext = "flac" if opts["flac"] else "mp3" if opts["mp3"] else "wav"
-    if not 8 <= opts["mp3_bitrate"] <= 320:
-        raise UsageError(f"--mp3-bitrate must be 8 to 320 kbps, not {opts['mp3_bitrate']}")
     if not opts["mp3"] and given & {"mp3_bitrate", "mp3_preset"}:
         _warn("--mp3-bitrate and --mp3-preset apply only with --mp3; ignored")
     if opts["two_stems"] and opts["stems"]:
@@ -480,7 +309,20 @@ def _check_options(opts: dict[str, Any], given: set[str]) -> tuple[str, int, Any
         raise UsageError(f"--jobs must be in 0..1024, got {opts['jobs']}")
     if opts["shard"]:
         parse_shard(opts["shard"])
-    try:
+    with _option_names():
+        output = OutputSettings(
+            format="flac" if opts["flac"] else "mp3" if opts["mp3"] else "wav",
+            bits=32 if opts["float32"] else 24 if opts["int24"] else 16,
+            clip_mode=opts["clip_mode"],
+            two_stems=opts["two_stems"].strip() if opts["two_stems"] else None,
+            other_method=opts["other_method"],
+            template=opts["filename"],
+            overwrite=opts["overwrite"],
+            skip_existing=opts["skip_existing"],
+            mp3_bitrate=opts["mp3_bitrate"],
+            mp3_preset=opts["mp3_preset"],
+            downmix=opts["downmix"],
+        )
         settings = Settings.check(
             shifts=opts["shifts"],
             overlap=opts["overlap"],
@@ -491,15 +333,21 @@ def _check_options(opts: dict[str, Any], given: set[str]) -> tuple[str, int, Any
             precision=opts["precision"],
             stems=_wanted_stems(opts),
         )
-    except UsageError as exc:  # name the option as typed
+    return output, settings
+
+
+@contextlib.contextmanager
+def _option_names() -> Iterator[None]:
+    """Name the option as typed in a UsageError of the library's checks."""
+    try:
+        yield
+    except UsageError as exc:
         message = str(exc)
         for word, option in _SETTING_OPTIONS.items():
             if message.startswith(word + " "):
                 message = option + message[len(word) :]
                 break
         raise UsageError(message) from None
-    check_template(opts["filename"], ext, 1)  # {stem} is checked once the stems are known
-    return ext, bits, settings
 
 
 _SETTING_OPTIONS = {
@@ -509,6 +357,8 @@ _SETTING_OPTIONS = {
     "seed": "--seed",
     "batch size": "--batch-size",
     "precision": "--precision",
+    "mp3 bitrate": "--mp3-bitrate",
+    "mp3 preset": "--mp3-preset",
 }
 
 
@@ -523,7 +373,7 @@ def _wanted_stems(opts: dict[str, Any]) -> list[str] | None:
 def _separate(**opts: Any) -> int:
     from htsep import files
 
-    ext, bits, settings = _check_options(opts, opts.pop("given"))
+    output, settings = _check_options(opts, opts.pop("given"))
     with contextlib.ExitStack() as cleanup:
         if "-" in opts["inputs"]:
             spooled = _spool_stdin()
@@ -534,7 +384,7 @@ def _separate(**opts: Any) -> int:
             staging = files.StagingFolder(tempfile.gettempdir())
             cleanup.callback(staging.cleanup)
             opts["out"], opts["stdout"] = str(staging.path), True
-        return _separate_tracks(opts, ext, bits, settings)
+        return _separate_tracks(opts, output, settings)
 
 
 def _spool_stdin() -> Path:
@@ -563,21 +413,16 @@ def _spool_stdin() -> Path:
     return spooled
 
 
-def _separate_tracks(opts: dict[str, Any], ext: str, bits: int, settings: Any) -> int:
+def _separate_tracks(opts: dict[str, Any], output: OutputSettings, settings: Any) -> int:
     import torch
 
-    from htsep import files, zoo
+    from htsep import zoo
     from htsep.separator import Separator
 
     quiet = opts["quiet"]
     to_stdout = opts.get("stdout", False)
-    out = Path(opts["out"])
-    spec = zoo.find_model(opts["name"], repo=opts["repo"])
-    if spec.name in ("", ".", "..") or any(sep in spec.name for sep in "/\\\0"):
-        raise UsageError(f"model name {spec.name!r} cannot name an output folder")
-    folder = out / spec.name
-
-    tracks = expand_inputs(opts["inputs"], exclude=folder)
+    folder = output_folder(opts["out"], zoo.find_model(opts["name"], repo=opts["repo"]).name)
+    tracks = find_inputs(opts["inputs"], exclude=folder)
     for track in tracks:
         if track.path is not None and track.path == opts.get("stdin"):
             track.source, track.name = "-", "stdin"
@@ -589,18 +434,15 @@ def _separate_tracks(opts: dict[str, Any], ext: str, bits: int, settings: Any) -
         tracks = take_shard(tracks, index, count)
         if not tracks:
             if not quiet:
-                typer.echo(
-                    f"htsep: shard {index}/{count} is empty ({total} input"
-                    f"{'s' if total != 1 else ''}); nothing to do",
-                    err=True,
-                )
+                _say(f"htsep: shard {index}/{count} is empty ({total} input"
+                     f"{'s' if total != 1 else ''}); nothing to do")  # fmt: skip
             return 0
     if tracks and all(t.error is not None for t in tracks):
         for track in tracks:  # nothing to separate: do not load (or download) the model
             track.status = "failed"
             _error(track.error or "")
             if opts["json_lines"]:
-                typer.echo(json.dumps(track.record(spec.name)))
+                typer.echo(json.dumps(track.record(folder.name)))
         return 1
     if opts["jobs"]:
         torch.set_num_threads(opts["jobs"])
@@ -608,54 +450,90 @@ def _separate_tracks(opts: dict[str, Any], ext: str, bits: int, settings: Any) -
         opts["name"],
         repo=opts["repo"],
         device=opts["device"],
-        shifts=settings.shifts,
-        overlap=settings.overlap,
-        split=settings.split,
-        segment=settings.segment,
-        seed=settings.seed,
-        batch_size=settings.batch_size,
-        precision=settings.precision,
-        stems=settings.stems,
+        **dataclasses.asdict(settings),
         progress=not quiet,
         keep_memory=opts["keep_memory"],
     )
-    names = separator.output_names(opts["two_stems"], opts["other_method"].value)
-    if to_stdout and len(names) != 1:
+    report = _Report(len(tracks), separator.name, quiet=quiet, json_lines=opts["json_lines"])
+    batch = Batch(separator, opts["out"], output, pipeline=opts["pipeline"], events=report)
+    if to_stdout and len(batch.names) != 1:
         raise UsageError(
-            f"-o - writes one stem to standard output, not {len(names)} ({', '.join(names)}): "
+            f"-o - writes one stem to standard output, not {len(batch.names)} "
+            f"({', '.join(batch.names)}): "
             "choose it with --stems STEM, or --two-stems STEM --other-method none"
         )
-    check_template(opts["filename"], ext, len(names))
-    plans = plan_outputs(tracks, opts, names, folder, ext)
-    # What killed runs left: staging folders and temporaries beside the stems, decoded inputs
-    # in the temporary folder (never a live process's files).
-    folders = {path.parent for plan in plans.values() for path in plan.paths.values()}
-    for parent in sorted(folders) + [Path(tempfile.gettempdir())]:
-        files.remove_stale(parent)
+    batch.plan(tracks)  # a clash is a usage error before the first line
     if not quiet:
-        typer.echo(
-            f"htsep: {separator.name} ({separator.members_running} network"
-            f"{'s' if separator.members_running > 1 else ''}) on {separator.device}; "
-            + ("stem to standard output" if to_stdout else f"stems in {printable(str(folder))}"),
-            err=True,
-        )
-
+        networks = separator.members_running
+        where = "stem to standard output" if to_stdout else f"stems in {folder}"
+        _say(f"htsep: {separator.name} ({networks} network{'s' if networks > 1 else ''}) "
+             f"on {separator.device}; {where}")  # fmt: skip
     started = time.perf_counter()
-    batch = _Batch(separator, tracks, opts, plans, bits)
-    with batch:
-        batch.run()
+    batch.run(tracks)
     if to_stdout and tracks[0].status == "ok":
         _copy_to_stdout(Path(tracks[0].outputs[0]))
     failed = sum(t.status == "failed" for t in tracks)
     skipped = sum(t.status == "skipped" for t in tracks)
-    done = len(tracks) - failed - skipped
     if not quiet or failed:
-        typer.echo(
-            f"htsep: {done} separated, {skipped} skipped, {failed} failed "
-            f"({time.perf_counter() - started:.1f} s)",
-            err=True,
-        )
+        _say(f"htsep: {len(tracks) - failed - skipped} separated, {skipped} skipped, "
+             f"{failed} failed ({time.perf_counter() - started:.1f} s)")  # fmt: skip
     return 1 if failed or not tracks else 0
+
+
+def _say(line: str) -> None:
+    typer.echo(printable(line), err=True)
+
+
+class _Report(BatchEvents):
+    """A batch on the terminal: a progress bar per track, one line when each is done (errors
+    on stderr, JSON records on stdout)."""
+
+    def __init__(self, total: int, model: str, *, quiet: bool, json_lines: bool) -> None:
+        self.total, self.model, self.quiet, self.json_lines = total, model, quiet, json_lines
+        self.bar: Any = None  # the tqdm progress bar on screen
+
+    def started(self, index: int, track: Track, seconds: float) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=round(seconds, 2),
+            unit="s",
+            desc=printable(f"[{index + 1}/{self.total}] {track.label}"),
+            leave=False,
+            dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]",
+        )
+
+    def progress(self, index: int, seconds: float) -> None:
+        if self.bar is not None:
+            self.bar.update(seconds)
+
+    def separated(self, index: int) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def finished(self, index: int, track: Track) -> None:
+        if track.status == "failed":
+            self._line(f"htsep: error: {track.error}", err=True)
+        elif track.status == "ok" and not self.quiet:
+            self._line(
+                f"[{index + 1}/{self.total}] {track.label}: {len(track.outputs)} stems in "
+                f"{track.seconds:.1f} s ({track.speed:.2f}x real time)",
+                err=True,
+            )
+        if self.json_lines:
+            self._line(json.dumps(track.record(self.model)), err=False)
+
+    def _line(self, line: str, err: bool) -> None:
+        """Through tqdm while a bar is on screen, so that the bar is redrawn below the line."""
+        line = printable(line)
+        if self.bar is None:
+            typer.echo(line, err=err)
+        else:
+            self.bar.write(line, file=sys.stderr if err else sys.stdout)
 
 
 def _copy_to_stdout(path: Path) -> None:
@@ -669,257 +547,6 @@ def _copy_to_stdout(path: Path) -> None:
         # The reader went away: say so once, and keep Python from complaining at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise HtsepError("standard output was closed before the stem was written") from None
-
-
-@dataclass(frozen=True)
-class OutputPlan:
-    """Where a track's stems go, and which existing ones a resumed track keeps."""
-
-    paths: dict[str, Path]
-    keep: frozenset[str] = frozenset()
-
-
-def plan_outputs(
-    tracks: list[Track], opts: dict[str, Any], names: list[str], folder: Path, ext: str
-) -> dict[int, OutputPlan]:
-    """The stem files of every track, before any work. Two tracks (or two stems) that would
-    write one file are a UsageError; a track whose outputs would replace an input fails; with
-    --skip-existing a finished track is skipped and an unfinished one keeps its finished
-    stems; without --overwrite an existing stem fails its track. -> {track index: plan}"""
-    inputs = {t.path.resolve() for t in tracks if t.path is not None}
-    owners: dict[Path, str] = {}
-    paths_of: dict[int, dict[str, Path]] = {}
-    for index, track in enumerate(tracks):
-        if track.error is not None or track.path is None:
-            continue
-        base, suffix = track_name(track.path) if track.name is None else (track.name, "")
-        template = opts["filename"]
-        # Files found under a folder argument keep their place below it: before the template's
-        # path, or where it says {folder}.
-        below = folder if "folder" in _template_fields(template) else folder / track.folder
-        paths = {
-            stem: below
-            / template.format(
-                track=base, trackext=suffix, stem=stem, ext=ext, folder=track.folder or "."
-            )
-            for stem in names
-        }
-        for stem, path in paths.items():
-            key = Path(os.path.abspath(path))
-            if key in owners:
-                other = owners[key]
-                raise UsageError(
-                    f"--filename {opts['filename']!r}: {path} would be written for both "
-                    f"{other} and {track.source}"
-                    + ("" if other != track.source else f" (stem {stem})")
-                )
-            owners[key] = track.source
-        paths_of[index] = paths
-
-    plans: dict[int, OutputPlan] = {}
-    for index, paths in paths_of.items():
-        track = tracks[index]
-        clash = next((p for p in paths.values() if p.resolve() in inputs), None)
-        if clash is not None:
-            track.error = f"{track.source}: output {clash} would overwrite an input file"
-            continue
-        existing = [stem for stem, path in paths.items() if os.path.lexists(path)]
-        if opts["skip_existing"] and len(existing) == len(paths):
-            track.status = "skipped"
-            track.outputs = [str(p) for p in paths.values()]
-            continue
-        if existing and not (opts["overwrite"] or opts["skip_existing"]):
-            track.error = (
-                f"{track.source}: {paths[existing[0]]} exists (use --overwrite to replace it "
-                "or --skip-existing to skip finished tracks)"
-            )
-            continue
-        keep = frozenset() if opts["overwrite"] else frozenset(existing)
-        plans[index] = OutputPlan(paths, keep)
-    return plans
-
-
-class _Batch:
-    """The tracks of one ``separate`` call, in order. With the pipeline on, the next track's
-    first pass (decoding, checks, statistics) and the previous track's final encoding (the
-    rescale pass) run in two background threads while the networks separate the current one.
-    Reports (lines, JSON records) keep the input order."""
-
-    def __init__(
-        self,
-        separator: Any,
-        tracks: list[Track],
-        opts: dict[str, Any],
-        plans: dict[int, OutputPlan],
-        bits: int,
-    ) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.separator, self.tracks, self.opts = separator, tracks, opts
-        self.plans, self.bits = plans, bits
-        self.quiet = opts["quiet"]
-        self.scans: dict[int, Any] = {}  # track index -> Future of a ScannedFile
-        self.encoding: tuple[int, Any, Any, float] | None = None  # index, future, pending, start
-        self.stop = threading.Event()
-        self.bar: Any = None  # the tqdm progress bar being shown
-        background = opts["pipeline"]
-        self.decoder = ThreadPoolExecutor(1, "htsep-decode") if background else None
-        self.encoder = ThreadPoolExecutor(1, "htsep-encode") if background else None
-
-    def run(self) -> None:
-        self._plan(0)
-        for index in range(len(self.tracks)):
-            self._plan(index + 1)  # before this one runs, so that its decoding can start
-            if index in self.plans:
-                self._separate(index)
-            else:
-                self._collect()
-                self._report(index)
-        self._collect()
-
-    def _plan(self, index: int) -> None:
-        """Start the first pass of track ``index`` in the background, if it is to run."""
-        if index in self.plans and self.decoder is not None:
-            self.scans[index] = self.decoder.submit(self._scan, index)
-
-    def _scan(self, index: int) -> Any:
-        """The track's first pass (a ScannedFile); None once the batch is stopping, when no one
-        will use it."""
-        if self.stop.is_set():
-            return None
-        return self.separator.scan_file(self.tracks[index].path, downmix=self.opts["downmix"])
-
-    def _separate(self, index: int) -> None:
-        track = self.tracks[index]
-        started = time.perf_counter()
-        try:
-            future = self.scans.pop(index, None)
-            scanned = future.result() if future is not None else self._scan(index)
-            pending = self._run_networks(index, scanned)
-        except HtsepError as exc:
-            self._collect()
-            self._fail(index, exc)
-            self._report(index)
-            return
-        track.sample_rate = pending.sample_rate
-        track.duration = pending.frames / pending.sample_rate
-        self._collect()
-        future = None if self.encoder is None else self.encoder.submit(self._encode, pending)
-        self.encoding = (index, future, pending, started)
-        if future is None:
-            self._collect()
-
-    def _run_networks(self, index: int, scanned: Any) -> Any:
-        """Separate a scanned track under its progress bar. -> its PendingOutputs"""
-        from tqdm import tqdm
-
-        opts, path = self.opts, self.tracks[index].path
-        assert path is not None
-        duration = scanned.frames / scanned.sample_rate
-        with tqdm(
-            total=round(duration, 2),
-            unit="s",
-            desc=printable(f"[{index + 1}/{len(self.tracks)}] {self.tracks[index].label}"),
-            disable=self.quiet,
-            leave=False,
-            dynamic_ncols=True,
-            bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]",
-        ) as bar:
-            self.bar = None if self.quiet else bar
-            try:
-                plan = self.plans[index]
-                return self.separator.separate_file_staged(
-                    scanned,
-                    plan.paths,
-                    overwrite=opts["overwrite"],
-                    keep=plan.keep,
-                    two_stems=opts["two_stems"],
-                    other_method=opts["other_method"].value,
-                    clip_mode=opts["clip_mode"].value,
-                    bits=self.bits,
-                    mp3_bitrate=opts["mp3_bitrate"],
-                    mp3_preset=opts["mp3_preset"],
-                    progress=lambda done: self._progress(bar, done * duration),
-                )
-            finally:
-                self.bar = None
-
-    def _encode(self, pending: Any) -> float:
-        pending.finish(self.stop)
-        return time.perf_counter()
-
-    def _progress(self, bar: Any, seconds: float) -> None:
-        """Advance the bar; report the track encoded in the background once it is done."""
-        bar.update(seconds)
-        if self.encoding is not None and self.encoding[1] is not None and self.encoding[1].done():
-            self._collect()
-
-    def _collect(self) -> None:
-        """Wait for the track being encoded, and report it."""
-        if self.encoding is None:
-            return
-        index, future, pending, started = self.encoding
-        self.encoding = None
-        track = self.tracks[index]
-        try:
-            finished = self._encode(pending) if future is None else future.result()
-        except HtsepError as exc:
-            self._fail(index, exc)
-        else:
-            track.seconds = finished - started
-            track.status = "ok"
-            track.outputs = [str(path) for path in self.plans[index].paths.values()]
-        self._report(index)
-
-    def _fail(self, index: int, exc: HtsepError) -> None:
-        track, message = self.tracks[index], str(exc)
-        assert track.path is not None
-        track.error = (
-            message if message.startswith(str(track.path)) else f"{track.source}: {message}"
-        )
-
-    def _report(self, index: int) -> None:
-        track = self.tracks[index]
-        if track.error is not None:
-            track.status = "failed"
-            self._say(f"htsep: error: {track.error}", err=True)
-        elif track.status == "ok" and not self.quiet:
-            assert track.path is not None and track.seconds and track.duration is not None
-            self._say(
-                f"[{index + 1}/{len(self.tracks)}] {track.label}: "
-                f"{len(self.plans[index].paths)} "
-                f"stems in {track.seconds:.1f} s "
-                f"({track.speed:.2f}x real time)",
-                err=True,
-            )
-        if self.opts["json_lines"]:
-            self._say(json.dumps(track.record(self.separator.name)), err=False)
-
-    def _say(self, line: str, err: bool) -> None:
-        """A line on stderr or stdout; through tqdm while a progress bar is on screen, so that
-        the bar is redrawn below it instead of being torn."""
-        line = printable(line)
-        if self.bar is None:
-            typer.echo(line, err=err)
-        else:
-            self.bar.write(line, file=sys.stderr if err else sys.stdout)
-
-    def __enter__(self) -> _Batch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        """On an interruption or error: stop the background work, drop what it left."""
-        self.stop.set()
-        for executor in (self.decoder, self.encoder):
-            if executor is not None:
-                executor.shutdown(wait=True, cancel_futures=True)
-        for future in self.scans.values():
-            if future.done() and not future.cancelled() and future.exception() is None:
-                scanned = future.result()
-                if scanned is not None:
-                    scanned.close()
-        if self.encoding is not None:
-            self.encoding[2].discard()
 
 
 # --- models and info -------------------------------------------------------------------------

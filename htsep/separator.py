@@ -24,16 +24,15 @@ import torch
 from htsep import files, zoo
 from htsep.apply import (
     ChunkOptions,
-    DeviceSlot,
     ProgressCallback,
     SeparationStream,
     apply_shifts,
-    keep_freed_memory,
     plan_bag,
     standardize_mix,
 )
 from htsep.audio import AudioReader, AudioWriter, read_audio
 from htsep.checkpoint import load_model
+from htsep.devices import DeviceSlot, auto_batch_size, keep_freed_memory, parse_device
 from htsep.errors import AudioError, HtsepError, UsageError
 from htsep.model.htdemucs import HTDemucs
 from htsep.resample import ResampledSignal, resample
@@ -54,9 +53,6 @@ MIN_RATE, MAX_RATE = 1000, 384000
 # separate_tensor holds the whole track (and its stems) in memory; beyond this it must stream.
 MAX_TENSOR_SECONDS = 6 * 3600
 MAX_CHANNELS = 64
-# Rough device memory one released-size chunk needs in flight at fp32 (activations of a
-# 7.8 s segment); halved for 16-bit precisions. Used only to pick a default batch size.
-CHUNK_BYTES_FP32 = 3 << 30
 
 
 def _integer(value: Any, what: str, low: int, high: int) -> int:
@@ -152,41 +148,6 @@ class Settings:
         return cls(shifts, overlap, split, segment, seed, batch_size, precision, stems)
 
 
-def auto_batch_size(device: torch.device, precision: str = "fp32") -> int:
-    """Chunks per network call: 1 on the CPU (no gain there), else what free memory holds."""
-    if device.type != "cuda":
-        return 1
-    free, _ = torch.cuda.mem_get_info(device)
-    per_chunk = CHUNK_BYTES_FP32 // (1 if precision == "fp32" else 2)
-    return int(min(max(free * 0.8 // per_chunk, 1), 16))
-
-
-def default_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def parse_device(name: str | None) -> torch.device:
-    """'cpu', 'cuda', 'cuda:N' or 'mps'; None picks cuda, then mps, then cpu."""
-    try:
-        device = torch.device(name or default_device())
-    except RuntimeError as exc:
-        raise UsageError(f"unknown device {name!r} (cpu, cuda, cuda:N or mps)") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"device {name!r}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"device {name!r}: only {torch.cuda.device_count()} CUDA devices")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"device {name!r}: MPS is not available on this machine")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"unsupported device {name!r} (cpu, cuda, cuda:N or mps)")
-    return device
-
-
 @dataclass
 class _Member:
     spec: zoo.MemberSpec
@@ -198,7 +159,7 @@ class Separator:
 
     stems: the sources wanted (None: all). With a bag whose members serve single sources,
     only the members needed for them are downloaded and run. keep_memory: trade a higher
-    resident size for speed (``apply.keep_freed_memory``; it tunes this process's malloc).
+    resident size for speed (``devices.keep_freed_memory``; it tunes this process's malloc).
     """
 
     def __init__(

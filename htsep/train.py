@@ -49,13 +49,12 @@ from htsep import zoo
 from htsep.audio import AudioReader
 from htsep.checkpoint import load_model, save_model
 from htsep.data import Track, find_tracks
+from htsep.devices import parse_device
 from htsep.errors import HtsepError, UsageError
 from htsep.files import atomic_output
 from htsep.model.config import (
-    ConvConfig,
+    NAMED_CONFIGS,
     HTDemucsConfig,
-    STFTConfig,
-    TransformerConfig,
     config_from_dict,
     config_to_dict,
     from_demucs_kwargs,
@@ -69,31 +68,6 @@ METRICS = "metrics.jsonl"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 GAIN_RANGE = (0.25, 1.25)
-
-
-def tiny_config(sources: Sequence[str], sample_rate: int, channels: int) -> HTDemucsConfig:
-    """A 1.1M-parameter HT Demucs (both branches 12 channels wide, 4 levels, a 2-layer
-    cross-domain transformer at 96 channels, 3-second segments) that trains on a CPU."""
-    return HTDemucsConfig(
-        sources=tuple(sources),
-        audio_channels=channels,
-        sample_rate=sample_rate,
-        segment=Fraction(3),
-        stft=STFTConfig(n_fft=2048),
-        conv=ConvConfig(channels=12, dconv_compress=4.0),
-        transformer=TransformerConfig(layers=2, heads=4, bottom_channels=0),
-    )
-
-
-def released_config(sources: Sequence[str], sample_rate: int, channels: int) -> HTDemucsConfig:
-    """The released htdemucs architecture (41M parameters), for the dataset's sources."""
-    return HTDemucsConfig(sources=tuple(sources), audio_channels=channels, sample_rate=sample_rate)
-
-
-NAMED_CONFIGS: dict[str, Callable[[Sequence[str], int, int], HTDemucsConfig]] = {
-    "tiny": tiny_config,
-    "htdemucs": released_config,
-}
 
 
 @dataclass(frozen=True)
@@ -179,8 +153,6 @@ def process_group(processes: Processes, device: torch.device) -> Iterator[None]:
 
 
 def _training_device(name: str | None, processes: Processes) -> torch.device:
-    from htsep.separator import parse_device
-
     device = parse_device(name)
     if device.type == "cuda" and processes.world > 1 and device.index is None:
         device = torch.device("cuda", processes.local_rank)

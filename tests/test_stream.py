@@ -124,7 +124,7 @@ def _bag_stream(members, mix, slot=None):
 def test_device_slot_runs_members_one_at_a_time(repo, tmp_path):
     """A bag streamed through a DeviceSlot (one member's weights on the device at a time, here
     the CPU) gives the same numbers as the members run in place, and leaves them untouched."""
-    from htsep.apply import DeviceSlot
+    from htsep.devices import DeviceSlot
 
     separator = htsep.Separator("mixbag", repo=repo, device="cpu")
     first, second = separator._load(0), separator._load(1)

@@ -1,5 +1,6 @@
-"""Model configuration: frozen dataclasses grouped by concern, and the one converter that reads
-the reference implementation's constructor keywords.
+"""Model configuration: frozen dataclasses grouped by concern, the named configurations
+(``NAMED_CONFIGS``), and the one converter that reads the reference implementation's
+constructor keywords.
 
 The dataclass defaults are the settings of the released ``htdemucs`` model, so
 ``HTDemucsConfig(sources=(...))`` describes that architecture.
@@ -13,7 +14,7 @@ import logging
 import math
 import numbers
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -128,6 +129,34 @@ class HTDemucsConfig:
         for _ in range(self.conv.depth):
             bins.append((bins[-1] + 2 * pad - self.conv.kernel_size) // self.conv.stride + 1)
         return bins
+
+
+# --- named configurations ------------------------------------------------------------------------
+
+
+def tiny_config(sources: Sequence[str], sample_rate: int, channels: int) -> HTDemucsConfig:
+    """A 1.1M-parameter HT Demucs (both branches 12 channels wide, 4 levels, a 2-layer
+    cross-domain transformer at 96 channels, 3-second segments) that trains on a CPU."""
+    return HTDemucsConfig(
+        sources=tuple(sources),
+        audio_channels=channels,
+        sample_rate=sample_rate,
+        segment=Fraction(3),
+        stft=STFTConfig(n_fft=2048),
+        conv=ConvConfig(channels=12, dconv_compress=4.0),
+        transformer=TransformerConfig(layers=2, heads=4, bottom_channels=0),
+    )
+
+
+def released_config(sources: Sequence[str], sample_rate: int, channels: int) -> HTDemucsConfig:
+    """The released htdemucs architecture (41M parameters), for the dataset's sources."""
+    return HTDemucsConfig(sources=tuple(sources), audio_channels=channels, sample_rate=sample_rate)
+
+
+NAMED_CONFIGS: dict[str, Callable[[Sequence[str], int, int], HTDemucsConfig]] = {
+    "tiny": tiny_config,
+    "htdemucs": released_config,
+}
 
 
 # --- what a config may hold ----------------------------------------------------------------------

@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from htsep import spec
 from htsep.errors import InputLengthError
-from htsep.model import kernels
+from htsep.model import kernels, stft
 from htsep.model.config import HTDemucsConfig
 from htsep.model.layers import DConv, DecoderLayer, EncoderLayer, FrequencyEmbedding
 from htsep.model.transformer import CrossDomainTransformer
@@ -191,7 +190,7 @@ class HTDemucs(nn.Module):
                 )
             mix = F.pad(mix, (0, padded_length - length))
 
-        z = spec.analysis(mix, self.config.stft.n_fft)  # (B, C, F, N) complex
+        z = stft.analysis(mix, self.config.stft.n_fft)  # (B, C, F, N) complex
         x = rearrange(torch.view_as_real(z), "b c f n ri -> b (c ri) f n").to(mix.dtype)
         x, mean, std = _standardize(x, (1, 2, 3))
         xt, mean_t, std_t = _standardize(mix, (1, 2))
@@ -226,6 +225,6 @@ class HTDemucs(nn.Module):
         # whole forward pass, and this keeps a quarter of them alive instead of all.
         for index in range(sources):
             z_out = torch.view_as_complex(x[:, index].float().contiguous())  # (B, C, F, N)
-            wave = spec.synthesis(z_out, padded_length)[..., :length]  # (B, C, T)
+            wave = stft.synthesis(z_out, padded_length)[..., :length]  # (B, C, T)
             out[:, index] += wave.to(out.dtype)
         return out

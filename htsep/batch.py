@@ -1,0 +1,573 @@
+"""Separating a batch of files: inputs -> planned outputs -> pipeline -> one report per track.
+
+The command line's ``separate`` is a thin layer over this module; Python users get the same
+guarantees (the whole batch planned before any work, nothing replaced without ``overwrite``,
+resumable with ``skip_existing``, a bad file failing only its own track):
+
+    from htsep import Separator
+    from htsep.batch import Batch, OutputSettings, find_inputs
+
+    separator = Separator("htdemucs")
+    batch = Batch(separator, "separated", OutputSettings(format="flac", skip_existing=True))
+    for track in batch.run(find_inputs(["album/"], exclude=batch.folder)):
+        print(track.source, track.status, track.error or track.outputs)
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import string
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from htsep import files
+from htsep.errors import HtsepError, UsageError
+
+if TYPE_CHECKING:
+    from htsep.separator import PendingOutputs, ScannedFile, Separator
+
+
+class OtherMethod(str, Enum):
+    """The complement written beside ``two_stems``: the sum of the other stems (add), the mix
+    minus the stem (minus), or none."""
+
+    add = "add"
+    minus = "minus"
+    none = "none"
+
+
+class ClipMode(str, Enum):
+    """How stems are kept inside full scale: one gain for all stems of a track when any
+    would clip (rescale), a hard clip at +-0.99 (clamp), or not at all (none)."""
+
+    rescale = "rescale"
+    clamp = "clamp"
+    none = "none"
+
+
+FORMATS = ("wav", "flac", "mp3")
+TEMPLATE_FIELDS = ("track", "trackext", "stem", "ext", "folder")
+DEFAULT_TEMPLATE = "{track}/{stem}.{ext}"
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """What a batch writes, and what it does with files that exist.
+
+    format: wav, flac or mp3; bits: 16 or 24 (wav, flac) or 32 (float wav); two_stems: write
+    this stem and its complement (``other_method``) only; template: the path of each stem
+    below ``<out>/<model>``, from the fields {track}, {trackext}, {stem}, {ext} and {folder};
+    overwrite: replace existing stem files; skip_existing: skip tracks whose stems all exist
+    and finish those with some (their existing stems are kept); downmix: mix inputs with more
+    channels than the model down to mono. Every field is checked when the settings are made.
+    """
+
+    format: str = "wav"
+    bits: int = 16
+    clip_mode: ClipMode | str = ClipMode.rescale
+    two_stems: str | None = None
+    other_method: OtherMethod | str = OtherMethod.add
+    template: str = DEFAULT_TEMPLATE
+    overwrite: bool = False
+    skip_existing: bool = False
+    mp3_bitrate: int = 320
+    mp3_preset: int = 2
+    downmix: bool = False
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise UsageError(f"format {self.format!r}: use {', '.join(FORMATS)}")
+        allowed = {"wav": (16, 24, 32), "flac": (16, 24), "mp3": (16,)}[self.format]
+        if type(self.bits) is not int or self.bits not in allowed:
+            raise UsageError(
+                f"{self.bits!r} bits cannot be written to {self.format} "
+                f"({', '.join(map(str, allowed))})"
+            )
+        object.__setattr__(self, "clip_mode", _member(ClipMode, self.clip_mode, "clip mode"))
+        method = _member(OtherMethod, self.other_method, "other method")
+        object.__setattr__(self, "other_method", method)
+        if self.two_stems is not None and (
+            not isinstance(self.two_stems, str) or not self.two_stems.strip()
+        ):
+            raise UsageError(f"two stems {self.two_stems!r}: a stem name is expected")
+        for name in ("overwrite", "skip_existing", "downmix"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"{name} must be True or False, not {getattr(self, name)!r}")
+        if type(self.mp3_bitrate) is not int or not 8 <= self.mp3_bitrate <= 320:
+            raise UsageError(f"mp3 bitrate must be 8 to 320 kbps, not {self.mp3_bitrate!r}")
+        if type(self.mp3_preset) is not int or not 2 <= self.mp3_preset <= 7:
+            raise UsageError(f"mp3 preset must be 2 (best) to 7 (fastest), not {self.mp3_preset!r}")
+        check_template(self.template, self.format, 1)  # {stem} is checked once stems are known
+
+    @property
+    def ext(self) -> str:
+        return self.format
+
+
+def _member(kind: type[Enum], value: Any, what: str) -> Any:
+    try:
+        return kind(value.value if isinstance(value, Enum) else value)
+    except ValueError:
+        choices = ", ".join(item.value for item in kind)  # type: ignore[attr-defined]
+        raise UsageError(f"{what} {value!r}: use {choices}") from None
+
+
+@dataclass
+class Track:
+    """One input of a batch, with what became of it: status pending, ok, skipped or failed."""
+
+    source: str  # as the user named it (or the file found under a folder or glob)
+    path: Path | None
+    error: str | None = None
+    status: str = "pending"
+    outputs: list[str] = field(default_factory=list)
+    sample_rate: int | None = None
+    duration: float | None = None
+    seconds: float | None = None
+    name: str | None = None  # the track's name when not its file's (stdin)
+    folder: str = ""  # its folder below the folder argument it was found under ("" if named)
+
+    @property
+    def label(self) -> str:
+        """How progress lines name the track."""
+        name = self.name or (self.path.name if self.path is not None else self.source)
+        return f"{self.folder}/{name}" if self.folder else name
+
+    @property
+    def speed(self) -> float | None:
+        """Seconds of audio separated per second of work ("4.11x real time")."""
+        return (self.duration / self.seconds) if self.seconds and self.duration else None
+
+    def record(self, model: str) -> dict[str, Any]:
+        """The track as one JSON object (``--json``)."""
+        speed = self.speed
+        return {
+            "input": self.source,
+            "outputs": self.outputs,
+            "model": model,
+            "sample_rate": self.sample_rate,
+            "duration": self.duration,
+            "seconds": None if self.seconds is None else round(self.seconds, 3),
+            "times_real_time": None if speed is None else round(speed, 2),
+            "status": self.status,
+            "error": self.error,
+        }
+
+
+# --- inputs ----------------------------------------------------------------------------------
+
+
+def find_inputs(patterns: Sequence[str | os.PathLike[str]], exclude: Path) -> list[Track]:
+    """Files as given, folders searched recursively for audio, glob patterns expanded; in a
+    stable order, without duplicates. Files found under a folder or pattern are never taken
+    from ``exclude`` (the tree htsep writes, ``<out>/<model>``); files named directly are.
+    An input that names nothing is a track with an error, so that the batch reports it."""
+    from htsep.audio import AUDIO_EXTENSIONS
+
+    exclude = exclude.resolve()
+    tracks: list[Track] = []
+    seen: set[Path] = set()
+
+    def add(path: Path, source: str, root: Path | None = None) -> None:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            relative = "" if root is None else path.parent.relative_to(root).as_posix()
+            tracks.append(Track(source, path, folder="" if relative == "." else relative))
+
+    def audio_under(folder: Path) -> list[Path]:
+        found = []
+        for item in sorted(folder.rglob("*")):
+            if item.name.startswith(".") or item.suffix.lower() not in AUDIO_EXTENSIONS:
+                continue
+            if item.is_file() and not item.resolve().is_relative_to(exclude):
+                found.append(item)
+        return found
+
+    for item in patterns:
+        pattern = os.fspath(item)
+        if not pattern.strip():
+            raise UsageError("an input is an empty string (an unset variable in a script?)")
+        path = Path(pattern)
+        if path.is_dir():
+            found = audio_under(path)
+            if not found:
+                tracks.append(
+                    Track(pattern, None, error=f"{pattern}: no audio files in this folder")
+                )
+            for file in found:
+                add(file, str(file), root=path)
+        elif path.exists():
+            add(path, pattern)
+        elif glob.has_magic(pattern):
+            matches = [Path(m) for m in sorted(glob.glob(pattern, recursive=True))]
+            named = [m for m in matches if m.is_file() and not m.resolve().is_relative_to(exclude)]
+            below = [(f, m) for m in matches if m.is_dir() for f in audio_under(m)]
+            if not named and not below:
+                tracks.append(Track(pattern, None, error=f"{pattern}: no files match this pattern"))
+            for file in named:
+                add(file, str(file))
+            for file, root in below:
+                add(file, str(file), root=root)
+        else:
+            tracks.append(Track(pattern, None, error=f"{pattern}: no such file or folder"))
+    return tracks
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'K/N' -> (K, N), 1 <= K <= N."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text!r}: expected K/N, e.g. 1/4") from None
+    if count < 1 or not 1 <= index <= count:
+        raise UsageError(f"--shard {text!r}: need 1 <= K <= N")
+    return index, count
+
+
+def take_shard(tracks: list[Track], index: int, count: int) -> list[Track]:
+    """Every count-th input starting at the index-th: slices that cover the list exactly once."""
+    return tracks[index - 1 :: count]
+
+
+# --- outputs ---------------------------------------------------------------------------------
+
+
+def output_folder(out: str | os.PathLike[str], model: str) -> Path:
+    """``<out>/<model>``, the tree a batch writes (a model name never leaves it)."""
+    if model in ("", ".", "..") or any(sep in model for sep in "/\\\0"):
+        raise UsageError(f"model name {model!r} cannot name an output folder")
+    return Path(out) / model
+
+
+def check_template(template: str, ext: str, stems: int) -> None:
+    """A --filename template: plain {track}, {trackext}, {stem}, {ext} and {folder} fields
+    only, a relative path that stays inside <out>/<model>, ending in the format's extension,
+    and naming {stem} when more than one stem is written."""
+    what = f"--filename {template!r}"
+    if not isinstance(template, str) or not template.strip():
+        raise UsageError("--filename is empty")
+    try:
+        parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template)]
+    except ValueError as exc:
+        raise UsageError(f"{what}: {exc}") from None
+    for field_name, spec, conversion in parsed:
+        if field_name is None:
+            continue
+        if field_name not in TEMPLATE_FIELDS or spec or conversion:
+            raise UsageError(
+                f"{what}: only the plain fields {{track}}, {{trackext}}, {{stem}}, {{ext}} and "
+                "{folder} are "
+                f"available, not {{{field_name}{'!' + conversion if conversion else ''}"
+                f"{':' + spec if spec else ''}}}"
+            )
+    sample = template.format(track="t", trackext="wav", stem="s", ext=ext, folder="f")
+    relative = Path(sample)
+    if relative.is_absolute() or os.path.normpath(sample).split(os.sep)[0] == "..":
+        raise UsageError(f"{what}: must be a relative path inside <out>/<model>")
+    if relative.suffix.lower() != f".{ext}":
+        raise UsageError(
+            f"{what}: must end with .{{ext}} (here .{ext}), e.g. {{track}}/{{stem}}.{{ext}}"
+        )
+    if stems > 1 and "stem" not in _template_fields(template):
+        raise UsageError(f"{what}: {stems} stems would go to one file; add {{stem}}")
+
+
+def _template_fields(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+
+
+def track_name(path: Path) -> tuple[str, str]:
+    """(track, trackext) of an input file: its name without and with only the extension.
+    A name that is only dots before its extension (``..wav``) keeps its whole name, so that
+    no track is called ``.`` or ``..``."""
+    base, dot, suffix = path.name.rpartition(".")
+    if not dot:
+        return path.name, ""
+    if not base.strip("."):
+        return path.name, suffix
+    return base, suffix
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """Where a track's stems go, and which existing ones a resumed track keeps."""
+
+    paths: dict[str, Path]
+    keep: frozenset[str] = frozenset()
+
+
+def plan_outputs(
+    tracks: list[Track], settings: OutputSettings, names: list[str], folder: Path
+) -> dict[int, OutputPlan]:
+    """The stem files of every track, before any work. Two tracks (or two stems) that would
+    write one file are a UsageError; a track whose outputs would replace an input fails; with
+    skip_existing a finished track is skipped and an unfinished one keeps its finished stems;
+    without overwrite an existing stem fails its track. -> {track index: plan}"""
+    template = settings.template
+    check_template(template, settings.ext, len(names))
+    inputs = {t.path.resolve() for t in tracks if t.path is not None}
+    owners: dict[Path, str] = {}
+    paths_of: dict[int, dict[str, Path]] = {}
+    for index, track in enumerate(tracks):
+        if track.error is not None or track.path is None:
+            continue
+        base, suffix = track_name(track.path) if track.name is None else (track.name, "")
+        # Files found under a folder argument keep their place below it: before the template's
+        # path, or where it says {folder}.
+        below = folder if "folder" in _template_fields(template) else folder / track.folder
+        fields = dict(track=base, trackext=suffix, ext=settings.ext, folder=track.folder or ".")
+        paths = {stem: below / template.format(stem=stem, **fields) for stem in names}
+        for stem, path in paths.items():
+            key = Path(os.path.abspath(path))
+            if key in owners:
+                other = owners[key]
+                raise UsageError(
+                    f"--filename {template!r}: {path} would be written for both "
+                    f"{other} and {track.source}"
+                    + ("" if other != track.source else f" (stem {stem})")
+                )
+            owners[key] = track.source
+        paths_of[index] = paths
+
+    plans: dict[int, OutputPlan] = {}
+    for index, paths in paths_of.items():
+        track = tracks[index]
+        clash = next((p for p in paths.values() if p.resolve() in inputs), None)
+        if clash is not None:
+            track.error = f"{track.source}: output {clash} would overwrite an input file"
+            continue
+        existing = [stem for stem, path in paths.items() if os.path.lexists(path)]
+        if settings.skip_existing and len(existing) == len(paths):
+            track.status = "skipped"
+            track.outputs = [str(p) for p in paths.values()]
+            continue
+        if existing and not (settings.overwrite or settings.skip_existing):
+            track.error = (
+                f"{track.source}: {paths[existing[0]]} exists (use --overwrite to replace it "
+                "or --skip-existing to skip finished tracks)"
+            )
+            continue
+        keep = frozenset() if settings.overwrite else frozenset(existing)
+        plans[index] = OutputPlan(paths, keep)
+    return plans
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+class BatchEvents:
+    """What a running batch tells its caller; override what you need (these do nothing).
+
+    Calls come from the thread that called ``Batch.run``. ``finished`` comes once per track, in
+    input order, when its files are complete (or it failed or was skipped); with the pipeline
+    the last encoding of a track may end while the next one is being separated.
+    """
+
+    def started(self, index: int, track: Track, seconds: float) -> None:
+        """The networks start on track ``index``, ``seconds`` long."""
+
+    def progress(self, index: int, seconds: float) -> None:
+        """``seconds`` more of track ``index`` went through the networks."""
+
+    def separated(self, index: int) -> None:
+        """The networks are done with track ``index`` (its files may still be encoding)."""
+
+    def finished(self, index: int, track: Track) -> None:
+        """Track ``index`` is done: ``track.status`` is ok, skipped or failed."""
+
+
+class Batch:
+    """Separates tracks with one Separator into ``<out>/<model>``, in input order.
+
+    ``run`` plans the whole batch's outputs first (a clash is a UsageError before any work),
+    removes what killed runs left in the output folders, then separates. With ``pipeline``,
+    the next track's first pass (decoding, checks, statistics) and the previous track's final
+    encoding (the rescale pass) run in two background threads while the networks separate
+    the current track. A track that fails is reported and the batch goes on; an interruption
+    stops the background work and leaves no half-written file.
+    """
+
+    def __init__(
+        self,
+        separator: Separator,
+        out: str | os.PathLike[str],
+        settings: OutputSettings | None = None,
+        *,
+        pipeline: bool = True,
+        events: BatchEvents | None = None,
+    ) -> None:
+        self.separator = separator
+        self.settings = settings if settings is not None else OutputSettings()
+        self.folder = output_folder(out, separator.name)
+        self.names = separator.output_names(
+            self.settings.two_stems, OtherMethod(self.settings.other_method).value
+        )
+        check_template(self.settings.template, self.settings.ext, len(self.names))
+        self.pipeline = pipeline
+        self.events = events if events is not None else BatchEvents()
+
+    def plan(self, tracks: list[Track]) -> dict[int, OutputPlan]:
+        """The outputs of every track (see ``plan_outputs``)."""
+        return plan_outputs(tracks, self.settings, self.names, self.folder)
+
+    def run(self, tracks: Sequence[Track | str | os.PathLike[str]]) -> list[Track]:
+        """Separate ``tracks`` (Track objects, or paths, folders and patterns to find them);
+        -> the tracks with their status, outputs and errors."""
+        found: list[Track] = []
+        for item in tracks:
+            found.extend([item] if isinstance(item, Track) else find_inputs([item], self.folder))
+        plans = self.plan(found)
+        # What killed runs left: staging folders and temporaries beside the stems, decoded
+        # inputs in the temporary folder (never a live process's files).
+        folders = {path.parent for plan in plans.values() for path in plan.paths.values()}
+        for parent in sorted(folders) + [Path(tempfile.gettempdir())]:
+            files.remove_stale(parent)
+        with _Run(self, found, plans) as running:
+            running.run()
+        return found
+
+
+class _Run:
+    """One ``Batch.run``: the tracks in order, with the background decoder and encoder."""
+
+    def __init__(self, batch: Batch, tracks: list[Track], plans: dict[int, OutputPlan]) -> None:
+        self.batch, self.tracks, self.plans = batch, tracks, plans
+        self.separator, self.settings, self.events = batch.separator, batch.settings, batch.events
+        self.scans: dict[int, Future[ScannedFile | None]] = {}
+        # The track being encoded: index, future (None without the pipeline), pending, start.
+        self.encoding: tuple[int, Future[float] | None, PendingOutputs, float] | None = None
+        self.stop = threading.Event()
+        self.decoder = ThreadPoolExecutor(1, "htsep-decode") if batch.pipeline else None
+        self.encoder = ThreadPoolExecutor(1, "htsep-encode") if batch.pipeline else None
+
+    def run(self) -> None:
+        self._plan(0)
+        for index in range(len(self.tracks)):
+            self._plan(index + 1)  # before this one runs, so that its decoding can start
+            if index in self.plans:
+                self._separate(index)
+            else:
+                self._collect()
+                self._report(index)
+        self._collect()
+
+    def _plan(self, index: int) -> None:
+        """Start the first pass of track ``index`` in the background, if it is to run."""
+        if index in self.plans and self.decoder is not None:
+            self.scans[index] = self.decoder.submit(self._scan, index)
+
+    def _scan(self, index: int) -> ScannedFile | None:
+        """The track's first pass; None once the batch is stopping, when no one will use it."""
+        if self.stop.is_set():
+            return None
+        path = self.tracks[index].path
+        assert path is not None
+        return self.separator.scan_file(path, downmix=self.settings.downmix)
+
+    def _separate(self, index: int) -> None:
+        track = self.tracks[index]
+        started = time.perf_counter()
+        try:
+            future = self.scans.pop(index, None)
+            scanned = future.result() if future is not None else self._scan(index)
+            assert scanned is not None
+            pending = self._run_networks(index, scanned)
+        except HtsepError as exc:
+            self._collect()
+            self._fail(index, exc)
+            self._report(index)
+            return
+        track.sample_rate = pending.sample_rate
+        track.duration = pending.frames / pending.sample_rate
+        self._collect()
+        future = None if self.encoder is None else self.encoder.submit(self._encode, pending)
+        self.encoding = (index, future, pending, started)
+        if future is None:
+            self._collect()
+
+    def _run_networks(self, index: int, scanned: ScannedFile) -> PendingOutputs:
+        settings, plan = self.settings, self.plans[index]
+        duration = scanned.frames / scanned.sample_rate
+        self.events.started(index, self.tracks[index], duration)
+        try:
+            return self.separator.separate_file_staged(
+                scanned,
+                plan.paths,
+                overwrite=settings.overwrite,
+                keep=plan.keep,
+                two_stems=settings.two_stems,
+                other_method=OtherMethod(settings.other_method).value,
+                clip_mode=ClipMode(settings.clip_mode).value,
+                bits=settings.bits,
+                mp3_bitrate=settings.mp3_bitrate,
+                mp3_preset=settings.mp3_preset,
+                progress=lambda done: self._progress(index, done * duration),
+            )
+        finally:
+            self.events.separated(index)
+
+    def _encode(self, pending: PendingOutputs) -> float:
+        pending.finish(self.stop)
+        return time.perf_counter()
+
+    def _progress(self, index: int, seconds: float) -> None:
+        """Pass progress on; report the track encoded in the background once it is done."""
+        self.events.progress(index, seconds)
+        if self.encoding is not None and self.encoding[1] is not None and self.encoding[1].done():
+            self._collect()
+
+    def _collect(self) -> None:
+        """Wait for the track being encoded, and report it."""
+        if self.encoding is None:
+            return
+        index, future, pending, started = self.encoding
+        self.encoding = None
+        track = self.tracks[index]
+        try:
+            finished = self._encode(pending) if future is None else future.result()
+        except HtsepError as exc:
+            self._fail(index, exc)
+        else:
+            track.seconds = finished - started
+            track.status = "ok"
+            track.outputs = [str(path) for path in self.plans[index].paths.values()]
+        self._report(index)
+
+    def _fail(self, index: int, exc: HtsepError) -> None:
+        track, message = self.tracks[index], str(exc)
+        assert track.path is not None
+        track.error = (
+            message if message.startswith(str(track.path)) else f"{track.source}: {message}"
+        )
+
+    def _report(self, index: int) -> None:
+        track = self.tracks[index]
+        if track.error is not None:
+            track.status = "failed"
+        self.events.finished(index, track)
+
+    def __enter__(self) -> _Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """On an interruption or error: stop the background work, drop what it left."""
+        self.stop.set()
+        for executor in (self.decoder, self.encoder):
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
+        for future in self.scans.values():
+            if future.done() and not future.cancelled() and future.exception() is None:
+                scanned = future.result()
+                if scanned is not None:
+                    scanned.close()
+        if self.encoding is not None:
+            self.encoding[2].discard()

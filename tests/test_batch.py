@@ -1,0 +1,224 @@
+"""The library's batch layer (htsep.batch): a folder batch from Python with the CLI's pipeline
+and guarantees, settings checked when they are made, reports through events in input order."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from htsep import cli
+from htsep.audio import read_audio
+from htsep.batch import (
+    Batch,
+    BatchEvents,
+    ClipMode,
+    OtherMethod,
+    OutputSettings,
+    Track,
+    find_inputs,
+    output_folder,
+    plan_outputs,
+)
+from htsep.errors import UsageError
+from htsep.separator import Separator
+
+RATE = 44100
+
+
+def _clip(path: Path, seconds: float, seed: int, rate: int = RATE) -> None:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, (0.1 * rng.standard_normal((int(seconds * rate), 2))).astype(np.float32), rate)
+
+
+class Recorder(BatchEvents):
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.seconds: dict[int, float] = {}
+
+    def started(self, index, track, seconds):
+        self.calls.append(("started", index, round(seconds, 6)))
+
+    def progress(self, index, seconds):
+        self.seconds[index] = self.seconds.get(index, 0.0) + seconds
+
+    def separated(self, index):
+        self.calls.append(("separated", index))
+
+    def finished(self, index, track):
+        self.calls.append(("finished", index, track.status))
+
+
+@pytest.fixture(scope="module")
+def separator(repo) -> Separator:
+    return Separator("aaaa0001", repo=repo, shifts=0, progress=False)
+
+
+def test_folder_batch_from_python(tmp_path, separator):
+    """A folder tree with a bad file: every good track's float stems equal separate_tensor on
+    the decoded file, the bad one fails alone, events come in input order with the progress
+    adding up to each track's length."""
+    album = tmp_path / "album"
+    _clip(album / "CD1" / "01.wav", 1.5, seed=1)
+    _clip(album / "CD2" / "01.wav", 2.2, seed=2, rate=22050)
+    (album / "CD2" / "02.wav").write_bytes(b"RIFF but not a WAV file at all")
+    events = Recorder()
+    settings = OutputSettings(bits=32, clip_mode="none")
+    batch = Batch(separator, tmp_path / "out", settings, events=events)
+    tracks = batch.run([album])
+    assert [(t.folder, t.path.name, t.status) for t in tracks] == [
+        ("CD1", "01.wav", "ok"),
+        ("CD2", "01.wav", "ok"),
+        ("CD2", "02.wav", "failed"),
+    ]
+    assert tracks[2].error.startswith(str(album / "CD2" / "02.wav") + ": ")
+    assert [c for c in events.calls if c[0] == "finished"] == [
+        ("finished", 0, "ok"),
+        ("finished", 1, "ok"),
+        ("finished", 2, "failed"),
+    ]
+    assert ("started", 0, 1.5) in events.calls and ("started", 1, 2.2) in events.calls
+    assert events.seconds == pytest.approx({0: 1.5, 1: 2.2})
+    for track in tracks[:2]:
+        audio, rate = read_audio(track.path)
+        expected = separator.separate_tensor(audio, rate)
+        folder = tmp_path / "out" / "aaaa0001" / track.folder / "01"
+        assert track.outputs == [str(folder / f"{stem}.wav") for stem in separator.sources]
+        for stem in separator.sources:
+            written, written_rate = read_audio(folder / f"{stem}.wav")
+            assert written_rate == rate
+            torch.testing.assert_close(written, expected[stem], rtol=0, atol=1e-5)
+
+
+def test_existing_stems_skip_fail_or_overwrite(tmp_path, separator):
+    _clip(tmp_path / "a.wav", 1.2, seed=3)
+    out = tmp_path / "out"
+    first = Batch(separator, out).run([tmp_path / "a.wav"])
+    assert first[0].status == "ok"
+    stems = [Path(p) for p in first[0].outputs]
+    before = {p: p.read_bytes() for p in stems}
+    again = Batch(separator, out).run([tmp_path / "a.wav"])
+    assert again[0].status == "failed" and "exists" in again[0].error
+    skipped = Batch(separator, out, OutputSettings(skip_existing=True)).run([tmp_path / "a.wav"])
+    assert skipped[0].status == "skipped"
+    assert {p: p.read_bytes() for p in stems} == before
+    # a resumed track keeps its finished stems and writes the missing one, with the bytes of
+    # an uninterrupted run (the rescale gain still counts every stem)
+    stems[1].unlink()
+    resumed = Batch(separator, out, OutputSettings(skip_existing=True)).run([tmp_path / "a.wav"])
+    assert resumed[0].status == "ok"
+    assert {p: p.read_bytes() for p in stems} == before
+    stems[0].write_bytes(b"user data")
+    replaced = Batch(separator, out, OutputSettings(overwrite=True)).run([tmp_path / "a.wav"])
+    assert replaced[0].status == "ok" and stems[0].read_bytes() == before[stems[0]]
+
+
+def test_a_clash_is_refused_before_any_work(tmp_path, separator):
+    _clip(tmp_path / "x" / "song.wav", 1.0, seed=4)
+    _clip(tmp_path / "y" / "song.flac", 1.0, seed=5)
+    inputs = [tmp_path / "x" / "song.wav", tmp_path / "y" / "song.flac"]
+    events = Recorder()
+    with pytest.raises(UsageError, match="would be written for both"):
+        Batch(separator, tmp_path / "out", events=events).run(inputs)
+    assert events.calls == [] and not (tmp_path / "out").exists()
+    # {trackext} tells them apart
+    settings = OutputSettings(template="{track}.{trackext}/{stem}.{ext}")
+    tracks = Batch(separator, tmp_path / "out", settings).run(inputs)
+    assert [t.status for t in tracks] == ["ok", "ok"]
+    assert (tmp_path / "out" / "aaaa0001" / "song.flac" / "drums.wav").is_file()
+
+
+def test_two_stems_and_formats_from_python(tmp_path, separator):
+    _clip(tmp_path / "a.wav", 1.0, seed=6)
+    settings = OutputSettings(format="flac", bits=24, two_stems="vocals", other_method="minus")
+    tracks = Batch(separator, tmp_path / "out", settings).run([tmp_path / "a.wav"])
+    folder = tmp_path / "out" / "aaaa0001" / "a"
+    assert tracks[0].outputs == [str(folder / "vocals.flac"), str(folder / "minus_vocals.flac")]
+    assert sf.info(folder / "vocals.flac").subtype == "PCM_24"
+    vocals, _ = sf.read(folder / "vocals.flac")
+    rest, _ = sf.read(folder / "minus_vocals.flac")
+    mix, _ = sf.read(tmp_path / "a.wav")
+    # minus: the mix minus the stem, up to 24-bit rounding of each file (no rescale: no clip)
+    assert np.abs(vocals + rest - mix).max() < 4 / 2**23
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"format": "ogg"}, "format 'ogg'"),
+        ({"format": "flac", "bits": 32}, "32 bits cannot be written to flac"),
+        ({"format": "mp3", "bits": 24}, "24 bits cannot be written to mp3"),
+        ({"bits": 16.0}, "16.0 bits"),
+        ({"clip_mode": "tanh"}, "clip mode 'tanh': use rescale, clamp, none"),
+        ({"other_method": "sub"}, "other method 'sub'"),
+        ({"two_stems": ""}, "two stems ''"),
+        ({"overwrite": "yes"}, "overwrite must be True or False"),
+        ({"mp3_bitrate": 7}, "mp3 bitrate must be 8 to 320"),
+        ({"mp3_preset": 8}, "mp3 preset must be 2"),
+        ({"template": "{track}/{stem}.wav", "format": "flac"}, "must end with .{ext}"),
+        ({"template": "/abs/{stem}.{ext}"}, "relative path"),
+        ({"template": "../{track}/{stem}.{ext}"}, "relative path"),
+        ({"template": "{track!r}/{stem}.{ext}"}, "only the plain fields"),
+        ({"template": " "}, "--filename is empty"),
+    ],
+)
+def test_output_settings_are_checked_when_made(fields, message):
+    with pytest.raises(UsageError) as error:
+        OutputSettings(**fields)
+    assert message in str(error.value)
+
+
+def test_output_settings_hold_library_enums():
+    settings = OutputSettings(clip_mode="clamp", other_method=OtherMethod.none)
+    assert settings.clip_mode is ClipMode.clamp and settings.other_method is OtherMethod.none
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.bits = 24  # type: ignore[misc]
+    # the command line offers exactly the library's choices
+    assert cli.ClipMode is ClipMode and cli.OtherMethod is OtherMethod
+
+
+def test_template_without_stem_is_refused_when_stems_are_known(tmp_path, repo, separator):
+    settings = OutputSettings(template="{track}.{ext}")  # fine for one stem
+    with pytest.raises(UsageError, match="4 stems would go to one file"):
+        Batch(separator, tmp_path, settings)
+    one = Separator("aaaa0001", repo=repo, stems=["vocals"], progress=False)
+    assert Batch(one, tmp_path, settings).names == ["vocals"]
+
+
+def test_plan_outputs_without_running(tmp_path):
+    """Planning needs no model: paths for files named directly and found below a folder."""
+    _clip(tmp_path / "in" / "deep" / "b.wav", 0.1, seed=7)
+    _clip(tmp_path / "a.wav", 0.1, seed=8)
+    tracks = find_inputs([str(tmp_path / "a.wav"), str(tmp_path / "in")], exclude=tmp_path / "o")
+    assert [t.folder for t in tracks] == ["", "deep"]
+    settings = OutputSettings(template="{folder}/{track}-{stem}.{ext}")
+    plans = plan_outputs(tracks, settings, ["x", "y"], tmp_path / "o" / "m")
+    assert plans[0].paths == {s: tmp_path / "o" / "m" / "." / f"a-{s}.wav" for s in "xy"}
+    assert plans[1].paths == {s: tmp_path / "o" / "m" / "deep" / f"b-{s}.wav" for s in "xy"}
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "a\\b"])
+def test_output_folder_refuses_model_names_that_leave_it(tmp_path, name):
+    with pytest.raises(UsageError, match="cannot name an output folder"):
+        output_folder(tmp_path, name)
+
+
+def test_track_inputs_that_name_nothing_are_failed_tracks(tmp_path, separator):
+    events = Recorder()
+    tracks = Batch(separator, tmp_path / "out", events=events).run(
+        [tmp_path / "missing.wav", str(tmp_path / "*.flac")]
+    )
+    assert [(t.status, t.error) for t in tracks] == [
+        ("failed", f"{tmp_path / 'missing.wav'}: no such file or folder"),
+        ("failed", f"{tmp_path / '*.flac'}: no files match this pattern"),
+    ]
+    assert events.calls == [("finished", 0, "failed"), ("finished", 1, "failed")]
+    assert isinstance(tracks[0], Track)
+    with pytest.raises(UsageError, match="empty string"):
+        find_inputs([""], exclude=tmp_path)
