@@ -20,6 +20,7 @@ import torch
 from htsep.devices import DeviceSlot, release_freed_memory
 
 ProgressCallback = Callable[[float], None]  # called with the fraction of the work just done
+Reader = Callable[[int, int], torch.Tensor]  # (start, length) -> (B, C, length), zeros outside
 
 
 class SeparationModel(Protocol):
@@ -88,34 +89,6 @@ def segment_samples(model: SeparationModel, segment: Fraction | None) -> int:
     return int(model.sample_rate * seconds)
 
 
-def apply_split(
-    model: SeparationModel,
-    mix: torch.Tensor,
-    *,
-    start: int = 0,
-    length: int | None = None,
-    options: ChunkOptions = ChunkOptions(),
-    device: torch.device | str | None = None,
-    progress: ProgressCallback | None = None,
-) -> torch.Tensor:
-    """Separate the window [start, start + length) of ``mix`` chunk by chunk.
-
-    Each chunk takes its context from ``mix`` itself (zeros beyond it), so a window may start
-    before 0 or end after the signal. mix: (B, C, T) -> (B, S, C, length)
-    """
-    length = mix.shape[-1] - start if length is None else length
-    stream = ChunkStream(
-        model,
-        lambda first, count: zero_extended(mix, first, count),
-        start=start,
-        length=length,
-        options=options,
-        device=device,
-        progress=progress,
-    )
-    return stream.take(length)
-
-
 def run_network(
     model: SeparationModel,
     windows: list[torch.Tensor],
@@ -134,45 +107,6 @@ def run_network(
         torch.autocast(target.type, dtype=dtype or torch.float32, enabled=dtype is not None),
     ):
         return model(batch.to(target)).to("cpu", torch.float32)
-
-
-def apply_shifts(
-    model: SeparationModel,
-    mix: torch.Tensor,
-    *,
-    shifts: int,
-    generator: torch.Generator,
-    options: ChunkOptions = ChunkOptions(),
-    device: torch.device | str | None = None,
-    progress: ProgressCallback | None = None,
-) -> torch.Tensor:
-    """The shift trick: separate ``shifts`` copies of the mix delayed by random offsets of up
-    to half a second, undo each delay, and average. shifts=0 separates the mix as it is.
-
-    mix: (B, C, T) -> (B, S, C, T)
-    """
-    length = mix.shape[-1]
-    if shifts <= 0:
-        return apply_split(model, mix, options=options, device=device, progress=progress)
-    max_shift = int(0.5 * model.sample_rate)
-    scaled = None if progress is None else (lambda done: progress(done / shifts))
-    total: torch.Tensor | None = None
-    for _ in range(shifts):
-        offset = int(torch.randint(0, max_shift + 1, (1,), generator=generator))
-        # Delaying the mix by (max_shift - offset) and separating from its new start is the
-        # same as separating the window that starts that far before the original start.
-        shifted = apply_split(
-            model,
-            mix,
-            start=offset - max_shift,
-            length=length + max_shift - offset,
-            options=options,
-            device=device,
-            progress=scaled,
-        )[..., max_shift - offset :]
-        total = shifted if total is None else total + shifted
-    assert total is not None
-    return total / shifts
 
 
 def plan_bag(
@@ -195,51 +129,41 @@ def plan_bag(
     return running, plan
 
 
-def standardize_mix(mix: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-    """Normalize by the mono mix's mean and std (as the reference does before separating).
+def mix_statistics(read: Reader, length: int, block: int) -> tuple[float, float]:
+    """Mean and std of the mono mix of the signal ``read`` gives over [0, length), by which
+    the mix is normalized before separating (as the reference does), read ``block`` samples
+    at a time. -> (mean, std + 1e-8); normalize with (x - mean) / std, undo with x * std + mean.
 
-    mix: (C, T) -> (normalized (C, T), mean, std); undo with ``x * std + mean``.
+    The std is unbiased, 0 for a single sample (whose spread an unbiased estimate leaves
+    undefined). Blocks are combined with Chan et al.'s pairwise update in float64, so a long
+    track loses no precision.
     """
-    # float64 statistics: the streamed path accumulates them block by block in float64 too.
-    mono = mix.double().mean(0)
-    mean = float(mono.mean())
-    # One sample has no spread: an unbiased std would be NaN.
-    std = float(mono.std()) if mono.numel() > 1 else 0.0
-    std += 1e-8
-    return (mix - mean) / std, mean, std
-
-
-def limit_peaks(stems: dict[str, torch.Tensor], mode: str) -> dict[str, torch.Tensor]:
-    """Keep stems inside full scale before they are written.
-
-    rescale: one gain for all stems of the track, 1 / max(1.01 * peak, 1) with the loudest
-    peak among them (stems that did not clip are untouched, and the stems keep summing to
-    the equally scaled mix); clamp: to +-0.99; none: unchanged.
-    """
-    if mode == "none":
-        return dict(stems)
-    if mode == "clamp":
-        return {name: stem.clamp(-0.99, 0.99) for name, stem in stems.items()}
-    if mode == "rescale":
-        peak = max(
-            (float(stem.abs().max()) for stem in stems.values() if stem.numel()), default=0.0
-        )
-        gain = 1 / max(1.01 * peak, 1.0)
-        return {name: stem * gain for name, stem in stems.items()}
-    raise ValueError(f"unknown clip mode {mode!r} (rescale, clamp or none)")
+    count, mean, squares = 0, 0.0, 0.0
+    for start in range(0, length, block):
+        mono = read(start, min(block, length - start)).double().mean(0)
+        n = mono.numel()
+        block_mean = float(mono.mean())
+        block_squares = float(((mono - block_mean) ** 2).sum())
+        delta = block_mean - mean
+        total = count + n
+        mean += delta * n / total
+        squares += block_squares + delta * delta * count * n / total
+        count = total
+    std = (squares / (count - 1)) ** 0.5 if count > 1 else 0.0
+    return mean, std + 1e-8
 
 
 # --- streaming: the same computation, finished samples handed out in order ----------------------
 
-Reader = Callable[[int, int], torch.Tensor]  # (start, length) -> (B, C, length), zeros outside
-
 
 class ChunkStream:
-    """``apply_split`` over the window [start, start + length) of a signal given by a reader,
-    producing its finished samples in order with memory for about one chunk.
+    """One model over the window [start, start + length) of a signal given by a reader, chunk
+    by chunk, producing its finished samples in order with memory for about one chunk. Each
+    chunk takes its context from the signal itself (zeros beyond it), so a window may start
+    before 0 or end after the signal.
 
     A sample is finished once no later chunk covers it, i.e. when the next chunk starts after
-    it. The additions happen in the same order as in ``apply_split``: same numbers.
+    it; how the samples are taken (all at once or in pieces) does not change the numbers.
     """
 
     def __init__(
@@ -323,8 +247,11 @@ class ChunkStream:
 
 
 class SeparationStream:
-    """A bag of models with shifts over a whole signal, streamed: ``take(n)`` gives the next n
-    samples of what ``apply_shifts`` per member, weighted per source, would give.
+    """A bag of models with the shift trick over a whole signal, streamed: ``take(n)`` gives
+    the next n samples of the estimate. Each member separates ``shifts`` copies of the signal
+    delayed by random offsets of up to half a second (shifts=0: the signal as it is), the
+    delays are undone and the copies averaged; the members' estimates are then weighted per
+    source.
 
     members: (model, weights per source); offsets are drawn from ``generator`` member by member,
     in the order the in-memory path draws them. slot: run the members through it, one at a

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from htsep import files
 from htsep.errors import HtsepError, UsageError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the command line imports this module before it knows it needs torch
     from htsep.separator import PendingOutputs, ScannedFile, Separator
 
 
@@ -471,7 +471,9 @@ class _Run:
             return None
         path = self.tracks[index].path
         assert path is not None
-        return self.separator.scan_file(path, downmix=self.settings.downmix)
+        from htsep.separator import ScannedFile
+
+        return ScannedFile.open(self.separator, path, self.settings.downmix)
 
     def _separate(self, index: int) -> None:
         track = self.tracks[index]
@@ -489,17 +491,20 @@ class _Run:
         track.sample_rate = pending.sample_rate
         track.duration = pending.frames / pending.sample_rate
         self._collect()
-        future = None if self.encoder is None else self.encoder.submit(self._encode, pending)
-        self.encoding = (index, future, pending, started)
-        if future is None:
+        encoded = None if self.encoder is None else self.encoder.submit(self._encode, pending)
+        self.encoding = (index, encoded, pending, started)
+        if encoded is None:
             self._collect()
 
     def _run_networks(self, index: int, scanned: ScannedFile) -> PendingOutputs:
+        from htsep.separator import write_stems
+
         settings, plan = self.settings, self.plans[index]
         duration = scanned.frames / scanned.sample_rate
         self.events.started(index, self.tracks[index], duration)
         try:
-            return self.separator.separate_file_staged(
+            return write_stems(
+                self.separator,
                 scanned,
                 plan.paths,
                 overwrite=settings.overwrite,

@@ -13,7 +13,6 @@ import logging
 import os
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from enum import Enum
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
+from typer.core import TyperArgument, TyperCommand
 
 from htsep import __version__
 from htsep.batch import (
@@ -35,10 +35,39 @@ from htsep.batch import (
     parse_shard,
     take_shard,
 )
-from htsep.errors import HtsepError, ModelNotFoundError, UsageError
+from htsep.errors import DownloadError, HtsepError, ModelNotFoundError, UsageError
+from htsep.interrupts import Terminated, signals_as_interrupts
 
 if TYPE_CHECKING:
+    from typer._click import Context as ClickContext
+    from typer._click import HelpFormatter
+
     from htsep.data import Track as DatasetTrack
+
+
+class _Command(TyperCommand):
+    """click's plain help, with the options in panels (their ``rich_help_panel``) and no
+    Python types: a flag shows no value, an option its metavar, an argument its metavar.
+    Plain, not rich: rich's table gives every option four columns (long, short, negative
+    name, type) and leaves descriptions about 20 characters at 80 columns."""
+
+    def collect_usage_pieces(self, ctx: ClickContext) -> list[str]:
+        arguments = [p for p in self.get_params(ctx) if isinstance(p, TyperArgument)]
+        return ["[OPTIONS]", *(p.metavar or (p.name or "").upper() for p in arguments)]
+
+    def format_options(self, ctx: ClickContext, formatter: HelpFormatter) -> None:
+        panels: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                row = (param.metavar or (param.name or "").upper(), param.help or "")
+                panels.setdefault("Arguments", []).append(row)
+            elif (record := param.get_help_record(ctx)) is not None:
+                panel = getattr(param, "rich_help_panel", None) or "Options"
+                panels.setdefault(panel, []).append(record)
+        for name, rows in panels.items():
+            with formatter.section(name):
+                formatter.write_dl(rows)
+
 
 app = typer.Typer(
     name="htsep",
@@ -46,25 +75,71 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-models_app = typer.Typer(help="List and download the named models.", no_args_is_help=False)
+models_app = typer.Typer(help="List and download the named models.", rich_markup_mode=None)
 app.add_typer(models_app, name="models")
 
 USAGE_EXIT = 2
+MODEL, STEMS, OUTPUT, SPEED, BATCH = "Model", "Stems", "Output", "Speed", "Batch"
 
 # Options several commands share, defined once.
 NAME_OPTION = typer.Option(
-    "htdemucs", "-n", "--name", help="Model name, signature, or path to a checkpoint file."
+    "htdemucs",
+    "-n",
+    "--name",
+    metavar="NAME",
+    rich_help_panel=MODEL,
+    help="Model name, signature, or path to a checkpoint file.",
 )
 DEVICE_OPTION = typer.Option(
-    None, "-d", "--device", help="cpu, cuda, cuda:N or mps (default: cuda, mps, cpu)"
+    None,
+    "-d",
+    "--device",
+    metavar="cpu|cuda[:N]|mps",
+    rich_help_panel=SPEED,
+    help="Where the networks run (default: the first available of cuda, mps, cpu).",
 )
-SHIFTS_OPTION = typer.Option(1, "--shifts", help="Random shifts to average (0: none).")
-OVERLAP_OPTION = typer.Option(0.25, "--overlap", help="Overlap between chunks.")
+REPO_OPTION = typer.Option(
+    None,
+    "--repo",
+    metavar="DIR",
+    rich_help_panel=MODEL,
+    help="Folder of checkpoints (<sig>-<sha8>.th, <sig>.safetensors) and <name>.yaml bags, "
+    "as demucs reads it.",
+)
+SHIFTS_OPTION = typer.Option(
+    1, "--shifts", metavar="N", help="Random shifts to average (0: none).", rich_help_panel=MODEL
+)
+SEED_OPTION = typer.Option(
+    0,
+    "--seed",
+    metavar="N",
+    help="Seed of the shifts: same seed, same bytes.",
+    rich_help_panel=MODEL,
+)
+OVERLAP_OPTION = typer.Option(
+    0.25,
+    "--overlap",
+    metavar="FRACTION",
+    rich_help_panel=MODEL,
+    help="Overlap between chunks, as a fraction of a chunk.",
+)
 SEGMENT_OPTION = typer.Option(
-    None, "--segment", help="Chunk length in seconds: at least 1, at most the model's."
+    None,
+    "--segment",
+    metavar="SECONDS",
+    rich_help_panel=MODEL,
+    help="Chunk length: at least 1 s, at most the model's (default: the model's).",
 )
-JOBS_OPTION = typer.Option(0, "-j", "--jobs", help="CPU threads for torch (0: its default).")
+JOBS_OPTION = typer.Option(
+    0,
+    "-j",
+    "--jobs",
+    metavar="N",
+    help="CPU threads for torch (0: its default).",
+    rich_help_panel=SPEED,
+)
 QUIET_OPTION = typer.Option(False, "-q", "--quiet", help="No progress, only errors.")
 
 
@@ -91,50 +166,53 @@ def _warn(message: str) -> None:
     typer.echo(printable(f"htsep: warning: {message}"), err=True)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled as Ctrl-C: the work stops and nothing half-written is left."""
+def _say(line: str) -> None:
+    typer.echo(printable(line), err=True)
+
+
+# How to go on without a download, per command ({fetch} and {mirror} below).
+_OFFLINE = {
+    "separate": "to work offline, {fetch}, {mirror}, pass checkpoint files with -n PATH or "
+    "--repo DIR, or use the shipped model: -n htsep-tiny",
+    "info": "to work offline, {fetch}, {mirror}, give a checkpoint file path, or try the "
+    "shipped model: htsep info htsep-tiny",
+    "train": "--init needs these weights: {fetch}, {mirror}, or give --init a checkpoint file "
+    "path; or train from a named config without --init (--config tiny)",
+    "models": "{fetch}, or {mirror}; offline, separate takes checkpoint files with -n PATH "
+    "or --repo DIR, and the shipped model with -n htsep-tiny",
+}
+_OFFLINE["eval"] = _OFFLINE["separate"]
+
+
+def _offline_advice(command: str, model: str, file_name: str) -> str:
+    from htsep.zoo import cache_dir
+
+    fetch = f"run 'htsep models download {model}' on a machine with network and copy "
+    fetch += f"'{file_name}' into {cache_dir()}"
+    return _OFFLINE[command].format(fetch=fetch, mirror="set HTSEP_MIRROR to a mirror's URL")
+
+
+def _message(exc: HtsepError, command: str | None, model: str | None) -> str:
+    """The error's one line; a failed download ends with the command's advice."""
+    if isinstance(exc, DownloadError) and exc.file_name and command and model:
+        return f"{exc.problem}; {_offline_advice(command, model, exc.file_name)}"
+    return str(exc)
 
 
 @contextlib.contextmanager
-def _signals_as_interrupts() -> Iterator[None]:
-    """SIGINT and SIGTERM stop the command with KeyboardInterrupt (Terminated for SIGTERM);
-    once one came, later ones are ignored, so that a second Ctrl-C cannot cut the cleanup
-    short and leave temporary files behind (kill -9 still stops at once; a later run removes
-    what it left)."""
-    import signal
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    stopped = []
-
-    def stop(signum: int, frame: Any) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        stopped.append(signum)
-        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        if not stopped:  # once stopping, the process stays deaf to them until it exits
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def _reported_errors(interrupted: str) -> Iterator[None]:
+def _reported_errors(
+    interrupted: str, command: str | None = None, model: str | None = None
+) -> Iterator[None]:
     """Map a command's failures to one ``htsep: error:`` line and its exit code: 2 for usage
-    errors and unknown models, 1 for other failures, 130 (with ``interrupted``) for Ctrl-C."""
+    errors and unknown models, 1 for other failures, 130 (with ``interrupted``) for Ctrl-C.
+    A failed download of ``model`` gets the advice that fits ``command``."""
     try:
         yield
     except (UsageError, ModelNotFoundError) as exc:
         _error(str(exc))
         raise typer.Exit(USAGE_EXIT) from None
     except HtsepError as exc:
-        _error(str(exc))
+        _error(_message(exc, command, model))
         raise typer.Exit(1) from None
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, Terminated)
@@ -168,103 +246,156 @@ def root(
 # --- separate --------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=_Command)
 def separate(
     ctx: typer.Context,
     inputs: list[str] = typer.Argument(
         ...,
-        help="Audio files, folders (searched recursively) or glob patterns.",
+        metavar="INPUT...",
         show_default=False,
+        help="Audio files ('-': standard input), folders (searched recursively) or glob patterns.",
     ),
     name: str = NAME_OPTION,
-    repo: str | None = typer.Option(
-        None,
-        "--repo",
-        help="Folder of checkpoints (<sig>-<sha8>.th, <sig>.safetensors) and "
-        "<name>.yaml bags, as demucs reads it.",
-    ),
-    out: str = typer.Option(
-        "separated", "-o", "--out", help="Output folder; stems go under <out>/<model name>/."
-    ),
-    filename: str = typer.Option(
-        "{track}/{stem}.{ext}",
-        "--filename",
-        help="Output path template: {track}, {trackext}, {stem}, {ext}, {folder} (of a file "
-        "below a folder argument; without it, stems keep that place before the template).",
-    ),
-    device: str | None = DEVICE_OPTION,
+    repo: str | None = REPO_OPTION,
     shifts: int = SHIFTS_OPTION,
-    seed: int = typer.Option(0, "--seed", help="Seed of the shifts: same seed, same bytes."),
+    seed: int = SEED_OPTION,
     overlap: float = OVERLAP_OPTION,
     no_split: bool = typer.Option(
-        False, "--no-split", help="Run the track as one chunk (tracks up to one segment)."
+        False,
+        "--no-split",
+        help="Run the track as one chunk (tracks up to one segment).",
+        rich_help_panel=MODEL,
     ),
     segment: float | None = SEGMENT_OPTION,
+    downmix: bool = typer.Option(
+        False,
+        "--downmix",
+        help="Mix inputs with more channels than the model down to mono.",
+        rich_help_panel=MODEL,
+    ),
     two_stems: str | None = typer.Option(
-        None, "--two-stems", metavar="STEM", help="Write STEM and its complement only."
+        None,
+        "--two-stems",
+        metavar="STEM",
+        help="Write STEM and its complement only.",
+        rich_help_panel=STEMS,
     ),
     other_method: OtherMethod = typer.Option(
         OtherMethod.add,
         "--other-method",
+        metavar="add|minus|none",
+        rich_help_panel=STEMS,
         help="Complement of --two-stems: sum of the other stems (add), mix minus STEM (minus).",
     ),
     stems: str | None = typer.Option(
-        None, "--stems", help="Comma-separated stems to write, e.g. vocals,drums."
+        None,
+        "--stems",
+        metavar="STEM,...",
+        help="The stems to write, e.g. vocals,drums.",
+        rich_help_panel=STEMS,
     ),
-    int24: bool = typer.Option(False, "--int24", help="24-bit output."),
-    float32: bool = typer.Option(False, "--float32", help="32-bit float WAV output."),
+    out: str = typer.Option(
+        "separated",
+        "-o",
+        "--out",
+        metavar="DIR",
+        rich_help_panel=OUTPUT,
+        help="Output folder; stems go under DIR/<model name>/ (-: the one stem to stdout).",
+    ),
+    filename: str = typer.Option(
+        "{track}/{stem}.{ext}",
+        "--filename",
+        metavar="TEMPLATE",
+        rich_help_panel=OUTPUT,
+        help="Output path template: {track}, {trackext}, {stem}, {ext}, {folder} (of a file "
+        "below a folder argument; without it, stems keep that place before the template).",
+    ),
+    flac: bool = typer.Option(False, "--flac", help="Write FLAC.", rich_help_panel=OUTPUT),
+    mp3: bool = typer.Option(False, "--mp3", help="Write MP3.", rich_help_panel=OUTPUT),
+    mp3_bitrate: int = typer.Option(
+        320, "--mp3-bitrate", metavar="KBPS", help="MP3 bitrate.", rich_help_panel=OUTPUT
+    ),
+    mp3_preset: int = typer.Option(
+        2,
+        "--mp3-preset",
+        min=2,
+        max=7,
+        metavar="N",
+        rich_help_panel=OUTPUT,
+        help="MP3 encoder preset: 2 best ... 7 fastest.",
+    ),
+    int24: bool = typer.Option(False, "--int24", help="24-bit output.", rich_help_panel=OUTPUT),
+    float32: bool = typer.Option(
+        False, "--float32", help="32-bit float WAV output.", rich_help_panel=OUTPUT
+    ),
     clip_mode: ClipMode = typer.Option(
         ClipMode.rescale,
         "--clip-mode",
+        metavar="rescale|clamp|none",
+        rich_help_panel=OUTPUT,
         help="rescale: one gain for all stems when any clips; clamp: hard clip; none.",
     ),
-    flac: bool = typer.Option(False, "--flac", help="Write FLAC."),
-    mp3: bool = typer.Option(False, "--mp3", help="Write MP3."),
-    mp3_bitrate: int = typer.Option(320, "--mp3-bitrate", help="MP3 bitrate in kbps."),
-    mp3_preset: int = typer.Option(
-        2, "--mp3-preset", min=2, max=7, help="MP3 encoder preset: 2 best ... 7 fastest."
-    ),
+    device: str | None = DEVICE_OPTION,
     jobs: int = JOBS_OPTION,
     batch_size: int | None = typer.Option(
         None,
         "--batch-size",
+        metavar="N",
+        rich_help_panel=SPEED,
         help="Chunks per network call (default: 1 on CPU, from free memory on CUDA).",
     ),
     precision: str = typer.Option(
-        "fp32", "--precision", help="fp32, bf16 or fp16 (CUDA) arithmetic; the STFT stays fp32."
-    ),
-    downmix: bool = typer.Option(
-        False, "--downmix", help="Mix inputs with more channels than the model down to mono."
-    ),
-    skip_existing: bool = typer.Option(
-        False, "--skip-existing", help="Skip tracks whose stems all exist already."
-    ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing stem files."),
-    shard: str | None = typer.Option(
-        None, "--shard", metavar="K/N", help="Process only the K-th of N slices of the inputs."
-    ),
-    quiet: bool = QUIET_OPTION,
-    json_lines: bool = typer.Option(
-        False, "--json", help="Print one JSON object per track on stdout."
+        "fp32",
+        "--precision",
+        metavar="fp32|bf16|fp16",
+        rich_help_panel=SPEED,
+        help="Arithmetic of the networks (fp16: CUDA only); the STFT stays fp32.",
     ),
     keep_memory: bool = typer.Option(
         False,
         "--keep-memory",
+        rich_help_panel=SPEED,
         help="Keep freed memory for reuse: about 8% faster on the CPU, about 120 MB more "
         "peak memory with htdemucs.",
     ),
     pipeline: bool = typer.Option(
         True,
         "--pipeline/--no-pipeline",
+        rich_help_panel=SPEED,
         help="Decode the next track and encode the previous one while a track is separated.",
     ),
+    skip_existing: bool = typer.Option(
+        False,
+        "--skip-existing",
+        help="Skip tracks whose stems all exist already.",
+        rich_help_panel=BATCH,
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace existing stem files.", rich_help_panel=BATCH
+    ),
+    shard: str | None = typer.Option(
+        None,
+        "--shard",
+        metavar="K/N",
+        help="Process only the K-th of N slices of the inputs.",
+        rich_help_panel=BATCH,
+    ),
+    json_lines: bool = typer.Option(
+        False, "--json", help="Print one JSON object per track on stdout."
+    ),
+    quiet: bool = QUIET_OPTION,
 ) -> None:
-    """Separate tracks into stems: <out>/<model>/<track>/<stem>.wav by default."""
+    """Separate tracks into stems.
+
+    The stems go to <out>/<model>/<track>/<stem>.wav by default.
+    """
     given = _given_options(ctx)
     options = {key: value for key, value in locals().items() if key not in ("ctx", "given")}
     with (
-        _signals_as_interrupts(),
-        _reported_errors("interrupted (finished stems are complete; none is half-written)"),
+        signals_as_interrupts(),
+        _reported_errors(
+            "interrupted (finished stems are complete; none is half-written)", "separate", name
+        ),
     ):
         code = _separate(**options, given=given)
     raise typer.Exit(code)
@@ -289,10 +420,9 @@ def _check_options(opts: dict[str, Any], given: set[str]) -> tuple[OutputSetting
         raise UsageError("-o - writes the stem to standard output, where --json would write too")
     if opts["inputs"].count("-") > 1:
         raise UsageError("'-' (standard input) can be given only once")
-    if opts["int24"] and opts["float32"]:
-        raise UsageError("--int24 and --float32 exclude each other")
-    if opts["flac"] and opts["mp3"]:
-        raise UsageError("--flac and --mp3 exclude each other")
+    for first, second in (("int24", "float32"), ("flac", "mp3")):
+        if opts[first] and opts[second]:
+            raise UsageError(f"--{first} and --{second} exclude each other")
     if opts["mp3"] and (opts["int24"] or opts["float32"]):
         raise UsageError(f"--{'int24' if opts['int24'] else 'float32'} does not apply to --mp3")
     if opts["float32"] and opts["flac"]:
@@ -309,12 +439,13 @@ def _check_options(opts: dict[str, Any], given: set[str]) -> tuple[OutputSetting
         raise UsageError(f"--jobs must be in 0..1024, got {opts['jobs']}")
     if opts["shard"]:
         parse_shard(opts["shard"])
+    two_stems = opts["two_stems"].strip() if opts["two_stems"] else None
     with _option_names():
         output = OutputSettings(
             format="flac" if opts["flac"] else "mp3" if opts["mp3"] else "wav",
             bits=32 if opts["float32"] else 24 if opts["int24"] else 16,
             clip_mode=opts["clip_mode"],
-            two_stems=opts["two_stems"].strip() if opts["two_stems"] else None,
+            two_stems=two_stems,
             other_method=opts["other_method"],
             template=opts["filename"],
             overwrite=opts["overwrite"],
@@ -323,6 +454,7 @@ def _check_options(opts: dict[str, Any], given: set[str]) -> tuple[OutputSetting
             mp3_preset=opts["mp3_preset"],
             downmix=opts["downmix"],
         )
+        stems = _comma_list(opts["stems"], "--stems") if opts["stems"] else None
         settings = Settings.check(
             shifts=opts["shifts"],
             overlap=opts["overlap"],
@@ -331,7 +463,7 @@ def _check_options(opts: dict[str, Any], given: set[str]) -> tuple[OutputSetting
             seed=opts["seed"],
             batch_size=opts["batch_size"],
             precision=opts["precision"],
-            stems=_wanted_stems(opts),
+            stems=[two_stems] if two_stems else stems,
         )
     return output, settings
 
@@ -362,14 +494,6 @@ _SETTING_OPTIONS = {
 }
 
 
-def _wanted_stems(opts: dict[str, Any]) -> list[str] | None:
-    if opts["two_stems"]:
-        return [opts["two_stems"].strip()]
-    if opts["stems"]:
-        return _comma_list(opts["stems"], "--stems")
-    return None
-
-
 def _separate(**opts: Any) -> int:
     from htsep import files
 
@@ -388,29 +512,19 @@ def _separate(**opts: Any) -> int:
 
 
 def _spool_stdin() -> Path:
-    """Standard input copied to a temporary file: the first pass needs the whole track."""
-    import shutil
-
+    """Standard input in a temporary file: the first pass needs the whole track."""
     from htsep import files
+    from htsep.errors import AudioError
 
     if sys.stdin is None or sys.stdin.isatty():
         raise UsageError("'-' reads audio from standard input, which is a terminal")
-    from htsep.errors import AudioError
-
     folder = tempfile.gettempdir()
     try:
-        spooled = files.create_temporary(Path(folder) / "htsep-stdin")
-        try:
-            with open(spooled, "wb") as handle:
-                shutil.copyfileobj(sys.stdin.buffer, handle, 1 << 20)
-        except BaseException:
-            spooled.unlink(missing_ok=True)
-            raise
+        return files.spool(sys.stdin.buffer, Path(folder) / "htsep-stdin")
     except OSError as exc:
         raise AudioError(
             f"-: cannot keep standard input in {folder}: {exc.strerror or exc}"
         ) from None
-    return spooled
 
 
 def _separate_tracks(opts: dict[str, Any], output: OutputSettings, settings: Any) -> int:
@@ -419,8 +533,7 @@ def _separate_tracks(opts: dict[str, Any], output: OutputSettings, settings: Any
     from htsep import zoo
     from htsep.separator import Separator
 
-    quiet = opts["quiet"]
-    to_stdout = opts.get("stdout", False)
+    quiet, to_stdout = opts["quiet"], opts.get("stdout", False)
     folder = output_folder(opts["out"], zoo.find_model(opts["name"], repo=opts["repo"]).name)
     tracks = find_inputs(opts["inputs"], exclude=folder)
     for track in tracks:
@@ -429,8 +542,7 @@ def _separate_tracks(opts: dict[str, Any], output: OutputSettings, settings: Any
     if to_stdout and len(tracks) != 1:
         raise UsageError(f"-o - writes one track to standard output, not {len(tracks)}")
     if opts["shard"]:
-        index, count = parse_shard(opts["shard"])
-        total = len(tracks)
+        (index, count), total = parse_shard(opts["shard"]), len(tracks)
         tracks = take_shard(tracks, index, count)
         if not tracks:
             if not quiet:
@@ -478,10 +590,6 @@ def _separate_tracks(opts: dict[str, Any], output: OutputSettings, settings: Any
         _say(f"htsep: {len(tracks) - failed - skipped} separated, {skipped} skipped, "
              f"{failed} failed ({time.perf_counter() - started:.1f} s)")  # fmt: skip
     return 1 if failed or not tracks else 0
-
-
-def _say(line: str) -> None:
-    typer.echo(printable(line), err=True)
 
 
 class _Report(BatchEvents):
@@ -537,12 +645,10 @@ class _Report(BatchEvents):
 
 
 def _copy_to_stdout(path: Path) -> None:
-    import shutil
+    from htsep import files
 
     try:
-        with open(path, "rb") as handle:
-            shutil.copyfileobj(handle, sys.stdout.buffer, 1 << 20)
-        sys.stdout.buffer.flush()
+        files.copy_into(path, sys.stdout.buffer)
     except BrokenPipeError:
         # The reader went away: say so once, and keep Python from complaining at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -555,9 +661,8 @@ def _copy_to_stdout(path: Path) -> None:
 @models_app.callback(invoke_without_command=True)
 def models_list(ctx: typer.Context) -> None:
     """List the named models: sources, members, and whether they are downloaded."""
-    if ctx.invoked_subcommand is not None:
-        return
-    _list_models()
+    if ctx.invoked_subcommand is None:
+        _list_models()
 
 
 def _list_models() -> None:
@@ -581,15 +686,17 @@ def _list_models() -> None:
             typer.echo(f"{'':<14} {spec.description}")
 
 
-@models_app.command("list")
+@models_app.command("list", cls=_Command)
 def models_list_command() -> None:
-    """List the named models (the same as ``htsep models``)."""
+    """List the named models (the same as htsep models)."""
     _list_models()
 
 
-@models_app.command("download")
+@models_app.command("download", cls=_Command)
 def models_download(
-    names: list[str] = typer.Argument(..., help="Model names to fetch ahead of time."),
+    names: list[str] = typer.Argument(
+        ..., metavar="NAME...", help="Model names to fetch ahead of time."
+    ),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
 ) -> None:
     """Download models into the cache (HTSEP_CACHE or ~/.cache/htsep)."""
@@ -606,7 +713,7 @@ def models_download(
             try:
                 path = zoo.fetch(member, progress=not quiet)
             except HtsepError as exc:
-                _error(str(exc))
+                _error(_message(exc, "models", name))
                 failed = True
                 continue
             if not quiet:
@@ -614,16 +721,18 @@ def models_download(
     raise typer.Exit(1 if failed else 0)
 
 
-@app.command("info")
+@app.command("info", cls=_Command)
 def info(
     checkpoint: str = typer.Argument(
-        ..., help="A checkpoint file, or the name of a one-network model (e.g. htsep-tiny)."
+        ...,
+        metavar="CHECKPOINT",
+        help="A checkpoint file, or the name of a one-network model (e.g. htsep-tiny).",
     ),
 ) -> None:
     """Load a checkpoint and print what it contains."""
     from htsep.checkpoint import load_model
 
-    with _reported_errors("interrupted"):
+    with _reported_errors("interrupted", "info", checkpoint):
         model = load_model(checkpoint)
     params = sum(p.numel() for p in model.parameters())
     typer.echo(f"sources: {', '.join(model.sources)}")
@@ -640,42 +749,57 @@ class Split(str, Enum):
     test = "test"
 
 
-@app.command("eval")
+@app.command("eval", cls=_Command)
 def eval_command(
     dataset: Path = typer.Argument(
-        ..., help="Dataset folder in the MUSDB18-HQ layout: <split>/<track>/mixture.wav, ..."
+        ...,
+        metavar="DATASET",
+        help="Dataset folder in the MUSDB18-HQ layout: <split>/<track>/mixture.wav, ...",
     ),
     name: str = NAME_OPTION,
-    repo: Path | None = typer.Option(
-        None, "--repo", help="Folder of checkpoints and <name>.yaml bags, as demucs reads it."
+    repo: str | None = REPO_OPTION,
+    shifts: int = SHIFTS_OPTION,
+    seed: int = SEED_OPTION,
+    overlap: float = OVERLAP_OPTION,
+    segment: float | None = SEGMENT_OPTION,
+    split: Split = typer.Option(
+        Split.test,
+        "--split",
+        metavar="train|test",
+        help="Which part of the dataset.",
+        rich_help_panel="Dataset",
     ),
-    split: Split = typer.Option(Split.test, "--split", help="Which part of the dataset."),
     tracks: str | None = typer.Option(
-        None, "--tracks", help="Comma-separated track names to evaluate (default: all)."
+        None,
+        "--tracks",
+        metavar="TRACK,...",
+        rich_help_panel="Dataset",
+        help="The tracks to evaluate (default: all).",
     ),
     sources: str | None = typer.Option(
         None,
         "--sources",
-        help="Comma-separated sources to score (default: every source file of the tracks).",
+        metavar="SOURCE,...",
+        rich_help_panel="Dataset",
+        help="The sources to score (default: every source file of the tracks).",
     ),
     device: str | None = DEVICE_OPTION,
-    shifts: int = SHIFTS_OPTION,
-    seed: int = typer.Option(0, "--seed", help="Seed of the shifts."),
-    overlap: float = OVERLAP_OPTION,
-    segment: float | None = SEGMENT_OPTION,
     museval: bool = typer.Option(
         False,
         "--museval",
         help="Also compute museval's SDR (median over 1 s frames; slow; pip install museval).",
     ),
-    quiet: bool = QUIET_OPTION,
     json_output: bool = typer.Option(
         False, "--json", help="Print the scores as one JSON object on stdout."
     ),
+    quiet: bool = QUIET_OPTION,
 ) -> None:
-    """Score a model on a dataset: nSDR (dB, MDX challenge) per track and source."""
+    """Score a model on a dataset.
+
+    The score is the nSDR (dB, MDX challenge) per track and source.
+    """
     from htsep.data import find_tracks
-    from htsep.evaluate import evaluate, evaluation_sources, import_museval
+    from htsep.evaluate import choose_tracks, evaluate, evaluation_sources, import_museval
     from htsep.separator import Separator
 
     def report_track(index: int, track: DatasetTrack, scores: dict[str, float]) -> None:
@@ -683,12 +807,14 @@ def eval_command(
             values = ", ".join(f"{source} {value:.2f}" for source, value in scores.items())
             typer.echo(f"[{index + 1}/{len(chosen)}] {track.name}: {values}", err=True)
 
-    with _reported_errors("interrupted"):
+    folder = dataset / split.value
+    with _reported_errors("interrupted", "eval", name):
         wanted = _comma_list(sources, "--sources") if sources is not None else None
         if museval:
             import_museval()
         names, found = find_tracks(dataset, split.value, wanted)
-        chosen = _choose_tracks(found, tracks, dataset / split.value)
+        picked = _comma_list(tracks, "--tracks") if tracks is not None else None
+        chosen = choose_tracks(found, picked, folder)
         separator = Separator(
             name,
             repo=repo,
@@ -701,35 +827,17 @@ def eval_command(
         )
         names = evaluation_sources(separator, names)
         if not quiet:
-            typer.echo(
-                f"htsep: {separator.name} on {separator.device}: {len(chosen)} track"
-                f"{'s' if len(chosen) > 1 else ''} of {dataset / split.value}",
-                err=True,
-            )
+            _say(f"htsep: {separator.name} on {separator.device}: {len(chosen)} track"
+                 f"{'s' if len(chosen) > 1 else ''} of {folder}")  # fmt: skip
         report = evaluate(separator, chosen, names, framewise=museval, on_track=report_track)
     if json_output:
-        record: dict[str, Any] = {
-            "model": report.model,
-            "dataset": str(dataset),
-            "split": split.value,
-            "sources": report.sources,
-            "tracks": _finite(report.nsdr),
-            "mean": _finite(report.mean),
-            "median": _finite(report.median),
-        }
-        if report.sdr is not None:
-            record["museval"] = {
-                "tracks": _finite(report.sdr),
-                "mean": _finite(report.sdr_mean),
-                "median": _finite(report.sdr_median),
-            }
-        typer.echo(json.dumps(record))
+        record = {"model": report.model, "dataset": str(dataset), "split": split.value}
+        typer.echo(json.dumps({**record, **report.as_dict()}))
         return
-    typer.echo(f"nSDR (dB) of {report.model} on {dataset / split.value}")
-    typer.echo(_score_table(report.sources, report.nsdr, report.mean, report.median))
-    if report.sdr is not None and report.sdr_mean is not None and report.sdr_median is not None:
+    typer.echo(f"nSDR (dB) of {report.model} on {folder}\n{report.table()}")
+    if report.sdr is not None:
         typer.echo(f"\nSDR (dB, museval: median over 1 s frames) of {report.model}")
-        typer.echo(_score_table(report.sources, report.sdr, report.sdr_mean, report.sdr_median))
+        typer.echo(report.table(museval=True))
 
 
 def _comma_list(text: str, option: str) -> list[str]:
@@ -739,92 +847,122 @@ def _comma_list(text: str, option: str) -> list[str]:
     return items
 
 
-def _choose_tracks(
-    found: list[DatasetTrack], wanted: str | None, folder: Path
-) -> list[DatasetTrack]:
-    """The tracks named in ``wanted`` (comma-separated), in the dataset's order; all if None."""
-    if wanted is None:
-        return found
-    names = _comma_list(wanted, "--tracks")
-    known = {track.name for track in found}
-    unknown = [item for item in names if item not in known]
-    if unknown:
-        raise UsageError(f"--tracks: no track {', '.join(map(repr, unknown))} in {folder}")
-    return [track for track in found if track.name in names]
+# --- train -----------------------------------------------------------------------------------
 
 
-def _finite(value: Any) -> Any:
-    """NaN (an undefined museval score) as JSON null."""
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, float) and value != value:
-        return None
-    return value
-
-
-def _score_table(
-    sources: list[str],
-    scores: dict[str, dict[str, float]],
-    mean: dict[str, float],
-    median: dict[str, float],
-) -> str:
-    """One row per track and a column per source (dB, 2 decimals), then mean and median."""
-    rows = [*scores.items(), ("mean", mean), ("median", median)]
-    first = max(len(label) for label, _ in [("track", {}), *rows])
-    widths = {source: max(len(source), 7) for source in sources}
-    header = "  ".join([f"{'track':<{first}}", *(f"{s:>{widths[s]}}" for s in sources)])
-    lines = [header]
-    for position, (label, values) in enumerate(rows):
-        if position == len(scores):
-            lines.append("-" * len(header))
-        cells = (f"{values[s]:>{widths[s]}.2f}" for s in sources)
-        lines.append("  ".join([f"{label:<{first}}", *cells]))
-    return "\n".join(lines)
-
-
-@app.command("train")
+@app.command("train", cls=_Command)
 def train(
     ctx: typer.Context,
-    dataset: Path = typer.Argument(
-        ..., help="Dataset folder in the MUSDB18-HQ layout: train/<track>/{mixture,<source>}.wav."
+    dataset: str = typer.Argument(
+        ...,
+        metavar="DATASET",
+        help="Dataset folder in the MUSDB18-HQ layout: train/<track>/{mixture,<source>}.wav.",
     ),
-    out: Path = typer.Option(..., "--out", help="Run folder: checkpoints, metrics.jsonl."),
     config: str | None = typer.Option(
         None,
         "--config",
-        help="Architecture: tiny, htdemucs, or a YAML/JSON file (default: tiny).",
+        metavar="tiny|htdemucs|FILE",
+        rich_help_panel=MODEL,
+        help="Architecture: a named size or a YAML/JSON file (default: tiny).",
     ),
     init: str | None = typer.Option(
-        None, "--init", help="Fine-tune this checkpoint (model name or file) instead."
+        None,
+        "--init",
+        metavar="NAME|FILE",
+        rich_help_panel=MODEL,
+        help="Fine-tune this checkpoint (a model name or file) instead.",
     ),
-    repo: Path | None = typer.Option(None, "--repo", help="Folder of checkpoints for --init."),
+    repo: str | None = typer.Option(
+        None,
+        "--repo",
+        metavar="DIR",
+        help="Folder of checkpoints for --init.",
+        rich_help_panel=MODEL,
+    ),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        metavar="DIR",
+        help="Run folder: checkpoints, metrics.jsonl.",
+        rich_help_panel="Run",
+    ),
     steps: int | None = typer.Option(
-        None, "--steps", help="Train up to this many steps (default: 1000, or the run's)."
-    ),
-    batch_size: int = typer.Option(4, "--batch-size", help="Examples per step, all processes."),
-    lr: float = typer.Option(3e-4, "--lr", help="Adam learning rate."),
-    ema: float = typer.Option(
-        0.0, "--ema", help="Decay of an exponential moving average of the weights (0: off)."
-    ),
-    seed: int = typer.Option(0, "--seed", help="Seed of all randomness: same seed, same run."),
-    log_every: int = typer.Option(10, "--log-every", help="Steps between metrics lines."),
-    save_every: int = typer.Option(100, "--save-every", help="Steps between checkpoints."),
-    valid_every: int = typer.Option(
-        0, "--valid-every", help="Steps between validations on test/ (0: at the end only)."
-    ),
-    valid_tracks: int = typer.Option(
-        0, "--valid-tracks", help="Test tracks used for validation (0: all)."
+        None,
+        "--steps",
+        metavar="N",
+        rich_help_panel="Run",
+        help="Train up to this many steps (default: 1000, or the run's).",
     ),
     resume: bool = typer.Option(
-        False, "--resume", help="Continue the run in --out with its saved options."
+        False,
+        "--resume",
+        help="Continue the run in --out with its saved options.",
+        rich_help_panel="Run",
+    ),
+    log_every: int = typer.Option(
+        10,
+        "--log-every",
+        metavar="STEPS",
+        help="Steps between metrics lines.",
+        rich_help_panel="Run",
+    ),
+    save_every: int = typer.Option(
+        100,
+        "--save-every",
+        metavar="STEPS",
+        help="Steps between checkpoints.",
+        rich_help_panel="Run",
+    ),
+    valid_every: int = typer.Option(
+        0,
+        "--valid-every",
+        metavar="STEPS",
+        rich_help_panel="Run",
+        help="Steps between validations on test/ (0: at the end only).",
+    ),
+    valid_tracks: int = typer.Option(
+        0,
+        "--valid-tracks",
+        metavar="N",
+        help="Test tracks used for validation (0: all).",
+        rich_help_panel="Run",
+    ),
+    batch_size: int = typer.Option(
+        4,
+        "--batch-size",
+        metavar="N",
+        help="Examples per step, all processes.",
+        rich_help_panel="Training",
+    ),
+    lr: float = typer.Option(
+        3e-4, "--lr", metavar="RATE", help="Adam learning rate.", rich_help_panel="Training"
+    ),
+    ema: float = typer.Option(
+        0.0,
+        "--ema",
+        metavar="DECAY",
+        rich_help_panel="Training",
+        help="Decay of an exponential moving average of the weights (0: off).",
+    ),
+    seed: int = typer.Option(
+        0,
+        "--seed",
+        metavar="N",
+        help="Seed of all randomness: same seed, same run.",
+        rich_help_panel="Training",
     ),
     device: str | None = DEVICE_OPTION,
     jobs: int = JOBS_OPTION,
     quiet: bool = QUIET_OPTION,
 ) -> None:
-    """Train or fine-tune a model; under torchrun, on many processes (DDP)."""
-    with _reported_errors("interrupted: continue the run with --resume (from its last checkpoint)"):
-        _train(**locals(), given=_given_options(ctx))
+    """Train or fine-tune a model.
+
+    Under torchrun, the run is shared by many processes (DDP).
+    """
+    with _reported_errors(
+        "interrupted: continue the run with --resume (from its last checkpoint)", "train", init
+    ):
+        _train(ctx, out, device=device, jobs=jobs, resume=resume, quiet=quiet)
 
 
 def _given_options(ctx: typer.Context) -> set[str]:
@@ -834,54 +972,23 @@ def _given_options(ctx: typer.Context) -> set[str]:
     return {name for name, source in sources.items() if source and source.name != "DEFAULT"}
 
 
-# What a resumed run may change: everything else is the run's, saved in run.json.
-_RESUME_MAY_CHANGE = {"dataset", "out", "resume", "steps", "device", "jobs", "quiet"}
-
-
-def _train(**opts: Any) -> None:
-    import dataclasses
-
+def _train(
+    ctx: typer.Context, run_dir: Path, *, device: str | None, jobs: int, resume: bool, quiet: bool
+) -> None:
     import torch
 
-    from htsep.train import Trainer, TrainOptions, load_run_options
+    from htsep.train import Trainer, TrainOptions, run_options
 
-    if opts["jobs"]:
-        torch.set_num_threads(opts["jobs"])
-    run_dir: Path = opts["out"]
-    if opts["resume"]:
-        fixed = sorted(opts["given"] - _RESUME_MAY_CHANGE)
-        if fixed:
-            names = ", ".join("--" + name.replace("_", "-") for name in fixed)
-            raise UsageError(
-                f"--resume continues with the run's saved options; {names} cannot change "
-                f"(see {run_dir / 'run.json'})"
-            )
-        # The dataset may have moved since; everything else is the run's.
-        options = dataclasses.replace(load_run_options(run_dir), dataset=str(opts["dataset"]))
-        if opts["steps"] is not None:
-            options = dataclasses.replace(options, steps=opts["steps"])
-    else:
-        config = opts["config"]
-        if config is None and opts["init"] is None:
-            config = "tiny"
-        options = TrainOptions(
-            dataset=str(opts["dataset"]),
-            config=config,
-            init=opts["init"],
-            repo=None if opts["repo"] is None else str(opts["repo"]),
-            steps=1000 if opts["steps"] is None else opts["steps"],
-            **{key: opts[key] for key in _TRAIN_NUMBERS},
-        )
-    trainer = Trainer(
-        options, run_dir, device=opts["device"], resume=opts["resume"], progress=not opts["quiet"]
-    )
+    if jobs:
+        torch.set_num_threads(jobs)
+    fields = {field.name for field in dataclasses.fields(TrainOptions)}
+    values = {key: value for key, value in ctx.params.items() if key in fields}
+    options = run_options(run_dir, values, _given_options(ctx), resume=resume)
+    trainer = Trainer(options, run_dir, device=device, resume=resume, progress=not quiet)
     result = trainer.run()
-    if not opts["quiet"] and trainer.processes.main:
-        typer.echo(
-            f"step {result.step}: loss {result.loss:.4f}, {result.seconds:.1f} s; "
-            f"model in {run_dir / 'model.safetensors'}",
-            err=True,
-        )
+    if not quiet and trainer.processes.main:
+        _say(f"step {result.step}: loss {result.loss:.4f}, {result.seconds:.1f} s; "
+             f"model in {run_dir / 'model.safetensors'}")  # fmt: skip
     if trainer.processes.world > 1:
         # Every file is written and closed. Skip the interpreter's teardown: torch's gloo
         # threads occasionally abort a worker there (std::terminate after the last Python
@@ -889,12 +996,6 @@ def _train(**opts: Any) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
-
-
-_TRAIN_NUMBERS = (
-    "batch_size", "lr", "ema", "seed", "log_every", "save_every", "valid_every",
-    "valid_tracks",
-)  # fmt: skip
 
 
 _ROOT_FLAGS = ("-v", "--verbose")
@@ -906,12 +1007,9 @@ def demucs_style(argv: list[str]) -> list[str]:
     is not a command starts ``separate`` (``htsep song.mp3 -n htdemucs_ft``), and ``-v`` works
     after the command too (it is the root's option)."""
     args = list(argv)
-    verbose = [arg for arg in args if arg in _ROOT_FLAGS]
-    rest = [arg for arg in args if arg not in _ROOT_FLAGS]
-    if "--" in args:  # after "--" everything is an input, "-v" included
-        cut = args.index("--")
-        verbose = [arg for arg in args[:cut] if arg in _ROOT_FLAGS]
-        rest = [arg for arg in args[:cut] if arg not in _ROOT_FLAGS] + args[cut:]
+    cut = args.index("--") if "--" in args else len(args)  # after "--" everything is an input
+    verbose = [arg for arg in args[:cut] if arg in _ROOT_FLAGS]
+    rest = [arg for arg in args[:cut] if arg not in _ROOT_FLAGS] + args[cut:]
     commands = {
         command.name or getattr(command.callback, "__name__", "")
         for command in app.registered_commands

@@ -26,7 +26,18 @@ class ModelNotFoundError(HtsepError):
 
 
 class DownloadError(HtsepError):
-    """A checkpoint could not be downloaded or failed its hash check."""
+    """A checkpoint could not be downloaded or failed its hash check.
+
+    ``problem`` says what went wrong. When the file can be had another way, ``file_name`` is
+    its name in the download cache and the message ends with ``advice`` for Python callers; a
+    command line says ``problem`` with its own advice instead.
+    """
+
+    def __init__(
+        self, problem: str, *, file_name: str | None = None, advice: str | None = None
+    ) -> None:
+        super().__init__(f"{problem}; {advice}" if advice else problem)
+        self.problem, self.file_name = problem, file_name
 
 
 class UsageError(HtsepError):

@@ -14,7 +14,9 @@ import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,6 +113,56 @@ class EvalReport:
     def sdr_median(self) -> dict[str, float] | None:
         return None if self.sdr is None else _aggregate(self.sdr, self.sources, statistics.median)
 
+    def as_dict(self) -> dict[str, Any]:
+        """The sources and scores as JSON values (an undefined museval score, NaN, as None):
+        ``{sources, tracks, mean, median}``, and with museval ``museval: {tracks, mean,
+        median}``."""
+        record: dict[str, Any] = {
+            "sources": self.sources,
+            "tracks": _finite(self.nsdr),
+            "mean": _finite(self.mean),
+            "median": _finite(self.median),
+        }
+        if self.sdr is not None:
+            record["museval"] = {
+                "tracks": _finite(self.sdr),
+                "mean": _finite(self.sdr_mean),
+                "median": _finite(self.sdr_median),
+            }
+        return record
+
+    def table(self, museval: bool = False) -> str:
+        """The nSDR (``museval``: the SDR) as text: a row per track and a column per source
+        (dB, 2 decimals), then the mean and median rows."""
+        scores, mean, median = self.nsdr, self.mean, self.median
+        if museval:
+            if self.sdr is None:
+                raise ValueError("no museval scores in this report")
+            scores, mean, median = self.sdr, self.sdr_mean or {}, self.sdr_median or {}
+        rows = [*scores.items(), ("mean", mean), ("median", median)]
+        first = max(len(label) for label, _ in [("track", {}), *rows])
+        widths = {source: max(len(source), 7) for source in self.sources}
+        header = "  ".join([f"{'track':<{first}}", *(f"{s:>{widths[s]}}" for s in self.sources)])
+        lines = [header]
+        for position, (label, values) in enumerate(rows):
+            if position == len(scores):
+                lines.append("-" * len(header))
+            cells = (f"{values[s]:>{widths[s]}.2f}" for s in self.sources)
+            lines.append("  ".join([f"{label:<{first}}", *cells]))
+        return "\n".join(lines)
+
+
+def choose_tracks(found: Sequence[Track], names: Sequence[str] | None, folder: Path) -> list[Track]:
+    """The tracks of ``found`` named in ``names``, in the dataset's order; all if None.
+    UsageError names those not in ``folder``."""
+    if names is None:
+        return list(found)
+    known = {track.name for track in found}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise UsageError(f"--tracks: no track {', '.join(map(repr, unknown))} in {folder}")
+    return [track for track in found if track.name in names]
+
 
 def evaluation_sources(separator: Separator, sources: Sequence[str]) -> list[str]:
     """The dataset's ``sources`` that get scored: all of them, which the model must have (a
@@ -185,6 +237,15 @@ def _aggregate(
         values = [v[source] for v in scores.values() if math.isfinite(v[source])]
         out[source] = how(values) if values else math.nan
     return out
+
+
+def _finite(value: Any) -> Any:
+    """NaN (an undefined museval score) as None, through nested dicts."""
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, float) and value != value:
+        return None
+    return value
 
 
 def _nan_median(values: np.ndarray) -> float:

@@ -28,12 +28,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
+from typing import IO
 
 # .<target name>.<owner>.<8 hex>.tmp (files) and .htsep-<owner>.<8 hex> (staging folders).
 _OWNER = r"h[0-9a-f]{8}b[0-9a-f]{8}p\d+s\d+"
 _TEMPORARY = re.compile(rf"^\..*\.({_OWNER})\.[0-9a-f]{{8}}\.(tmp|part)$", re.DOTALL)
 _STAGING = re.compile(rf"^\.htsep-({_OWNER})\.[0-9a-f]{{8}}$")
 _OWNER_PARTS = re.compile(r"^h([0-9a-f]{8})b([0-9a-f]{8})p(\d+)s(\d+)$")
+_COPY_BYTES = 1 << 20
 
 
 def _boot_id() -> str:
@@ -112,6 +114,27 @@ def create_temporary(target: str | os.PathLike[str], suffix: str = ".tmp") -> Pa
             continue
         return candidate
     raise FileExistsError(errno.EEXIST, f"no free temporary name in {target.parent}")
+
+
+def spool(stream: IO[bytes], target: str | os.PathLike[str]) -> Path:
+    """``stream`` read to its end into a new temporary file beside ``target`` (named as by
+    ``create_temporary``), for readers that need all of it; the caller removes the file.
+    OSError, with nothing left behind, when the folder cannot hold it."""
+    path = create_temporary(target)
+    try:
+        with open(path, "wb") as handle:
+            shutil.copyfileobj(stream, handle, _COPY_BYTES)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def copy_into(path: str | os.PathLike[str], stream: IO[bytes]) -> None:
+    """The bytes of the file at ``path`` written to ``stream``, then flushed."""
+    with open(path, "rb") as handle:
+        shutil.copyfileobj(handle, stream, _COPY_BYTES)
+    stream.flush()
 
 
 def sync_file(path: str | os.PathLike[str]) -> None:

@@ -1,4 +1,4 @@
-"""Sample-rate conversion, whole or on demand block by block, with the same numbers.
+"""Sample-rate conversion on demand, block by block, with the numbers of a whole conversion.
 
 The converter is torchaudio's windowed sinc (``sinc_interp_hann``, lowpass width 6, rolloff
 0.99). Output sample ``p`` (time ``p / new``) is the sum over input samples ``i`` (time
@@ -44,27 +44,6 @@ TABLE_LIMIT = 1 << 23  # most kernel values (phases x taps) kept in a table: 32 
 BLOCK_VALUES = 1 << 21  # channels x outputs x taps gathered at once by the direct method
 
 
-def resample(signal: torch.Tensor, orig: int, new: int, *, method: Method = "auto") -> torch.Tensor:
-    """Whole-signal conversion: (..., T) -> (..., ceil(T * new / orig)).
-
-    ``method`` "auto" uses torchaudio when the reduced rates are at most ``POLYPHASE_LIMIT``
-    and the direct evaluation otherwise; the other two force one (for tests).
-    """
-    _check_rates(orig, new)
-    if orig == new:
-        return signal
-    if _polyphase(orig, new, method):
-        return AF.resample(signal, orig, new)
-    if not signal.is_floating_point():
-        raise TypeError(f"expected a floating point signal, got {signal.dtype}")
-    flat = signal.reshape(-1, signal.shape[-1])  # (B, T)
-    stop = resampled_length(signal.shape[-1], orig, new)
-    kernel = _DirectKernel(
-        orig, new, signal.dtype, signal.device, table=stop > kernel_phases(orig, new)
-    )
-    return kernel.convert(flat, 0, 0, stop).reshape(*signal.shape[:-1], stop)
-
-
 def resampled_length(length: int, orig: int, new: int) -> int:
     """ceil(length * new / orig), torchaudio's output length."""
     _check_rates(orig, new)
@@ -79,7 +58,7 @@ def kernel_phases(orig: int, new: int) -> int:
 
 
 class ResampledSignal:
-    """Random access to ``resample(source, orig, new)`` where ``source`` is given by a reader.
+    """Random access to ``source`` (given by a reader) converted from ``orig`` to ``new`` Hz.
 
     read(start, length) -> (..., length), equal to slicing the whole resampled signal (zeros
     outside it) up to float rounding.

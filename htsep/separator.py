@@ -13,7 +13,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -26,16 +26,16 @@ from htsep.apply import (
     ChunkOptions,
     ProgressCallback,
     SeparationStream,
-    apply_shifts,
+    mix_statistics,
     plan_bag,
-    standardize_mix,
+    zero_extended,
 )
 from htsep.audio import AudioReader, AudioWriter, read_audio
 from htsep.checkpoint import load_model
 from htsep.devices import DeviceSlot, auto_batch_size, keep_freed_memory, parse_device
 from htsep.errors import AudioError, HtsepError, UsageError
 from htsep.model.htdemucs import HTDemucs
-from htsep.resample import ResampledSignal, resample
+from htsep.resample import ResampledSignal
 
 logger = logging.getLogger(__name__)
 
@@ -148,10 +148,85 @@ class Settings:
         return cls(shifts, overlap, split, segment, seed, batch_size, precision, stems)
 
 
-@dataclass
-class _Member:
-    spec: zoo.MemberSpec
-    model: HTDemucs | None = field(default=None, repr=False)
+class Bag:
+    """The networks a separation runs: the members of a model or bag that carry weight for
+    the wanted stems, loaded, each with its weights per source (see ``apply.plan_bag``).
+
+    sources: the model's sources; stems: the wanted ones; members: (network, weights) of the
+    members that run; sample_rate, audio_channels: theirs; segment: the longest chunk every
+    running member takes, in seconds.
+    """
+
+    def __init__(
+        self, spec: zoo.ModelSpec, stems: Sequence[str] | None = None, *, progress: bool = True
+    ) -> None:
+        self.spec, self.name = spec, spec.name
+        self._progress = progress
+        self._models: list[HTDemucs | None] = [None] * len(spec.members)
+        self.sources = list(spec.sources) if spec.sources else self._discover_sources()
+        if spec.weights is not None and any(len(row) != len(self.sources) for row in spec.weights):
+            raise UsageError(f"model {self.name}: bag weights do not match its sources")
+        wanted = list(self.sources) if stems is None else list(stems)
+        unknown = [stem for stem in wanted if stem not in self.sources]
+        if unknown:
+            raise UsageError(
+                f"model {self.name} has no source {', '.join(map(repr, unknown))} "
+                f"(it has {', '.join(self.sources)})"
+            )
+        self.stems = wanted
+        weights = spec.weights or tuple((1.0,) * len(self.sources) for _ in spec.members)
+        running, plan = plan_bag(weights, [self.sources.index(stem) for stem in wanted])
+        self.members = [(self.model(index), row) for index, row in zip(running, plan, strict=True)]
+        first = self.members[0][0]
+        self.sample_rate, self.audio_channels = first.sample_rate, first.audio_channels
+        self.segment = min(model.segment for model, _ in self.members)
+
+    def model(self, index: int) -> HTDemucs:
+        """Member ``index`` of the model's description (downloaded and loaded once)."""
+        model = self._models[index]
+        if model is None:
+            model = self._fetch(index)
+        if model.sources != self.sources:
+            raise UsageError(
+                f"model {self.name}: member {self.spec.members[index].signature} has sources "
+                f"{', '.join(model.sources)}, the bag {', '.join(self.sources)}"
+            )
+        return model
+
+    def _fetch(self, index: int) -> HTDemucs:
+        member = self.spec.members[index]
+        path = zoo.fetch(member, progress=self._progress)
+        model = self._models[index] = load_model(path)
+        logger.info("loaded %s from %s", member.signature, path)
+        return model
+
+    def _discover_sources(self) -> list[str]:
+        """Sources of a bag whose description does not list them: those of the first member
+        that loads (a member that is never needed may be missing or broken)."""
+        first_error: HtsepError | None = None
+        for index in range(len(self.spec.members)):
+            try:
+                return list((self._models[index] or self._fetch(index)).sources)
+            except HtsepError as exc:
+                first_error = first_error or exc
+        assert first_error is not None
+        raise first_error
+
+    def to_model_layout(self, audio: torch.Tensor, downmix: bool) -> torch.Tensor:
+        """audio (C, T) -> (audio_channels, T): mono is repeated, ``downmix`` mixes more
+        channels than the model takes down to mono first."""
+        channels = audio.shape[0]
+        if downmix and channels > self.audio_channels:
+            audio = audio.mean(0, keepdim=True)
+            channels = 1
+        if channels == self.audio_channels:
+            return audio
+        if channels == 1:
+            return audio.expand(self.audio_channels, -1)
+        raise AudioError(
+            f"{channels} audio channels, the model takes {self.audio_channels}; "
+            "pass --downmix to mix them down to mono first"
+        )
 
 
 class Separator:
@@ -195,32 +270,12 @@ class Separator:
         self.shifts = settings.shifts
         self.seed = settings.seed
         self.spec = zoo.find_model(model, repo=None if repo is None else os.fspath(repo))
-        self.name = self.spec.name
-        self._download_progress = progress
-        self._members = [_Member(spec) for spec in self.spec.members]
-        self.sources = list(self.spec.sources) if self.spec.sources else self._discover_sources()
-        if self.spec.weights is not None and any(
-            len(row) != len(self.sources) for row in self.spec.weights
-        ):
-            raise UsageError(f"model {self.name}: bag weights do not match its sources")
-        wanted = list(self.sources) if settings.stems is None else list(settings.stems)
-        unknown = [stem for stem in wanted if stem not in self.sources]
-        if unknown:
-            raise UsageError(
-                f"model {self.name} has no source {', '.join(map(repr, unknown))} "
-                f"(it has {', '.join(self.sources)})"
-            )
-        self.stems = wanted
-        weights = self.spec.weights or tuple((1.0,) * len(self.sources) for _ in self._members)
-        self._running, self._weights = plan_bag(
-            weights, [self.sources.index(stem) for stem in wanted]
-        )
+        self.bag = Bag(self.spec, settings.stems, progress=progress)
+        self.name, self.sources, self.stems = self.bag.name, self.bag.sources, self.bag.stems
+        self.sample_rate, self.audio_channels = self.bag.sample_rate, self.bag.audio_channels
         # Off the CPU the members stay on the host and take turns on the device.
-        self._slot = None if self.device.type == "cpu" else DeviceSlot(self.device)
-        first = self._load(self._running[0])
-        self.sample_rate = first.sample_rate
-        self.audio_channels = first.audio_channels
-        limit = min(self._segment_limit(m) for m in self._running)
+        self.slot = None if self.device.type == "cpu" else DeviceSlot(self.device)
+        limit = self.bag.segment
         segment = settings.segment
         if segment is None and self.spec.segment is not None and self.spec.segment <= limit:
             segment = self.spec.segment  # a bag's own segment, as demucs applies it
@@ -238,56 +293,12 @@ class Separator:
             release_memory=not (keep_memory and keep_freed_memory()),
         )
 
-    # --- models ----------------------------------------------------------------------------
-
-    def _load(self, index: int, check: bool = True) -> HTDemucs:
-        member = self._members[index]
-        if member.model is None:
-            path = zoo.fetch(member.spec, progress=self._download_progress)
-            member.model = load_model(path)
-            logger.info("loaded %s from %s", member.spec.signature, path)
-        if check and member.model.sources != self.sources:
-            raise UsageError(
-                f"model {self.name}: member {member.spec.signature} has sources "
-                f"{', '.join(member.model.sources)}, the bag {', '.join(self.sources)}"
-            )
-        return member.model
-
-    def _discover_sources(self) -> list[str]:
-        """Sources of a bag whose description does not list them: those of the first member
-        that loads (a member that is never needed may be missing or broken)."""
-        first_error: HtsepError | None = None
-        for index in range(len(self._members)):
-            try:
-                return self._load(index, check=False).sources
-            except HtsepError as exc:
-                first_error = first_error or exc
-        assert first_error is not None
-        raise first_error
-
-    def _segment_limit(self, index: int) -> Fraction:
-        return self._load(index).segment
-
     @property
     def members_running(self) -> int:
         """How many networks run per track (after skipping unneeded bag members)."""
-        return len(self._running)
+        return len(self.bag.members)
 
     # --- separation ------------------------------------------------------------------------
-
-    def _to_model_layout(self, audio: torch.Tensor, downmix: bool) -> torch.Tensor:
-        channels = audio.shape[0]
-        if downmix and channels > self.audio_channels:
-            audio = audio.mean(0, keepdim=True)
-            channels = 1
-        if channels == self.audio_channels:
-            return audio
-        if channels == 1:
-            return audio.expand(self.audio_channels, -1)
-        raise AudioError(
-            f"{channels} audio channels, the model takes {self.audio_channels}; "
-            "pass --downmix to mix them down to mono first"
-        )
 
     def separate_tensor(
         self,
@@ -311,44 +322,14 @@ class Separator:
                 f"{audio.shape[-1]} samples at {rate} Hz is over {MAX_TENSOR_SECONDS // 3600} "
                 "hours: use separate_file_to, which streams"
             )
+        # The file path's engine over the tensor: one block of the whole length.
+        scanned = ScannedFile(self, _TensorReader(audio, rate), downmix=downmix)
         length = audio.shape[-1]
-        mix = self._to_model_layout(audio.float(), downmix)
-        out_channels = 1 if mix.shape[0] != audio.shape[0] or audio.shape[0] == 1 else None
-        if rate != self.sample_rate:
-            mix = resample(mix, rate, self.sample_rate)
-        normalized, mean, std = standardize_mix(mix)
-        stems = self._apply_bag(normalized[None], progress)[0] * std + mean  # (S, C, T)
-        if rate != self.sample_rate:
-            stems = resample(stems, self.sample_rate, rate)
-            stems = _fit_length(stems, length)
-        if out_channels == 1:
-            stems = stems.mean(1, keepdim=True)
-        names = self.sources if all_sources else self.stems
-        return {stem: stems[self.sources.index(stem)].contiguous() for stem in names}
-
-    def _apply_bag(self, mix: torch.Tensor, progress: ProgressCallback | None) -> torch.Tensor:
-        """mix: (1, C, T) normalized -> weighted bag estimate (1, S, C, T)."""
-        generator = torch.Generator().manual_seed(self.seed)
-        share = None if progress is None else (lambda done: progress(done / len(self._running)))
-        total = torch.zeros(len(self.sources))
-        estimate: torch.Tensor | None = None
-        for index, weights in zip(self._running, self._weights, strict=True):
-            model = self._load(index)
-            out = apply_shifts(
-                model if self._slot is None else self._slot.get(model),
-                mix,
-                shifts=self.shifts,
-                generator=generator,
-                options=self.options,
-                device=self.device,
-                progress=share,
-            )
-            weight = torch.tensor(weights)
-            out = out * weight.view(1, -1, 1, 1)
-            estimate = out if estimate is None else estimate + out
-            total += weight
-        assert estimate is not None
-        return estimate / total.view(1, -1, 1, 1)
+        with StreamedTrack(
+            self, scanned, progress=progress, all_sources=all_sources, block=length
+        ) as track:
+            ((_, stems),) = list(track)
+        return {name: stem.contiguous() for name, stem in stems.items()}
 
     def separate_file(
         self,
@@ -371,17 +352,6 @@ class Separator:
             raise AudioError(f"{os.fspath(path)}: {exc}") from None
         return audio, rate, stems
 
-    def scan_file(self, path: str | os.PathLike[str], *, downmix: bool = False) -> ScannedFile:
-        """The first pass over ``path``: decode (ffmpeg formats to a temporary file), count the
-        frames, check every sample and compute the mixture statistics. Touches no network, so
-        it may run in another thread while a track is separated."""
-        reader = AudioReader(path)
-        try:
-            return ScannedFile(self, reader, downmix=downmix)
-        except BaseException:
-            reader.close()
-            raise
-
     def stream_file(
         self,
         path: str | os.PathLike[str] | ScannedFile,
@@ -391,10 +361,10 @@ class Separator:
         all_sources: bool = False,
         block: int = BLOCK_FRAMES,
     ) -> StreamedTrack:
-        """Separate ``path`` (or a file ``scan_file`` has read) in bounded memory: the returned
-        track yields (mix, stems) blocks in order, equal to ``separate_file``'s output sliced
-        (up to float rounding)."""
-        scanned = path if isinstance(path, ScannedFile) else self.scan_file(path, downmix=downmix)
+        """Separate ``path`` (or a file ``ScannedFile.open`` has read) in bounded memory: the
+        returned track yields (mix, stems) blocks in order, equal to ``separate_file``'s output
+        sliced (up to float rounding)."""
+        scanned = path if isinstance(path, ScannedFile) else ScannedFile.open(self, path, downmix)
         try:
             return StreamedTrack(
                 self, scanned, progress=progress, all_sources=all_sources, block=block
@@ -410,8 +380,8 @@ class Separator:
         **options: Any,
     ) -> tuple[int, int]:
         """Separate ``path`` and write the stems named in ``outputs`` (stem -> file), streaming;
-        the options are ``separate_file_staged``'s. -> (sample rate, frames)"""
-        pending = self.separate_file_staged(path, outputs, **options)
+        the options are ``write_stems``'s. -> (sample rate, frames)"""
+        pending = write_stems(self, path, outputs, **options)
         pending.finish()
         return pending.sample_rate, pending.frames
 
@@ -429,109 +399,112 @@ class Separator:
             raise UsageError(f"other method {other_method!r}: use add, minus or none")
         return [two_stems, *complement[other_method]]
 
-    def separate_file_staged(
-        self,
-        path: str | os.PathLike[str] | ScannedFile,
-        outputs: Mapping[str, str | os.PathLike[str]],
-        *,
-        two_stems: str | None = None,
-        other_method: str = "add",
-        clip_mode: str = "rescale",
-        bits: int = 16,
-        mp3_bitrate: int = 320,
-        mp3_preset: int = 2,
-        downmix: bool = False,
-        overwrite: bool = False,
-        keep: Collection[str] = (),
-        progress: ProgressCallback | None = None,
-    ) -> PendingOutputs:
-        """Separate ``path`` and stream the stems named in ``outputs`` (stem -> file) to disk,
-        up to the networks' end: the files are complete after ``finish()``.
 
-        With ``two_stems``, ``outputs`` may also name ``no_<stem>`` (sum of the other stems) or
-        ``minus_<stem>`` (mix minus the stem). Every file is written atomically and synced to
-        disk. Without ``overwrite`` a file that exists when it would be put in place is never
-        replaced: the track fails instead. ``keep``: stems of ``outputs`` whose existing files
-        are kept as they are (a resumed track); they still count for the rescale gain. With
-        ``clip_mode`` rescale the stems first go to float files in a staging folder beside the
-        outputs, since the gain depends on the whole track; ``finish()`` then applies the gain
-        and encodes the final files. It needs no network, so it may run in another thread.
-        """
-        targets = self._check_outputs(outputs, two_stems, other_method, keep)
-        if not overwrite:
-            self._refuse_existing(targets, keep)
-        if clip_mode not in ("rescale", "clamp", "none"):
-            raise UsageError(f"clip mode {clip_mode!r}: use rescale, clamp or none")
-        settings: dict[str, Any] = dict(bits=bits, mp3_bitrate=mp3_bitrate, mp3_preset=mp3_preset)
-        track = self.stream_file(
-            path,
-            downmix=downmix,
-            progress=progress,
-            all_sources=two_stems is not None and f"no_{two_stems}" in targets,
+def write_stems(
+    separator: Separator,
+    path: str | os.PathLike[str] | ScannedFile,
+    outputs: Mapping[str, str | os.PathLike[str]],
+    *,
+    two_stems: str | None = None,
+    other_method: str = "add",
+    clip_mode: str = "rescale",
+    bits: int = 16,
+    mp3_bitrate: int = 320,
+    mp3_preset: int = 2,
+    downmix: bool = False,
+    overwrite: bool = False,
+    keep: Collection[str] = (),
+    progress: ProgressCallback | None = None,
+) -> PendingOutputs:
+    """Separate ``path`` (or a file ``ScannedFile.open`` has read) with ``separator`` and
+    stream the stems named in ``outputs`` (stem -> file) to disk,
+    up to the networks' end: the files are complete after ``finish()``.
+
+    With ``two_stems``, ``outputs`` may also name ``no_<stem>`` (sum of the other stems) or
+    ``minus_<stem>`` (mix minus the stem). Every file is written atomically and synced to
+    disk. Without ``overwrite`` a file that exists when it would be put in place is never
+    replaced: the track fails instead. ``keep``: stems of ``outputs`` whose existing files
+    are kept as they are (a resumed track); they still count for the rescale gain. With
+    ``clip_mode`` rescale the stems first go to float files in a staging folder beside the
+    outputs, since the gain depends on the whole track; ``finish()`` then applies the gain
+    and encodes the final files. It needs no network, so it may run in another thread.
+    """
+    targets = _check_outputs(separator, outputs, two_stems, other_method, keep)
+    if not overwrite:
+        _refuse_existing(targets, keep)
+    if clip_mode not in ("rescale", "clamp", "none"):
+        raise UsageError(f"clip mode {clip_mode!r}: use rescale, clamp or none")
+    settings: dict[str, Any] = dict(bits=bits, mp3_bitrate=mp3_bitrate, mp3_preset=mp3_preset)
+    track = separator.stream_file(
+        path,
+        downmix=downmix,
+        progress=progress,
+        all_sources=two_stems is not None and f"no_{two_stems}" in targets,
+    )
+    with track:
+        for target in targets.values():  # a bad format or rate fails before the networks
+            AudioWriter(target, track.sample_rate, track.out_channels, **settings)
+        written = {name: target for name, target in targets.items() if name not in keep}
+        if clip_mode != "rescale":
+            _write_blocks(track, written, two_stems, clip_mode, settings, overwrite=overwrite)
+            return PendingOutputs(track.sample_rate, track.frames)
+        staging = _staging_folder(next(iter(targets.values())))
+        try:
+            staged = {name: staging.path / f"{name}.wav" for name in targets}
+            labels = {name: str(target) for name, target in targets.items()}
+            peak = _write_blocks(
+                track, staged, two_stems, "none", {"bits": 32}, overwrite=True, labels=labels
+            )
+        except BaseException:
+            staging.cleanup()
+            raise
+        pending = PendingOutputs(track.sample_rate, track.frames)
+        pending.stage(
+            staging, staged, written, 1 / max(1.01 * peak, 1.0), settings, overwrite=overwrite
         )
-        with track:
-            for target in targets.values():  # a bad format or rate fails before the networks
-                AudioWriter(target, track.sample_rate, track.out_channels, **settings)
-            written = {name: target for name, target in targets.items() if name not in keep}
-            if clip_mode != "rescale":
-                _write_blocks(track, written, two_stems, clip_mode, settings, overwrite=overwrite)
-                return PendingOutputs(track.sample_rate, track.frames)
-            staging = _staging_folder(next(iter(targets.values())))
-            try:
-                staged = {name: staging.path / f"{name}.wav" for name in targets}
-                labels = {name: str(target) for name, target in targets.items()}
-                peak = _write_blocks(
-                    track, staged, two_stems, "none", {"bits": 32}, overwrite=True, labels=labels
-                )
-            except BaseException:
-                staging.cleanup()
-                raise
-            pending = PendingOutputs(track.sample_rate, track.frames)
-            pending.stage(
-                staging, staged, written, 1 / max(1.01 * peak, 1.0), settings, overwrite=overwrite
-            )
-            return pending
+        return pending
 
-    def _check_outputs(
-        self,
-        outputs: Mapping[str, str | os.PathLike[str]],
-        two_stems: str | None,
-        other_method: str,
-        keep: Collection[str],
-    ) -> dict[str, Path]:
-        """outputs as {stem: Path}, or a UsageError naming what is wrong with it."""
-        if not isinstance(outputs, Mapping) or not outputs:
-            raise UsageError("outputs must be a non-empty mapping of stem names to files")
-        self.output_names(two_stems, other_method)  # checks two_stems and other_method
-        if two_stems is None:
-            known = list(self.stems)
-        else:  # both complements can be written at once
-            known = [two_stems, f"no_{two_stems}", f"minus_{two_stems}"]
-        unknown = [name for name in outputs if name not in known]
-        if unknown:
-            raise UsageError(
-                f"no stem {', '.join(map(repr, unknown))} to write (available: {', '.join(known)})"
-            )
-        targets: dict[str, Path] = {}
-        for name, target in outputs.items():
-            if not isinstance(target, (str, os.PathLike)) or not os.fspath(target):
-                raise UsageError(f"output of {name!r} must be a file path, not {target!r}")
-            targets[name] = Path(target)
-        paths = [os.path.abspath(target) for target in targets.values()]
-        if len(set(paths)) != len(paths):
-            raise UsageError("two stems are to be written to the same file")
-        extra = [name for name in keep if name not in targets]
-        if extra:
-            raise UsageError(f"keep names stems that are not outputs: {', '.join(extra)}")
-        return targets
 
-    @staticmethod
-    def _refuse_existing(targets: dict[str, Path], keep: Collection[str]) -> None:
-        """Fail early on an output that exists already (it is checked again, atomically, when
-        each file is put in place)."""
-        for name, target in targets.items():
-            if name not in keep and os.path.lexists(target):
-                raise AudioError(f"{target}: exists already; not replaced")
+def _check_outputs(
+    separator: Separator,
+    outputs: Mapping[str, str | os.PathLike[str]],
+    two_stems: str | None,
+    other_method: str,
+    keep: Collection[str],
+) -> dict[str, Path]:
+    """outputs as {stem: Path}, or a UsageError naming what is wrong with it."""
+    if not isinstance(outputs, Mapping) or not outputs:
+        raise UsageError("outputs must be a non-empty mapping of stem names to files")
+    separator.output_names(two_stems, other_method)  # checks two_stems and other_method
+    if two_stems is None:
+        known = list(separator.stems)
+    else:  # both complements can be written at once
+        known = [two_stems, f"no_{two_stems}", f"minus_{two_stems}"]
+    unknown = [name for name in outputs if name not in known]
+    if unknown:
+        raise UsageError(
+            f"no stem {', '.join(map(repr, unknown))} to write (available: {', '.join(known)})"
+        )
+    targets: dict[str, Path] = {}
+    for name, target in outputs.items():
+        if not isinstance(target, (str, os.PathLike)) or not os.fspath(target):
+            raise UsageError(f"output of {name!r} must be a file path, not {target!r}")
+        targets[name] = Path(target)
+    paths = [os.path.abspath(target) for target in targets.values()]
+    if len(set(paths)) != len(paths):
+        raise UsageError("two stems are to be written to the same file")
+    extra = [name for name in keep if name not in targets]
+    if extra:
+        raise UsageError(f"keep names stems that are not outputs: {', '.join(extra)}")
+    return targets
+
+
+def _refuse_existing(targets: dict[str, Path], keep: Collection[str]) -> None:
+    """Fail early on an output that exists already (it is checked again, atomically, when
+    each file is put in place)."""
+    for name, target in targets.items():
+        if name not in keep and os.path.lexists(target):
+            raise AudioError(f"{target}: exists already; not replaced")
 
 
 def _staging_folder(first: Path) -> files.StagingFolder:
@@ -688,28 +661,67 @@ class _StemBuffer:
         return out
 
 
+class _TensorReader:
+    """Audio in memory with the reads of an ``AudioReader`` (nothing to close or to change)."""
+
+    name = ""
+
+    def __init__(self, audio: torch.Tensor, sample_rate: int) -> None:
+        self.audio, self.sample_rate = audio, sample_rate
+        self.channels, self.frames = audio.shape
+
+    def count_frames(self) -> int:
+        return self.frames
+
+    def read(self, start: int, length: int) -> torch.Tensor:
+        return zero_extended(self.audio, start, length)
+
+    def check_unchanged(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class ScannedFile:
-    """An open input after the first pass (``Separator.scan_file``): its length, layout and
+    """An open input after the first pass (``ScannedFile.open``): its length, layout and
     the mixture statistics, with the model-rate signal they were computed from."""
 
-    def __init__(self, separator: Separator, reader: AudioReader, *, downmix: bool) -> None:
+    def __init__(
+        self, separator: Separator, reader: AudioReader | _TensorReader, *, downmix: bool
+    ) -> None:
         self.reader = reader
         self.name = reader.name
         self.frames = reader.count_frames()
         self.sample_rate = rate = reader.sample_rate
         channels = reader.channels
+        bag = separator.bag
         try:
-            layout = separator._to_model_layout(torch.zeros(channels, 1), downmix)
+            layout = bag.to_model_layout(torch.zeros(channels, 1), downmix)
         except AudioError as exc:
-            raise AudioError(f"{self.name}: {exc}") from None
+            raise AudioError(f"{self.name}: {exc}" if self.name else str(exc)) from None
         self.downmix = layout.shape[0] != channels and channels != 1
         self.out_channels = 1 if (self.downmix or channels == 1) else channels
 
         def model_layout(start: int, length: int) -> torch.Tensor:
-            return separator._to_model_layout(reader.read(start, length), downmix)
+            return bag.to_model_layout(reader.read(start, length), downmix)
 
         self.source = ResampledSignal(model_layout, self.frames, rate, separator.sample_rate)
-        self.mean, self.std = _mono_statistics(self.source, BLOCK_FRAMES)
+        self.mean, self.std = mix_statistics(self.source.read, self.source.length, BLOCK_FRAMES)
+
+    @classmethod
+    def open(
+        cls, separator: Separator, path: str | os.PathLike[str], downmix: bool = False
+    ) -> ScannedFile:
+        """The first pass over ``path``: decode (ffmpeg formats to a temporary file), count the
+        frames, check every sample and compute the mixture statistics. Touches no network, so
+        it may run in another thread while a track is separated."""
+        reader = AudioReader(path)
+        try:
+            return cls(separator, reader, downmix=downmix)
+        except BaseException:
+            reader.close()
+            raise
 
     def close(self) -> None:
         self.reader.close()
@@ -745,12 +757,8 @@ class StreamedTrack:
                 out[:, lo - start : hi - start] = (source.read(lo, hi - lo) - mean) / std
             return out[None]
 
-        members = [
-            (sep._load(index), weights)
-            for index, weights in zip(sep._running, sep._weights, strict=True)
-        ]
         stream = SeparationStream(
-            members,
+            sep.bag.members,
             normalized,
             model_length,
             shifts=sep.shifts,
@@ -758,7 +766,7 @@ class StreamedTrack:
             options=sep.options,
             device=sep.device,
             progress=progress,
-            slot=sep._slot,
+            slot=sep.slot,
         )
         buffer = _StemBuffer(
             lambda count: stream.take(count)[0] * std + mean,
@@ -793,24 +801,6 @@ class StreamedTrack:
         self.close()
 
 
-def _mono_statistics(source: ResampledSignal, block: int) -> tuple[float, float]:
-    """Mean and unbiased std of the mono mix, one block at a time (Chan et al.'s pairwise
-    update in float64, so long tracks lose no precision)."""
-    count, mean, squares = 0, 0.0, 0.0
-    for start in range(0, source.length, block):
-        mono = source.read(start, min(block, source.length - start)).double().mean(0)
-        n = mono.numel()
-        block_mean = float(mono.mean())
-        block_squares = float(((mono - block_mean) ** 2).sum())
-        delta = block_mean - mean
-        total = count + n
-        mean += delta * n / total
-        squares += block_squares + delta * delta * count * n / total
-        count = total
-    std = (squares / (count - 1)) ** 0.5 if count > 1 else 0.0
-    return mean, std + 1e-8
-
-
 def _as_audio_tensor(audio: Any) -> torch.Tensor:
     """(C, T) float32 audio from a tensor or a numpy array. Integer samples are scaled to
     [-1, 1) as audio files store them (int16 / 2^15, ...; uint8 centred on 128); complex and
@@ -843,9 +833,3 @@ def _as_audio_tensor(audio: Any) -> torch.Tensor:
     if not torch.isfinite(audio).all():
         raise AudioError("contains NaN or infinite samples")
     return audio
-
-
-def _fit_length(x: torch.Tensor, length: int) -> torch.Tensor:
-    if x.shape[-1] >= length:
-        return x[..., :length]
-    return torch.nn.functional.pad(x, (0, length - x.shape[-1]))

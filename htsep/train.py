@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
@@ -602,6 +602,35 @@ def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="training")
+
+
+def run_options(
+    run_dir: Path, values: Mapping[str, Any], given: Collection[str], *, resume: bool
+) -> TrainOptions:
+    """The options of ``htsep train``. ``values``: TrainOptions fields as the command line
+    has them (None where not given); ``given``: the names the user typed.
+
+    A new run takes ``values``, with the defaults (``config`` tiny unless ``init`` is given,
+    1000 steps). ``resume`` continues the run in ``run_dir`` with its saved options, of which
+    only the dataset (it may have moved) and ``steps`` may change: any other field in
+    ``given`` is a UsageError.
+    """
+    if not resume:
+        chosen = {key: value for key, value in values.items() if value is not None}
+        if "init" in chosen:
+            chosen.setdefault("config", None)
+        return TrainOptions(**chosen)
+    fields = {field.name for field in dataclasses.fields(TrainOptions)}
+    fixed = sorted((set(given) & fields) - {"dataset", "steps"})
+    if fixed:
+        names = ", ".join("--" + name.replace("_", "-") for name in fixed)
+        raise UsageError(
+            f"--resume continues with the run's saved options; {names} cannot change "
+            f"(see {run_dir / RUN_OPTIONS})"
+        )
+    options = dataclasses.replace(load_run_options(run_dir), dataset=values["dataset"])
+    steps = values.get("steps")
+    return options if steps is None else dataclasses.replace(options, steps=steps)
 
 
 def load_run_options(run_dir: Path) -> TrainOptions:

@@ -656,24 +656,27 @@ def _download_url(member: MemberSpec) -> str:
     if mirror:
         return f"{mirror.rstrip('/')}/{member.file_name}"
     if member.url is None:
-        raise DownloadError(
-            f"no download address for '{member.signature}'; {_offline_advice(member.file_name)}"
-        )
+        raise _offline_error(f"no download address for '{member.signature}'", member.file_name)
     return member.url
 
 
-def _offline_advice(file_name: str) -> str:
-    return (
-        "to work offline, pass a checkpoint file path with -n PATH or a folder of checkpoints "
-        f"with --repo DIR, or put '{file_name}' in {cache_dir()}"
+def _offline_error(problem: str, file_name: str) -> DownloadError:
+    """``problem`` with the ways to go on without downloading ``file_name``, in the words of
+    the Python API (the command line puts its commands' words in their place)."""
+    advice = (
+        f"to work offline, copy '{file_name}' from the cache of a machine with network "
+        f"(htsep.Separator(name) downloads it there) into {cache_dir()}, set HTSEP_MIRROR to "
+        "a mirror's URL, give htsep.Separator a checkpoint file path or repo=DIR (a folder "
+        "of checkpoints), or use the shipped model 'htsep-tiny'"
     )
+    return DownloadError(problem, file_name=file_name, advice=advice)
 
 
 def _unusable_cache(folder: Path, exc: OSError) -> DownloadError:
     reason = exc.strerror or str(exc) or type(exc).__name__
     return DownloadError(
         f"cannot use the download cache {folder} ({reason}); set HTSEP_CACHE to a writable "
-        "folder, or pass a checkpoint file path with -n PATH"
+        "folder, or use a checkpoint file by its path"
     )
 
 
@@ -696,10 +699,10 @@ def _download(url: str, final: Path, checksum: str | None, *, progress: bool) ->
         except OSError as exc:  # opening or closing; _stream reports its own failures
             raise _unusable_cache(folder, exc) from None
         if checksum is not None and not actual.startswith(checksum):
-            raise DownloadError(
+            raise _offline_error(
                 f"{url}: downloaded file has SHA-256 {actual[: len(checksum)]}..., expected "
-                f"{checksum}...; the server sent a different file (nothing was kept; "
-                f"{_offline_advice(final.name)})"
+                f"{checksum}...; the server sent a different file (nothing was kept)",
+                final.name,
             )
         try:
             files.place(temp, final, replace=True)
@@ -739,23 +742,23 @@ def _stream(url: str, out: IO[bytes], label: str, *, progress: bool) -> str:
                     received += len(block)
                     bar.update(len(block))
     except urllib.error.HTTPError as exc:
-        raise DownloadError(_failed(url, f"HTTP {exc.code} {exc.reason}", label)) from exc
+        raise _failed(url, f"HTTP {exc.code} {exc.reason}", label) from exc
     except urllib.error.URLError as exc:
-        raise DownloadError(_failed(url, str(exc.reason), label)) from exc
+        raise _failed(url, str(exc.reason), label) from exc
     except http.client.IncompleteRead as exc:
-        raise DownloadError(_truncated(url, received + len(exc.partial), total, label)) from exc
+        raise _truncated(url, received + len(exc.partial), total, label) from exc
     except (http.client.HTTPException, OSError) as exc:
         # Resets, timeouts mid-transfer, and a full disk while writing the temporary file.
-        raise DownloadError(_failed(url, str(exc) or type(exc).__name__, label)) from exc
+        raise _failed(url, str(exc) or type(exc).__name__, label) from exc
     if total is not None and received != total:
-        raise DownloadError(_truncated(url, received, total, label))
+        raise _truncated(url, received, total, label)
     return digest.hexdigest()
 
 
-def _failed(url: str, reason: str, label: str) -> str:
-    return f"could not download {url}: {reason}; {_offline_advice(label)}"
+def _failed(url: str, reason: str, label: str) -> DownloadError:
+    return _offline_error(f"could not download {url}: {reason}", label)
 
 
-def _truncated(url: str, received: int, total: int | None, label: str) -> str:
+def _truncated(url: str, received: int, total: int | None, label: str) -> DownloadError:
     of_total = f" of {total}" if total is not None else ""
     return _failed(url, f"the connection closed after {received}{of_total} bytes", label)

@@ -284,7 +284,7 @@ def test_a_stem_that_appears_while_its_track_runs_is_not_replaced(
     run, tmp_path, monkeypatch, moment
 ):
     from htsep import files
-    from htsep.separator import Separator
+    from htsep import separator as separator_module
 
     clip = tmp_path / "song.wav"
     write_clip(clip, 0.5)
@@ -296,13 +296,13 @@ def test_a_stem_that_appears_while_its_track_runs_is_not_replaced(
             target.write_bytes(b"another program's file")
 
     if moment == "before the track":
-        original = Separator.separate_file_staged
+        original = separator_module.write_stems
 
-        def staged(self, path, outputs, **options):
+        def staged(separator, path, outputs, **options):
             someone_else_writes(target)
-            return original(self, path, outputs, **options)
+            return original(separator, path, outputs, **options)
 
-        monkeypatch.setattr(Separator, "separate_file_staged", staged)
+        monkeypatch.setattr(separator_module, "write_stems", staged)
     else:
         rename = files.rename_no_replace
 

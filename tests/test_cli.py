@@ -1,11 +1,15 @@
+import re
 import subprocess
 import sys
 import tempfile
 
+import pytest
+import typer
 from typer.testing import CliRunner
 
 import htsep
 from htsep.cli import app
+from htsep.errors import DownloadError
 
 runner = CliRunner()
 
@@ -190,3 +194,176 @@ def test_a_full_disk_while_reading_stdin_is_one_line(tmp_path, repo, monkeypatch
         f"htsep: error: -: cannot keep standard input in {tmp_path}: No space left on device"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+# --- help at 80 columns ----------------------------------------------------------------------
+
+COMMANDS = [[], ["separate"], ["info"], ["eval"], ["train"], ["models"]]
+COMMANDS += [["models", "list"], ["models", "download"]]
+# Python types as metavars (typer's <bool>, <list[str]>, <int range>, {inputs}...): a user
+# reads `--flac <bool>` as `--flac true`.
+TYPE_METAVAR = re.compile(r"<(bool|int|float|str|path|list|dict|tuple|text|integer|choice)\b")
+
+
+def _help(command: list[str]) -> str:
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _click_command(command: list[str]):
+    found = typer.main.get_command(app)
+    for name in command:
+        found = found.commands[name]
+    return found
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "htsep")
+def test_help_reads_at_80_columns(command):
+    text = _help(command)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert "…" not in text
+    assert not TYPE_METAVAR.search(text), TYPE_METAVAR.search(text)
+    assert not re.search(r"\{[a-z_]+\}\.\.\.", text)  # {inputs}... in the usage line
+    # Every description has room: no continuation is indented past column 34, so at least
+    # 46 of the 80 columns are left for the text.
+    assert max(len(line) - len(line.lstrip()) for line in lines if line.strip()) <= 34
+    for param in _click_command(command).params:
+        for name in [*param.opts, *param.secondary_opts]:
+            if name.startswith("-"):
+                assert re.search(rf"(^|[ ,]){re.escape(name)}\b", text, re.M), name
+
+
+@pytest.mark.parametrize("group", [[], ["models"]], ids=["htsep", "models"])
+def test_command_lists_are_not_cut(group):
+    text = _help(group)
+    listing = text[text.index("Commands:") :].splitlines()[1:]
+    for line in filter(None, listing):
+        name, summary = line.split(maxsplit=1)
+        first = (_click_command([*group, name]).help or "").strip().split("\n\n")[0]
+        assert summary == " ".join(first.split()), line
+
+
+def test_separate_help_has_panels_choices_and_no_values_on_flags():
+    text = _help(["separate"])
+    # 135 lines at 80 columns with rich's table (descriptions ~20 characters wide).
+    assert len(text.splitlines()) < 90
+    assert text.startswith("Usage: htsep separate [OPTIONS] INPUT...\n")
+    sections = [line for line in text.splitlines() if re.fullmatch(r"[A-Z][a-z]+:", line)]
+    assert sections == [
+        "Arguments:", "Model:", "Stems:", "Output:", "Speed:", "Batch:", "Options:",
+    ]  # fmt: skip
+    for shown in [
+        "-d, --device cpu|cuda[:N]|mps",
+        "--precision fp32|bf16|fp16",
+        "--clip-mode rescale|clamp|none",
+        "--other-method add|minus|none",
+        "--two-stems STEM",
+        "--shard K/N",
+        "--segment SECONDS",
+        "-j, --jobs N",
+        "[default: {track}/{stem}.{ext}]",
+        "the first available of cuda, mps, cpu",
+        "a fraction of a chunk",
+        "(default: the model's)",
+    ]:
+        assert shown in " ".join(text.split()), shown
+    command = _click_command(["separate"])
+    flags = [p for p in command.params if getattr(p, "is_flag", False)]
+    assert {"--flac", "--mp3", "--int24", "--no-split", "--json"} <= {
+        name for flag in flags for name in flag.opts
+    }
+    for flag in flags:
+        names = ", ".join(flag.opts)
+        if flag.secondary_opts:
+            names += " / " + ", ".join(flag.secondary_opts)
+        assert re.search(rf"^  {re.escape(names)}  ", text, re.M), names  # no value after it
+
+
+def test_a_flag_takes_no_value(tmp_path, repo, monkeypatch):
+    """`--flac true x.wav`: the flag takes no value, so `true` is an input, and one that does
+    not exist: the usual one-line error naming it; x.wav is still separated, as FLAC."""
+    from test_separate import write_clip
+
+    monkeypatch.chdir(tmp_path)
+    write_clip(tmp_path / "x.wav", 0.5)
+    out = tmp_path / "out"
+    common = ["separate", "--repo", str(repo), "-n", "aaaa0001", "-q", "-o", str(out)]
+    result = runner.invoke(app, [*common, "--stems", "vocals", "--flac", "true", "x.wav"])
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("htsep: error:")]
+    assert errors == ["htsep: error: true: no such file or folder"]
+    assert [p.name for p in (out / "aaaa0001").rglob("*.*")] == ["vocals.flac"]
+    glued = runner.invoke(app, [*common, "--flac=true", "x.wav"])
+    assert glued.exit_code == 2 and "'--flac' does not take a value" in glued.output
+
+
+# --- offline advice --------------------------------------------------------------------------
+# conftest points HTSEP_MIRROR at a closed port: every download fails at once.
+
+UNREACHABLE = "could not download http://127.0.0.1:9/unreachable/955717e8-8726e21a.th: "
+
+
+def _download_failure(args: list[str]) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"htsep: error: {UNREACHABLE}")
+    assert "HTSEP_MIRROR" in line and "htsep.Separator" not in line
+    return line
+
+
+def test_offline_advice_of_separate(tmp_path):
+    from test_separate import write_clip
+
+    write_clip(tmp_path / "song.wav", 0.5)
+    line = _download_failure(
+        ["separate", "-q", "-o", str(tmp_path / "o"), str(tmp_path / "song.wav")]
+    )
+    assert "run 'htsep models download htdemucs' on a machine with network" in line
+    assert "-n PATH or --repo DIR" in line and "-n htsep-tiny" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_offline_advice_of_info():
+    line = _download_failure(["info", "htdemucs"])
+    assert "run 'htsep models download htdemucs' on a machine with network" in line
+    assert "htsep info htsep-tiny" in line and "-n " not in line
+
+
+def test_offline_advice_of_train(tmp_path):
+    line = _download_failure(
+        [
+            "train",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "run"),
+            "--init",
+            "htdemucs",
+            "-q",
+        ]
+    )
+    assert "--init needs these weights: run 'htsep models download htdemucs'" in line
+    assert "or give --init a checkpoint file path" in line
+    assert "train from a named config without --init (--config tiny)" in line
+
+
+def test_offline_advice_of_models_download():
+    line = _download_failure(["models", "download", "-q", "htdemucs"])
+    assert "run 'htsep models download htdemucs' on a machine with network" in line
+    assert "-n htsep-tiny" in line
+
+
+def test_offline_advice_of_the_python_api():
+    """Without a command line, the library's own words: its API, not a command's options."""
+    with pytest.raises(DownloadError) as caught:
+        htsep.Separator("htdemucs")
+    message = str(caught.value)
+    assert message.startswith(UNREACHABLE) and "\n" not in message
+    assert caught.value.problem == message.split("; ")[0]
+    assert caught.value.file_name == "955717e8-8726e21a.th"
+    for words in ["htsep.Separator(name)", "HTSEP_MIRROR", "repo=DIR", "'htsep-tiny'"]:
+        assert words in message, words
+    for words in ["-n ", "--repo", "htsep models", "htsep info"]:
+        assert words not in message, words

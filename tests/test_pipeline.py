@@ -12,7 +12,8 @@ import soundfile as sf
 from test_separate import htsep, write_clip
 
 from htsep import apply as apply_module
-from htsep.separator import PendingOutputs, Separator
+from htsep import separator as separator_module
+from htsep.separator import PendingOutputs, ScannedFile, Separator
 
 WAIT = 20  # seconds a patched step waits for the background step it expects to overlap
 
@@ -64,19 +65,19 @@ def test_decoding_and_encoding_overlap_the_networks(tmp_path, repo, monkeypatch)
     overlapped: dict[str, bool] = {}
     current: list[str] = []
 
-    scan_file = Separator.scan_file
+    scan_file = ScannedFile.open
 
-    def scan(self, path, **kwargs):
+    def scan(separator, path, downmix=False):
         name = Path(path).name
         threads[f"scan {name}"] = threading.current_thread().name
         started[f"scan {name}"].set()
-        return scan_file(self, path, **kwargs)
+        return scan_file(separator, path, downmix)
 
-    staged = Separator.separate_file_staged
+    staged = separator_module.write_stems
 
-    def separate(self, scanned, outputs, **kwargs):
+    def separate(separator, scanned, outputs, **kwargs):
         current.append(Path(scanned.name).name)
-        return staged(self, scanned, outputs, **kwargs)
+        return staged(separator, scanned, outputs, **kwargs)
 
     finish = PendingOutputs.finish
 
@@ -97,8 +98,8 @@ def test_decoding_and_encoding_overlap_the_networks(tmp_path, repo, monkeypatch)
             overlapped["scan b during networks of a"] = started["scan b.wav"].wait(WAIT)
         return network(*args, **kwargs)
 
-    monkeypatch.setattr(Separator, "scan_file", scan)
-    monkeypatch.setattr(Separator, "separate_file_staged", separate)
+    monkeypatch.setattr(ScannedFile, "open", scan)
+    monkeypatch.setattr(separator_module, "write_stems", separate)
     monkeypatch.setattr(PendingOutputs, "finish", encode)
     monkeypatch.setattr(apply_module, "run_network", run_network)
     result = htsep("--repo", str(repo), "-n", "aaaa0001", "-o", str(tmp_path / "out"), "-q",

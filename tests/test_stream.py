@@ -8,20 +8,24 @@ from test_separate import write_clip
 
 import htsep
 import reference
-from htsep.apply import ChunkOptions, ChunkStream, apply_split, zero_extended
+from htsep.apply import ChunkOptions, ChunkStream, zero_extended
 
 
-def test_chunk_stream_equals_apply_split(repo):
-    model = htsep.Separator("aaaa0001", repo=repo, device="cpu")._load(0)
+def test_chunk_stream_taken_in_pieces_equals_taken_whole(repo):
+    model = htsep.Separator("aaaa0001", repo=repo, device="cpu").bag.model(0)
     mix = torch.randn(2, 2, 30011, generator=torch.Generator().manual_seed(0))
-    whole = apply_split(model, mix, start=-300, length=29000, options=ChunkOptions(batch_size=2))
-    stream = ChunkStream(
-        model,
-        lambda s, n: zero_extended(mix, s, n),
-        start=-300,
-        length=29000,
-        options=ChunkOptions(batch_size=2),
-    )
+
+    def new_stream() -> ChunkStream:
+        return ChunkStream(
+            model,
+            lambda s, n: zero_extended(mix, s, n),
+            start=-300,
+            length=29000,
+            options=ChunkOptions(batch_size=2),
+        )
+
+    whole = new_stream().take(29000)
+    stream = new_stream()
     parts = [stream.take(n) for n in (1, 4999, 12000, 12000)]
     assert torch.equal(torch.cat(parts, -1), whole)
     with pytest.raises(ValueError, match="past the end"):
@@ -94,19 +98,6 @@ def test_two_stems_streamed(tmp_path, repo):
     assert np.abs(rest - others).max() <= 1e-6
 
 
-def test_mono_statistics_blockwise_equal_numpy():
-    from htsep.resample import ResampledSignal
-    from htsep.separator import _mono_statistics
-
-    rng = np.random.default_rng(3)
-    audio = torch.from_numpy((0.3 * rng.standard_normal((2, 100_003)) + 0.01).astype(np.float32))
-    source = ResampledSignal(lambda s, n: zero_extended(audio, s, n), audio.shape[-1], 8000, 8000)
-    mean, std = _mono_statistics(source, block=7777)
-    mono = audio.double().mean(0).numpy()
-    assert mean == pytest.approx(mono.mean(), rel=1e-12)
-    assert std == pytest.approx(mono.std(ddof=1) + 1e-8, rel=1e-12)
-
-
 def _bag_stream(members, mix, slot=None):
     from htsep.apply import SeparationStream
 
@@ -127,7 +118,7 @@ def test_device_slot_runs_members_one_at_a_time(repo, tmp_path):
     from htsep.devices import DeviceSlot
 
     separator = htsep.Separator("mixbag", repo=repo, device="cpu")
-    first, second = separator._load(0), separator._load(1)
+    first, second = separator.bag.model(0), separator.bag.model(1)
     # a member of another configuration: the slot makes a new device copy for it
     wider = reference.build(reference.SOURCES_4, {**reference.SMALL, "channels": 12}, seed=5)
     other = htsep.load_model(reference.write_th(wider, tmp_path, "wider")[0])

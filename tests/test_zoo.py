@@ -27,7 +27,7 @@ from htsep.errors import CheckpointError, DownloadError, ModelNotFoundError
 from htsep.zoo import MemberSpec, fetch, find_model, is_cached
 
 RELEASE_HOST = "https://dl.fbaipublicfiles.com/demucs/hybrid_transformer/"
-OFFLINE_ADVICE = "to work offline, pass a checkpoint file path with -n PATH"
+OFFLINE_ADVICE = "to work offline, copy '"
 
 
 def sha256(path: Path) -> str:
@@ -468,8 +468,10 @@ def test_missing_file_on_the_server(mirror: Server, served: Served) -> None:
         fetch(served.member, progress=False)
     assert str(caught.value) == (
         f"could not download {mirror.url}/{served.path.name}: HTTP 404 Not Found; "
-        f"{OFFLINE_ADVICE} or a folder of checkpoints with --repo DIR, "
-        f"or put '{served.path.name}' in {zoo.cache_dir()}"
+        f"{OFFLINE_ADVICE}{served.path.name}' from the cache of a machine with network "
+        f"(htsep.Separator(name) downloads it there) into {zoo.cache_dir()}, set HTSEP_MIRROR "
+        "to a mirror's URL, give htsep.Separator a checkpoint file path or repo=DIR (a folder "
+        "of checkpoints), or use the shipped model 'htsep-tiny'"
     )
     assert cache_leftovers(zoo.cache_dir()) == []
 
