@@ -222,6 +222,28 @@ def matmul_rate(size: int = 2048, runs: int = 5) -> float:
     return 2 * size**3 / best
 
 
+def describe_machine() -> str:
+    """The CPU's name and the vector extensions its figures depend on, torch's build and its
+    threads: every figure this script prints belongs to this line."""
+    name, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name == "unknown CPU":
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+    vector = [flag for flag in wanted if flag in flags] or ["(flags unknown)"]
+    capability = torch.backends.cpu.get_cpu_capability()
+    return (
+        f"CPU: {name}, {os.cpu_count()} logical cores; {' '.join(vector)}; "
+        f"torch {torch.__version__} ({capability} kernels, {torch.get_num_threads()} threads)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=30.0, help="length of the test clip")
@@ -249,6 +271,7 @@ def main() -> None:
         work = args.keep
     else:
         work = Path(tempfile.mkdtemp(prefix="htsep-bench-"))
+    print(describe_machine())
     try:
         (bench_forward if args.forward else bench_commands)(args, work)
     finally:
