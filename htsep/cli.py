@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
-from typer.core import TyperArgument, TyperCommand
+from typer._click.exceptions import UsageError as ClickUsageError
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from htsep import __version__
 from htsep.batch import (
@@ -45,11 +46,39 @@ if TYPE_CHECKING:
     from htsep.data import Track as DatasetTrack
 
 
+class _OneLineUsageError(ClickUsageError):
+    """click's usage errors (an unknown option, a bad choice, a missing input) as the one line
+    every other error is, with exit code 2, instead of click's usage block."""
+
+    def show(self, file: Any = None) -> None:
+        _error(self.format_message())
+
+
+def _one_line_usage_errors(parse: Any, ctx: ClickContext, args: list[str]) -> list[str]:
+    try:
+        return list(parse(ctx, args))
+    except _OneLineUsageError:
+        raise
+    except ClickUsageError as exc:
+        raise _OneLineUsageError(exc.format_message(), exc.ctx) from None
+
+
+class _Group(TyperGroup):
+    def parse_args(self, ctx: ClickContext, args: list[str]) -> list[str]:
+        return _one_line_usage_errors(super().parse_args, ctx, args)
+
+    def resolve_command(self, ctx: ClickContext, args: list[str]) -> Any:
+        return _one_line_usage_errors(super().resolve_command, ctx, args)
+
+
 class _Command(TyperCommand):
     """click's plain help, with the options in panels (their ``rich_help_panel``) and no
     Python types: a flag shows no value, an option its metavar, an argument its metavar.
     Plain, not rich: rich's table gives every option four columns (long, short, negative
     name, type) and leaves descriptions about 20 characters at 80 columns."""
+
+    def parse_args(self, ctx: ClickContext, args: list[str]) -> list[str]:
+        return _one_line_usage_errors(super().parse_args, ctx, args)
 
     def collect_usage_pieces(self, ctx: ClickContext) -> list[str]:
         arguments = [p for p in self.get_params(ctx) if isinstance(p, TyperArgument)]
@@ -71,13 +100,16 @@ class _Command(TyperCommand):
 
 app = typer.Typer(
     name="htsep",
+    cls=_Group,
     help="Music stem separation with Hybrid Transformer Demucs.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-models_app = typer.Typer(help="List and download the named models.", rich_markup_mode=None)
+models_app = typer.Typer(
+    cls=_Group, help="List and download the named models.", rich_markup_mode=None
+)
 app.add_typer(models_app, name="models")
 
 USAGE_EXIT = 2

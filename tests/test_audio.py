@@ -578,12 +578,15 @@ def test_real_ffmpeg_decodes_what_it_encoded(tmp_path, suffix, codec, exact):
     y, rate = read_audio(path)
     info = audio_info(path)
     assert rate == RATE and y.shape[0] == 2 and (info.sample_rate, info.channels) == (RATE, 2)
-    assert abs(y.shape[1] - x.shape[1]) <= 2048  # AAC frames are 1024 samples
-    assert abs(info.frames - y.shape[1]) <= 2048
     if exact:
         reference, _ = read_audio(source)
         assert torch.equal(y, reference)
+        assert info.frames == x.shape[1]
     else:
+        # AAC frames are 1024 samples; how much priming and padding is trimmed depends on the
+        # ffmpeg build (5.1 here: 22528 decoded, 22050 stated).
+        assert abs(y.shape[1] - x.shape[1]) <= 2048
+        assert abs(info.frames - y.shape[1]) <= 2048
         # The abrupt start overshoots; the level of the middle is the sine's (RMS = peak / sqrt 2).
         middle = y[:, y.shape[1] // 4 : -y.shape[1] // 4]
         rms = middle.square().mean(dim=1).sqrt() * 2**0.5

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from test_separate import RATE, htsep, write_clip
+from helpers import RATE, htsep, write_clip
 
 MODEL = ["-n", "aaaa0001", "-q"]
 

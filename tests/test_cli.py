@@ -23,7 +23,9 @@ def test_version():
 def test_help_lists_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    assert "info" in result.output
+    listed = result.output.split("Commands:")[1].split()
+    for command in ("separate", "info", "eval", "train", "models"):
+        assert command in listed
 
 
 def test_console_script_installed():
@@ -95,7 +97,7 @@ def test_demucs_habits_and_verbose_after_the_command():
 
 
 def test_a_first_argument_that_is_not_a_command_separates(tmp_path, repo):
-    from test_separate import write_clip
+    from helpers import write_clip
 
     clip = tmp_path / "song.wav"
     write_clip(clip, 0.5)
@@ -134,7 +136,7 @@ def test_models_list_is_the_listing():
 
 
 def test_pipes_stdin_to_stdout_give_the_bytes_of_files(tmp_path, repo):
-    from test_separate import write_clip
+    from helpers import write_clip
 
     clip = tmp_path / "song.wav"
     write_clip(clip, 0.8)
@@ -154,7 +156,7 @@ def test_pipes_stdin_to_stdout_give_the_bytes_of_files(tmp_path, repo):
 
 
 def test_pipes_refuse_what_cannot_go_to_one_stream(tmp_path, repo):
-    from test_separate import write_clip
+    from helpers import write_clip
 
     clip = tmp_path / "song.wav"
     write_clip(clip, 0.5)
@@ -284,7 +286,7 @@ def test_separate_help_has_panels_choices_and_no_values_on_flags():
 def test_a_flag_takes_no_value(tmp_path, repo, monkeypatch):
     """`--flac true x.wav`: the flag takes no value, so `true` is an input, and one that does
     not exist: the usual one-line error naming it; x.wav is still separated, as FLAC."""
-    from test_separate import write_clip
+    from helpers import write_clip
 
     monkeypatch.chdir(tmp_path)
     write_clip(tmp_path / "x.wav", 0.5)
@@ -315,7 +317,7 @@ def _download_failure(args: list[str]) -> str:
 
 
 def test_offline_advice_of_separate(tmp_path):
-    from test_separate import write_clip
+    from helpers import write_clip
 
     write_clip(tmp_path / "song.wav", 0.5)
     line = _download_failure(
@@ -367,3 +369,23 @@ def test_offline_advice_of_the_python_api():
         assert words in message, words
     for words in ["-n ", "--repo", "htsep models", "htsep info"]:
         assert words not in message, words
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["separate", "--bogus", "x.wav"], "No such option: --bogus"),
+        (["separate"], "Missing argument 'INPUT...'."),
+        (["separate", "--flac=true", "x.wav"], "Option '--flac' does not take a value."),
+        (["separate", "--clip-mode", "tanh", "x.wav"], "Invalid value for '--clip-mode'"),
+        (["eval", "data", "--split", "valid"], "Invalid value for '--split'"),
+        (["models", "frob"], "No such command 'frob'."),
+        (["info"], "Missing argument 'CHECKPOINT'."),
+    ],
+)
+def test_click_usage_errors_are_one_line_exit_2(args, line):
+    """click's own usage errors read like every other error: one line, exit 2, no usage block."""
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"htsep: error: {line}")

@@ -228,7 +228,7 @@ def test_evaluate_refuses_a_source_the_model_lacks(tmp_path, small_checkpoint):
         ("ok", ["--split", "train"], 1, "{root}: no train/ folder"),
         ("missing", [], 1, "{root}/test: no mixture.wav or mixture.flac in track a"),
         ("ok", ["--tracks", "a,zzz"], 2, "--tracks: no track 'zzz' in {root}/test"),
-        ("ok", ["--split", "valid"], 2, None),
+        ("ok", ["--split", "valid"], 2, "Invalid value for '--split'"),
     ],
 )
 def test_bad_dataset_is_one_line_and_nonzero(

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_separate import htsep, write_clip
+from helpers import htsep, write_clip
 
 from htsep import files
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
-from test_separate import htsep, write_clip
+from helpers import htsep, write_clip
 
 from htsep import apply as apply_module
 from htsep import separator as separator_module

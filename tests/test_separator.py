@@ -63,7 +63,9 @@ def test_precision_options(repo):
     for name in ref:
         noise = (low[name] - ref[name]).square().sum()
         snr = 10 * torch.log10(ref[name].square().sum() / noise)
-        assert 10 < snr < 120, (name, snr)  # close, and really computed in bfloat16
+        # Close, and really computed in bfloat16 (float32 would give > 100 dB). Measured 33.2 to
+        # 37.3 dB (bass lowest) on an AMD EPYC without bfloat16 instructions, torch 2.14.
+        assert 30 < snr < 50, (name, snr)
     with pytest.raises(UsageError, match="fp16 needs a CUDA device"):
         htsep.Separator("aaaa0001", repo=repo, device="cpu", precision="fp16")
     with pytest.raises(UsageError, match="precision 'fp8'"):

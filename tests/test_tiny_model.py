@@ -64,9 +64,14 @@ def test_tiny_model_separates_held_out_tracks(scores):
     print(
         f"htsep-tiny nSDR mean    {ours.mean():6.2f} dB   (mixture / 4: {baseline.mean():6.2f} dB)"
     )
-    assert ours.mean() >= 6.0
-    assert (per_source >= 3.0).all(), dict(zip(SOURCES, per_source, strict=True))
-    assert (per_source > baseline.mean(0) + 3.0).all()
+    # Measured (AMD EPYC, torch 2.14): drums 9.73, bass 10.88, other 6.86, vocals 10.72, mean
+    # 9.55 dB; the baseline 0.26 to 1.61 dB. The floors are 1.5 dB below: inference is
+    # deterministic, only float rounding differs between CPUs.
+    floors = {"drums": 8.2, "bass": 9.4, "other": 5.4, "vocals": 9.2}
+    by_source = dict(zip(SOURCES, per_source.tolist(), strict=True))
+    assert ours.mean() >= 8.0
+    assert all(by_source[name] >= floor for name, floor in floors.items()), by_source
+    assert (per_source > baseline.mean(0) + 5.0).all()
 
 
 def test_offline_smoke_run_through_the_console_script(tmp_path):
@@ -88,5 +93,6 @@ def test_offline_smoke_run_through_the_console_script(tmp_path):
     mix, _ = sf.read(clip, dtype="float32")
     assert all(stem.shape == mix.shape for stem in stems)
     # HT Demucs' outputs are not constrained to sum to the mix; a trained model comes close.
+    # Measured 0.110 (AMD EPYC, torch 2.14); silent stems would give 1.
     residual = np.abs(sum(stems) - mix).mean() / np.abs(mix).mean()
-    assert residual < 0.5
+    assert residual < 0.15
