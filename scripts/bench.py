@@ -4,6 +4,7 @@
     python scripts/bench.py --forward [--runs 5]
     python scripts/bench.py --precision bf16     # htsep under bf16 autocast (inexact)
     python scripts/bench.py --keep-memory        # also htsep --keep-memory (more memory)
+    python scripts/bench.py --baseline DIR       # also the htsep of another checkout
 
 A demucs HTDemucs with the released htdemucs settings and random weights is written with
 demucs's own serializer into a temporary checkpoint folder; a deterministic stereo 44.1 kHz
@@ -126,10 +127,20 @@ def bench_commands(args: argparse.Namespace, work: Path) -> None:
         commands["htsep --keep-memory"] = [
             *commands["htsep"][:-3], "--keep-memory", "-o", str(work / "htsep-keep"), str(clip)
         ]  # fmt: skip
+    envs = {name: env for name in commands}
+    folders = {"htsep": work / "htsep", "htsep --keep-memory": work / "htsep-keep"}
+    if args.baseline:
+        # The same command from another checkout (e.g. a git worktree of an older commit),
+        # found before the installed htsep on the module path.
+        name = "baseline"
+        folders[name] = work / "baseline"
+        commands[name] = [sys.executable, "-m", "htsep", *commands["htsep"][1:-3]]
+        commands[name] += ["-o", str(folders[name]), str(clip)]
+        envs[name] = dict(env, PYTHONPATH=str(args.baseline.resolve()))
     times: dict[str, list[float]] = {name: [] for name in commands}
     for run in range(args.runs):
         for name, command in commands.items():
-            times[name].append(timed(command, env))
+            times[name].append(timed(command, envs[name]))
         print(
             f"run {run + 1}/{args.runs}: "
             + ", ".join(f"{name} {seconds[-1]:.2f} s" for name, seconds in times.items()),
@@ -151,7 +162,6 @@ def bench_commands(args: argparse.Namespace, work: Path) -> None:
     print(f"{'seconds':<22}" + "".join(f"{m:>{width}.2f}" for m in medians))
     print(f"{'real-time factor':<22}" + "".join(f"{m / args.seconds:>{width}.3f}" for m in medians))
     print(f"{'/ demucs':<22}" + "".join(f"{m / theirs:>{width}.3f}" for m in medians))
-    folders = {"htsep": work / "htsep", "htsep --keep-memory": work / "htsep-keep"}
     for name in names[1:]:
         difference, snr = compare_stems(
             folders[name] / SIGNATURE / clip.stem, work / "demucs" / SIGNATURE / clip.stem
@@ -265,6 +275,11 @@ def main() -> None:
         "--forward", action="store_true", help="time one forward pass of each network instead"
     )
     parser.add_argument("--keep-memory", action="store_true", help="also time htsep --keep-memory")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="also time the htsep of this checkout (e.g. a git worktree of an older commit)",
+    )
     args = parser.parse_args()
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
