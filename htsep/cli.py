@@ -115,63 +115,49 @@ app.add_typer(models_app, name="models")
 USAGE_EXIT = 2
 MODEL, STEMS, OUTPUT, SPEED, BATCH = "Model", "Stems", "Output", "Speed", "Batch"
 
+
 # Options several commands share, defined once.
-NAME_OPTION = typer.Option(
-    "htdemucs",
-    "-n",
-    "--name",
-    metavar="NAME",
-    rich_help_panel=MODEL,
-    help="Model name, signature, or path to a checkpoint file.",
+def _option(
+    default: Any, names: str, metavar: str | None, panel: str, help: str, **extra: Any
+) -> Any:
+    """A Typer option: its names ("-n --name"), the name of its value (None for a flag), the
+    panel of the help it is listed in, and its help."""
+    return typer.Option(
+        default, *names.split(), metavar=metavar, rich_help_panel=panel, help=help, **extra
+    )
+
+
+NAME_OPTION = _option(
+    "htdemucs", "-n --name", "NAME", MODEL, "Model name, signature, or path to a checkpoint file."
 )
-DEVICE_OPTION = typer.Option(
+DEVICE_OPTION = _option(
     None,
-    "-d",
-    "--device",
-    metavar="cpu|cuda[:N]|mps",
-    rich_help_panel=SPEED,
-    help="Where the networks run (default: the first available of cuda, mps, cpu).",
+    "-d --device",
+    "cpu|cuda[:N]|mps",
+    SPEED,
+    "Where the networks run (default: the first available of cuda, mps, cpu).",
 )
-REPO_OPTION = typer.Option(
+REPO_OPTION = _option(
     None,
     "--repo",
-    metavar="DIR",
-    rich_help_panel=MODEL,
-    help="Folder of checkpoints (<sig>-<sha8>.th, <sig>.safetensors) and <name>.yaml bags, "
+    "DIR",
+    MODEL,
+    "Folder of checkpoints (<sig>-<sha8>.th, <sig>.safetensors) and <name>.yaml bags, "
     "as demucs reads it.",
 )
-SHIFTS_OPTION = typer.Option(
-    1, "--shifts", metavar="N", help="Random shifts to average (0: none).", rich_help_panel=MODEL
+SHIFTS_OPTION = _option(1, "--shifts", "N", MODEL, "Random shifts to average (0: none).")
+SEED_OPTION = _option(0, "--seed", "N", MODEL, "Seed of the shifts: same seed, same bytes.")
+OVERLAP_OPTION = _option(
+    0.25, "--overlap", "FRACTION", MODEL, "Overlap between chunks, as a fraction of a chunk."
 )
-SEED_OPTION = typer.Option(
-    0,
-    "--seed",
-    metavar="N",
-    help="Seed of the shifts: same seed, same bytes.",
-    rich_help_panel=MODEL,
-)
-OVERLAP_OPTION = typer.Option(
-    0.25,
-    "--overlap",
-    metavar="FRACTION",
-    rich_help_panel=MODEL,
-    help="Overlap between chunks, as a fraction of a chunk.",
-)
-SEGMENT_OPTION = typer.Option(
+SEGMENT_OPTION = _option(
     None,
     "--segment",
-    metavar="SECONDS",
-    rich_help_panel=MODEL,
-    help="Chunk length: at least 1 s, at most the model's (default: the model's).",
+    "SECONDS",
+    MODEL,
+    "Chunk length: at least 1 s, at most the model's (default: the model's).",
 )
-JOBS_OPTION = typer.Option(
-    0,
-    "-j",
-    "--jobs",
-    metavar="N",
-    help="CPU threads for torch (0: its default).",
-    rich_help_panel=SPEED,
-)
+JOBS_OPTION = _option(0, "-j --jobs", "N", SPEED, "CPU threads for torch (0: its default).")
 QUIET_OPTION = typer.Option(False, "-q", "--quiet", help="No progress, only errors.")
 
 
@@ -292,125 +278,97 @@ def separate(
     shifts: int = SHIFTS_OPTION,
     seed: int = SEED_OPTION,
     overlap: float = OVERLAP_OPTION,
-    no_split: bool = typer.Option(
-        False,
-        "--no-split",
-        help="Run the track as one chunk (tracks up to one segment).",
-        rich_help_panel=MODEL,
+    no_split: bool = _option(
+        False, "--no-split", None, MODEL, "Run the track as one chunk (tracks up to one segment)."
     ),
     segment: float | None = SEGMENT_OPTION,
-    downmix: bool = typer.Option(
+    downmix: bool = _option(
         False,
         "--downmix",
-        help="Mix inputs with more channels than the model down to mono.",
-        rich_help_panel=MODEL,
-    ),
-    two_stems: str | None = typer.Option(
         None,
-        "--two-stems",
-        metavar="STEM",
-        help="Write STEM and its complement only.",
-        rich_help_panel=STEMS,
+        MODEL,
+        "Mix inputs with more channels than the model down to mono.",
     ),
-    other_method: OtherMethod = typer.Option(
+    two_stems: str | None = _option(
+        None, "--two-stems", "STEM", STEMS, "Write STEM and its complement only."
+    ),
+    other_method: OtherMethod = _option(
         OtherMethod.add,
         "--other-method",
-        metavar="add|minus|none",
-        rich_help_panel=STEMS,
-        help="Complement of --two-stems: sum of the other stems (add), mix minus STEM (minus).",
+        "add|minus|none",
+        STEMS,
+        "Complement of --two-stems: sum of the other stems (add), mix minus STEM (minus).",
     ),
-    stems: str | None = typer.Option(
-        None,
-        "--stems",
-        metavar="STEM,...",
-        help="The stems to write, e.g. vocals,drums.",
-        rich_help_panel=STEMS,
+    stems: str | None = _option(
+        None, "--stems", "STEM,...", STEMS, "The stems to write, e.g. vocals,drums."
     ),
-    out: str = typer.Option(
+    out: str = _option(
         "separated",
-        "-o",
-        "--out",
-        metavar="DIR",
-        rich_help_panel=OUTPUT,
-        help="Output folder; stems go under DIR/<model name>/ (-: the one stem to stdout).",
+        "-o --out",
+        "DIR",
+        OUTPUT,
+        "Output folder; stems go under DIR/<model name>/ (-: the one stem to stdout).",
     ),
-    filename: str = typer.Option(
+    filename: str = _option(
         "{track}/{stem}.{ext}",
         "--filename",
-        metavar="TEMPLATE",
-        rich_help_panel=OUTPUT,
-        help="Output path template: {track}, {trackext}, {stem}, {ext}, {folder} (of a file "
+        "TEMPLATE",
+        OUTPUT,
+        "Output path template: {track}, {trackext}, {stem}, {ext}, {folder} (of a file "
         "below a folder argument; without it, stems keep that place before the template).",
     ),
-    flac: bool = typer.Option(False, "--flac", help="Write FLAC.", rich_help_panel=OUTPUT),
-    mp3: bool = typer.Option(False, "--mp3", help="Write MP3.", rich_help_panel=OUTPUT),
-    mp3_bitrate: int = typer.Option(
-        320, "--mp3-bitrate", metavar="KBPS", help="MP3 bitrate.", rich_help_panel=OUTPUT
+    flac: bool = _option(False, "--flac", None, OUTPUT, "Write FLAC."),
+    mp3: bool = _option(False, "--mp3", None, OUTPUT, "Write MP3."),
+    mp3_bitrate: int = _option(320, "--mp3-bitrate", "KBPS", OUTPUT, "MP3 bitrate."),
+    mp3_preset: int = _option(
+        2, "--mp3-preset", "N", OUTPUT, "MP3 encoder preset: 2 best ... 7 fastest.", min=2, max=7
     ),
-    mp3_preset: int = typer.Option(
-        2,
-        "--mp3-preset",
-        min=2,
-        max=7,
-        metavar="N",
-        rich_help_panel=OUTPUT,
-        help="MP3 encoder preset: 2 best ... 7 fastest.",
-    ),
-    int24: bool = typer.Option(False, "--int24", help="24-bit output.", rich_help_panel=OUTPUT),
-    float32: bool = typer.Option(
-        False, "--float32", help="32-bit float WAV output.", rich_help_panel=OUTPUT
-    ),
-    clip_mode: ClipMode = typer.Option(
+    int24: bool = _option(False, "--int24", None, OUTPUT, "24-bit output."),
+    float32: bool = _option(False, "--float32", None, OUTPUT, "32-bit float WAV output."),
+    clip_mode: ClipMode = _option(
         ClipMode.rescale,
         "--clip-mode",
-        metavar="rescale|clamp|none",
-        rich_help_panel=OUTPUT,
-        help="rescale: one gain for all stems when any clips; clamp: hard clip; none.",
+        "rescale|clamp|none",
+        OUTPUT,
+        "rescale: one gain for all stems when any clips; clamp: hard clip; none.",
     ),
     device: str | None = DEVICE_OPTION,
     jobs: int = JOBS_OPTION,
-    batch_size: int | None = typer.Option(
+    batch_size: int | None = _option(
         None,
         "--batch-size",
-        metavar="N",
-        rich_help_panel=SPEED,
-        help="Chunks per network call (default: 1 on CPU, from free memory on CUDA).",
+        "N",
+        SPEED,
+        "Chunks per network call (default: 1 on CPU, from free memory on CUDA).",
     ),
-    precision: str = typer.Option(
+    precision: str = _option(
         "fp32",
         "--precision",
-        metavar="fp32|bf16|fp16",
-        rich_help_panel=SPEED,
-        help="Arithmetic of the networks (fp16: CUDA only); the STFT stays fp32.",
+        "fp32|bf16|fp16",
+        SPEED,
+        "Arithmetic of the networks (fp16: CUDA only); the STFT stays fp32.",
     ),
-    keep_memory: bool = typer.Option(
+    keep_memory: bool = _option(
         False,
         "--keep-memory",
-        rich_help_panel=SPEED,
-        help="Keep freed memory for reuse: about 8% faster on the CPU, about 120 MB more "
+        None,
+        SPEED,
+        "Keep freed memory for reuse: about 8% faster on the CPU, about 120 MB more "
         "peak memory with htdemucs.",
     ),
-    pipeline: bool = typer.Option(
+    pipeline: bool = _option(
         True,
         "--pipeline/--no-pipeline",
-        rich_help_panel=SPEED,
-        help="Decode the next track and encode the previous one while a track is separated.",
-    ),
-    skip_existing: bool = typer.Option(
-        False,
-        "--skip-existing",
-        help="Skip tracks whose stems all exist already.",
-        rich_help_panel=BATCH,
-    ),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace existing stem files.", rich_help_panel=BATCH
-    ),
-    shard: str | None = typer.Option(
         None,
-        "--shard",
-        metavar="K/N",
-        help="Process only the K-th of N slices of the inputs.",
-        rich_help_panel=BATCH,
+        SPEED,
+        "Decode the next track and encode the previous one while a track is separated.",
+    ),
+    skip_existing: bool = _option(
+        False, "--skip-existing", None, BATCH, "Skip tracks whose stems all exist already."
+    ),
+    overwrite: bool = _option(False, "--overwrite", None, BATCH, "Replace existing stem files."),
+    shard: str | None = _option(
+        None, "--shard", "K/N", BATCH, "Process only the K-th of N slices of the inputs."
     ),
     json_lines: bool = typer.Option(
         False, "--json", help="Print one JSON object per track on stdout."
@@ -794,26 +752,18 @@ def eval_command(
     seed: int = SEED_OPTION,
     overlap: float = OVERLAP_OPTION,
     segment: float | None = SEGMENT_OPTION,
-    split: Split = typer.Option(
-        Split.test,
-        "--split",
-        metavar="train|test",
-        help="Which part of the dataset.",
-        rich_help_panel="Dataset",
+    split: Split = _option(
+        Split.test, "--split", "train|test", "Dataset", "Which part of the dataset."
     ),
-    tracks: str | None = typer.Option(
-        None,
-        "--tracks",
-        metavar="TRACK,...",
-        rich_help_panel="Dataset",
-        help="The tracks to evaluate (default: all).",
+    tracks: str | None = _option(
+        None, "--tracks", "TRACK,...", "Dataset", "The tracks to evaluate (default: all)."
     ),
-    sources: str | None = typer.Option(
+    sources: str | None = _option(
         None,
         "--sources",
-        metavar="SOURCE,...",
-        rich_help_panel="Dataset",
-        help="The sources to score (default: every source file of the tracks).",
+        "SOURCE,...",
+        "Dataset",
+        "The sources to score (default: every source file of the tracks).",
     ),
     device: str | None = DEVICE_OPTION,
     museval: bool = typer.Option(
@@ -890,98 +840,53 @@ def train(
         metavar="DATASET",
         help="Dataset folder in the MUSDB18-HQ layout: train/<track>/{mixture,<source>}.wav.",
     ),
-    config: str | None = typer.Option(
+    config: str | None = _option(
         None,
         "--config",
-        metavar="tiny|htdemucs|FILE",
-        rich_help_panel=MODEL,
-        help="Architecture: a named size or a YAML/JSON file (default: tiny).",
+        "tiny|htdemucs|FILE",
+        MODEL,
+        "Architecture: a named size or a YAML/JSON file (default: tiny).",
     ),
-    init: str | None = typer.Option(
+    init: str | None = _option(
         None,
         "--init",
-        metavar="NAME|FILE",
-        rich_help_panel=MODEL,
-        help="Fine-tune this checkpoint (a model name or file) instead.",
+        "NAME|FILE",
+        MODEL,
+        "Fine-tune this checkpoint (a model name or file) instead.",
     ),
-    repo: str | None = typer.Option(
-        None,
-        "--repo",
-        metavar="DIR",
-        help="Folder of checkpoints for --init.",
-        rich_help_panel=MODEL,
+    repo: str | None = _option(None, "--repo", "DIR", MODEL, "Folder of checkpoints for --init."),
+    out: Path = _option(..., "--out", "DIR", "Run", "Run folder: checkpoints, metrics.jsonl."),
+    steps: int | None = _option(
+        None, "--steps", "N", "Run", "Train up to this many steps (default: 1000, or the run's)."
     ),
-    out: Path = typer.Option(
-        ...,
-        "--out",
-        metavar="DIR",
-        help="Run folder: checkpoints, metrics.jsonl.",
-        rich_help_panel="Run",
+    resume: bool = _option(
+        False, "--resume", None, "Run", "Continue the run in --out with its saved options."
     ),
-    steps: int | None = typer.Option(
-        None,
-        "--steps",
-        metavar="N",
-        rich_help_panel="Run",
-        help="Train up to this many steps (default: 1000, or the run's).",
-    ),
-    resume: bool = typer.Option(
-        False,
-        "--resume",
-        help="Continue the run in --out with its saved options.",
-        rich_help_panel="Run",
-    ),
-    log_every: int = typer.Option(
-        10,
-        "--log-every",
-        metavar="STEPS",
-        help="Steps between metrics lines.",
-        rich_help_panel="Run",
-    ),
-    save_every: int = typer.Option(
-        100,
-        "--save-every",
-        metavar="STEPS",
-        help="Steps between checkpoints.",
-        rich_help_panel="Run",
-    ),
-    valid_every: int = typer.Option(
+    log_every: int = _option(10, "--log-every", "STEPS", "Run", "Steps between metrics lines."),
+    save_every: int = _option(100, "--save-every", "STEPS", "Run", "Steps between checkpoints."),
+    valid_every: int = _option(
         0,
         "--valid-every",
-        metavar="STEPS",
-        rich_help_panel="Run",
-        help="Steps between validations on test/ (0: at the end only).",
+        "STEPS",
+        "Run",
+        "Steps between validations on test/ (0: at the end only).",
     ),
-    valid_tracks: int = typer.Option(
-        0,
-        "--valid-tracks",
-        metavar="N",
-        help="Test tracks used for validation (0: all).",
-        rich_help_panel="Run",
+    valid_tracks: int = _option(
+        0, "--valid-tracks", "N", "Run", "Test tracks used for validation (0: all)."
     ),
-    batch_size: int = typer.Option(
-        4,
-        "--batch-size",
-        metavar="N",
-        help="Examples per step, all processes.",
-        rich_help_panel="Training",
+    batch_size: int = _option(
+        4, "--batch-size", "N", "Training", "Examples per step, all processes."
     ),
-    lr: float = typer.Option(
-        3e-4, "--lr", metavar="RATE", help="Adam learning rate.", rich_help_panel="Training"
-    ),
-    ema: float = typer.Option(
+    lr: float = _option(3e-4, "--lr", "RATE", "Training", "Adam learning rate."),
+    ema: float = _option(
         0.0,
         "--ema",
-        metavar="DECAY",
-        rich_help_panel="Training",
-        help="Decay of an exponential moving average of the weights (0: off).",
+        "DECAY",
+        "Training",
+        "Decay of an exponential moving average of the weights (0: off).",
     ),
-    seed: int = typer.Option(
-        0,
-        "--seed",
-        metavar="N",
-        help="Seed of all randomness: same seed, same run.",
-        rich_help_panel="Training",
+    seed: int = _option(
+        0, "--seed", "N", "Training", "Seed of all randomness: same seed, same run."
     ),
     device: str | None = DEVICE_OPTION,
     jobs: int = JOBS_OPTION,
