@@ -32,7 +32,13 @@ from htsep.apply import (
 )
 from htsep.audio import AudioReader, AudioWriter, read_audio
 from htsep.checkpoint import load_model
-from htsep.devices import DeviceSlot, auto_batch_size, keep_freed_memory, parse_device
+from htsep.devices import (
+    DeviceSlot,
+    auto_batch_size,
+    bf16_arithmetic,
+    keep_freed_memory,
+    parse_device,
+)
 from htsep.errors import AudioError, HtsepError, UsageError
 from htsep.model.htdemucs import HTDemucs
 from htsep.resample import ResampledSignal
@@ -267,6 +273,11 @@ class Separator:
         self.device = parse_device(device)
         if settings.precision == "fp16" and self.device.type != "cuda":
             raise UsageError("--precision fp16 needs a CUDA device (use bf16 or fp32 here)")
+        if settings.precision == "bf16" and self.device.type == "cpu" and not bf16_arithmetic():
+            raise UsageError(
+                "--precision bf16: this CPU has no bfloat16 arithmetic (AVX512-BF16, AMX or Arm "
+                "BF16), so it would run many times slower than fp32; use fp32 here"
+            )
         self.shifts = settings.shifts
         self.seed = settings.seed
         self.spec = zoo.find_model(model, repo=None if repo is None else os.fspath(repo))

@@ -5,6 +5,7 @@ import torch
 from demucs.api import Separator as ReferenceSeparator
 
 import htsep
+from htsep import separator as separator_module
 from htsep.errors import AudioError, UsageError
 
 
@@ -54,7 +55,10 @@ def test_constructor_usage_errors(repo):
         htsep.Separator("aaaa0001", repo=repo, segment=1.6)
 
 
-def test_precision_options(repo):
+def test_precision_options(repo, monkeypatch):
+    # bf16 runs everywhere it is asked for here, emulated where the CPU lacks it (slow, but this
+    # model is small): the numbers are the same either way.
+    monkeypatch.setattr(separator_module, "bf16_arithmetic", lambda: True)
     mix = _mix(seconds=2.0)
     exact = htsep.Separator("aaaa0001", repo=repo, device="cpu", shifts=0)
     assert exact.options.batch_size == 1  # automatic batch size on the CPU
@@ -70,6 +74,48 @@ def test_precision_options(repo):
         htsep.Separator("aaaa0001", repo=repo, device="cpu", precision="fp16")
     with pytest.raises(UsageError, match="precision 'fp8'"):
         htsep.Separator("aaaa0001", repo=repo, device="cpu", precision="fp8")
+
+
+def test_bf16_is_refused_in_one_line_where_the_cpu_would_emulate_it(repo, monkeypatch, tmp_path):
+    from helpers import htsep as run_htsep
+    from helpers import write_clip
+
+    monkeypatch.setattr(separator_module, "bf16_arithmetic", lambda: False)
+    message = "--precision bf16: this CPU has no bfloat16 arithmetic"
+    with pytest.raises(UsageError, match="^" + message):
+        htsep.Separator("aaaa0001", repo=repo, device="cpu", precision="bf16")
+    write_clip(tmp_path / "a.wav", 0.5)
+    result = run_htsep("--repo", str(repo), "-n", "aaaa0001", "--precision", "bf16",
+                       "-o", str(tmp_path / "out"), str(tmp_path / "a.wav"))  # fmt: skip
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("htsep: error: " + message)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "expected"),
+    [
+        ("flags\t\t: fpu sse avx2 fma avx512f\n", False),  # AVX-512 without BF16
+        ("flags\t\t: fpu avx2 avx512f avx512_bf16\n", True),  # Zen 4, Cooper Lake
+        ("flags\t\t: fpu avx2 amx_bf16 amx_tile\n", True),  # Sapphire Rapids
+        ("Features\t: fp asimd bf16 i8mm\n", True),  # Arm v8.6
+        ("Features\t: fp asimd\n", False),
+        ("processor\t: 0\n", True),  # no flags to read: torch decides
+    ],
+)
+def test_bf16_arithmetic_reads_the_cpu_flags(tmp_path, monkeypatch, cpuinfo, expected):
+    from htsep import devices
+
+    (tmp_path / "cpuinfo").write_text(cpuinfo)
+    real_path = devices.Path
+    monkeypatch.setattr(
+        devices, "Path", lambda p: real_path(tmp_path / "cpuinfo") if p == "/proc/cpuinfo" else p
+    )
+    devices.bf16_arithmetic.cache_clear()
+    try:
+        assert devices.bf16_arithmetic() is expected
+    finally:
+        devices.bf16_arithmetic.cache_clear()
 
 
 # --- the API checks its inputs --------------------------------------------------------------------
