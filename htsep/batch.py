@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import string
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
@@ -227,7 +228,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     try:
         index, count = (int(part) for part in text.split("/"))
     except ValueError:
-        raise UsageError(f"--shard {text!r}: expected K/N, e.g. 1/4") from None
+        raise UsageError(f"--shard {text!r}: expected K/N (e.g. 1/4) or auto") from None
     if count < 1 or not 1 <= index <= count:
         raise UsageError(f"--shard {text!r}: need 1 <= K <= N")
     return index, count
@@ -236,6 +237,178 @@ def parse_shard(text: str) -> tuple[int, int]:
 def take_shard(tracks: list[Track], index: int, count: int) -> list[Track]:
     """Every count-th input starting at the index-th: slices that cover the list exactly once."""
     return tracks[index - 1 :: count]
+
+
+# --- shards of a job: SLURM arrays, torchrun, srun ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The slice of the inputs one process takes (``take_shard``): the index-th of count,
+    1-based, and where that came from ("torchrun rank 2 of 8"; "" when given as K/N)."""
+
+    index: int
+    count: int
+    origin: str = ""
+
+
+@dataclass(frozen=True)
+class _Ranks:
+    """This process among the processes of one launch (torchrun or srun)."""
+
+    rank: int
+    world: int
+    local_rank: int | None  # on its machine: the GPU it takes
+    launcher: str  # "torchrun" or "srun"
+
+    @property
+    def origin(self) -> str:
+        noun = "rank" if self.launcher == "torchrun" else "task"
+        return f"{self.launcher} {noun} {self.rank} of {self.world}"
+
+
+_AUTO = "--shard auto"
+_NOTHING_FOUND = (
+    f"{_AUTO}: found no SLURM array task (SLURM_ARRAY_TASK_ID), torchrun rank (RANK, "
+    "WORLD_SIZE) or srun task (SLURM_PROCID, SLURM_STEP_NUM_TASKS) in the environment; "
+    "give --shard K/N"
+)
+
+
+def shard_from_environment(environ: Mapping[str, str]) -> Shard:
+    """This process's shard in a job, read from its environment (pass ``os.environ``).
+
+    A SLURM job array gives each array task its place among the tasks: from
+    SLURM_ARRAY_TASK_ID, _MIN, _MAX and _STEP (``--array=0-15:2`` is 8 tasks), checked
+    against _COUNT when it is set (the ids of a list such as ``--array=1,3,7`` are not evenly
+    spaced, so a task cannot know its place: refused); with _COUNT alone the ids are 0 to
+    count - 1. Several processes of one launch take their rank: torchrun's RANK of
+    WORLD_SIZE, else srun's SLURM_PROCID of SLURM_STEP_NUM_TASKS (only inside an srun step:
+    a batch script has SLURM_PROCID=0 whatever its task count). Both together (torchrun in
+    every task of an array) make array tasks x ranks slices, rank fastest, so that together
+    the processes cover every input exactly once. Nothing found, a value that is not a
+    whole number, or values that contradict each other: UsageError."""
+    array = _array_task(environ)
+    ranks = _ranks(environ)
+    if array is None and ranks is None:
+        raise UsageError(_NOTHING_FOUND)
+    position, tasks, origin = array if array is not None else (0, 1, "")
+    if ranks is None:
+        return Shard(position + 1, tasks, origin)
+    return Shard(
+        position * ranks.world + ranks.rank + 1,
+        tasks * ranks.world,
+        f"{origin}, {ranks.origin}" if origin else ranks.origin,
+    )
+
+
+def shard_device(device: str | None, environ: Mapping[str, str]) -> str | None:
+    """The device of one of several processes on a machine (``--shard auto`` under torchrun
+    or srun): cuda:<local rank> (LOCAL_RANK, or srun's SLURM_LOCALID) when ``device`` is None
+    or plain "cuda" and CUDA is available; otherwise ``device`` unchanged (an explicit cuda:N,
+    cpu or mps wins; without CUDA the default device stays). An srun task that sees a single
+    GPU takes it (``srun --gpus-per-task=1`` leaves each task its own as cuda:0). A local
+    rank without a GPU of its own is a UsageError."""
+    ranks = _ranks(environ)
+    if ranks is None or ranks.local_rank is None or device not in (None, "cuda"):
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        return device
+    visible = torch.cuda.device_count()
+    if ranks.launcher == "srun" and visible == 1:
+        return "cuda:0"
+    if ranks.local_rank >= visible:
+        variable = "LOCAL_RANK" if ranks.launcher == "torchrun" else "SLURM_LOCALID"
+        raise UsageError(
+            f"{_AUTO}: {variable}={ranks.local_rank} has no GPU of its own ({visible} CUDA "
+            f"device{'s' if visible != 1 else ''} visible); start at most {visible} "
+            "processes per machine, or give --device"
+        )
+    return f"cuda:{ranks.local_rank}"
+
+
+def _array_task(environ: Mapping[str, str]) -> tuple[int, int, str] | None:
+    """(position among the array's tasks from 0, number of tasks, description), or None
+    outside a job array."""
+    task = _whole_number(environ, "SLURM_ARRAY_TASK_ID")
+    if task is None:
+        return None
+    first = _whole_number(environ, "SLURM_ARRAY_TASK_MIN")
+    last = _whole_number(environ, "SLURM_ARRAY_TASK_MAX")
+    step = _whole_number(environ, "SLURM_ARRAY_TASK_STEP")
+    count = _whole_number(environ, "SLURM_ARRAY_TASK_COUNT")
+    if (first is None) != (last is None):
+        given, missing = ("MIN", "MAX") if last is None else ("MAX", "MIN")
+        raise UsageError(
+            f"{_AUTO}: SLURM_ARRAY_TASK_{given} is set without SLURM_ARRAY_TASK_{missing}"
+        )
+    if count == 0:
+        raise UsageError(f"{_AUTO}: SLURM_ARRAY_TASK_COUNT=0 with SLURM_ARRAY_TASK_ID={task}")
+    if first is None or last is None:
+        if count is None:
+            raise UsageError(
+                f"{_AUTO}: SLURM_ARRAY_TASK_ID={task} without SLURM_ARRAY_TASK_MIN and _MAX "
+                "or SLURM_ARRAY_TASK_COUNT: the array's size is unknown"
+            )
+        first, last, step = 0, count - 1, 1  # ids 0 .. count - 1
+    step = 1 if step is None else step
+    spread = f"{first}-{last}" + (f":{step}" if step != 1 else "")
+    if step < 1:
+        raise UsageError(f"{_AUTO}: SLURM_ARRAY_TASK_STEP=0: the step is at least 1")
+    if not first <= task <= last:
+        raise UsageError(f"{_AUTO}: SLURM_ARRAY_TASK_ID={task} is outside the array {spread}")
+    if (last - first) % step or (task - first) % step:
+        bad = "the array's span" if (last - first) % step else f"task {task}"
+        raise UsageError(f"{_AUTO}: step {step} does not divide {bad} (array {spread})")
+    tasks = (last - first) // step + 1
+    if count is not None and count != tasks:
+        raise UsageError(
+            f"{_AUTO}: SLURM array of {count} tasks with ids from {first} to {last} that are "
+            "not evenly spaced (a list such as --array=1,3,7): this task cannot tell its "
+            f"place; submit a range (--array=0-{count - 1}) or give --shard K/N"
+        )
+    return (task - first) // step, tasks, f"SLURM array task {task} in {spread}"
+
+
+def _ranks(environ: Mapping[str, str]) -> _Ranks | None:
+    """torchrun's RANK of WORLD_SIZE (its LOCAL_RANK), else srun's SLURM_PROCID of
+    SLURM_STEP_NUM_TASKS (its SLURM_LOCALID); None for a process launched alone. torchrun
+    comes first: started by srun on several machines, it numbers all their processes."""
+    if "RANK" in environ or "WORLD_SIZE" in environ:
+        names = ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    elif "SLURM_STEP_NUM_TASKS" in environ:
+        names = ("srun", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")
+    else:
+        return None
+    launcher, rank_name, world_name, local_name = names
+    rank = _whole_number(environ, rank_name)
+    world = _whole_number(environ, world_name)
+    if rank is None or world is None:
+        given, missing = (rank_name, world_name) if world is None else (world_name, rank_name)
+        raise UsageError(f"{_AUTO}: {given} is set without {missing}")
+    if world < 1 or rank >= world:
+        raise UsageError(f"{_AUTO}: {rank_name}={rank} is not a rank of {world_name}={world}")
+    local_rank = _whole_number(environ, local_name)
+    if local_rank is not None and local_rank >= world:
+        raise UsageError(f"{_AUTO}: {local_name}={local_rank} with {world_name}={world}")
+    return _Ranks(rank, world, local_rank, launcher)
+
+
+def _whole_number(environ: Mapping[str, str], name: str) -> int | None:
+    """The variable as a whole number >= 0, None when it is not set. Strict: launchers write
+    plain digits, so anything else (empty, signed, spaced) was written by hand, wrongly."""
+    value = environ.get(name)
+    if value is None:
+        return None
+    if not value.strip():
+        raise UsageError(f"{_AUTO}: {name} is empty (an unset variable in a script?)")
+    if not re.fullmatch(r"[0-9]+", value):
+        raise UsageError(f"{_AUTO}: {name}={value!r}: expected a whole number")
+    if len(value.lstrip("0")) > 9:
+        raise UsageError(f"{_AUTO}: {name}={value}: too large")
+    return int(value)
 
 
 # --- outputs ---------------------------------------------------------------------------------

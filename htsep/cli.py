@@ -30,10 +30,13 @@ from htsep.batch import (
     ClipMode,
     OtherMethod,
     OutputSettings,
+    Shard,
     Track,
     find_inputs,
     output_folder,
     parse_shard,
+    shard_device,
+    shard_from_environment,
     take_shard,
 )
 from htsep.errors import DownloadError, HtsepError, ModelNotFoundError, UsageError
@@ -368,7 +371,12 @@ def separate(
     ),
     overwrite: bool = _option(False, "--overwrite", None, BATCH, "Replace existing stem files."),
     shard: str | None = _option(
-        None, "--shard", "K/N", BATCH, "Process only the K-th of N slices of the inputs."
+        None,
+        "--shard",
+        "K/N|auto",
+        BATCH,
+        "Process only the K-th of N slices of the inputs; auto: this process's slice "
+        "of a SLURM job array, torchrun or srun, on its local rank's GPU.",
     ),
     json_lines: bool = typer.Option(
         False, "--json", help="Print one JSON object per track on stdout."
@@ -427,8 +435,6 @@ def _check_options(opts: dict[str, Any], given: set[str]) -> tuple[OutputSetting
         _warn("--overlap and --segment do not apply with --no-split; ignored")
     if not 0 <= opts["jobs"] <= 1024:
         raise UsageError(f"--jobs must be in 0..1024, got {opts['jobs']}")
-    if opts["shard"]:
-        parse_shard(opts["shard"])
     two_stems = opts["two_stems"].strip() if opts["two_stems"] else None
     with _option_names():
         output = OutputSettings(
@@ -488,6 +494,8 @@ def _separate(**opts: Any) -> int:
     from htsep import files
 
     output, settings = _check_options(opts, opts.pop("given"))
+    if opts["shard"]:
+        opts["shard"], opts["device"] = _shard(opts["shard"], opts["device"])
     with contextlib.ExitStack() as cleanup:
         if "-" in opts["inputs"]:
             spooled = _spool_stdin()
@@ -499,6 +507,14 @@ def _separate(**opts: Any) -> int:
             cleanup.callback(staging.cleanup)
             opts["out"], opts["stdout"] = str(staging.path), True
         return _separate_tracks(opts, output, settings)
+
+
+def _shard(text: str, device: str | None) -> tuple[Shard, str | None]:
+    """--shard K/N as given, or auto: this process's slice of a job and its GPU, read from the
+    environment before any work. -> (shard, device)"""
+    if text.strip() != "auto":
+        return Shard(*parse_shard(text)), device
+    return shard_from_environment(os.environ), shard_device(device, os.environ)
 
 
 def _spool_stdin() -> Path:
@@ -532,13 +548,17 @@ def _separate_tracks(opts: dict[str, Any], output: OutputSettings, settings: Any
     if to_stdout and len(tracks) != 1:
         raise UsageError(f"-o - writes one track to standard output, not {len(tracks)}")
     if opts["shard"]:
-        (index, count), total = parse_shard(opts["shard"]), len(tracks)
-        tracks = take_shard(tracks, index, count)
+        shard, total = opts["shard"], len(tracks)
+        tracks = take_shard(tracks, shard.index, shard.count)
+        why = f" ({shard.origin})" if shard.origin else ""
+        taken = f"shard {shard.index}/{shard.count}{why}"
         if not tracks:
             if not quiet:
-                _say(f"htsep: shard {index}/{count} is empty ({total} input"
+                _say(f"htsep: {taken} is empty ({total} input"
                      f"{'s' if total != 1 else ''}); nothing to do")  # fmt: skip
             return 0
+        if shard.origin and not quiet:
+            _say(f"htsep: {taken}: {len(tracks)} of {total} input{'s' if total != 1 else ''}")
     if tracks and all(t.error is not None for t in tracks):
         for track in tracks:  # nothing to separate: do not load (or download) the model
             track.status = "failed"
