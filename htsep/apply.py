@@ -10,14 +10,18 @@ outputs are weighted by a triangle and normalized by the summed weights.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from htsep.devices import DeviceSlot, release_freed_memory
+from htsep.errors import HtsepError
+
+logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[float], None]  # called with the fraction of the work just done
 Reader = Callable[[int, int], torch.Tensor]  # (start, length) -> (B, C, length), zeros outside
@@ -94,9 +98,12 @@ def run_network(
     windows: list[torch.Tensor],
     device: torch.device | str | None,
     precision: str,
+    *,
+    on_device: bool = False,
 ) -> torch.Tensor:
     """One network call on a batch of chunks: (N, C, T) windows -> (N, S, C, T) float32 on
-    the CPU. Reduced precision uses autocast (the model keeps its STFT in float32)."""
+    the CPU (``on_device``: left on the device, the call possibly still running there).
+    Reduced precision uses autocast (the model keeps its STFT in float32)."""
     batch = torch.cat(windows)
     target = torch.device(device) if device is not None else batch.device
     if target.type == "cuda":
@@ -106,7 +113,98 @@ def run_network(
         torch.inference_mode(),
         torch.autocast(target.type, dtype=dtype or torch.float32, enabled=dtype is not None),
     ):
-        return model(batch.to(target)).to("cpu", torch.float32)
+        out = model(batch.to(target)).float()
+    return out if on_device else out.to("cpu")
+
+
+class OutOfDeviceMemory(HtsepError):
+    """A single chunk does not fit in the device's memory."""
+
+
+class PendingBatch:
+    """The output of network calls that may still be running or copying back to the host;
+    ``result()`` waits for it: (N, S, C, T) float32 on the CPU."""
+
+    def __init__(self, parts: list[tuple[torch.Tensor, Any]]) -> None:
+        self.parts = parts  # (host tensor, CUDA event to wait for or None)
+
+    def result(self) -> torch.Tensor:
+        for _, event in self.parts:
+            if event is not None:
+                event.synchronize()
+        tensors = [tensor for tensor, _ in self.parts]
+        return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+class NetworkRunner:
+    """Network calls for the streams of one separation: ``batch_size`` chunks per call, on a
+    device, with members of a bag taking turns there through ``slot``.
+
+    On a CUDA device a call's output is copied to page-locked host memory on a second stream
+    while the next call computes, so the device does not wait for the host. A call that runs
+    out of device memory is split in halves and retried (the smaller size is kept for every
+    later call, and logged once per halving); only a single chunk that does not fit is an
+    error (``OutOfDeviceMemory``).
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str | None = None,
+        precision: str = "fp32",
+        batch_size: int = 1,
+        slot: DeviceSlot | None = None,
+    ) -> None:
+        self.device = None if device is None else torch.device(device)
+        self.precision, self.batch_size, self.slot = precision, batch_size, slot
+        self._copies: Any = None  # the CUDA stream for device-to-host copies, made on first use
+
+    def submit(self, model: SeparationModel, windows: list[torch.Tensor]) -> PendingBatch:
+        """Start the network on the windows ((B, C, T) each, at most ``batch_size``) -> their
+        estimates (len(windows) * B, S, C, T), pending."""
+        parts: list[tuple[torch.Tensor, Any]] = []
+        start = 0
+        while start < len(windows):
+            group = windows[start : start + self.batch_size]
+            try:
+                parts.append(self._call(model, group))
+            except torch.OutOfMemoryError:
+                if len(group) == 1:
+                    raise OutOfDeviceMemory(
+                        f"out of memory on {self.device or 'the CPU'} with a single chunk: "
+                        "use a shorter --segment, --precision bf16/fp16 or another device"
+                    ) from None
+            else:
+                start += len(group)
+                continue
+            # Outside the except block, so that the failed call's tensors are freed first.
+            self.batch_size = len(group) // 2
+            logger.warning(
+                "out of memory on %s with %d chunks per call: now %d per call",
+                self.device or "the CPU",
+                len(group),
+                self.batch_size,
+            )
+            if self.device is not None and self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        return PendingBatch(parts)
+
+    def _call(
+        self, model: SeparationModel, windows: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, Any]:
+        network = model if self.slot is None else self.slot.get(model)
+        if self.device is None or self.device.type != "cuda":
+            return run_network(network, windows, self.device, self.precision), None
+        out = run_network(network, windows, self.device, self.precision, on_device=True)
+        if self._copies is None:
+            self._copies = torch.cuda.Stream(self.device)
+        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        self._copies.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._copies):
+            host.copy_(out, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._copies)
+        out.record_stream(self._copies)  # not reused by the allocator before the copy ran
+        return host, done
 
 
 def plan_bag(
@@ -177,10 +275,13 @@ class ChunkStream:
         device: torch.device | str | None = None,
         progress: ProgressCallback | None = None,
         slot: DeviceSlot | None = None,
+        runner: NetworkRunner | None = None,
     ) -> None:
         self.model, self.read, self.start, self.length = model, read, start, length
-        self.slot = slot
-        self.options, self.device, self.progress = options, device, progress
+        self.options, self.progress = options, progress
+        if runner is None:
+            runner = NetworkRunner(device, options.precision, options.batch_size, slot)
+        self.runner = runner
         self.chunk = segment_samples(model, options.segment)
         if not options.split:
             self.chunk = max(self.chunk, length)
@@ -189,7 +290,8 @@ class ChunkStream:
             raise ValueError(f"overlap {options.overlap} leaves no stride between chunks")
         self.weights = triangle_weights(self.chunk, options.transition_power)
         self.offsets = list(range(0, length, self.stride))
-        self.next_chunk = 0
+        self.submitted = 0  # chunks handed to the runner
+        self.pending: list[tuple[list[int], PendingBatch]] = []  # (offsets, estimates), in order
         self.base = 0  # window position of the accumulators' first sample
         self.sum: torch.Tensor | None = None  # (B, S, C, chunk) weighted estimates
         self.total = torch.zeros(self.chunk)
@@ -206,37 +308,50 @@ class ChunkStream:
         self.total = torch.cat([self.total[count:], torch.zeros(count)])
         self.base = position
 
-    def _advance(self) -> None:
-        group = self.offsets[self.next_chunk : self.next_chunk + self.options.batch_size]
-        sizes = [min(self.chunk, self.length - offset) for offset in group]
+    def _submit(self) -> None:
+        """Start the network on the next batch of chunks."""
+        group = self.offsets[self.submitted : self.submitted + self.runner.batch_size]
         windows = [
             self.read(self.start + offset - (self.chunk - size) // 2, self.chunk)
-            for offset, size in zip(group, sizes, strict=True)
+            for offset, size in ((o, self._size(o)) for o in group)
         ]
-        batch = windows[0].shape[0]
-        model = self.model if self.slot is None else self.slot.get(self.model)
-        estimates = run_network(model, windows, self.device, self.options.precision)
+        self.pending.append((group, self.runner.submit(self.model, windows)))
+        self.submitted += len(group)
+
+    def _size(self, offset: int) -> int:
+        return min(self.chunk, self.length - offset)
+
+    def _advance(self) -> None:
+        """Overlap-add the oldest batch in flight, after starting the next one: on a device
+        that computes asynchronously, the next batch runs while this one is added up."""
+        if not self.pending:
+            self._submit()
+        if self.submitted < len(self.offsets):
+            self._submit()
+        group, pending = self.pending.pop(0)
+        estimates = pending.result()
+        batch = estimates.shape[0] // len(group)
         if self.sum is None:
             self.sum = estimates.new_zeros(batch, *estimates.shape[1:3], self.chunk)
-        for index, (offset, size) in enumerate(zip(group, sizes, strict=True)):
+        for index, offset in enumerate(group):
             self._finish_until(offset)
+            size = self._size(offset)
             lead = (self.chunk - size) // 2
             piece = estimates[index * batch : (index + 1) * batch, ..., lead : lead + size]
             self.sum[..., :size] += self.weights[:size] * piece
             self.total[:size] += self.weights[:size]
             if self.progress is not None:
                 self.progress(1 / len(self.offsets))
-        del estimates
+        del estimates, pending
         if self.options.release_memory:
             release_freed_memory()
-        self.next_chunk += len(group)
-        if self.next_chunk == len(self.offsets):
+        if not self.pending and self.submitted == len(self.offsets):
             self._finish_until(self.length)
 
     def take(self, count: int) -> torch.Tensor:
         """The next ``count`` finished samples: (B, S, C, count)."""
         while self.ready_length < count:
-            if self.next_chunk >= len(self.offsets):
+            if not self.pending and self.submitted >= len(self.offsets):
                 raise ValueError("read past the end of the window")
             self._advance()
         joined = torch.cat(self.ready, -1) if len(self.ready) > 1 else self.ready[0]
@@ -255,7 +370,8 @@ class SeparationStream:
 
     members: (model, weights per source); offsets are drawn from ``generator`` member by member,
     in the order the in-memory path draws them. slot: run the members through it, one at a
-    time on its device (the models themselves stay where they are).
+    time on its device (the models themselves stay where they are). runner: the network calls'
+    runner, shared with other separations (default: one made from device, options and slot).
     """
 
     def __init__(
@@ -270,7 +386,10 @@ class SeparationStream:
         device: torch.device | str | None = None,
         progress: ProgressCallback | None = None,
         slot: DeviceSlot | None = None,
+        runner: NetworkRunner | None = None,
     ) -> None:
+        if runner is None:
+            runner = NetworkRunner(device, options.precision, options.batch_size, slot)
         self.streams: list[tuple[list[tuple[ChunkStream, int]], torch.Tensor]] = []
         total = None
         runs = len(members) * max(shifts, 1)
@@ -295,9 +414,8 @@ class SeparationStream:
                         start=start,
                         length=length + skip,
                         options=options,
-                        device=device,
                         progress=share,
-                        slot=slot,
+                        runner=runner,
                     ),
                     skip,
                 )

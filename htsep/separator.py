@@ -24,6 +24,7 @@ import torch
 from htsep import files, zoo
 from htsep.apply import (
     ChunkOptions,
+    NetworkRunner,
     ProgressCallback,
     SeparationStream,
     mix_statistics,
@@ -302,6 +303,10 @@ class Separator:
             precision=settings.precision,
             batch_size=settings.batch_size or auto_batch_size(self.device, settings.precision),
             release_memory=not (keep_memory and keep_freed_memory()),
+        )
+        # Shared by every track: a batch size halved after running out of memory stays halved.
+        self.runner = NetworkRunner(
+            self.device, self.options.precision, self.options.batch_size, self.slot
         )
 
     @property
@@ -777,7 +782,7 @@ class StreamedTrack:
             options=sep.options,
             device=sep.device,
             progress=progress,
-            slot=sep.slot,
+            runner=sep.runner,
         )
         buffer = _StemBuffer(
             lambda count: stream.take(count)[0] * std + mean,

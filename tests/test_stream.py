@@ -1,14 +1,18 @@
 """Streamed separation (bounded memory) equals whole-track separation."""
 
+import logging
+
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from helpers import htsep as htsep_cli
 from helpers import write_clip
 
 import htsep
 import reference
-from htsep.apply import ChunkOptions, ChunkStream, zero_extended
+from htsep import apply as apply_module
+from htsep.apply import ChunkOptions, ChunkStream, NetworkRunner, OutOfDeviceMemory, zero_extended
 
 
 def test_chunk_stream_taken_in_pieces_equals_taken_whole(repo):
@@ -137,3 +141,107 @@ def test_device_slot_runs_members_one_at_a_time(repo, tmp_path):
     assert all(slot.copy is not model for model, _ in members)
     for (model, _), saved in zip(members, before, strict=True):
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), saved, strict=True))
+
+
+# --- the network runner: out of memory, batches in flight --------------------------------------
+
+
+def _out_of_memory_above(monkeypatch, limit: int) -> list[int]:
+    """Make every network call of more than ``limit`` chunks fail as a device out of memory
+    does; -> the sizes of the calls made (failed ones included)."""
+    calls: list[int] = []
+    network = apply_module.run_network
+
+    def run_network(model, windows, *args, **kwargs):
+        calls.append(len(windows))
+        if len(windows) > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+        return network(model, windows, *args, **kwargs)
+
+    monkeypatch.setattr(apply_module, "run_network", run_network)
+    return calls
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_numbers(repo, monkeypatch, caplog):
+    """A batch that runs out of memory is split and retried, never lost: 8 chunks per call
+    become 4, then 2, logged once each; the stems are those of 2 chunks per call from the
+    start, and later tracks keep the smaller size."""
+    mix = torch.randn(2, 90000, generator=torch.Generator().manual_seed(3)) * 0.1
+    expected = htsep.Separator("aaaa0001", repo=repo, device="cpu", batch_size=2, shifts=0)
+    want = expected.separate_tensor(mix)
+    separator = htsep.Separator("aaaa0001", repo=repo, device="cpu", batch_size=8, shifts=0)
+    calls = _out_of_memory_above(monkeypatch, 2)
+    with caplog.at_level(logging.WARNING, logger="htsep.apply"):
+        got = separator.separate_tensor(mix)
+    chunks = len(range(0, 90000, int(0.75 * int(separator.bag.segment * 8000))))
+    assert chunks >= 8
+    assert calls[:3] == [8, 4, 2] and all(size <= 2 for size in calls[3:])
+    assert sum(calls[2:]) == chunks  # every chunk ran exactly once after the halvings
+    assert [r.getMessage() for r in caplog.records] == [
+        "out of memory on cpu with 8 chunks per call: now 4 per call",
+        "out of memory on cpu with 4 chunks per call: now 2 per call",
+    ]
+    for name in want:
+        assert torch.equal(got[name], want[name])
+    caplog.clear()
+    calls.clear()
+    with caplog.at_level(logging.WARNING, logger="htsep.apply"):
+        again = separator.separate_tensor(mix)
+    assert max(calls) == 2 and not caplog.records
+    assert all(torch.equal(again[name], want[name]) for name in want)
+
+
+def test_a_single_chunk_out_of_memory_is_one_clear_error(repo, monkeypatch, tmp_path):
+    _out_of_memory_above(monkeypatch, 0)
+    separator = htsep.Separator("aaaa0001", repo=repo, device="cpu", batch_size=4, shifts=0)
+    with pytest.raises(OutOfDeviceMemory, match=r"^out of memory on cpu with a single chunk: "):
+        separator.separate_tensor(torch.zeros(2, 20000))
+    clip = tmp_path / "clip.wav"
+    write_clip(clip, 1.0, rate=8000)
+    result = htsep_cli(
+        "--repo", str(repo), "-n", "aaaa0001", "-o", str(tmp_path / "out"), str(clip)
+    )
+    assert result.exit_code == 1
+    assert (
+        f"htsep: error: {clip}: out of memory on cpu with a single chunk: use a shorter "
+        "--segment, --precision bf16/fp16 or another device"
+    ) in result.stderr.splitlines()
+    assert not list((tmp_path / "out").rglob("*.wav"))
+
+
+class _RecordingRunner(NetworkRunner):
+    """Records when each batch is started and when its result is taken."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.events: list[tuple[str, int]] = []
+
+    def submit(self, model, windows):
+        index = sum(1 for kind, _ in self.events if kind == "submit")
+        self.events.append(("submit", index))
+        pending = super().submit(model, windows)
+        result = pending.result
+
+        def taken():
+            self.events.append(("result", index))
+            return result()
+
+        pending.result = taken
+        return pending
+
+
+def test_the_next_batch_starts_before_the_last_is_added_up(repo):
+    """While a batch's estimates are added up (on the host), the next batch is already on its
+    way (on a GPU it computes meanwhile). (test_apply checks the numbers against demucs.)"""
+    model = htsep.Separator("aaaa0001", repo=repo, device="cpu").bag.model(0)
+    mix = torch.randn(1, 2, 60011, generator=torch.Generator().manual_seed(0))
+    runner = _RecordingRunner(batch_size=2)
+    stream = ChunkStream(model, lambda s, n: zero_extended(mix, s, n), start=0, length=60011,
+                         options=ChunkOptions(batch_size=2), runner=runner)  # fmt: skip
+    assert stream.take(60011).shape[-1] == 60011
+    batches = -(-len(stream.offsets) // 2)
+    assert batches >= 3
+    expected = [("submit", 0), ("submit", 1), ("result", 0)]
+    for index in range(2, batches):
+        expected += [("submit", index), ("result", index - 1)]
+    assert runner.events == [*expected, ("result", batches - 1)]
