@@ -1,26 +1,33 @@
 """Inference fast paths: when intermediate tensors may be overwritten, and the transformer's
-matrix products, with a float32 CPU path through oneDNN and the plain torch formulation as
-fallback.
+matrix products on the CPU, through whichever library multiplies fastest there, with the plain
+torch formulation as fallback.
 
 Dimensions: I input features, O output features; B batch, H heads, N queries, M keys, D head
 width.
 
-torch's float32 ``F.linear`` and its fused CPU attention multiply with the BLAS library torch was
-built with (MKL), which on some CPUs (AMD Zen, notably) runs at half the speed of oneDNN, the
-library behind torch's CPU convolutions. oneDNN also fuses the activation or the residual add
-into the product, saving a pass over the output. We reach it through torch's internal
-``mkldnn::_linear_pointwise`` ops (those its graph compiler uses for fused linear layers). They
-have no autograd formula, so they are used only when no gradient is being recorded, on float32
-CPU tensors outside autocast, and only if a probe call works on this build. Results agree with
-the fallback to float32 rounding (about 1e-6 relative).
+torch's float32 ``F.linear`` multiplies with the BLAS library torch was built with (MKL on
+x86). MKL takes its AVX2 code on AMD CPUs, so on an AVX-512 CPU such as Zen 4 it runs at about
+half the speed of oneDNN, the library behind torch's CPU convolutions; on an AVX2-only CPU
+MKL is the faster one (an AVX2 EPYC: 1.2-1.8x oneDNN on the transformer's products, the
+widest gap where oneDNN fuses the GELU). ``cpu_products`` picks one from the kernels torch
+runs on this CPU. oneDNN is reached through torch's internal ``mkldnn::_linear_pointwise``
+ops (those its graph compiler uses for fused linear layers), which fuse the activation or the
+residual add into the product; on the BLAS path they are applied in place. Neither has an
+autograd formula here: both are used only when no gradient is being recorded, on float32 CPU
+tensors outside autocast. Results agree with the fallback to float32 rounding (about 1e-6
+relative).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
+
+# Overrides the choice of ``cpu_products`` ("onednn" or "blas"), for benchmarks and tests.
+PRODUCTS_VARIABLE = "HTSEP_CPU_PRODUCTS"
 
 
 @functools.cache
@@ -38,6 +45,21 @@ def onednn_linear_available() -> bool:
         return False
 
 
+@functools.cache
+def cpu_products() -> str:
+    """The library for float32 matrix products in CPU inference: "onednn" where torch runs
+    AVX-512 kernels (``torch.backends.cpu.get_cpu_capability``) and oneDNN's linear ops work,
+    "blas" elsewhere; HTSEP_CPU_PRODUCTS=onednn|blas overrides it (onednn only if it works)."""
+    wanted = os.environ.get(PRODUCTS_VARIABLE, "").strip().lower()
+    if wanted not in ("", "onednn", "blas"):
+        raise ValueError(f"{PRODUCTS_VARIABLE}={wanted!r}: expected onednn or blas")
+    if not wanted:
+        wanted = (
+            "onednn" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "blas"
+        )
+    return "onednn" if wanted == "onednn" and onednn_linear_available() else "blas"
+
+
 # Our activation names -> oneDNN post-op and algorithm ("none": erf GELU, not the tanh one).
 _ONEDNN_ACTIVATIONS = {None: ("none", ""), "gelu": ("gelu", "none"), "relu": ("relu", "")}
 
@@ -48,15 +70,24 @@ def overwritable(x: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
 
 
-def fast_path(x: torch.Tensor) -> bool:
-    """True when ``x`` may take the oneDNN inference path."""
-    return (
+def fast_path(x: torch.Tensor) -> str | None:
+    """The library of the CPU inference path ``x`` may take ("onednn" or "blas"; see
+    ``cpu_products``), or None for the plain torch formulation."""
+    if (
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and overwritable(x)
         and not torch.compiler.is_compiling()  # inductor lowers these ops for frozen weights only
-        and onednn_linear_available()
-    )
+    ):
+        return cpu_products()
+    return None
+
+
+def _matrix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b through BLAS as one 2-D product: (..., I) -> (..., O), a new tensor."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.mm(rows, weight.t()) if bias is None else torch.addmm(bias, rows, weight.t())
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def linear(
@@ -69,14 +100,17 @@ def linear(
 
     x: (..., I), weight: (O, I) -> (..., O)
     """
-    if fast_path(x):
+    path = fast_path(x)
+    if path == "onednn":
         attr, algorithm = _ONEDNN_ACTIVATIONS[activation]
         # A strided weight sends oneDNN to a reference kernel, hundreds of times slower.
         weight = weight.contiguous()
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
-    y = F.linear(x, weight, bias)
+    y = _matrix(x, weight, bias) if path == "blas" else F.linear(x, weight, bias)
     if activation is None:
         return y
+    if path == "blas":  # y is ours: overwrite it
+        return torch.ops.aten.gelu_(y) if activation == "gelu" else y.relu_()
     return F.gelu(y) if activation == "gelu" else F.relu(y)
 
 
@@ -89,9 +123,12 @@ def linear_add(
     """
     shape = (*x.shape[:-1], weight.shape[0])
     dense = residual.shape == shape and residual.dtype == x.dtype and residual.is_contiguous()
-    if dense and fast_path(x):
+    path = fast_path(x) if dense else None
+    if path == "onednn":
         weight = weight.contiguous()
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+    if path == "blas":
+        return _matrix(x, weight, bias).add_(residual)
     return residual + F.linear(x, weight, bias)
 
 
@@ -107,10 +144,12 @@ def attention(
 
     q: (B, H, N, D), k, v: (B, H, M, D) -> (B, N, H, D).
 
-    The fast path runs both products per head and per block of queries through oneDNN (about
-    1.5x torch's fused CPU kernel, which multiplies with MKL); the softmax is torch's.
+    The oneDNN path runs both products per head and per block of queries (about 1.5x torch's
+    fused CPU kernel, which multiplies with MKL, on an AVX-512 CPU); the softmax is torch's.
+    Elsewhere torch's fused attention runs.
     """
-    if dropout or not fast_path(q):
+    if dropout or fast_path(q) != "onednn":
+        # (On an AVX2 EPYC this fused kernel beat per-block products through MKL by 8%.)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=1.0)
         return out.transpose(1, 2)
     batch, heads, queries, dim = q.shape

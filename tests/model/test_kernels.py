@@ -6,9 +6,14 @@ from htsep.model import kernels
 from htsep.model.config import TransformerConfig
 from htsep.model.transformer import CrossDomainTransformer
 
-needs_onednn = pytest.mark.skipif(
-    not kernels.onednn_linear_available(), reason="this torch build has no oneDNN linear ops"
-)
+PATHS = ["blas", "onednn"] if kernels.onednn_linear_available() else ["blas"]
+
+
+@pytest.fixture(params=PATHS)
+def products(request, monkeypatch):
+    """Each CPU inference path in turn, whichever this CPU would pick."""
+    monkeypatch.setattr(kernels, "cpu_products", lambda: request.param)
+    return request.param
 
 
 def _operands(seed=0):
@@ -22,18 +27,53 @@ def _operands(seed=0):
 
 def test_fast_path_only_without_autograd_or_autocast():
     x = torch.randn(3, 4)
-    assert not kernels.fast_path(x) and not kernels.overwritable(x)
+    assert kernels.fast_path(x) is None and not kernels.overwritable(x)
     with torch.no_grad():
         assert kernels.overwritable(x)
-        assert kernels.fast_path(x) == kernels.onednn_linear_available()
-        assert not kernels.fast_path(x.double())
+        assert kernels.fast_path(x) == kernels.cpu_products()
+        assert kernels.fast_path(x.double()) is None
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not kernels.fast_path(x) and not kernels.overwritable(x)
+            assert kernels.fast_path(x) is None and not kernels.overwritable(x)
 
 
-@needs_onednn
+@pytest.mark.parametrize(
+    "capability,variable,expected",
+    [
+        ("AVX512", None, "onednn"),
+        ("AVX512_BF16", None, "onednn"),
+        ("AVX2", None, "blas"),
+        ("DEFAULT", None, "blas"),
+        ("AVX2", "onednn", "onednn"),
+        ("AVX512", "blas", "blas"),
+        ("AVX512", " BLAS ", "blas"),
+    ],
+)
+def test_the_cpu_products_follow_torch_kernels(monkeypatch, capability, variable, expected):
+    """oneDNN where torch runs AVX-512 kernels, BLAS elsewhere; the variable overrides, and
+    oneDNN is only taken where its ops work."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    if variable is None:
+        monkeypatch.delenv(kernels.PRODUCTS_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(kernels.PRODUCTS_VARIABLE, variable)
+    kernels.cpu_products.cache_clear()
+    try:
+        available = kernels.onednn_linear_available()
+        assert kernels.cpu_products() == (expected if available else "blas")
+        monkeypatch.setattr(kernels, "onednn_linear_available", lambda: False)
+        kernels.cpu_products.cache_clear()
+        assert kernels.cpu_products() == "blas"
+        monkeypatch.setenv(kernels.PRODUCTS_VARIABLE, "mkl")
+        kernels.cpu_products.cache_clear()
+        with pytest.raises(ValueError, match="HTSEP_CPU_PRODUCTS='mkl': expected onednn or blas"):
+            kernels.cpu_products()
+    finally:
+        monkeypatch.undo()
+        kernels.cpu_products.cache_clear()
+
+
 @pytest.mark.parametrize("activation", [None, "gelu", "relu"])
-def test_linear_matches_torch(activation):
+def test_linear_matches_torch(products, activation):
     x, weight, bias, _ = _operands()
     expected = F.linear(x, weight, bias)
     if activation is not None:
@@ -48,8 +88,7 @@ def test_linear_matches_torch(activation):
     torch.testing.assert_close(strided, plain, rtol=1e-5, atol=1e-6)
 
 
-@needs_onednn
-def test_linear_add_matches_torch_and_leaves_the_residual_alone():
+def test_linear_add_matches_torch_and_leaves_the_residual_alone(products):
     x, weight, bias, residual = _operands()
     before = residual.clone()
     with torch.inference_mode():
@@ -61,9 +100,9 @@ def test_linear_add_matches_torch_and_leaves_the_residual_alone():
     assert torch.equal(residual, before)
 
 
-def test_transformer_inference_path_matches_autograd_path():
-    """The fused inference path (oneDNN products, folded layer scales) against the plain
-    differentiable one, on the same weights."""
+def test_transformer_inference_path_matches_autograd_path(products):
+    """The fused inference path (in-place or fused activations and adds, folded layer scales)
+    against the plain differentiable one, on the same weights."""
     torch.manual_seed(0)
     config = TransformerConfig(layers=3, heads=2, hidden_scale=2.0, layer_scale_init=0.5)
     transformer = CrossDomainTransformer(16, config).eval()
@@ -75,9 +114,8 @@ def test_transformer_inference_path_matches_autograd_path():
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
 
 
-@needs_onednn
 @pytest.mark.parametrize("batch,heads,queries,keys", [(1, 2, 7, 5), (2, 3, 1100, 37)])
-def test_attention_matches_torch(batch, heads, queries, keys):
+def test_attention_matches_torch(products, batch, heads, queries, keys):
     """Blocks of queries (1100 spans three) against torch's fused attention."""
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(batch, heads, queries, 16, generator=gen) / 4
