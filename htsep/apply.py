@@ -10,8 +10,9 @@ outputs are weighted by a triangle and normalized by the summed weights.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Protocol
@@ -112,9 +113,37 @@ def run_network(
     with (
         torch.inference_mode(),
         torch.autocast(target.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+        full_float32(target.type == "cuda" and dtype is None),
     ):
         out = model(batch.to(target)).float()
     return out if on_device else out.to("cpu")
+
+
+@contextlib.contextmanager
+def full_float32(enabled: bool = True) -> Iterator[None]:
+    """CUDA convolutions and matrix products in IEEE float32 inside the block: torch lets cuDNN
+    round convolution inputs to TF32 (10-bit mantissas) by default, and a user may have allowed
+    it for matrix products, which is not fp32 the way the reference computes it. The settings
+    are restored on the way out (they are process-wide: one separation at a time)."""
+    if not enabled:
+        yield
+        return
+    cudnn: Any = torch.backends.cudnn
+    matmul: Any = torch.backends.cuda.matmul
+    settings: list[tuple[Any, str, object]]
+    if hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+        # torch >= 2.9: the per-backend precision API (mixing it with allow_tf32 is an error).
+        settings = [(cudnn.conv, "fp32_precision", "ieee"), (matmul, "fp32_precision", "ieee")]
+    else:
+        settings = [(cudnn, "allow_tf32", False), (matmul, "allow_tf32", False)]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in settings]
+    try:
+        for owner, name, value in settings:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
 
 
 class OutOfDeviceMemory(HtsepError):

@@ -245,3 +245,18 @@ def test_the_next_batch_starts_before_the_last_is_added_up(repo):
     for index in range(2, batches):
         expected += [("submit", index), ("result", index - 1)]
     assert runner.events == [*expected, ("result", batches - 1)]
+
+
+def test_fp32_on_cuda_turns_tf32_off_for_the_call_only():
+    """Inside the block cuDNN convolutions and CUDA products are IEEE float32 (torch's default
+    lets cuDNN use TF32); outside, the user's settings are back, also after an error."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    with apply_module.full_float32():
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
+    with pytest.raises(KeyError), apply_module.full_float32():
+        raise KeyError
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
+    with apply_module.full_float32(enabled=False):
+        assert (conv.fp32_precision, matmul.fp32_precision) == before
