@@ -443,12 +443,26 @@ def _build(
             f"loads ({MAX_PARAMETERS:,})"
         )
     renamed = _fit_state(model, state, translate, path)
-    model.to_empty(device="cpu")
+    _allocate(model)
     ours = model.state_dict()
     with torch.no_grad():
         for new, value in renamed.items():
             ours[new].copy_(value.to(ours[new].dtype))
     return model.eval()
+
+
+def _allocate(model: torch.nn.Module) -> None:
+    """Give every parameter and buffer of a model built on the meta device uninitialized memory
+    on the CPU, in place. (``Module.to_empty`` does the same, but its first call imports sympy,
+    0.4 s of every start.)"""
+    for module in model.modules():
+        for name, parameter in module._parameters.items():
+            if parameter is not None:
+                empty = torch.empty(parameter.shape, dtype=parameter.dtype)
+                module._parameters[name] = torch.nn.Parameter(empty, parameter.requires_grad)
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype)
 
 
 def _fit_state(
