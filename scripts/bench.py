@@ -1,22 +1,34 @@
 """Speed of `htsep separate` against `python -m demucs` (demucs 4.1.0) on the same checkpoint.
 
-    python scripts/bench.py [--seconds 30] [--runs 3] [--keep DIR] [--threads N] [--tuned-malloc]
+    python scripts/bench.py [--seconds 30 180] [--runs 3] [--keep DIR] [--threads N]
     python scripts/bench.py --forward [--runs 5]
-    python scripts/bench.py --precision bf16     # htsep under bf16 autocast (inexact)
+    python scripts/bench.py --no-bf16            # no htsep --precision bf16 column
     python scripts/bench.py --keep-memory        # also htsep --keep-memory (more memory)
     python scripts/bench.py --baseline DIR       # also the htsep of another checkout
+    python scripts/bench.py --tuned-malloc       # every command with glibc tuned to keep memory
+
+The first line names the CPU, its vector extensions, torch's kernel level and which library
+multiplies htsep's float32 matrices (htsep.model.kernels.cpu_products); every figure belongs
+to it.
 
 A demucs HTDemucs with the released htdemucs settings and random weights is written with
-demucs's own serializer into a temporary checkpoint folder; a deterministic stereo 44.1 kHz
-clip (tones and noise at about 0.1 amplitude, 32-bit float WAV) is separated by both commands,
-alternating, each run in its own process (start-up and model loading included, --shifts 0,
-float32 output). The table gives medians of wall-clock seconds, the ratio htsep / demucs, the
-real-time factors (seconds of compute per second of audio) and the largest absolute difference
-between the two sets of stems.
+demucs's own serializer into a temporary checkpoint folder; deterministic stereo 44.1 kHz clips
+(tones and noise at about 0.1 amplitude, 32-bit float WAV), by default of 30 s and 3 minutes,
+are separated by each command, alternating, each run in its own process (start-up and model
+loading included, --shifts 0, float32 output). Per clip the table gives medians of wall-clock
+seconds, the ratio to demucs, the real-time factors (seconds of compute per second of audio)
+and each command's largest absolute difference from demucs's stems (SNR for bf16, which is not
+exact). htsep --precision bf16 is timed where the CPU has bfloat16 arithmetic
+(htsep.devices.bf16_arithmetic); elsewhere a line says why not.
+
+Then the share of htsep's time outside its network calls: one forward pass of htsep's network
+is timed in this process, alternating with the commands, and the commands' times are set
+against (chunks of the clip) x (that time).
 
 --forward times one forward pass of each network instead (one released-length segment), on
-identical weights loaded from the same file, alternating in this process, and sets them
-against the floor: the chunk's FLOP count over the rate of a large float32 matrix product.
+identical weights loaded from the same file, alternating in this process (and htsep under bf16
+autocast where the CPU has bfloat16 arithmetic), and sets them against the floor: the chunk's
+FLOP count over the rate of a large float32 matrix product.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -98,75 +111,118 @@ def compare_stems(ours: Path, theirs: Path) -> tuple[float, float]:
 
 
 def bench_commands(args: argparse.Namespace, work: Path) -> None:
+    from htsep.devices import bf16_arithmetic
+
     repo = work / "repo"
-    write_checkpoint(repo)
-    clip = work / "clip.wav"
-    write_clip(clip, args.seconds)
+    checkpoint = write_checkpoint(repo)
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     if args.tuned_malloc:
         env.update(TUNED_MALLOC)
     common = ["--repo", str(repo), "-n", SIGNATURE, "--shifts", "0", "--float32"]
-    commands = {
-        "demucs": [sys.executable, "-m", "demucs", *common, "-o", str(work / "demucs"), str(clip)],
-        "htsep": [
-            *htsep_command(),
-            "separate",
-            *common,
-            "-q",
-            "--overwrite",
-            "--precision",
-            args.precision,
-            "-o",
-            str(work / "htsep"),
-            str(clip),
-        ],
-    }
+    htsep_args = [*htsep_command(), "separate", *common, "-q", "--overwrite"]
+    variants: dict[str, tuple[list[str], dict[str, str]]] = {"htsep": (htsep_args, env)}
+    if args.bf16 and bf16_arithmetic():
+        variants["htsep bf16"] = ([*htsep_args, "--precision", "bf16"], env)
+    elif args.bf16:
+        print("htsep bf16: not timed: this CPU has no bfloat16 arithmetic (AVX512-BF16, AMX or "
+              "Arm BF16), and htsep refuses --precision bf16 on it")  # fmt: skip
     if args.keep_memory:
-        commands["htsep --keep-memory"] = [
-            *commands["htsep"][:-3], "--keep-memory", "-o", str(work / "htsep-keep"), str(clip)
-        ]  # fmt: skip
-    envs = {name: env for name in commands}
-    folders = {"htsep": work / "htsep", "htsep --keep-memory": work / "htsep-keep"}
+        variants["htsep --keep-memory"] = ([*htsep_args, "--keep-memory"], env)
     if args.baseline:
         # The same command from another checkout (e.g. a git worktree of an older commit),
         # found before the installed htsep on the module path.
-        name = "baseline"
-        folders[name] = work / "baseline"
-        commands[name] = [sys.executable, "-m", "htsep", *commands["htsep"][1:-3]]
-        commands[name] += ["-o", str(folders[name]), str(clip)]
-        envs[name] = dict(env, PYTHONPATH=str(args.baseline.resolve()))
-    times: dict[str, list[float]] = {name: [] for name in commands}
-    for run in range(args.runs):
-        for name, command in commands.items():
-            times[name].append(timed(command, envs[name]))
-        print(
-            f"run {run + 1}/{args.runs}: "
-            + ", ".join(f"{name} {seconds[-1]:.2f} s" for name, seconds in times.items()),
-            flush=True,
-        )
+        baseline_env = dict(env, PYTHONPATH=str(args.baseline.resolve()))
+        variants["baseline"] = ([sys.executable, "-m", "htsep", *htsep_args[1:]], baseline_env)
+    forward = ForwardTimer(checkpoint, args.threads)
+    for seconds in args.seconds:
+        clip = work / f"clip{seconds:g}.wav"
+        write_clip(clip, seconds)
+        out = {
+            name: work / f"out{seconds:g}" / name.replace(" ", "_")
+            for name in ["demucs", *variants]
+        }
+        commands = {"demucs": ([sys.executable, "-m", "demucs", *common, "-o", str(out["demucs"]),
+                                str(clip)], env)}  # fmt: skip
+        for name, (command, command_env) in variants.items():
+            commands[name] = ([*command, "-o", str(out[name]), str(clip)], command_env)
+        times: dict[str, list[float]] = {name: [] for name in commands}
+        network: list[float] = []
+        for run in range(args.runs):
+            for name, (command, command_env) in commands.items():
+                times[name].append(timed(command, command_env))
+            network.append(forward.time())
+            print(
+                f"{seconds:g} s clip, run {run + 1}/{args.runs}: "
+                + ", ".join(f"{name} {t[-1]:.2f} s" for name, t in times.items())
+                + f"; one htsep forward {network[-1]:.2f} s",
+                flush=True,
+            )
+        report(args, seconds, clip, times, out, statistics.median(network))
+
+
+def report(
+    args: argparse.Namespace,
+    seconds: float,
+    clip: Path,
+    times: dict[str, list[float]],
+    out: dict[str, Path],
+    forward: float,
+) -> None:
     theirs = statistics.median(times["demucs"])
-    threads = args.threads or torch.get_num_threads()
     print()
-    print(f"{args.seconds:g} s stereo clip, {args.runs} runs each, medians of wall-clock seconds")
-    print(
-        f"torch {torch.__version__}, {threads} threads, {os.cpu_count()} CPUs"
-        + (", tuned malloc" if args.tuned_malloc else "")
-        + f"; htsep --precision {args.precision}"
-    )
-    names = list(commands)
+    print(f"{seconds:g} s stereo clip, {args.runs} runs each, medians of wall-clock seconds"
+          + (", tuned malloc" if args.tuned_malloc else ""))  # fmt: skip
+    names = list(times)
     width = max(12, *(len(name) + 2 for name in names))
     print(f"{'':<22}" + "".join(f"{name:>{width}}" for name in names))
     medians = [statistics.median(times[name]) for name in names]
     print(f"{'seconds':<22}" + "".join(f"{m:>{width}.2f}" for m in medians))
-    print(f"{'real-time factor':<22}" + "".join(f"{m / args.seconds:>{width}.3f}" for m in medians))
+    print(f"{'real-time factor':<22}" + "".join(f"{m / seconds:>{width}.3f}" for m in medians))
     print(f"{'/ demucs':<22}" + "".join(f"{m / theirs:>{width}.3f}" for m in medians))
     for name in names[1:]:
         difference, snr = compare_stems(
-            folders[name] / SIGNATURE / clip.stem, work / "demucs" / SIGNATURE / clip.stem
+            out[name] / SIGNATURE / clip.stem, out["demucs"] / SIGNATURE / clip.stem
         )
         print(f"{name}: max |stem difference| from demucs {difference:.2e}, SNR {snr:.1f} dB")
+    chunks = chunk_count(seconds)
+    ours = statistics.median(times["htsep"])
+    print(
+        f"htsep's network: {chunks} chunks x {forward:.2f} s (one forward, timed alone) = "
+        f"{chunks * forward:.2f} s; the rest (start-up, loading, reading, overlap-add, "
+        f"writing, memory) {ours - chunks * forward:.2f} s, "
+        f"{(ours - chunks * forward) / ours:.0%} of htsep's time"
+    )
+    print()
+
+
+def chunk_count(seconds: float) -> int:
+    """Chunks the released model cuts a clip into at the default overlap of 0.25."""
+    segment = int(44100 * 7.8)
+    stride = int(0.75 * segment)
+    return -(-int(seconds * RATE) // stride)
+
+
+class ForwardTimer:
+    """One forward pass of htsep's network on a released-length segment, in this process."""
+
+    def __init__(self, checkpoint: Path, threads: int | None) -> None:
+        import htsep
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = htsep.load_model(checkpoint).eval()
+        generator = torch.Generator().manual_seed(0)
+        self.mix = torch.randn(1, 2, self.model.segment_length, generator=generator)
+        with torch.inference_mode():
+            self.model(self.mix)  # warm-up
+
+    def time(self) -> float:
+        with torch.inference_mode():
+            started = time.perf_counter()
+            self.model(self.mix)
+            return time.perf_counter() - started
 
 
 def bench_forward(args: argparse.Namespace, work: Path) -> None:
@@ -179,8 +235,14 @@ def bench_forward(args: argparse.Namespace, work: Path) -> None:
     path = write_checkpoint(work / "repo")
     theirs = demucs_load_model(torch.load(path, map_location="cpu", weights_only=False)).eval()
     ours = htsep.load_model(path).eval()
+    from htsep.devices import bf16_arithmetic
+
     mix = torch.randn(1, 2, ours.segment_length, generator=torch.Generator().manual_seed(0))
     models = {"demucs": theirs, "htsep": ours}
+    if args.bf16 and bf16_arithmetic():
+        models["htsep bf16"] = bf16(ours)
+    elif args.bf16:
+        print("htsep bf16: not timed: this CPU has no bfloat16 arithmetic")
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         outputs = {name: model(mix) for name, model in models.items()}  # warm-up
@@ -202,6 +264,11 @@ def bench_forward(args: argparse.Namespace, work: Path) -> None:
             + " ".join(f"{s:.3f}" for s in seconds)
         )
     print(f"htsep / demucs {fast / slow:.3f}; max relative difference {relative.item():.2e}")
+    if "htsep bf16" in times:
+        reduced = statistics.median(times["htsep bf16"])
+        error = outputs["htsep bf16"] - outputs["htsep"]
+        snr = 10 * torch.log10(outputs["htsep"].square().sum() / error.square().sum())
+        print(f"htsep bf16 / htsep fp32 {reduced / fast:.3f}; SNR against fp32 {snr.item():.1f} dB")
     flops, peak = chunk_flops(theirs, mix), matmul_rate()
     print(
         f"one chunk is {flops / 1e9:.1f} GFLOP (torch's FlopCounterMode on demucs's network); "
@@ -209,6 +276,16 @@ def bench_forward(args: argparse.Namespace, work: Path) -> None:
         f"{flops / peak:.2f} s: htsep runs at {flops / fast / 1e9:.0f} GFLOP/s "
         f"({flops / peak / fast:.0%} of that rate), demucs at {flops / slow / 1e9:.0f} GFLOP/s"
     )
+
+
+def bf16(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model under CPU bf16 autocast, as htsep --precision bf16 runs it."""
+
+    def run(mix: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(mix).float()
+
+    return run
 
 
 def chunk_flops(model: torch.nn.Module, mix: torch.Tensor) -> float:
@@ -247,16 +324,21 @@ def describe_machine() -> str:
         pass
     wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
     vector = [flag for flag in wanted if flag in flags] or ["(flags unknown)"]
+    from htsep.model.kernels import cpu_products
+
     capability = torch.backends.cpu.get_cpu_capability()
     return (
         f"CPU: {name}, {os.cpu_count()} logical cores; {' '.join(vector)}; "
-        f"torch {torch.__version__} ({capability} kernels, {torch.get_num_threads()} threads)"
+        f"torch {torch.__version__} ({capability} kernels, {torch.get_num_threads()} threads); "
+        f"htsep multiplies through {cpu_products()}"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=30.0, help="length of the test clip")
+    parser.add_argument(
+        "--seconds", type=float, nargs="+", default=[30.0, 180.0], help="lengths of the clips"
+    )
     parser.add_argument("--runs", type=int, default=3, help="runs of each side")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -266,10 +348,10 @@ def main() -> None:
         help="run both commands with glibc tuned to reuse freed memory",
     )
     parser.add_argument(
-        "--precision",
-        default="fp32",
-        choices=["fp32", "bf16"],
-        help="htsep's --precision (demucs always runs in float32)",
+        "--no-bf16",
+        dest="bf16",
+        action="store_false",
+        help="no htsep --precision bf16 column (it is timed only where the CPU has bf16 anyway)",
     )
     parser.add_argument(
         "--forward", action="store_true", help="time one forward pass of each network instead"
