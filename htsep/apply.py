@@ -11,6 +11,7 @@ outputs are weighted by a triangle and normalized by the summed weights.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -152,17 +153,23 @@ class OutOfDeviceMemory(HtsepError):
 
 class PendingBatch:
     """The output of network calls that may still be running or copying back to the host;
-    ``result()`` waits for it: (N, S, C, T) float32 on the CPU."""
+    ``result()`` waits for it: (N, S, C, T) float32 on the CPU. ``part`` selects some rows
+    (the chunks of one stream in a call that several share)."""
 
-    def __init__(self, parts: list[tuple[torch.Tensor, Any]]) -> None:
+    def __init__(self, parts: list[tuple[torch.Tensor, Any]], rows: slice = slice(None)) -> None:
         self.parts = parts  # (host tensor, CUDA event to wait for or None)
+        self.rows = rows
 
     def result(self) -> torch.Tensor:
         for _, event in self.parts:
             if event is not None:
                 event.synchronize()
         tensors = [tensor for tensor, _ in self.parts]
-        return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+        return (tensors[0] if len(tensors) == 1 else torch.cat(tensors))[self.rows]
+
+    def part(self, start: int, stop: int | None) -> PendingBatch:
+        """Rows [start, stop) of this output, pending."""
+        return PendingBatch(self.parts, slice(start, stop))
 
 
 class NetworkRunner:
@@ -174,6 +181,12 @@ class NetworkRunner:
     out of device memory is split in halves and retried (the smaller size is kept for every
     later call, and logged once per halving); only a single chunk that does not fit is an
     error (``OutOfDeviceMemory``).
+
+    full_calls (default: on CUDA): every call has exactly ``batch_size`` chunks, the last
+    ones padded with silence whose estimates are dropped, so that a chunk's numbers never
+    depend on how many chunks share its call; room at the end of a track may then go to the
+    next track's chunks (see ``ChunkStream``). Off, a track's last call is as short as its
+    last chunks.
     """
 
     def __init__(
@@ -182,9 +195,14 @@ class NetworkRunner:
         precision: str = "fp32",
         batch_size: int = 1,
         slot: DeviceSlot | None = None,
+        *,
+        full_calls: bool | None = None,
     ) -> None:
         self.device = None if device is None else torch.device(device)
         self.precision, self.batch_size, self.slot = precision, batch_size, slot
+        if full_calls is None:
+            full_calls = self.device is not None and self.device.type == "cuda"
+        self.full_calls = full_calls
         self._copies: Any = None  # the CUDA stream for device-to-host copies, made on first use
 
     def submit(self, model: SeparationModel, windows: list[torch.Tensor]) -> PendingBatch:
@@ -194,10 +212,11 @@ class NetworkRunner:
         start = 0
         while start < len(windows):
             group = windows[start : start + self.batch_size]
+            size = self.batch_size if self.full_calls else len(group)  # chunks in the call
             try:
                 parts.append(self._call(model, group))
             except torch.OutOfMemoryError:
-                if len(group) == 1:
+                if size == 1:
                     raise OutOfDeviceMemory(
                         f"out of memory on {self.device or 'the CPU'} with a single chunk: "
                         "use a shorter --segment, --precision bf16/fp16 or another device"
@@ -206,11 +225,11 @@ class NetworkRunner:
                 start += len(group)
                 continue
             # Outside the except block, so that the failed call's tensors are freed first.
-            self.batch_size = len(group) // 2
+            self.batch_size = size // 2
             logger.warning(
                 "out of memory on %s with %d chunks per call: now %d per call",
                 self.device or "the CPU",
-                len(group),
+                size,
                 self.batch_size,
             )
             if self.device is not None and self.device.type == "cuda":
@@ -221,9 +240,15 @@ class NetworkRunner:
         self, model: SeparationModel, windows: list[torch.Tensor]
     ) -> tuple[torch.Tensor, Any]:
         network = model if self.slot is None else self.slot.get(model)
+        rows = sum(window.shape[0] for window in windows)  # the estimates kept
+        padding = self.batch_size - len(windows) if self.full_calls else 0
+        if padding > 0:
+            windows = windows + [torch.zeros_like(windows[0])] * padding
         if self.device is None or self.device.type != "cuda":
-            return run_network(network, windows, self.device, self.precision), None
+            out = run_network(network, windows, self.device, self.precision)
+            return (out[:rows] if padding > 0 else out), None
         out = run_network(network, windows, self.device, self.precision, on_device=True)
+        out = out[:rows]
         if self._copies is None:
             self._copies = torch.cuda.Stream(self.device)
         host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
@@ -291,6 +316,17 @@ class ChunkStream:
 
     A sample is finished once no later chunk covers it, i.e. when the next chunk starts after
     it; how the samples are taken (all at once or in pieces) does not change the numbers.
+
+    follower: gives the stream that runs after this one with the same model (the next
+    track's), or None. When the runner makes full calls, the room this stream's last call
+    leaves (padding otherwise) goes to the follower's first chunks, whose estimates the
+    follower keeps until it runs: at most one call's worth. Every chunk still gets the bits
+    it gets alone, because every call then has the same shape. Measured with direct calls: a
+    chunk's estimate changes in the last bits with the number of chunks in its call (on the
+    CPU; GPU kernels are chosen by shape too), not with its neighbours; on a CPU running
+    several threads it also changes with its place in the call, which decides how the
+    threads cut the work. So the CPU, whose batch size is 1, neither pads nor fills unless
+    its runner is told to (the tests do, with one thread).
     """
 
     def __init__(
@@ -305,9 +341,10 @@ class ChunkStream:
         progress: ProgressCallback | None = None,
         slot: DeviceSlot | None = None,
         runner: NetworkRunner | None = None,
+        follower: Callable[[], ChunkStream | None] | None = None,
     ) -> None:
         self.model, self.read, self.start, self.length = model, read, start, length
-        self.options, self.progress = options, progress
+        self.options, self.progress, self.follower = options, progress, follower
         if runner is None:
             runner = NetworkRunner(device, options.precision, options.batch_size, slot)
         self.runner = runner
@@ -338,14 +375,53 @@ class ChunkStream:
         self.base = position
 
     def _submit(self) -> None:
-        """Start the network on the next batch of chunks."""
+        """Start the network on the next batch of chunks (and the follower's first chunks,
+        when this batch leaves room in a call)."""
         group = self.offsets[self.submitted : self.submitted + self.runner.batch_size]
-        windows = [
+        windows = self._windows(group)
+        lent = self._lend(self.runner.batch_size - len(group), windows[0].shape)
+        if lent is None:
+            self._adopt(group, self.runner.submit(self.model, windows))
+            return
+        follower, their_group, theirs = lent
+        pending = self.runner.submit(self.model, windows + theirs)
+        rows = sum(window.shape[0] for window in windows)
+        self._adopt(group, pending.part(0, rows))
+        follower._adopt(their_group, pending.part(rows, None))
+
+    def _windows(self, group: list[int]) -> list[torch.Tensor]:
+        """The model-sized windows around the chunks at ``group``'s offsets: (B, C, chunk)."""
+        return [
             self.read(self.start + offset - (self.chunk - size) // 2, self.chunk)
             for offset, size in ((o, self._size(o)) for o in group)
         ]
-        self.pending.append((group, self.runner.submit(self.model, windows)))
+
+    def _adopt(self, group: list[int], pending: PendingBatch) -> None:
+        self.pending.append((group, pending))
         self.submitted += len(group)
+
+    def _lend(
+        self, room: int, shape: torch.Size
+    ) -> tuple[ChunkStream, list[int], list[torch.Tensor]] | None:
+        """Up to ``room`` next chunks of the follower, to fill a call: (follower, their
+        offsets, their windows), or None when there is no room, no follower of this model on
+        this runner, or its windows cannot be read (it then fails on its own turn)."""
+        if room <= 0 or self.follower is None or not self.runner.full_calls:
+            return None
+        try:
+            follower = self.follower()
+            if follower is None or follower.model is not self.model:
+                return None
+            if follower.runner is not self.runner or follower.chunk != self.chunk:
+                return None
+            group = follower.offsets[follower.submitted : follower.submitted + room]
+            windows = follower._windows(group)
+        except HtsepError as exc:
+            logger.debug("no chunks of the next track in this call: %s", exc)
+            return None
+        if not windows or any(window.shape != shape for window in windows):
+            return None
+        return follower, group, windows
 
     def _size(self, offset: int) -> int:
         return min(self.chunk, self.length - offset)
@@ -401,6 +477,11 @@ class SeparationStream:
     in the order the in-memory path draws them. slot: run the members through it, one at a
     time on its device (the models themselves stay where they are). runner: the network calls'
     runner, shared with other separations (default: one made from device, options and slot).
+
+    ``progress`` and ``following`` may be set after the stream is made. following: gives the
+    separation that runs next on the same runner (the next track's), or None; each run's last
+    call may then take the first chunks of the same member's same run there (see
+    ``ChunkStream``). It is asked when such a call is made, and may wait for that track.
     """
 
     def __init__(
@@ -416,14 +497,15 @@ class SeparationStream:
         progress: ProgressCallback | None = None,
         slot: DeviceSlot | None = None,
         runner: NetworkRunner | None = None,
+        following: Callable[[], SeparationStream | None] | None = None,
     ) -> None:
         if runner is None:
             runner = NetworkRunner(device, options.precision, options.batch_size, slot)
+        self.progress, self.following = progress, following
         self.streams: list[tuple[list[tuple[ChunkStream, int]], torch.Tensor]] = []
         total = None
-        runs = len(members) * max(shifts, 1)
-        share = None if progress is None else (lambda done: progress(done / runs))
-        for model, weights in members:
+        self.runs = len(members) * max(shifts, 1)
+        for member, (model, weights) in enumerate(members):
             weight = torch.tensor([float(w) for w in weights])
             total = weight if total is None else total + weight
             max_shift = int(0.5 * model.sample_rate)
@@ -443,18 +525,31 @@ class SeparationStream:
                         start=start,
                         length=length + skip,
                         options=options,
-                        progress=share,
+                        progress=self._share,
                         runner=runner,
+                        follower=functools.partial(self._run_after, member, run),
                     ),
                     skip,
                 )
-                for start, skip in starts
+                for run, (start, skip) in enumerate(starts)
             ]
             self.streams.append((runs_of_member, weight))
         assert total is not None
         self.total = total
         self.shifts = shifts
         self.started = False
+
+    def _share(self, done: float) -> None:
+        if self.progress is not None:
+            self.progress(done / self.runs)
+
+    def _run_after(self, member: int, run: int) -> ChunkStream | None:
+        """This run of this member in the separation that follows, if there is one."""
+        following = None if self.following is None else self.following()
+        if following is None or len(following.streams) != len(self.streams):
+            return None
+        runs, _ = following.streams[member]
+        return runs[run][0] if run < len(runs) else None
 
     def take(self, count: int) -> torch.Tensor:
         """The next ``count`` samples of the estimate: (B, S, C, count)."""

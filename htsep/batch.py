@@ -565,8 +565,10 @@ class Batch:
     removes what killed runs left in the output folders, then separates. With ``pipeline``,
     the next track's first pass (decoding, checks, statistics) and the previous track's final
     encoding (the rescale pass) run in two background threads while the networks separate
-    the current track. A track that fails is reported and the batch goes on; an interruption
-    stops the background work and leaves no half-written file.
+    the current track, and where the runner makes full calls (CUDA) the room in a track's
+    last network calls goes to the next track's first chunks, with the same stems. A track
+    that fails is reported and the batch goes on; an interruption stops the background work
+    and leaves no half-written file.
     """
 
     def __init__(
@@ -674,6 +676,7 @@ class _Run:
 
         settings, plan = self.settings, self.plans[index]
         duration = scanned.frames / scanned.sample_rate
+        scanned.fill_from(lambda: self._next_file(index))
         self.events.started(index, self.tracks[index], duration)
         try:
             return write_stems(
@@ -692,6 +695,19 @@ class _Run:
             )
         finally:
             self.events.separated(index)
+
+    def _next_file(self, index: int) -> ScannedFile | None:
+        """The first pass of the track after ``index``, once done, if that track runs next
+        and its pass succeeded: its first chunks may fill this track's last network calls.
+        A failure stays in the future, for that track to report in its turn. Without the
+        pipeline, tracks run one at a time: None."""
+        future = self.scans.get(index + 1)
+        if future is None:
+            return None
+        try:
+            return future.result()
+        except Exception:
+            return None
 
     def _encode(self, pending: PendingOutputs) -> float:
         pending.finish(self.stop)

@@ -701,11 +701,13 @@ class _TensorReader:
 
 class ScannedFile:
     """An open input after the first pass (``ScannedFile.open``): its length, layout and
-    the mixture statistics, with the model-rate signal they were computed from."""
+    the mixture statistics, with the model-rate signal they were computed from, and the
+    networks' stream over it (``separation``)."""
 
     def __init__(
         self, separator: Separator, reader: AudioReader | _TensorReader, *, downmix: bool
     ) -> None:
+        self.separator = separator
         self.reader = reader
         self.name = reader.name
         self.frames = reader.count_frames()
@@ -724,6 +726,44 @@ class ScannedFile:
 
         self.source = ResampledSignal(model_layout, self.frames, rate, separator.sample_rate)
         self.mean, self.std = mix_statistics(self.source.read, self.source.length, BLOCK_FRAMES)
+        self._separation: SeparationStream | None = None
+
+    def normalized(self, start: int, length: int) -> torch.Tensor:
+        """The model-rate mix normalized, as the networks take it: (x - mean) / std inside the
+        track, zeros outside it (as the in-memory path pads). -> (1, C, length)"""
+        out = torch.zeros(self.separator.audio_channels, length)
+        lo, hi = max(start, 0), min(start + length, self.source.length)
+        if lo < hi:
+            out[:, lo - start : hi - start] = (self.source.read(lo, hi - lo) - self.mean) / self.std
+        return out[None]
+
+    def separation(self) -> SeparationStream:
+        """The networks' estimate of the normalized mix, streamed; made on first use, by this
+        file's ``StreamedTrack`` or already by the track before it (``fill_from``)."""
+        if self._separation is None:
+            sep = self.separator
+            self._separation = SeparationStream(
+                sep.bag.members,
+                self.normalized,
+                self.source.length,
+                shifts=sep.shifts,
+                generator=torch.Generator().manual_seed(sep.seed),
+                options=sep.options,
+                device=sep.device,
+                runner=sep.runner,
+            )
+        return self._separation
+
+    def fill_from(self, following: Callable[[], ScannedFile | None]) -> None:
+        """Let this file's last network calls take the first chunks of ``following()``, the
+        file separated next (None: no such file), when they leave room (see
+        ``apply.ChunkStream``); ``following`` is asked then, and may wait for that file."""
+
+        def stream() -> SeparationStream | None:
+            file = following()
+            return None if file is None else file.separation()
+
+        self.separation().following = stream
 
     @classmethod
     def open(
@@ -757,33 +797,17 @@ class StreamedTrack:
         all_sources: bool,
         block: int,
     ) -> None:
+        if scanned.separator is not separator:
+            raise UsageError("the file was scanned for another Separator")
         self.separator, self.block, self.scanned = separator, block, scanned
         self.reader = scanned.reader
         self.name, self.frames = scanned.name, scanned.frames
         self.sample_rate = rate = scanned.sample_rate
         self.downmix, self.out_channels = scanned.downmix, scanned.out_channels
-        sep, source, mean, std = separator, scanned.source, scanned.mean, scanned.std
-        model_length = source.length
-
-        def normalized(start: int, length: int) -> torch.Tensor:
-            # Inside the track (x - mean) / std; outside it zeros, as the in-memory path pads.
-            out = torch.zeros(sep.audio_channels, length)
-            lo, hi = max(start, 0), min(start + length, model_length)
-            if lo < hi:
-                out[:, lo - start : hi - start] = (source.read(lo, hi - lo) - mean) / std
-            return out[None]
-
-        stream = SeparationStream(
-            sep.bag.members,
-            normalized,
-            model_length,
-            shifts=sep.shifts,
-            generator=torch.Generator().manual_seed(sep.seed),
-            options=sep.options,
-            device=sep.device,
-            progress=progress,
-            runner=sep.runner,
-        )
+        sep, mean, std = separator, scanned.mean, scanned.std
+        model_length = scanned.source.length
+        stream = scanned.separation()
+        stream.progress = progress
         buffer = _StemBuffer(
             lambda count: stream.take(count)[0] * std + mean,
             model_length,
