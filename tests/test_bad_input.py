@@ -67,6 +67,25 @@ def test_missing_file_exit_code_of_the_real_command(tmp_path, repo):
     )
 
 
+@pytest.mark.parametrize("inputs,status", [(["a.wav"], 0), (["a.wav", "nope.wav"], 1)])
+def test_the_real_command_exits_fast_but_completely(tmp_path, repo, inputs, status):
+    """Once torch is loaded the command skips the interpreter's teardown, but not what an
+    exit owes: atexit handlers run, every JSON line reaches the pipe, the status is kept."""
+    write_clip(tmp_path / "a.wav", 0.5)
+    argv = ["htsep", "separate", "--repo", str(repo), *MODEL, "--json", "-o", "out", *inputs]
+    code = (
+        "import atexit, sys; atexit.register(lambda: print('atexit ran', file=sys.stderr)); "
+        f"sys.argv = {argv!r}; from htsep.cli import main; main()"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == status, done.stderr
+    assert done.stderr.splitlines()[-1] == "atexit ran"
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["input"] for r in records] == inputs
+    assert records[0]["status"] == "ok" and len(records[0]["outputs"]) == 4
+
+
 def test_folder_without_audio(run, tmp_path):
     folder = tmp_path / "docs"
     folder.mkdir()
