@@ -85,9 +85,11 @@ def htsep_command() -> list[str]:
     return [str(script)] if script.exists() else [shutil.which("htsep") or "htsep"]
 
 
-def timed(command: list[str], env: dict[str, str]) -> float:
+def timed(command: list[str], env: dict[str, str], cwd: Path) -> float:
+    """Seconds ``command`` takes, run in ``cwd``: not the caller's folder, which ``python -m``
+    puts first on the module path (a checkout there would shadow --baseline's)."""
     started = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:3])} failed:\n{done.stderr[-2000:]}")
@@ -151,7 +153,7 @@ def bench_commands(args: argparse.Namespace, work: Path) -> None:
         network: list[float] = []
         for run in range(args.runs):
             for name, (command, command_env) in commands.items():
-                times[name].append(timed(command, command_env))
+                times[name].append(timed(command, command_env, work))
             network.append(forward.time())
             print(
                 f"{seconds:g} s clip, run {run + 1}/{args.runs}: "
