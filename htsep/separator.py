@@ -42,6 +42,7 @@ from htsep.devices import (
 )
 from htsep.errors import AudioError, HtsepError, UsageError
 from htsep.model.htdemucs import HTDemucs
+from htsep.model.kernels import cpu_products
 from htsep.resample import ResampledSignal
 
 logger = logging.getLogger(__name__)
@@ -279,6 +280,8 @@ class Separator:
                 "--precision bf16: this CPU has no bfloat16 arithmetic (AVX512-BF16, AMX or Arm "
                 "BF16), so it would run many times slower than fp32; use fp32 here"
             )
+        if self.device.type == "cpu":
+            cpu_products()  # a bad HTSEP_CPU_PRODUCTS is refused before any work
         self.shifts = settings.shifts
         self.seed = settings.seed
         self.spec = zoo.find_model(model, repo=None if repo is None else os.fspath(repo))

@@ -67,6 +67,25 @@ def test_missing_file_exit_code_of_the_real_command(tmp_path, repo):
     )
 
 
+@pytest.mark.parametrize("value", ["mkl", "", "oneDNN2"])
+def test_a_bad_products_variable_is_one_line_before_any_work(run, tmp_path, monkeypatch, value):
+    from htsep.model import kernels
+
+    write_clip(tmp_path / "a.wav", 0.5)
+    monkeypatch.setenv(kernels.PRODUCTS_VARIABLE, value + " ")
+    kernels.cpu_products.cache_clear()
+    try:
+        result = run(tmp_path / "a.wav")
+    finally:
+        monkeypatch.delenv(kernels.PRODUCTS_VARIABLE)
+        kernels.cpu_products.cache_clear()
+    if not value:  # set but empty, as an unset shell variable leaves it: the automatic choice
+        assert result.exit_code == 0, result.output
+        return
+    _assert_one_line_failure(result, 2, f"HTSEP_CPU_PRODUCTS={value.lower()!r}: expected")
+    assert _nothing_written(run.out)
+
+
 @pytest.mark.parametrize("inputs,status", [(["a.wav"], 0), (["a.wav", "nope.wav"], 1)])
 def test_the_real_command_exits_fast_but_completely(tmp_path, repo, inputs, status):
     """Once torch is loaded the command skips the interpreter's teardown, but not what an

@@ -26,6 +26,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from htsep.errors import UsageError
+
 # Overrides the choice of ``cpu_products`` ("onednn" or "blas"), for benchmarks and tests.
 PRODUCTS_VARIABLE = "HTSEP_CPU_PRODUCTS"
 
@@ -49,10 +51,11 @@ def onednn_linear_available() -> bool:
 def cpu_products() -> str:
     """The library for float32 matrix products in CPU inference: "onednn" where torch runs
     AVX-512 kernels (``torch.backends.cpu.get_cpu_capability``) and oneDNN's linear ops work,
-    "blas" elsewhere; HTSEP_CPU_PRODUCTS=onednn|blas overrides it (onednn only if it works)."""
+    "blas" elsewhere; HTSEP_CPU_PRODUCTS=onednn|blas overrides it (onednn only if it works;
+    empty: the automatic choice; anything else: UsageError)."""
     wanted = os.environ.get(PRODUCTS_VARIABLE, "").strip().lower()
     if wanted not in ("", "onednn", "blas"):
-        raise ValueError(f"{PRODUCTS_VARIABLE}={wanted!r}: expected onednn or blas")
+        raise UsageError(f"{PRODUCTS_VARIABLE}={wanted!r}: expected onednn or blas")
     if not wanted:
         wanted = (
             "onednn" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "blas"

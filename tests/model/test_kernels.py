@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from htsep.errors import UsageError
 from htsep.model import kernels
 from htsep.model.config import TransformerConfig
 from htsep.model.transformer import CrossDomainTransformer
@@ -65,7 +66,7 @@ def test_the_cpu_products_follow_torch_kernels(monkeypatch, capability, variable
         assert kernels.cpu_products() == "blas"
         monkeypatch.setenv(kernels.PRODUCTS_VARIABLE, "mkl")
         kernels.cpu_products.cache_clear()
-        with pytest.raises(ValueError, match="HTSEP_CPU_PRODUCTS='mkl': expected onednn or blas"):
+        with pytest.raises(UsageError, match="HTSEP_CPU_PRODUCTS='mkl': expected onednn or blas"):
             kernels.cpu_products()
     finally:
         monkeypatch.undo()
