@@ -74,18 +74,58 @@ class DConvBranch(nn.Module):
         # As a batched product: oneDNN's 1x1 convolution is slow for so few input channels.
         weight = self.conv_out.weight[:, :, 0]  # (2C, H)
         bias = cast(torch.Tensor, self.conv_out.bias)
-        y = torch.baddbmm(bias[:, None], weight.expand(x.shape[0], *weight.shape), hidden)
+        weights = weight.expand(x.shape[0], *weight.shape)
         norm_weight = _scale_first_half(self.norm_out.weight, self.scale)
         norm_bias = _scale_first_half(self.norm_out.bias, self.scale)
-        y = F.group_norm(y, 1, norm_weight, norm_bias, self.norm_out.eps)
-        value, gate = y.chunk(2, dim=1)
-        return torch.addcmul(x, value, gate.sigmoid_(), out=out)
+        rows, frames = x.shape[0], x.shape[-1]
+        pieces = -(-rows * weight.shape[0] * frames // _DCONV_CHUNK_ELEMENTS)
+        if pieces <= 1:
+            y = torch.baddbmm(bias[:, None], weights, hidden)
+            y = F.group_norm(y, 1, norm_weight, norm_bias, self.norm_out.eps)
+            value, gate = y.chunk(2, dim=1)
+            return torch.addcmul(x, value, gate.sigmoid_(), out=out)
+        # Long rows (the waveform branch): the (N, 2C, T) product is made a span of time at a
+        # time, twice: once for the GroupNorm statistics, merged over the spans, once to use.
+        step = -(-frames // pieces)
+        spans = [(start, min(frames, start + step)) for start in range(0, frames, step)]
+        stats = []
+        for start, end in spans:
+            y = torch.baddbmm(bias[:, None], weights, hidden[..., start:end])
+            _, mean, rstd = torch.native_group_norm(
+                y, None, None, rows, y.shape[1], end - start, 1, self.norm_out.eps
+            )
+            stats.append((end - start, mean, rstd))
+        mean, rstd = _merge_norm_statistics(stats, frames, self.norm_out.eps)
+        scale = norm_weight[:, None] * rstd[:, None, None]  # (N, 2C, 1)
+        shift = norm_bias[:, None] - mean[:, None, None] * scale
+        for start, end in spans:
+            y = torch.baddbmm(bias[:, None], weights, hidden[..., start:end])
+            y = torch.addcmul(shift, y, scale, out=y)
+            value, gate = y.chunk(2, dim=1)
+            piece = x[..., start:end]
+            torch.addcmul(piece, value, gate.sigmoid_(), out=out[..., start:end])
+        return out
+
+
+def _merge_norm_statistics(
+    stats: list[tuple[int, torch.Tensor, torch.Tensor]], total: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and 1 / sqrt(var + eps) of whole rows from (frames, mean, rstd) of their spans,
+    each (N, 1) as ``native_group_norm`` gives them; summed in float64 -> (N,), (N,)."""
+    means = torch.stack([mean[:, 0] for _, mean, _ in stats]).double()  # (spans, N)
+    variances = torch.stack([rstd[:, 0] for _, _, rstd in stats]).double().pow(-2) - eps
+    weights = torch.tensor([frames / total for frames, _, _ in stats], dtype=torch.float64)
+    mean = (weights[:, None] * means).sum(0)
+    variance = (weights[:, None] * (variances + (means - mean) ** 2)).sum(0)
+    dtype = stats[0][1].dtype
+    return mean.to(dtype), (variance + eps).rsqrt().to(dtype)
 
 
 # Rows of a DConv run together in inference: their widest intermediate (2C x T floats per row)
 # stays near 16 MB, in cache and under the 32 MiB ceiling of glibc's mmap threshold, so freed
 # blocks get reused. Larger blocks are mapped fresh from the kernel on every call, and their page
-# faults cost more than the arithmetic.
+# faults cost more than the arithmetic. A row longer than that (the waveform branch) is taken a
+# span of time at a time (``DConvBranch.add_to``).
 _DCONV_CHUNK_ELEMENTS = 1 << 22
 
 
@@ -135,6 +175,67 @@ def _conv_input(x: torch.Tensor, freq: bool) -> torch.Tensor:
     return x
 
 
+# A spectral layer without GroupNorm acts on each frequency row separately, apart from its
+# convolutions along F, whose reach is a few rows. In CPU inference such a layer runs over
+# bands of rows whose widest intermediate (2C x T floats per row, the rewrite conv's output)
+# stays near 8 MB: in cache, and far under the 32 MiB above which glibc maps every block fresh
+# from the kernel (and hands it back when freed), so the next chunk pays no page faults for it.
+_BAND_BYTES = 8 << 20
+
+
+def _band_rows(x: torch.Tensor, channels: int, rows: int) -> int | None:
+    """Rows per band for a spectral layer whose widest intermediate has ``channels`` channels,
+    or None where the layer runs whole: outside CPU inference, or if one band holds all rows."""
+    if x.device.type != "cpu" or not kernels.overwritable(x):
+        return None
+    band = max(1, _BAND_BYTES // (channels * x.shape[0] * x.shape[-1] * x.element_size()))
+    return band if band < rows else None
+
+
+def _padding(conv: nn.Module) -> int:
+    """A convolution's zero padding along its first axis (F for spectral layers)."""
+    return cast(tuple[int, ...], cast(nn.Conv1d, conv).padding)[0]
+
+
+def _row_range(x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """x[:, :, start:end] for (B, C, F, T), with zero rows where the range leaves [0, F)."""
+    bins = x.shape[2]
+    piece = x[:, :, max(start, 0) : min(end, bins)]
+    if start < 0 or end > bins:
+        piece = F.pad(piece, (0, 0, max(0, -start), max(0, end - bins)))
+    return piece
+
+
+def _rewrite_band(conv: nn.Module, x: torch.Tensor, context: int) -> torch.Tensor:
+    """A spectral rewrite conv on a band given with ``context`` extra rows on each side:
+    (B, C, R + 2 context, T) -> (B, 2C, R, T)."""
+    conv = cast(nn.Conv2d, conv)
+    return F.conv2d(_conv_input(x, True), conv.weight, conv.bias, padding=(0, context))
+
+
+def _rewrite_glu_spans(conv: nn.Module, y: torch.Tensor) -> torch.Tensor | None:
+    """GLU(conv(y)) for a waveform rewrite conv (no GroupNorm between them) in CPU inference,
+    made a span of time at a time so that the (B, 2C, T) conv output is never whole (see
+    ``_BAND_BYTES``): (B, C, T) -> (B, C, T), a new tensor; None where it runs whole."""
+    conv = cast(nn.Conv1d, conv)
+    if y.device.type != "cpu" or not kernels.overwritable(y):
+        return None
+    batch, _, frames = y.shape
+    step = max(1, _BAND_BYTES // (conv.out_channels * batch * y.element_size()))
+    if step >= frames:
+        return None
+    context = _padding(conv)
+    out = y.new_empty(batch, conv.out_channels // 2, frames)
+    for start in range(0, frames, step):
+        end = min(frames, start + step)
+        piece = y[..., max(0, start - context) : end + context]
+        if start < context or end + context > frames:
+            piece = F.pad(piece, (max(0, context - start), max(0, end + context - frames)))
+        value, gate = F.conv1d(piece, conv.weight, conv.bias).chunk(2, dim=1)
+        torch.mul(value, gate.sigmoid_(), out=out[..., start:end])
+    return out
+
+
 def _group_norm(groups: int, channels: int, enabled: bool) -> nn.Module | None:
     return nn.GroupNorm(groups, channels) if enabled else None
 
@@ -180,15 +281,54 @@ class EncoderLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, Cin, F, T) -> (B, Cout, F / stride, T);
         (B, Cin, T) -> (B, Cout, ceil(T / stride))."""
+        if self.freq and self.norm is None and self.rewrite_norm is None:
+            conv = cast(nn.Conv2d, self.conv)
+            rows = (x.shape[2] + 2 * _padding(conv) - conv.kernel_size[0]) // self.stride + 1
+            band = _band_rows(x, 2 * conv.out_channels, rows)
+            if band is not None:
+                return self._bands(x, rows, band)
         if not self.freq and x.shape[-1] % self.stride:
             x = F.pad(x, (0, self.stride - x.shape[-1] % self.stride))
         y = _gelu_fresh(_apply(self.norm, self.conv(_conv_input(x, self.freq))))
         if self.dconv is not None:
             y = self.dconv(y)
         if self.rewrite is not None:
+            spans = None if self.freq or self.rewrite_norm else _rewrite_glu_spans(self.rewrite, y)
+            if spans is not None:
+                return spans
             y = self.rewrite(_conv_input(y, self.freq))
             y = _glu_compact(_apply(self.rewrite_norm, y))
         return y
+
+    def _bands(self, x: torch.Tensor, rows: int, band: int) -> torch.Tensor:
+        """``forward`` of a spectral layer without GroupNorm, ``band`` output rows at a time
+        (see ``_BAND_BYTES``); each band's input rows are those its convolutions reach."""
+        conv = cast(nn.Conv2d, self.conv)
+        kernel, pad = conv.kernel_size[0], _padding(conv)
+        context = _padding(self.rewrite) if self.rewrite is not None else 0
+        out = x.new_empty(x.shape[0], conv.out_channels, rows, x.shape[-1])
+        x = _conv_input(x, True)
+        for start in range(0, rows, band):
+            end = min(rows, start + band)
+            # The rewrite conv reaches ``context`` rows of this layer's activation beyond the
+            # band; rows outside [0, rows) are the zeros it pads with.
+            first, last = max(0, start - context), min(rows, end + context)
+            piece = _row_range(
+                x, first * self.stride - pad, (last - 1) * self.stride - pad + kernel
+            )
+            y = F.conv2d(_conv_input(piece, True), conv.weight, conv.bias, stride=(self.stride, 1))
+            y = _gelu_fresh(y)
+            if self.dconv is not None:
+                y = self.dconv(y)
+            if self.rewrite is None:
+                out[:, :, start:end] = y
+                continue
+            y = _rewrite_band(
+                self.rewrite, _row_range(y, start - context - first, end + context - first), context
+            )
+            value, gate = y.chunk(2, dim=1)
+            torch.mul(value, gate.sigmoid_(), out=out[:, :, start:end])
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -230,10 +370,26 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, skip: torch.Tensor, length: int) -> torch.Tensor:
         """x, skip: (B, Cin, F, T) -> (B, Cout, F * stride, T);
         (B, Cin, T) -> (B, Cout, length)."""
+        conv = cast(nn.ConvTranspose2d, self.conv_transpose)
+        # Bands are summed where their outputs overlap, so they must not leave gaps between them.
+        if (
+            self.freq
+            and self.norm is None
+            and self.rewrite_norm is None
+            and conv.kernel_size[0] >= conv.stride[0]
+        ):
+            width = 2 * x.shape[1] if self.rewrite is not None else x.shape[1]
+            band = _band_rows(x, width, x.shape[2])
+            if band is not None:
+                return self._bands(x, skip, band)
         y = x + skip
         if self.rewrite is not None:
-            y = self.rewrite(_conv_input(y, self.freq))
-            y = _glu_fresh(_apply(self.rewrite_norm, y))
+            spans = None if self.freq or self.rewrite_norm else _rewrite_glu_spans(self.rewrite, y)
+            if spans is not None:
+                y = spans
+            else:
+                y = self.rewrite(_conv_input(y, self.freq))
+                y = _glu_fresh(_apply(self.rewrite_norm, y))
         if self.dconv is not None:
             y = self.dconv(y)
         z = _apply(self.norm, self.conv_transpose(_conv_input(y, self.freq)))
@@ -242,6 +398,42 @@ class DecoderLayer(nn.Module):
         else:
             z = z[..., self.pad : self.pad + length]
         return z if self.last else F.gelu(z)
+
+    def _bands(self, x: torch.Tensor, skip: torch.Tensor, band: int) -> torch.Tensor:
+        """``forward`` of a spectral layer without GroupNorm, ``band`` input rows at a time (see
+        ``_BAND_BYTES``). The transposed conv's outputs of neighbouring bands overlap by
+        kernel - stride rows, which are summed; its bias is added once per row."""
+        conv = cast(nn.ConvTranspose2d, self.conv_transpose)
+        kernel, stride = conv.kernel_size[0], conv.stride[0]
+        context = _padding(self.rewrite) if self.rewrite is not None else 0
+        rows = x.shape[2]
+        height = (rows - 1) * stride + kernel - 2 * self.pad  # after the crop
+        out = x.new_empty(x.shape[0], conv.out_channels, height, x.shape[-1])
+        bias = None if conv.bias is None else conv.bias[:, None, None]
+        written = 0  # rows of ``out`` holding a finished first contribution
+        for start in range(0, rows, band):
+            end = min(rows, start + band)
+            y = _row_range(x, start - context, end + context) + _row_range(
+                skip, start - context, end + context
+            )
+            if self.rewrite is not None:
+                y = _glu_fresh(_rewrite_band(self.rewrite, y, context))
+            if self.dconv is not None:
+                y = self.dconv(y)
+            z = F.conv_transpose2d(_conv_input(y, True), conv.weight, None, stride=(stride, 1))
+            # z's rows are rows start * stride - pad onwards of ``out``; crop to ``out``.
+            top = start * stride - self.pad
+            z = z[:, :, max(0, -top) : min(z.shape[2], height - top)]
+            top = max(0, top)
+            overlap = written - top
+            if overlap > 0:
+                out[:, :, top:written] += z[:, :, :overlap]
+            fresh = z[:, :, max(overlap, 0) :]
+            if bias is not None:
+                fresh = fresh.add_(bias)  # z is ours
+            out[:, :, written : written + fresh.shape[2]] = fresh
+            written += fresh.shape[2]
+        return out if self.last else _gelu_fresh(out)
 
 
 class FrequencyEmbedding(nn.Module):

@@ -77,3 +77,134 @@ def test_encoder_output_owns_only_its_own_storage(freq):
         out = layer(x)
     assert out.untyped_storage().nbytes() == out.numel() * out.element_size()
     torch.testing.assert_close(out, layer(x).detach())
+
+
+def _spectral_pair(
+    context: int, rewrite: bool, dconv: bool, kernel: int, stride: int
+) -> tuple[layers.EncoderLayer, layers.DecoderLayer]:
+    torch.manual_seed(0)
+    common = dict(freq=True, kernel_size=kernel, stride=stride, norm=False, norm_groups=1)
+    encoder = layers.EncoderLayer(
+        4, 8, dconv=DConv(8, depth=2, compress=4, dilate=True, init=0.5) if dconv else None,
+        rewrite=rewrite, context=context, **common,
+    )  # fmt: skip
+    decoder = layers.DecoderLayer(
+        8, 4, last=False, dconv=DConv(8, depth=2, compress=4, dilate=True, init=0.5)
+        if dconv else None, rewrite=rewrite, context=context, **common,
+    )  # fmt: skip
+    return encoder, decoder
+
+
+def _count_calls(monkeypatch, owner, name: str) -> list[int]:
+    """Patch owner.name to record each call that returns something other than None."""
+    calls: list[int] = []
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if result is not None:
+            calls.append(1)
+        return result
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("band_bytes", [1, 3 * 4 * 2 * 16 * 9])
+@pytest.mark.parametrize(
+    "context,rewrite,dconv,kernel,stride,batch",
+    [
+        (0, True, True, 8, 4, 1),
+        (1, True, True, 8, 4, 2),
+        (2, True, False, 8, 4, 1),
+        (0, False, True, 8, 4, 1),
+        (1, True, True, 4, 2, 1),
+        (3, True, True, 12, 4, 2),
+    ],
+)
+def test_spectral_layers_in_bands_equal_the_whole_layer(
+    band_bytes, context, rewrite, dconv, kernel, stride, batch, monkeypatch
+):
+    """In CPU inference, spectral layers without GroupNorm run over bands of frequency rows
+    (one row per band, or several with an uneven last band). Their convolutions reach across
+    band edges, zero-padded only at the true edges, and the transposed conv's outputs overlap
+    between bands: the result equals the whole layer computed by autograd, which never bands."""
+    monkeypatch.setattr(layers, "_BAND_BYTES", band_bytes)
+    encoder, decoder = _spectral_pair(context, rewrite, dconv, kernel, stride)
+    encoder_bands = _count_calls(monkeypatch, layers.EncoderLayer, "_bands")
+    decoder_bands = _count_calls(monkeypatch, layers.DecoderLayer, "_bands")
+    x = torch.randn(batch, 4, 64, 9)
+    expected = encoder(x).detach()
+    with torch.inference_mode():
+        encoded = encoder(x)
+    assert len(encoder_bands) == 1
+    torch.testing.assert_close(encoded, expected, rtol=1e-5, atol=1e-6)
+    skip = torch.randn_like(expected)
+    expected = decoder(expected, skip, 0).detach()
+    with torch.inference_mode():
+        decoded = decoder(encoded, skip, 0)
+    assert len(decoder_bands) == 1
+    torch.testing.assert_close(decoded, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_spectral_bands_are_skipped_where_the_layer_needs_whole_rows(monkeypatch):
+    """GroupNorm normalizes over all rows, and a transposed conv with a stride above its kernel
+    leaves rows to which no band writes: such layers run whole even when bands are due."""
+    monkeypatch.setattr(layers, "_BAND_BYTES", 1)
+    calls = _count_calls(monkeypatch, layers.EncoderLayer, "_bands")
+    calls += _count_calls(monkeypatch, layers.DecoderLayer, "_bands")
+    torch.manual_seed(0)
+    normed = layers.EncoderLayer(
+        4, 8, freq=True, kernel_size=8, stride=4, norm=True, norm_groups=1, dconv=None,
+        rewrite=True, context=0,
+    )  # fmt: skip
+    gapped = layers.DecoderLayer(
+        8, 4, freq=True, last=True, kernel_size=2, stride=4, norm=False, norm_groups=1,
+        dconv=None, rewrite=True, context=1,
+    )  # fmt: skip
+    x, y = torch.randn(1, 4, 64, 5), torch.randn(1, 8, 16, 5)
+    expected = normed(x).detach(), gapped(y, y, 0).detach()
+    with torch.inference_mode():
+        got = normed(x), gapped(y, y, 0)
+    assert not calls
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("context", [0, 1, 3])
+def test_waveform_rewrite_in_spans_equals_the_whole_conv(context, monkeypatch):
+    """Waveform layers make their rewrite conv and GLU a span of time at a time in CPU
+    inference, each span reading ``context`` samples past its edges: equal to the whole conv."""
+    monkeypatch.setattr(layers, "_BAND_BYTES", 2 * 8 * 4 * 7)  # 7 samples per span
+    spans = _count_calls(monkeypatch, layers, "_rewrite_glu_spans")
+    torch.manual_seed(0)
+    dconv = DConv(8, depth=2, compress=4, dilate=True, init=0.5)
+    common = dict(freq=False, kernel_size=8, stride=4, norm=False, norm_groups=1, dconv=dconv)
+    encoder = layers.EncoderLayer(4, 8, rewrite=True, context=context, **common)
+    decoder = layers.DecoderLayer(8, 4, last=False, rewrite=True, context=context, **common)
+    x = torch.randn(2, 4, 160)
+    expected = encoder(x).detach()
+    skip = torch.randn_like(expected)
+    expected_out = decoder(expected, skip, 157).detach()
+    with torch.inference_mode():
+        encoded = encoder(x)
+        decoded = decoder(encoded, skip, 157)
+    assert len(spans) == 2
+    torch.testing.assert_close(encoded, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(decoded, expected_out, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [130, 100])
+def test_dconv_long_rows_in_spans_match_reference(chunk, monkeypatch):
+    """A row longer than the DConv's chunk is taken a span of time at a time (spans of 7, 7
+    and 6 frames, or 5 each), its GroupNorm statistics merged over the spans: equal to
+    demucs's DConv on the whole row."""
+    monkeypatch.setattr(layers, "_DCONV_CHUNK_ELEMENTS", chunk)
+    merges = _count_calls(monkeypatch, layers, "_merge_norm_statistics")
+    ours, reference = _dconv_pair()
+    x = 3.0 + torch.randn(1, 8, 20)  # an offset: the merged variance must not lose it
+    with torch.no_grad():
+        expected = reference(x)
+    with torch.inference_mode():
+        got = ours(x)
+    assert len(merges) == 2  # once per branch
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
