@@ -16,10 +16,11 @@ demucs's own serializer into a temporary checkpoint folder; deterministic stereo
 (tones and noise at about 0.1 amplitude, 32-bit float WAV), by default of 30 s and 3 minutes,
 are separated by each command, alternating, each run in its own process (start-up and model
 loading included, --shifts 0, float32 output). Per clip the table gives medians of wall-clock
-seconds, the ratio to demucs, the real-time factors (seconds of compute per second of audio)
-and each command's largest absolute difference from demucs's stems (SNR for bf16, which is not
-exact). htsep --precision bf16 is timed where the CPU has bfloat16 arithmetic
-(htsep.devices.bf16_arithmetic); elsewhere a line says why not.
+seconds, the ratio to demucs, the real-time factors (seconds of compute per second of audio),
+the minor page faults per chunk of the clip (pages the kernel mapped fresh for the process,
+start-up included) and each command's largest absolute difference from demucs's stems (SNR
+for bf16, which is not exact). htsep --precision bf16 is timed where the CPU has bfloat16
+arithmetic (htsep.devices.bf16_arithmetic); elsewhere a line says why not.
 
 Then the share of htsep's time outside its network calls: one forward pass of htsep's network
 is timed in this process, alternating with the commands, and the commands' times are set
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -85,15 +87,17 @@ def htsep_command() -> list[str]:
     return [str(script)] if script.exists() else [shutil.which("htsep") or "htsep"]
 
 
-def timed(command: list[str], env: dict[str, str], cwd: Path) -> float:
-    """Seconds ``command`` takes, run in ``cwd``: not the caller's folder, which ``python -m``
-    puts first on the module path (a checkout there would shadow --baseline's)."""
+def timed(command: list[str], env: dict[str, str], cwd: Path) -> tuple[float, int]:
+    """Seconds ``command`` takes, run in ``cwd`` (not the caller's folder, which ``python -m``
+    puts first on the module path: a checkout there would shadow --baseline's), and the minor
+    page faults it took (pages the kernel mapped fresh for it)."""
+    faults = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
     started = time.perf_counter()
     done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:3])} failed:\n{done.stderr[-2000:]}")
-    return seconds
+    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt - faults
 
 
 def compare_stems(ours: Path, theirs: Path) -> tuple[float, float]:
@@ -150,10 +154,13 @@ def bench_commands(args: argparse.Namespace, work: Path) -> None:
         for name, (command, command_env) in variants.items():
             commands[name] = ([*command, "-o", str(out[name]), str(clip)], command_env)
         times: dict[str, list[float]] = {name: [] for name in commands}
+        faults: dict[str, list[int]] = {name: [] for name in commands}
         network: list[float] = []
         for run in range(args.runs):
             for name, (command, command_env) in commands.items():
-                times[name].append(timed(command, command_env, work))
+                seconds_taken, faults_taken = timed(command, command_env, work)
+                times[name].append(seconds_taken)
+                faults[name].append(faults_taken)
             network.append(forward.time())
             print(
                 f"{seconds:g} s clip, run {run + 1}/{args.runs}: "
@@ -161,7 +168,7 @@ def bench_commands(args: argparse.Namespace, work: Path) -> None:
                 + f"; one htsep forward {network[-1]:.2f} s",
                 flush=True,
             )
-        report(args, seconds, clip, times, out, statistics.median(network))
+        report(args, seconds, clip, times, faults, out, statistics.median(network))
 
 
 def report(
@@ -169,6 +176,7 @@ def report(
     seconds: float,
     clip: Path,
     times: dict[str, list[float]],
+    faults: dict[str, list[int]],
     out: dict[str, Path],
     forward: float,
 ) -> None:
@@ -183,12 +191,14 @@ def report(
     print(f"{'seconds':<22}" + "".join(f"{m:>{width}.2f}" for m in medians))
     print(f"{'real-time factor':<22}" + "".join(f"{m / seconds:>{width}.3f}" for m in medians))
     print(f"{'/ demucs':<22}" + "".join(f"{m / theirs:>{width}.3f}" for m in medians))
+    chunks = chunk_count(seconds)
+    per_chunk = [statistics.median(faults[name]) / chunks for name in names]
+    print(f"{'page faults / chunk':<22}" + "".join(f"{f:>{width},.0f}" for f in per_chunk))
     for name in names[1:]:
         difference, snr = compare_stems(
             out[name] / SIGNATURE / clip.stem, out["demucs"] / SIGNATURE / clip.stem
         )
         print(f"{name}: max |stem difference| from demucs {difference:.2e}, SNR {snr:.1f} dB")
-    chunks = chunk_count(seconds)
     ours = statistics.median(times["htsep"])
     print(
         f"htsep's network: {chunks} chunks x {forward:.2f} s (one forward, timed alone) = "

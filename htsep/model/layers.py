@@ -141,14 +141,15 @@ class DConv(nn.Module):
             DConvBranch(channels, hidden, 2**d if dilate else 1, init) for d in range(depth)
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, F, T) or (B, C, T) -> same shape, a new tensor."""
+    def forward(self, x: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+        """x: (B, C, F, T) or (B, C, T) -> same shape: a new tensor, or in inference with
+        ``overwrite`` (x is the caller's to lose) possibly x itself, written over."""
         if x.dim() == 3:
-            return self._rows(x, inplace=False)
+            return self._rows(x, inplace=overwrite)
         batch, channels, bins, frames = x.shape
         rows = x.transpose(1, 2).reshape(batch * bins, channels, frames)  # (B*F, C, T)
         # The fold is a copy, which may be overwritten, unless C or F is 1.
-        out = self._rows(rows, inplace=rows.data_ptr() != x.data_ptr())
+        out = self._rows(rows, inplace=overwrite or rows.data_ptr() != x.data_ptr())
         return out.view(batch, bins, channels, frames).transpose(1, 2)  # (B, C, F, T), a view
 
     def _rows(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
@@ -291,7 +292,7 @@ class EncoderLayer(nn.Module):
             x = F.pad(x, (0, self.stride - x.shape[-1] % self.stride))
         y = _gelu_fresh(_apply(self.norm, self.conv(_conv_input(x, self.freq))))
         if self.dconv is not None:
-            y = self.dconv(y)
+            y = self.dconv(y, overwrite=True)
         if self.rewrite is not None:
             spans = None if self.freq or self.rewrite_norm else _rewrite_glu_spans(self.rewrite, y)
             if spans is not None:
@@ -319,7 +320,7 @@ class EncoderLayer(nn.Module):
             y = F.conv2d(_conv_input(piece, True), conv.weight, conv.bias, stride=(self.stride, 1))
             y = _gelu_fresh(y)
             if self.dconv is not None:
-                y = self.dconv(y)
+                y = self.dconv(y, overwrite=True)
             if self.rewrite is None:
                 out[:, :, start:end] = y
                 continue
@@ -391,7 +392,7 @@ class DecoderLayer(nn.Module):
                 y = self.rewrite(_conv_input(y, self.freq))
                 y = _glu_fresh(_apply(self.rewrite_norm, y))
         if self.dconv is not None:
-            y = self.dconv(y)
+            y = self.dconv(y, overwrite=True)
         z = _apply(self.norm, self.conv_transpose(_conv_input(y, self.freq)))
         if self.freq:
             z = z[..., self.pad : z.shape[-2] - self.pad, :]
@@ -419,7 +420,7 @@ class DecoderLayer(nn.Module):
             if self.rewrite is not None:
                 y = _glu_fresh(_rewrite_band(self.rewrite, y, context))
             if self.dconv is not None:
-                y = self.dconv(y)
+                y = self.dconv(y, overwrite=True)
             z = F.conv_transpose2d(_conv_input(y, True), conv.weight, None, stride=(stride, 1))
             # z's rows are rows start * stride - pad onwards of ``out``; crop to ``out``.
             top = start * stride - self.pad
