@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
-from htsep.devices import DeviceSlot, release_freed_memory
+from htsep.devices import KEEP_FREED_BYTES, DeviceSlot, release_freed_memory
 from htsep.errors import HtsepError
 
 logger = logging.getLogger(__name__)
@@ -54,8 +54,9 @@ class ChunkOptions:
     segment: chunk length in seconds (None: the model's own); overlap: fraction of a chunk
     shared with the next; transition_power: sharpness of the cross-fade; batch_size: chunks run
     through the network at once; split: False runs the whole signal as a single chunk;
-    precision: the network's arithmetic; release_memory: hand memory freed by each network call
-    back to the OS (see ``release_freed_memory``).
+    precision: the network's arithmetic; release_memory: hand memory freed by the network calls
+    back to the OS once more than ``KEEP_FREED_BYTES`` of it is kept (see
+    ``release_freed_memory``).
     """
 
     segment: Fraction | None = None
@@ -449,7 +450,7 @@ class ChunkStream:
                 self.progress(1 / len(self.offsets))
         del estimates, pending
         if self.options.release_memory:
-            release_freed_memory()
+            release_freed_memory(keep=KEEP_FREED_BYTES)
         if not self.pending and self.submitted == len(self.offsets):
             self._finish_until(self.length)
 

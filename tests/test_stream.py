@@ -260,3 +260,63 @@ def test_fp32_on_cuda_turns_tf32_off_for_the_call_only():
     assert (conv.fp32_precision, matmul.fp32_precision) == before
     with apply_module.full_float32(enabled=False):
         assert (conv.fp32_precision, matmul.fp32_precision) == before
+
+
+class _FakeMallInfo:
+    def __init__(self, free: int) -> None:
+        self.fordblks = free
+
+
+class _FakeLibc:
+    """malloc_trim and, unless ``free`` is None, mallinfo2 reporting ``free`` bytes kept."""
+
+    def __init__(self, free: int | None) -> None:
+        self.trims = 0
+        if free is not None:
+            self.mallinfo2 = lambda: _FakeMallInfo(free)
+
+    def malloc_trim(self, pad: int) -> int:
+        self.trims += 1
+        return 1
+
+
+@pytest.mark.parametrize(
+    "free,keep,trims",
+    [(100, 512, 0), (512, 512, 0), (513, 512, 1), (100, 0, 1), (None, 512, 1)],
+)
+def test_freed_memory_is_handed_back_only_above_the_bound(free, keep, trims, monkeypatch):
+    """Memory freed by a chunk stays for the next one up to ``keep`` bytes; more, or an
+    allocator that cannot tell how much it keeps, is handed back."""
+    from htsep import devices
+
+    libc = _FakeLibc(free)
+    monkeypatch.setattr(devices, "_libc", lambda: libc)
+    devices.release_freed_memory(keep=keep)
+    assert libc.trims == trims
+
+
+def test_glibc_tells_how_much_freed_memory_it_keeps():
+    from htsep import devices
+
+    if devices._libc() is None or not hasattr(devices._libc(), "mallinfo2"):
+        pytest.skip("not glibc 2.33 or later")
+    kept = devices.freed_bytes()
+    assert isinstance(kept, int) and kept >= 0
+
+
+def test_chunk_stream_releases_freed_memory_above_the_bound(repo, monkeypatch):
+    """After each network call the stream asks for memory back beyond KEEP_FREED_BYTES; with
+    release_memory off it never asks."""
+    model = htsep.Separator("aaaa0001", repo=repo, device="cpu").bag.model(0)
+    mix = torch.randn(1, 2, 20000, generator=torch.Generator().manual_seed(0))
+    calls: list[int] = []
+    monkeypatch.setattr(apply_module, "release_freed_memory", lambda keep=0: calls.append(keep))
+    for release in (True, False):
+        options = ChunkOptions(batch_size=1, release_memory=release)
+        stream = ChunkStream(model, lambda s, n: zero_extended(mix, s, n), start=0,
+                             length=20000, options=options)  # fmt: skip
+        stream.take(20000)
+        assert calls and set(calls) == {apply_module.KEEP_FREED_BYTES}
+        if release:
+            count = len(calls)
+    assert len(calls) == count
