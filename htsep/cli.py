@@ -228,9 +228,18 @@ def _reported_errors(
 ) -> Iterator[None]:
     """Map a command's failures to one ``htsep: error:`` line and its exit code: 2 for usage
     errors and unknown models, 1 for other failures, 130 (with ``interrupted``) for Ctrl-C.
-    A failed download of ``model`` gets the advice that fits ``command``."""
+    A failed download of ``model`` gets the advice that fits ``command``. On any failure the
+    temporaries and staging folders the command left are removed (``files.remove_unfinished``)
+    before the exit: an interruption can land between a file's creation and the code that
+    would have removed it."""
     try:
-        yield
+        try:
+            yield
+        except BaseException:
+            from htsep import files
+
+            files.remove_unfinished()
+            raise
     except (UsageError, ModelNotFoundError) as exc:
         _error(str(exc))
         raise typer.Exit(USAGE_EXIT) from None
@@ -983,6 +992,9 @@ def main() -> None:
     try:
         app(args=demucs_style(sys.argv[1:]), prog_name="htsep")
     except KeyboardInterrupt:  # pragma: no cover - interrupted outside a command
+        from htsep import files
+
+        files.remove_unfinished()
         _error("interrupted")
         _exit(130)
     except SystemExit as done:

@@ -24,6 +24,7 @@ import re
 import secrets
 import shutil
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -100,6 +101,44 @@ def _owner_alive(tag: str) -> bool:
     return now == 0 or now == int(start)
 
 
+# Temporaries and staging folders this process made and has not yet put in place or removed,
+# entered before they are created: an interruption may land at any instruction, between a
+# file's creation and the ``try`` meant to remove it, and ``remove_unfinished`` still finds it.
+_unfinished: set[Path] = set()
+_unfinished_lock = threading.Lock()
+
+
+def _claim(path: Path) -> None:
+    with _unfinished_lock:
+        _unfinished.add(path)
+
+
+def _settled(path: Path) -> None:
+    """``path`` was put in place or removed (or was never ours)."""
+    with _unfinished_lock:
+        _unfinished.discard(path)
+
+
+def remove_unfinished() -> list[Path]:
+    """Remove every temporary file and staging folder this process made and has not put in
+    place or removed: what an interrupted command leaves, wherever the interruption came.
+    Call it once no thread writes any more. -> what was removed."""
+    with _unfinished_lock:
+        paths = sorted(_unfinished)
+        _unfinished.clear()
+    removed = []
+    for path in paths:
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError:  # gone already (put in place, removed), or not removable
+            continue
+        removed.append(path)
+    return removed
+
+
 def create_temporary(target: str | os.PathLike[str], suffix: str = ".tmp") -> Path:
     """A new empty hidden file beside ``target`` (``suffix`` .tmp or .part), with the umask's
     usual permissions (unlike ``mkstemp``'s 0600), named so that ``remove_stale`` can tell
@@ -108,9 +147,11 @@ def create_temporary(target: str | os.PathLike[str], suffix: str = ".tmp") -> Pa
     owner = owner_tag()
     for _ in range(100):
         candidate = target.parent / (f".{target.name[:150]}.{owner}.{secrets.token_hex(4)}{suffix}")
+        _claim(candidate)
         try:
             os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:
+            _settled(candidate)  # someone else's
             continue
         return candidate
     raise FileExistsError(errno.EEXIST, f"no free temporary name in {target.parent}")
@@ -126,6 +167,7 @@ def spool(stream: IO[bytes], target: str | os.PathLike[str]) -> Path:
             shutil.copyfileobj(stream, handle, _COPY_BYTES)
     except BaseException:
         path.unlink(missing_ok=True)
+        _settled(path)
         raise
     return path
 
@@ -232,6 +274,7 @@ def place(
         os.replace(temporary, target)
     else:
         rename_no_replace(temporary, target)
+    _settled(Path(temporary))
     sync_folder(Path(target).parent)
 
 
@@ -249,6 +292,7 @@ def atomic_output(target: str | os.PathLike[str], *, replace: bool = True) -> It
         place(temporary, target, replace=replace)
     except BaseException:
         temporary.unlink(missing_ok=True)
+        _settled(temporary)
         raise
 
 
@@ -261,9 +305,11 @@ class StagingFolder:
         owner = owner_tag()
         for _ in range(100):
             candidate = parent / f".htsep-{owner}.{secrets.token_hex(4)}"
+            _claim(candidate)
             try:
                 candidate.mkdir()
             except FileExistsError:
+                _settled(candidate)  # someone else's
                 continue
             self.path = candidate
             self.name = str(candidate)
@@ -275,6 +321,8 @@ class StagingFolder:
         if not self._removed:
             shutil.rmtree(self.path, ignore_errors=True)
             self._removed = True
+            if not self.path.exists():
+                _settled(self.path)
 
 
 def remove_stale(folder: str | os.PathLike[str]) -> list[Path]:

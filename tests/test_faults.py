@@ -146,3 +146,43 @@ def test_a_dead_owner_is_proved_only_on_this_machine(tmp_path):
         (folder / f".song.wav.{owner}.0123abcd.tmp").write_bytes(b"x")
     assert files.remove_stale(folder) == [folder / f".song.wav.{other_pid}.0123abcd.tmp"]
     assert os.listdir(folder) == [f".song.wav.{other_host}.0123abcd.tmp"]
+
+
+def _interrupt_after(owner, name: str, monkeypatch) -> None:
+    """Make owner.name do its work, then raise KeyboardInterrupt: a Ctrl-C landing just after
+    it, before the caller could take charge of what it made."""
+    original = getattr(owner, name)
+
+    def interrupted(*args, **kwargs):
+        original(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(owner, name, interrupted)
+
+
+@pytest.mark.parametrize(
+    "where", ["a temporary is created", "a staging folder is created", "a track is staged"]
+)
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_an_interruption_right_after_a_file_is_made_leaves_nothing(
+    repo, tmp_path, monkeypatch, where, pipeline
+):
+    """Wherever Ctrl-C lands, even between a file's creation and the code that would remove
+    it, the command exits 130 and no hidden file or folder is left."""
+    from htsep import audio, separator
+
+    owner, name = {
+        "a temporary is created": (audio, "create_temporary"),
+        "a staging folder is created": (files.StagingFolder, "__init__"),
+        "a track is staged": (separator.PendingOutputs, "stage"),
+    }[where]
+    _interrupt_after(owner, name, monkeypatch)
+    clip = tmp_path / "in" / "song.wav"
+    write_clip(clip, 2.0)
+    out = tmp_path / "out"
+    extra = [] if pipeline else ["--no-pipeline"]
+    result = htsep("--repo", str(repo), *MODEL, *extra, "-o", str(out), str(clip))
+    assert result.exit_code == 130, result.output
+    assert "interrupted" in result.output
+    assert out.exists() and _hidden(out) == []
+    assert not any(p.is_file() for p in out.rglob("*"))

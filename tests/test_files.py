@@ -85,3 +85,25 @@ def test_remove_stale_leaves_other_files_and_live_owners(tmp_path):
     staging.cleanup()
     assert not (tmp_path / staging.name).exists()
     assert mine.exists()
+
+
+def test_remove_unfinished_takes_only_what_was_not_put_in_place(tmp_path):
+    """After an interruption the command removes the temporaries and staging folders it made
+    and had not finished; files already put in place, and folders already cleaned up, stay
+    untouched, and what is not ours is never listed."""
+    files.remove_unfinished()  # whatever earlier tests left registered
+    placed_target = tmp_path / "done.wav"
+    placed = files.create_temporary(placed_target)
+    placed.write_bytes(b"complete")
+    files.place(placed, placed_target, replace=False)
+    cleaned = files.StagingFolder(tmp_path)
+    cleaned.cleanup()
+    left_file = files.create_temporary(tmp_path / "half.wav")
+    left_folder = files.StagingFolder(tmp_path)
+    (left_folder.path / "stem.wav").write_bytes(b"x")
+    foreign = tmp_path / ".someone-else.tmp"
+    foreign.write_bytes(b"theirs")
+    assert sorted(files.remove_unfinished()) == sorted([left_file, left_folder.path])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".someone-else.tmp", "done.wav"]
+    assert placed_target.read_bytes() == b"complete"
+    assert files.remove_unfinished() == []
