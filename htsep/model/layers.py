@@ -79,7 +79,7 @@ class DConvBranch(nn.Module):
         norm_bias = _scale_first_half(self.norm_out.bias, self.scale)
         rows, frames = x.shape[0], x.shape[-1]
         pieces = -(-rows * weight.shape[0] * frames // _DCONV_CHUNK_ELEMENTS)
-        if pieces <= 1:
+        if pieces <= 1 or x.device.type != "cpu":  # (CUDA keeps freed memory itself)
             y = torch.baddbmm(bias[:, None], weights, hidden)
             y = F.group_norm(y, 1, norm_weight, norm_bias, self.norm_out.eps)
             value, gate = y.chunk(2, dim=1)
