@@ -77,55 +77,16 @@ class DConvBranch(nn.Module):
         weights = weight.expand(x.shape[0], *weight.shape)
         norm_weight = _scale_first_half(self.norm_out.weight, self.scale)
         norm_bias = _scale_first_half(self.norm_out.bias, self.scale)
-        rows, frames = x.shape[0], x.shape[-1]
-        pieces = -(-rows * weight.shape[0] * frames // _DCONV_CHUNK_ELEMENTS)
-        if pieces <= 1 or x.device.type != "cpu":  # (CUDA keeps freed memory itself)
-            y = torch.baddbmm(bias[:, None], weights, hidden)
-            y = F.group_norm(y, 1, norm_weight, norm_bias, self.norm_out.eps)
-            value, gate = y.chunk(2, dim=1)
-            return torch.addcmul(x, value, gate.sigmoid_(), out=out)
-        # Long rows (the waveform branch): the (N, 2C, T) product is made a span of time at a
-        # time, twice: once for the GroupNorm statistics, merged over the spans, once to use.
-        step = -(-frames // pieces)
-        spans = [(start, min(frames, start + step)) for start in range(0, frames, step)]
-        stats = []
-        for start, end in spans:
-            y = torch.baddbmm(bias[:, None], weights, hidden[..., start:end])
-            _, mean, rstd = torch.native_group_norm(
-                y, None, None, rows, y.shape[1], end - start, 1, self.norm_out.eps
-            )
-            stats.append((end - start, mean, rstd))
-        mean, rstd = _merge_norm_statistics(stats, frames, self.norm_out.eps)
-        scale = norm_weight[:, None] * rstd[:, None, None]  # (N, 2C, 1)
-        shift = norm_bias[:, None] - mean[:, None, None] * scale
-        for start, end in spans:
-            y = torch.baddbmm(bias[:, None], weights, hidden[..., start:end])
-            y = torch.addcmul(shift, y, scale, out=y)
-            value, gate = y.chunk(2, dim=1)
-            piece = x[..., start:end]
-            torch.addcmul(piece, value, gate.sigmoid_(), out=out[..., start:end])
-        return out
-
-
-def _merge_norm_statistics(
-    stats: list[tuple[int, torch.Tensor, torch.Tensor]], total: int, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and 1 / sqrt(var + eps) of whole rows from (frames, mean, rstd) of their spans,
-    each (N, 1) as ``native_group_norm`` gives them; summed in float64 -> (N,), (N,)."""
-    means = torch.stack([mean[:, 0] for _, mean, _ in stats]).double()  # (spans, N)
-    variances = torch.stack([rstd[:, 0] for _, _, rstd in stats]).double().pow(-2) - eps
-    weights = torch.tensor([frames / total for frames, _, _ in stats], dtype=torch.float64)
-    mean = (weights[:, None] * means).sum(0)
-    variance = (weights[:, None] * (variances + (means - mean) ** 2)).sum(0)
-    dtype = stats[0][1].dtype
-    return mean.to(dtype), (variance + eps).rsqrt().to(dtype)
+        y = torch.baddbmm(bias[:, None], weights, hidden)
+        y = F.group_norm(y, 1, norm_weight, norm_bias, self.norm_out.eps)
+        value, gate = y.chunk(2, dim=1)
+        return torch.addcmul(x, value, gate.sigmoid_(), out=out)
 
 
 # Rows of a DConv run together in inference: their widest intermediate (2C x T floats per row)
 # stays near 16 MB, in cache and under the 32 MiB ceiling of glibc's mmap threshold, so freed
 # blocks get reused. Larger blocks are mapped fresh from the kernel on every call, and their page
-# faults cost more than the arithmetic. A row longer than that (the waveform branch) is taken a
-# span of time at a time (``DConvBranch.add_to``).
+# faults cost more than the arithmetic.
 _DCONV_CHUNK_ELEMENTS = 1 << 22
 
 
