@@ -74,10 +74,9 @@ class DConvBranch(nn.Module):
         # As a batched product: oneDNN's 1x1 convolution is slow for so few input channels.
         weight = self.conv_out.weight[:, :, 0]  # (2C, H)
         bias = cast(torch.Tensor, self.conv_out.bias)
-        weights = weight.expand(x.shape[0], *weight.shape)
+        y = torch.baddbmm(bias[:, None], weight.expand(x.shape[0], *weight.shape), hidden)
         norm_weight = _scale_first_half(self.norm_out.weight, self.scale)
         norm_bias = _scale_first_half(self.norm_out.bias, self.scale)
-        y = torch.baddbmm(bias[:, None], weights, hidden)
         y = F.group_norm(y, 1, norm_weight, norm_bias, self.norm_out.eps)
         value, gate = y.chunk(2, dim=1)
         return torch.addcmul(x, value, gate.sigmoid_(), out=out)
@@ -255,7 +254,8 @@ class EncoderLayer(nn.Module):
         if self.dconv is not None:
             y = self.dconv(y, overwrite=True)
         if self.rewrite is not None:
-            spans = None if self.freq or self.rewrite_norm else _rewrite_glu_spans(self.rewrite, y)
+            whole = self.freq or self.rewrite_norm is not None
+            spans = None if whole else _rewrite_glu_spans(self.rewrite, y)
             if spans is not None:
                 return spans
             y = self.rewrite(_conv_input(y, self.freq))
@@ -346,7 +346,8 @@ class DecoderLayer(nn.Module):
                 return self._bands(x, skip, band)
         y = x + skip
         if self.rewrite is not None:
-            spans = None if self.freq or self.rewrite_norm else _rewrite_glu_spans(self.rewrite, y)
+            whole = self.freq or self.rewrite_norm is not None
+            spans = None if whole else _rewrite_glu_spans(self.rewrite, y)
             if spans is not None:
                 y = spans
             else:
