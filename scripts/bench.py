@@ -35,6 +35,7 @@ FLOP count over the rate of a large float32 matrix product.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import resource
 import shutil
@@ -283,7 +284,8 @@ def bench_forward(args: argparse.Namespace, work: Path) -> None:
         print(f"htsep bf16 / htsep fp32 {reduced / fast:.3f}; SNR against fp32 {snr.item():.1f} dB")
     flops, peak = chunk_flops(theirs, mix), matmul_rate()
     print(
-        f"one chunk is {flops / 1e9:.1f} GFLOP (torch's FlopCounterMode on demucs's network); "
+        f"one chunk is {flops / 1e9:.1f} GFLOP (convolutions, products and attention, counted on "
+        f"demucs's network); "
         f"fp32 matrix products run at {peak / 1e9:.0f} GFLOP/s here, so the chunk needs at least "
         f"{flops / peak:.2f} s: htsep runs at {flops / fast / 1e9:.0f} GFLOP/s "
         f"({flops / peak / fast:.0%} of that rate), demucs at {flops / slow / 1e9:.0f} GFLOP/s"
@@ -300,11 +302,44 @@ def bf16(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return run
 
 
+def attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """Products of one fused attention call, from its (batch, heads, length, dim) shapes:
+    queries x keys, then weights x values, 2 FLOPs per multiply-add."""
+    *batch, queries, dim = query
+    keys, value_dim = key[-2], value[-1]
+    return 2 * math.prod(batch) * queries * keys * (dim + value_dim)
+
+
+def self_attention_flops(query, key, value, embed_dim, heads, *args, out_shape=None, **kwargs):
+    """Products of nn.MultiheadAttention's fused inference path (demucs's self-attention): the
+    query, key and value projections, the attention itself and the output projection."""
+    *batch, queries, _ = query
+    keys = key[-2]
+    count = math.prod(batch)
+    projections = 2 * count * embed_dim * embed_dim * (2 * queries + 2 * keys)
+    return projections + 2 * count * queries * keys * 2 * embed_dim
+
+
 def chunk_flops(model: torch.nn.Module, mix: torch.Tensor) -> float:
-    """Floating-point operations of one forward pass (convolutions and matrix products)."""
+    """Floating-point operations of one forward pass: convolutions, matrix products and
+    attention.
+
+    torch's FlopCounterMode has formulas for neither the CPU's fused attention kernel (htsep's
+    attention, demucs's cross-attention) nor nn.MultiheadAttention's fused inference path
+    (demucs's self-attention), and counts nothing for them; both are counted here. The count
+    is a property of the network, so both networks must give the same figure
+    (tests/test_bench.py)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    aten = torch.ops.aten
+    formulas = {
+        aten._scaled_dot_product_flash_attention_for_cpu: attention_flops,
+        aten._native_multi_head_attention: self_attention_flops,
+    }
+    with (
+        torch.inference_mode(),
+        FlopCounterMode(display=False, custom_mapping=formulas) as counter,
+    ):
         model(mix)
     return float(counter.get_total_flops())
 

@@ -1,0 +1,74 @@
+"""The FLOP count behind `scripts/bench.py --forward`'s fraction of the matrix-product rate."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import reference
+import htsep
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_script"] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["bench_script"]
+
+
+@pytest.mark.parametrize("queries,keys", [(7, 7), (5, 11)])
+def test_fused_attention_counts_both_products(bench, queries, keys):
+    q = torch.randn(2, 3, queries, 4)
+    k = torch.randn(2, 3, keys, 4)
+    v = torch.randn(2, 3, keys, 6)
+    model = _Call(lambda x: nn.functional.scaled_dot_product_attention(x, k, v))
+    # (queries x 4) @ (4 x keys), then (queries x keys) @ (keys x 6), for 2 x 3 heads.
+    expected = 2 * 6 * (queries * 4 * keys + queries * keys * 6)
+    assert bench.chunk_flops(model, q) == expected
+
+
+def test_fused_self_attention_counts_projections_and_products(bench):
+    embed, heads, length = 16, 4, 9
+    attention = nn.MultiheadAttention(embed, heads, batch_first=True).eval()
+    model = _Call(lambda x: attention(x, x, x, need_weights=False)[0])
+    # in-projection (3 E x E on each position), attention, output projection (E x E).
+    expected = 2 * length * embed * 3 * embed + 2 * 2 * length * length * embed
+    expected += 2 * length * embed * embed
+    assert bench.chunk_flops(model, torch.randn(1, length, embed)) == expected
+    shape = (1, length, embed)
+    assert bench.self_attention_flops(shape, shape, shape, embed, heads) == expected
+
+
+def test_both_networks_count_the_same(bench, tmp_path):
+    """demucs's self-attention takes nn.MultiheadAttention's fused path and htsep's a fused
+    attention kernel: with a formula missing for either, the counts would differ."""
+    theirs = reference.build(reference.SOURCES_4, reference.SMALL, seed=3).eval()
+    path, _ = reference.write_th(theirs, tmp_path, "small")
+    ours = htsep.load_model(path).eval()
+    mix = torch.randn(1, 2, ours.segment_length, generator=torch.Generator().manual_seed(0))
+    counted = bench.chunk_flops(theirs, mix)
+    assert counted == bench.chunk_flops(ours, mix)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as plain:
+        theirs(mix)
+    assert counted > plain.get_total_flops()
+
+
+class _Call(nn.Module):
+    def __init__(self, function):
+        super().__init__()
+        self.function = function
+
+    def forward(self, x):
+        return self.function(x)
