@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-import reference
 import htsep
+import reference
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
 
