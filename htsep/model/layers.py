@@ -71,15 +71,47 @@ class DConvBranch(nn.Module):
         GroupNorm's first half, and the sum fuses into one multiply-add.
         """
         hidden = _gelu_fresh(self.norm_in(self.conv_in(x)))  # (N, H, T), H = C / compress
-        # As a batched product: oneDNN's 1x1 convolution is slow for so few input channels.
-        weight = self.conv_out.weight[:, :, 0]  # (2C, H)
-        bias = cast(torch.Tensor, self.conv_out.bias)
-        y = torch.baddbmm(bias[:, None], weight.expand(x.shape[0], *weight.shape), hidden)
         norm_weight = _scale_first_half(self.norm_out.weight, self.scale)
         norm_bias = _scale_first_half(self.norm_out.bias, self.scale)
-        y = F.group_norm(y, 1, norm_weight, norm_bias, self.norm_out.eps)
+        if kernels.fast_path(x) is not None:
+            y = self._normalised_product(hidden, norm_weight, norm_bias)
+        else:
+            # As a batched product: oneDNN's 1x1 convolution is slow for so few input channels.
+            weight = self.conv_out.weight[:, :, 0]  # (2C, H)
+            bias = cast(torch.Tensor, self.conv_out.bias)
+            y = torch.baddbmm(bias[:, None], weight.expand(x.shape[0], *weight.shape), hidden)
+            y = F.group_norm(y, 1, norm_weight, norm_bias, self.norm_out.eps)
         value, gate = y.chunk(2, dim=1)
         return torch.addcmul(x, value, gate.sigmoid_(), out=out)
+
+    def _normalised_product(
+        self, hidden: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor
+    ) -> torch.Tensor:
+        """norm_out(conv_out(hidden)) with the given affine, as one batched product.
+
+        Each row's y = W h + b is an affine map of the H << 2C hidden channels, so its mean and
+        variance over (2C, T) follow from the (H+1) x (H+1) moments of h with a row of ones
+        appended (taken in float64, where E[y^2] - E[y]^2 loses nothing that matters). The
+        row's normalisation then folds into its own copy of [W | b], and the product gives
+        the normalised y: no pass over y for the bias, the statistics or the normalisation.
+        """
+        rows, width, frames = hidden.shape
+        augmented = hidden.new_empty(rows, width + 1, frames)
+        augmented[:, :width] = hidden
+        augmented[:, width] = 1
+        wide = augmented.double()
+        moments = torch.bmm(wide, wide.transpose(1, 2)).div_(frames)  # (N, H+1, H+1)
+        affine = torch.cat(
+            [self.conv_out.weight[:, :, 0], cast(torch.Tensor, self.conv_out.bias)[:, None]], 1
+        ).double()  # (2C, H+1): [W | b]
+        # E[y] = mean_c(a_c) . E[h~]; E[y^2] = mean_c a_c M a_c^T = <M, A^T A / 2C>.
+        mean = moments[:, :, width] @ affine.mean(0)  # (N,)
+        second = (moments * (affine.T @ affine).div_(affine.shape[0])).sum((1, 2))
+        gain = (second - mean.square()).clamp_(min=0).add_(self.norm_out.eps).rsqrt_()
+        scale = gain[:, None] * norm_weight.double()  # (N, 2C)
+        weights = scale[:, :, None] * affine  # (N, 2C, H+1)
+        weights[:, :, width] += norm_bias.double() - scale * mean[:, None]
+        return torch.bmm(weights.to(hidden.dtype), augmented)
 
 
 # Rows of a DConv run together in inference: their widest intermediate (2C x T floats per row)

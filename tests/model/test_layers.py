@@ -61,6 +61,41 @@ def test_dconv_inference_never_writes_its_input(shape):
     assert torch.equal(x, before)
 
 
+@pytest.mark.parametrize(
+    "case", ["random", "offset", "flat", "silence", "constant rows", "one frame"]
+)
+def test_dconv_normalisation_fold_equals_the_plain_branch(case):
+    """In CPU float32 inference the branch's second GroupNorm is folded into its 1x1 product,
+    with statistics from the hidden channels' moments. Against the plain branch in float64:
+    random rows; a large bias next to a small spread (E[y^2] - E[y]^2 cancels); a product that
+    is constant (zero variance); silent input; rows constant in time; a single frame."""
+    torch.manual_seed(1)
+    branch = layers.DConvBranch(8, 3, dilation=2, init=0.7)
+    with torch.no_grad():
+        for parameter in branch.parameters():
+            parameter.normal_()
+        if case == "offset":
+            branch.conv_out.weight.mul_(1e-3)
+            branch.conv_out.bias.add_(50)
+        if case == "flat":
+            branch.conv_out.weight.zero_()
+            branch.conv_out.bias.fill_(3)
+    frames = 1 if case == "one frame" else 40
+    x = torch.randn(5, 8, frames)
+    if case == "silence":
+        x.zero_()
+    elif case == "constant rows":
+        x[:, :, :] = x[:, :, :1]
+        x[2].zero_()
+    expected = x.double() + branch.double()(x.double())
+    branch.float()
+    with torch.inference_mode():
+        assert layers.kernels.fast_path(x) is not None
+        out = branch.add_to(x, out=torch.empty_like(x))
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-6 * max(scale, 1.0))
+
+
 @pytest.mark.parametrize("freq", [True, False])
 def test_encoder_output_owns_only_its_own_storage(freq):
     """An encoder's output lives on as a skip connection until its decoder runs: in inference
