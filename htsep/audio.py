@@ -237,7 +237,7 @@ class AudioWriter:
         self._temporary = _create_temporary(self.name, self.target)
         try:
             self._handle = sf.SoundFile(
-                self._temporary, "w", self.sample_rate, self.channels, **self.settings
+                os.fsencode(self._temporary), "w", self.sample_rate, self.channels, **self.settings
             )
         except BaseException as exc:
             self._fail(exc)
@@ -380,7 +380,12 @@ class AudioReader:
         with handle:
             try:
                 out = sf.SoundFile(
-                    self._decoded, "w", handle.samplerate, handle.channels, "FLOAT", format="RF64"
+                    os.fsencode(self._decoded),
+                    "w",
+                    handle.samplerate,
+                    handle.channels,
+                    "FLOAT",
+                    format="RF64",
                 )
             except (sf.LibsndfileError, RuntimeError) as exc:
                 raise AudioError(f"{self.name}: cannot decode it: {_reason(exc)}") from None
@@ -404,7 +409,7 @@ class AudioReader:
         self._input.close()
         self._input = None
         try:
-            return sf.SoundFile(self._decoded)
+            return sf.SoundFile(os.fsencode(self._decoded))
         except (sf.LibsndfileError, RuntimeError) as exc:
             raise AudioError(
                 f"{self.name}: the decoded audio is unreadable ({_reason(exc)})"
@@ -581,7 +586,7 @@ def _open_soundfile(name: str) -> sf.SoundFile | None:
     """An open SoundFile whose header promises no more than the file holds, or None when
     libsndfile does not recognise the file and ffmpeg may still be worth a try."""
     try:
-        handle = sf.SoundFile(name)
+        handle = sf.SoundFile(os.fsencode(name))  # bytes: names need not be UTF-8
     except (sf.LibsndfileError, RuntimeError) as exc:
         if _starts_like_audio(name):
             raise AudioError(f"{name}: truncated or corrupt audio ({_reason(exc)})") from None

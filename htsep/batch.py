@@ -193,10 +193,7 @@ def find_inputs(patterns: Sequence[str | os.PathLike[str]], exclude: Path) -> li
                 found.append(item)
         return found
 
-    for item in patterns:
-        pattern = os.fspath(item)
-        if not pattern.strip():
-            raise UsageError("an input is an empty string (an unset variable in a script?)")
+    def take(pattern: str) -> None:
         path = Path(pattern)
         if path.is_dir():
             found = audio_under(path)
@@ -220,6 +217,18 @@ def find_inputs(patterns: Sequence[str | os.PathLike[str]], exclude: Path) -> li
                 add(file, str(file), root=root)
         else:
             tracks.append(Track(pattern, None, error=f"{pattern}: no such file or folder"))
+
+    for item in patterns:
+        pattern = os.fspath(item)
+        if not pattern.strip():
+            raise UsageError("an input is an empty string (an unset variable in a script?)")
+        try:
+            take(pattern)
+        except (OSError, RuntimeError) as exc:
+            # A name too long for the file system, a folder that cannot be listed, a symlink
+            # loop (RuntimeError before Python 3.13): that input fails, the others go on.
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            tracks.append(Track(pattern, None, error=f"{pattern}: {reason}"))
     return tracks
 
 
@@ -500,6 +509,15 @@ def plan_outputs(
         fields = dict(track=base, trackext=suffix, ext=settings.ext, folder=track.folder or ".")
         paths = {stem: below / template.format(stem=stem, **fields) for stem in names}
         for stem, path in paths.items():
+            # The sample values check_template tried are not every track's: {folder} is "."
+            # for a file named directly and {trackext} empty for a name without one, so
+            # ".{folder}" or "{trackext}/..." can still lead out of <out>/<model>.
+            inside = Path(os.path.normpath(path))
+            if os.path.normpath(folder) not in map(str, inside.parents):
+                raise UsageError(
+                    f"--filename {template!r}: for {track.source} it gives {str(path)!r}, "
+                    "outside <out>/<model>"
+                )
             key = Path(os.path.abspath(path))
             if key in owners:
                 other = owners[key]
@@ -739,8 +757,13 @@ class _Run:
     def _fail(self, index: int, exc: HtsepError) -> None:
         track, message = self.tracks[index], str(exc)
         assert track.path is not None
+        # Messages name the file read; the track is named as given (``-`` for stdin, whose
+        # file is a spooled temporary).
+        name = str(track.path)
         track.error = (
-            message if message.startswith(str(track.path)) else f"{track.source}: {message}"
+            track.source + message[len(name) :]
+            if message.startswith(name)
+            else f"{track.source}: {message}"
         )
 
     def _report(self, index: int) -> None:

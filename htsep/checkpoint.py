@@ -495,14 +495,19 @@ def _fit_state(
         problems.append(f"wrong shapes: {_describe(sorted(wrong))}")
     if problems:
         raise CheckpointError(f"{path}: checkpoint does not fit its model: " + "; ".join(problems))
-    for original, value in renamed.values():
+    for new, (original, value) in renamed.items():
         if not value.is_floating_point():
             dtype = str(value.dtype).removeprefix("torch.")
             raise CheckpointError(
                 f"{path}: tensor {_label(original)} holds {dtype}, not floating-point numbers"
             )
-        if not bool(torch.isfinite(value).all()):
-            raise CheckpointError(f"{path}: tensor {_label(original)} holds NaN or infinite values")
+        # Checked as the model will hold it: float64 values past float32's range become
+        # infinite there.
+        if not bool(torch.isfinite(value.to(ours[new].dtype)).all()):
+            raise CheckpointError(
+                f"{path}: tensor {_label(original)} holds NaN or infinite values"
+                + ("" if value.dtype == ours[new].dtype else f" as {ours[new].dtype}")
+            )
     return {new: value for new, (_, value) in renamed.items()}
 
 

@@ -174,6 +174,10 @@ def printable(text: str) -> str:
         code = ord(char)
         if code < 0x20 or code == 0x7F:
             out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(char, f"\\x{code:02x}"))
+        elif 0x80 <= code <= 0x9F or code in (0x2028, 0x2029):
+            # C1 controls and the Unicode line and paragraph separators: terminals and
+            # str.splitlines would break the line there too.
+            out.append(f"\\u{code:04x}")
         elif 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8 (surrogateescape)
             out.append(f"\\x{code - 0xDC00:02x}")
         else:
@@ -444,6 +448,10 @@ def _check_options(opts: dict[str, Any], given: set[str]) -> tuple[OutputSetting
         _warn("--other-method applies only with --two-stems; ignored")
     if opts["no_split"] and given & {"overlap", "segment"}:
         _warn("--overlap and --segment do not apply with --no-split; ignored")
+    if opts["out"] == "-" and given & {"filename", "skip_existing", "overwrite"}:
+        _warn("--filename, --skip-existing and --overwrite do not apply with -o -; ignored")
+    if opts["shifts"] == 0 and "seed" in given:
+        _warn("--seed chooses the random shifts, and --shifts 0 makes none; ignored")
     if not 0 <= opts["jobs"] <= 1024:
         raise UsageError(f"--jobs must be in 0..1024, got {opts['jobs']}")
     two_stems = opts["two_stems"].strip() if opts["two_stems"] else None

@@ -29,6 +29,7 @@ from htsep.apply import (
     SeparationStream,
     mix_statistics,
     plan_bag,
+    segment_samples,
     zero_extended,
 )
 from htsep.audio import AudioReader, AudioWriter, read_audio
@@ -54,7 +55,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # Bounds of the settings: beyond them a value is a typo or an unset variable, not a choice.
 MAX_SHIFTS = 100
 MAX_BATCH_SIZE = 1024
-MIN_SEGMENT = Fraction(1)  # seconds: every chunk costs a whole network call, however short
+# Seconds: every chunk costs a whole network call, however short.
+MIN_SEGMENT = Fraction(zoo.MIN_SEGMENT_SECONDS)
 MAX_SEED = 2**63 - 1
 # Sample rates accepted for tensors and files, as for the resampler's bounds.
 MIN_RATE, MAX_RATE = 1000, 384000
@@ -272,6 +274,12 @@ class Separator:
             precision=precision,
             stems=stems,
         )
+        if not isinstance(model, (str, os.PathLike)):
+            raise UsageError(f"model must be a name or a checkpoint path, not {model!r}")
+        if repo is not None and not isinstance(repo, (str, os.PathLike)):
+            raise UsageError(f"repo must be a folder path, not {repo!r}")
+        _flag(progress, "progress")
+        _flag(keep_memory, "keep_memory")
         self.device = parse_device(device)
         if settings.precision == "fp16" and self.device.type != "cuda":
             raise UsageError("--precision fp16 needs a CUDA device (use bf16 or fp32 here)")
@@ -299,6 +307,14 @@ class Separator:
                 f"--segment {float(segment):g} is longer than the model's "
                 f"segment ({float(limit):g} s)"
             )
+        if settings.split:
+            # Chunks are cut every (1 - overlap) x chunk samples, rounded down.
+            chunk = min(segment_samples(model, segment) for model, _ in self.bag.members)
+            if int((1 - settings.overlap) * chunk) < 1:
+                raise UsageError(
+                    f"--overlap {settings.overlap:g} leaves no step between chunks of {chunk} "
+                    "samples; use a smaller overlap"
+                )
         self.options = ChunkOptions(
             segment=segment,
             overlap=settings.overlap,
@@ -334,13 +350,10 @@ class Separator:
         downmix: the mono mix of all channels). Only the requested stems are returned unless
         ``all_sources``: the others then come from the members that ran (see plan_bag).
         """
-        audio = _as_audio_tensor(audio)
+        _flag(downmix, "downmix")
+        _flag(all_sources, "all_sources")
         rate = self.sample_rate if sample_rate is None else check_sample_rate(sample_rate)
-        if audio.shape[-1] > MAX_TENSOR_SECONDS * rate:
-            raise UsageError(
-                f"{audio.shape[-1]} samples at {rate} Hz is over {MAX_TENSOR_SECONDS // 3600} "
-                "hours: use separate_file_to, which streams"
-            )
+        audio = _as_audio_tensor(audio, max_frames=MAX_TENSOR_SECONDS * rate)
         # The file path's engine over the tensor: one block of the whole length.
         scanned = ScannedFile(self, _TensorReader(audio, rate), downmix=downmix)
         length = audio.shape[-1]
@@ -362,7 +375,9 @@ class Separator:
 
         Holds the track in memory; ``separate_file_to`` streams it to files instead.
         """
-        audio, rate = read_audio(path)
+        audio, rate = read_audio(_file_path(path))
+        if not MIN_RATE <= rate <= MAX_RATE:
+            raise AudioError(f"{os.fspath(path)}: {_rate_problem(rate)}")
         try:
             stems = self.separate_tensor(
                 audio, rate, downmix=downmix, progress=progress, all_sources=all_sources
@@ -448,7 +463,13 @@ def write_stems(
     outputs, since the gain depends on the whole track; ``finish()`` then applies the gain
     and encodes the final files. It needs no network, so it may run in another thread.
     """
+    _flag(overwrite, "overwrite")
+    _flag(downmix, "downmix")
     targets = _check_outputs(separator, outputs, two_stems, other_method, keep)
+    source = path.name if isinstance(path, ScannedFile) else _file_path(path)
+    for name, target in targets.items():
+        if source and _same_file(target, source):
+            raise UsageError(f"output of {name!r}, {target}, is the input file")
     if not overwrite:
         _refuse_existing(targets, keep)
     if clip_mode not in ("rescale", "clamp", "none"):
@@ -715,6 +736,10 @@ class ScannedFile:
         self.name = reader.name
         self.frames = reader.count_frames()
         self.sample_rate = rate = reader.sample_rate
+        if not MIN_RATE <= rate <= MAX_RATE:
+            raise AudioError(
+                f"{self.name}: {_rate_problem(rate)}" if self.name else _rate_problem(rate)
+            )
         channels = reader.channels
         bag = separator.bag
         try:
@@ -775,7 +800,8 @@ class ScannedFile:
         """The first pass over ``path``: decode (ffmpeg formats to a temporary file), count the
         frames, check every sample and compute the mixture statistics. Touches no network, so
         it may run in another thread while a track is separated."""
-        reader = AudioReader(path)
+        _flag(downmix, "downmix")
+        reader = AudioReader(_file_path(path))
         try:
             return cls(separator, reader, downmix=downmix)
         except BaseException:
@@ -844,18 +870,25 @@ class StreamedTrack:
         self.close()
 
 
-def _as_audio_tensor(audio: Any) -> torch.Tensor:
+def _as_audio_tensor(audio: Any, max_frames: int | None = None) -> torch.Tensor:
     """(C, T) float32 audio from a tensor or a numpy array. Integer samples are scaled to
-    [-1, 1) as audio files store them (int16 / 2^15, ...; uint8 centred on 128); complex and
-    boolean samples, other shapes, empty or non-finite audio are refused."""
+    [-1, 1) as audio files store them (int16 / 2^15, ...); unsigned ones are centred first
+    (uint8 on 128, uint16 on 2^15, ...). Complex and boolean samples, other shapes, sparse or
+    storage-less tensors, empty or non-finite audio, and more than ``max_frames`` samples
+    per channel (checked before any copy) are refused."""
     if isinstance(audio, np.ndarray):
         if audio.dtype.kind not in "biufc" or audio.dtype.byteorder not in "=|<>":
             raise AudioError(f"cannot separate an array of {audio.dtype}")
+        _check_frames(audio.shape, max_frames)
         audio = torch.from_numpy(np.ascontiguousarray(audio.astype(audio.dtype.newbyteorder("="))))
     if not isinstance(audio, torch.Tensor):
         raise AudioError(
             f"expected a (channels, time) tensor or numpy array, not {type(audio).__name__}"
         )
+    if audio.layout != torch.strided:
+        raise AudioError(f"expected a dense tensor of samples, not a {audio.layout} one")
+    if audio.device.type == "meta":
+        raise AudioError("expected a tensor holding samples, not one on the meta device")
     if audio.dim() != 2:
         raise AudioError(f"expected (channels, time) audio, got shape {tuple(audio.shape)}")
     if audio.dtype == torch.bool or audio.is_complex():
@@ -867,12 +900,45 @@ def _as_audio_tensor(audio: Any) -> torch.Tensor:
             f"expected (channels, time) audio, got shape {tuple(audio.shape)} "
             f"(more than {MAX_CHANNELS} channels: is it (time, channels)?)"
         )
+    _check_frames(audio.shape, max_frames)
     if not audio.is_floating_point():
-        if audio.dtype == torch.uint8:
-            audio = (audio.float() - 128) / 128
-        else:
-            audio = audio.double() / (torch.iinfo(audio.dtype).max + 1)
+        limits = torch.iinfo(audio.dtype)
+        half = float(2 ** (limits.bits - 1))
+        audio = audio.double()
+        audio = (audio if limits.min < 0 else audio - half) / half
     audio = audio.detach().to(device="cpu", dtype=torch.float32)
     if not torch.isfinite(audio).all():
         raise AudioError("contains NaN or infinite samples")
     return audio
+
+
+def _check_frames(shape: tuple[int, ...], max_frames: int | None) -> None:
+    if max_frames is not None and len(shape) == 2 and shape[-1] > max_frames:
+        raise UsageError(
+            f"{shape[-1]} samples per channel is over {MAX_TENSOR_SECONDS // 3600} hours: "
+            "use separate_file_to, which streams"
+        )
+
+
+def _flag(value: Any, name: str) -> bool:
+    """A True/False option of the Python API (a string like "no" would read as true)."""
+    if not isinstance(value, bool):
+        raise UsageError(f"{name} must be True or False, not {value!r}")
+    return value
+
+
+def _file_path(path: Any) -> str:
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise UsageError(f"expected an audio file path, not {path!r}")
+    return os.fspath(path)
+
+
+def _same_file(target: Path, source: str) -> bool:
+    try:
+        return os.path.samefile(target, source)
+    except (OSError, ValueError):
+        return False
+
+
+def _rate_problem(rate: int) -> str:
+    return f"sample rate {rate} Hz is outside {MIN_RATE}..{MAX_RATE} Hz"

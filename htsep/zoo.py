@@ -71,6 +71,8 @@ _MAX_MODEL_NAME = 200
 _MAX_YAML_BYTES = 1 << 20
 # A bag weight above this only serves to overflow the weighted sums.
 _MAX_WEIGHT = 1e6
+# The shortest segment a bag may ask for, as --segment (htsep.separator.MIN_SEGMENT).
+MIN_SEGMENT_SECONDS = 1
 # A segment given as text: plain decimals or a fraction (Fraction('1e999999999') would compute a
 # billion-digit number).
 _SEGMENT_TEXT = re.compile(r"^\s*\d{1,9}(\.\d{1,9})?\s*$|^\s*\d{1,9}\s*/\s*\d{1,9}\s*$")
@@ -361,8 +363,11 @@ def _parse_segment(value: Any, origin: str) -> Fraction | None:
         segment = Fraction(str(value).replace(" ", ""))
     except (ValueError, ZeroDivisionError):
         raise ModelNotFoundError(problem) from None
-    if segment <= 0:
-        raise ModelNotFoundError(f"{origin}: 'segment' must be positive, got {show(value)}")
+    if segment < MIN_SEGMENT_SECONDS:
+        raise ModelNotFoundError(
+            f"{origin}: 'segment' must be at least {MIN_SEGMENT_SECONDS} second (every chunk "
+            f"costs a whole network call), got {show(value)}"
+        )
     if segment > MAX_SEGMENT_SECONDS:
         raise ModelNotFoundError(
             f"{origin}: 'segment' must be at most {MAX_SEGMENT_SECONDS} seconds, got {show(value)}"
@@ -750,6 +755,9 @@ def _stream(url: str, out: IO[bytes], label: str, *, progress: bool) -> str:
     except (http.client.HTTPException, OSError) as exc:
         # Resets, timeouts mid-transfer, and a full disk while writing the temporary file.
         raise _failed(url, str(exc) or type(exc).__name__, label) from exc
+    except ValueError as exc:
+        # A malformed address (HTSEP_MIRROR without a scheme, a broken IPv6 host, ...).
+        raise _failed(url, f"not a valid URL ({exc})", label) from exc
     if total is not None and received != total:
         raise _truncated(url, received, total, label)
     return digest.hexdigest()

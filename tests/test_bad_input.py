@@ -1,6 +1,8 @@
 """Every bad input: one line on stderr, a non-zero exit code, nothing half-written."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from helpers import RATE, htsep, write_clip
+from helpers import RATE, app, htsep, runner, write_clip
 
 MODEL = ["-n", "aaaa0001", "-q"]
 
@@ -225,6 +227,7 @@ def test_one_bad_file_does_not_stop_the_batch(run, tmp_path):
         (["--overlap", "nan"], "--overlap"),
         (["--overlap", "1"], "--overlap"),
         (["--overlap", "-0.5"], "--overlap"),
+        (["--overlap", "0.99999"], "leaves no step between chunks"),
         (["--batch-size", "0"], "--batch-size"),
         (["--batch-size", "99999999"], "--batch-size"),
         (["--jobs", "-1"], "--jobs"),
@@ -429,13 +432,99 @@ def test_dot_names_keep_their_stems_inside_the_model_folder(run, tmp_path, name)
     assert written[0].parent.parent == folder and written[0].parent.name not in (".", "..")
 
 
-def test_a_newline_in_a_file_name_keeps_the_error_on_one_line(run, tmp_path):
-    bad = tmp_path / "bad\nname\r.wav"
+@pytest.mark.parametrize(
+    "name,shown",
+    [
+        ("bad\nname\r.wav", "bad\\nname\\r.wav"),
+        # C1 controls and Unicode's line and paragraph separators break lines too.
+        ("bad\x85name\u2028x\u2029.wav", "bad\\u0085name\\u2028x\\u2029.wav"),
+    ],
+)
+def test_a_line_break_in_a_file_name_keeps_the_error_on_one_line(run, tmp_path, name, shown):
+    bad = tmp_path / name
     bad.write_text("not audio")
     result = run(bad)
     assert result.exit_code == 1
     assert len(result.stderr.splitlines()) == 2  # the error and the summary
-    assert "bad\\nname\\r.wav" in _errors(result)[0]
+    assert shown in _errors(result)[0]
+
+
+@pytest.mark.parametrize(
+    "name,template",
+    [
+        # {folder} is "." for a file named directly: ".{folder}" is "..".
+        ("song.wav", ".{folder}/{stem}.{ext}"),
+        ("song.wav", "x/.{folder}/.{folder}/{stem}.{ext}"),
+        # {trackext} is empty for a name without an extension: the path turns absolute.
+        ("song", "{trackext}ESCAPE/{stem}.{ext}"),
+    ],
+)
+def test_template_values_cannot_lead_out_of_the_model_folder(run, tmp_path, name, template):
+    """check_template tries sample values; the tracks' own values are checked when the batch
+    is planned, before any work."""
+    clip = tmp_path / "in" / name
+    write_clip(tmp_path / "in" / "x.wav", 0.5)
+    (tmp_path / "in" / "x.wav").rename(clip)
+    template = template.replace("ESCAPE", str(tmp_path / "escaped"))
+    result = run("--stems", "vocals", "--filename", template, clip)
+    _assert_one_line_failure(result, 2, "outside <out>/<model>")
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [clip]
+
+
+def test_file_names_that_are_not_utf8_separate(run, tmp_path):
+    """Names are bytes on Linux: one that is not UTF-8 (Latin-1 'café') is read and written
+    like any other, in an output folder whose name is not UTF-8 either."""
+    folder = tmp_path / "in"
+    write_clip(folder / "ok.wav", 0.5)
+    odd = folder / os.fsdecode(b"caf\xe9.wav")
+    shutil.copyfile(folder / "ok.wav", odd)
+    out = tmp_path / os.fsdecode(b"out\xff")
+    result = htsep("--repo", str(run.repo), *MODEL, "-o", str(out), str(folder))
+    assert result.exit_code == 0, result.output
+    for track in (os.fsdecode(b"caf\xe9"), "ok"):
+        assert sf.info(os.fsencode(out / "aaaa0001" / track / "vocals.wav")).frames == 4000
+
+
+def test_an_input_name_too_long_for_the_file_system_fails_alone(run, tmp_path):
+    good = tmp_path / "good.wav"
+    write_clip(good, 0.5)
+    for name in ("x" * 300 + ".wav", "x" * 300 + "/", "x" * 300 + "*.wav"):
+        result = run(tmp_path / name, good, "--overwrite")
+        _assert_one_line_failure(result, 1, "File name too long")
+        assert (run.out / "aaaa0001" / "good" / "vocals.wav").exists()
+
+
+@pytest.mark.parametrize("data", [b"", b"not audio at all\n" * 20])
+def test_errors_about_standard_input_name_it_dash(tmp_path, repo, data):
+    """Standard input is spooled to a temporary file; errors name '-', as it was given."""
+    args = ["separate", "--repo", str(repo), *MODEL, "-o", str(tmp_path / "out"), "-"]
+    result = runner.invoke(app, args, input=data)
+    assert result.exit_code == 1, result.output
+    errors = _errors(result)
+    assert len(errors) == 1 and errors[0].startswith("htsep: error: -: "), result.stderr
+    assert "htsep-stdin" not in result.stderr
+
+
+@pytest.mark.parametrize("rate", [999, 384001])
+def test_files_outside_the_rate_range_fail_in_one_line(run, tmp_path, rate):
+    clip = tmp_path / "odd.wav"
+    sf.write(clip, np.zeros((rate // 4, 2), np.float32), rate, subtype="FLOAT")
+    _assert_one_line_failure(run(clip), 1, f"sample rate {rate} Hz is outside 1000..384000")
+    assert _nothing_written(run.out)
+
+
+def test_options_that_stdout_or_no_shifts_ignore_are_warned_about(run, tmp_path):
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 0.5)
+    result = run("--shifts", "0", "--seed", "3", "--stems", "vocals", clip)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("htsep: warning:")]
+    assert len(warnings) == 1 and "--seed" in warnings[0]
+    args = ["--repo", str(run.repo), *MODEL, "-o", "-", "--stems", "vocals", "--overwrite", clip]
+    result = htsep(*map(str, args))
+    assert result.exit_code == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("htsep: warning:")]
+    assert len(warnings) == 1 and "-o -" in warnings[0]
 
 
 # --- formats, rates and faults end to end ---------------------------------------------------------

@@ -313,6 +313,10 @@ BAD_NAMES = [
     ("drums", "appears twice"),
     ("DRUMS", "appears twice"),
     ("con", "device name"),
+    ("COM0", "device name"),
+    ("lpt9.x", "device name"),
+    ("COM\u00b9", "device name"),
+    ("CONIN$", "device name"),
     ("a:b", "<>:"),
     ("trailing ", "white space"),
 ]
@@ -478,6 +482,25 @@ def test_malformed_htsep_config(tmp_path, own_file, config, phrase):
     path = tmp_path / "config.safetensors"
     save_file(tensors, str(path), {**metadata, "config": config})
     _refused(path, phrase)
+
+
+@pytest.mark.parametrize("fmt", ["demucs-th", "htsep"])
+@pytest.mark.parametrize("bad", [1e300, -1e39])
+def test_float64_weights_beyond_float32_are_refused_at_load(tmp_path, package, own_file, fmt, bad):
+    """A float64 tensor is finite in the file but becomes infinite in the float32 model."""
+    name = "encoder.1.conv.weight" if fmt == "demucs-th" else "freq_encoders.1.conv.weight"
+    if fmt == "demucs-th":
+        state = dict(package["state"])
+        state[name] = state[name].double()
+        state[name].view(-1)[7] = bad
+        path = _write({**package, "state": state}, tmp_path / "big.th")
+    else:
+        tensors, metadata = _metadata(own_file)
+        tensors[name] = tensors[name].double()
+        tensors[name].view(-1)[7] = bad
+        path = tmp_path / "big.safetensors"
+        save_file(tensors, str(path), metadata)
+    _refused(path, f"tensor {name} holds NaN or infinite values as torch.float32")
 
 
 @pytest.mark.parametrize("fmt", ["demucs-th", "htsep"])

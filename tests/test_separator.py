@@ -1,5 +1,6 @@
 """The public Python API against demucs.api.Separator on the same checkpoint files."""
 
+import numpy as np
 import pytest
 import torch
 from demucs.api import Separator as ReferenceSeparator
@@ -160,12 +161,106 @@ def test_numpy_and_integer_samples(vocals_only):
         (torch.zeros(2, 800), 10**12, UsageError, "sample rate"),
         (torch.zeros(2, 800), float("nan"), UsageError, "sample rate"),
         (torch.zeros(2, 800), True, UsageError, "sample rate"),
+        (torch.zeros(2, 800).to_sparse(), 8000, AudioError, "dense"),
+        (torch.zeros(2, 800, device="meta"), 8000, AudioError, "meta device"),
+        # Refused from the shape, before 8 TB of float32 would be made of a broadcast view.
+        (torch.zeros(2, 1).expand(2, 10**12), 8000, UsageError, "over 6 hours"),
     ],
 )
 def test_bad_tensors_and_rates(vocals_only, audio, rate, error, phrase):
     with pytest.raises(error, match=None) as caught:
         vocals_only.separate_tensor(audio, rate)
     assert phrase in str(caught.value)
+
+
+def test_unsigned_samples_are_centred_as_audio_stores_them(vocals_only):
+    """Unsigned integers hold audio offset by half their range (WAV's 8-bit samples): uint8
+    k -> (k - 128) / 128, uint16 k -> (k - 2^15) / 2^15, ..., uint64 included."""
+    import numpy as np
+
+    mix = _mix(seconds=0.6).clamp(-0.99, 0.99)
+    for dtype, bits in [(np.uint8, 8), (np.uint16, 16), (np.uint32, 32), (np.uint64, 64)]:
+        half = 2.0 ** (bits - 1)
+        stored = np.round(mix.double().numpy() * half + half).astype(dtype)
+        expected = torch.from_numpy((stored.astype(np.float64) - half) / half).float()
+        got = vocals_only.separate_tensor(stored, 8000)["vocals"]
+        want = vocals_only.separate_tensor(expected, 8000)["vocals"]
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call,phrase",
+    [
+        (lambda s, clip, tmp: s.separate_file(None), "audio file path"),
+        (lambda s, clip, tmp: s.separate_file(3), "audio file path"),
+        (lambda s, clip, tmp: s.stream_file(b"x.wav"), "audio file path"),
+        (lambda s, clip, tmp: s.separate_tensor(torch.zeros(1, 800), downmix="no"), "downmix"),
+        (lambda s, clip, tmp: s.separate_tensor(torch.zeros(1, 800), all_sources=1), "all_sources"),
+        (
+            lambda s, clip, tmp: s.separate_file_to(
+                clip, {"vocals": tmp / "v.wav"}, overwrite="no"
+            ),
+            "overwrite",
+        ),
+        (lambda s, clip, tmp: s.separate_file_to(clip, {"vocals": clip}, overwrite=True), "input"),
+        (
+            lambda s, clip, tmp: s.separate_file_to(
+                clip, {"vocals": tmp / "link.wav"}, overwrite=True
+            ),
+            "input",
+        ),
+    ],
+)
+def test_api_arguments_are_checked_before_any_file_is_touched(repo, tmp_path, call, phrase):
+    """Wrong types raise a UsageError (a string "no" must not read as true), and an output
+    that is the input file itself, by name or through a link, is refused even with
+    overwrite: the input would be lost."""
+    import soundfile as sf
+
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, _mix(seconds=0.6).numpy().T, 8000)
+    (tmp_path / "link.wav").symlink_to(clip)
+    (tmp_path / "v.wav").write_bytes(b"mine")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    separator = htsep.Separator("aaaa0001", repo=repo, device="cpu", shifts=0, progress=False)
+    with pytest.raises(UsageError) as caught:
+        call(separator, clip, tmp_path)
+    assert phrase in str(caught.value)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    "arguments,phrase",
+    [
+        ({"model": None}, "model must be"),
+        ({"model": 3}, "model must be"),
+        ({"repo": 3}, "repo must be"),
+        ({"progress": "yes"}, "progress"),
+        ({"keep_memory": "no"}, "keep_memory"),
+    ],
+)
+def test_constructor_argument_types(repo, arguments, phrase):
+    arguments = {"model": "aaaa0001", "repo": repo, **arguments}
+    with pytest.raises(UsageError) as caught:
+        htsep.Separator(arguments.pop("model"), device="cpu", **arguments)
+    assert phrase in str(caught.value)
+
+
+@pytest.mark.parametrize("rate", [999, 384001])
+def test_files_outside_the_rate_range_are_audio_errors(vocals_only, tmp_path, rate):
+    """As for tensors: a file's rate must be 1000..384000 Hz, whichever call reads it."""
+    import soundfile as sf
+
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, np.zeros((rate // 2, 2), np.float32), rate, subtype="FLOAT")
+    for call in (
+        lambda: vocals_only.separate_file(clip),
+        lambda: vocals_only.separate_file_to(clip, {"vocals": tmp_path / "v.wav"}),
+        lambda: vocals_only.stream_file(clip),
+    ):
+        with pytest.raises(AudioError, match=f"sample rate {rate} Hz is outside"):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.wav"]
 
 
 def test_an_integral_float_rate_is_a_rate(vocals_only):

@@ -239,7 +239,7 @@ def test_unknown_name_suggests_the_closest() -> None:
         (
             "name: x\nsources: [a, b]\nmembers: [{signature: s, checksum: ab, url: u}]\n"
             "segment: -1\n",
-            "'segment' must be positive",
+            "'segment' must be at least 1 second",
         ),
         ("[1, 2]\n", "expected a mapping of keys, got list"),
     ],
@@ -482,6 +482,17 @@ def test_unreachable_host(served: Served) -> None:
         fetch(served.member, progress=False)
 
 
+@pytest.mark.parametrize("address", ["mirror.example.com/demucs", "http://[::1", "notaurl"])
+def test_a_malformed_mirror_is_one_download_error(
+    served: Served, monkeypatch: pytest.MonkeyPatch, address: str
+) -> None:
+    monkeypatch.setenv("HTSEP_MIRROR", address)
+    with pytest.raises(DownloadError, match="^could not download .*: not a valid URL"):
+        fetch(served.member, progress=False)
+    cache = zoo.cache_dir()
+    assert not cache.exists() or not [p for p in cache.rglob("*") if p.is_file()]
+
+
 def test_torch_hub_cache_is_used_in_place(mirror: Server, served: Served) -> None:
     hub = zoo.torch_hub_dir()
     hub.mkdir(parents=True)
@@ -570,7 +581,8 @@ ENTRY = "name: x\nsources: [a, b]\nmembers: [{signature: s, checksum: ab, url: u
         (ENTRY + "segment: 1e999999999\n", "'segment' must be a number"),
         (ENTRY + "segment: '1/0'\n", "'segment' must be a number"),
         (ENTRY + "segment: 601\n", "at most 600 seconds"),
-        (ENTRY + "segment: 0\n", "must be positive"),
+        (ENTRY + "segment: 0\n", "must be at least 1 second"),
+        (ENTRY + "segment: 0.5\n", "must be at least 1 second"),
         ("name: x\nsources: [a, ../b]\nmembers: [{signature: s, checksum: ab, url: u}]\n",
          "path separator"),
         ("name: x\nsources: [a, a]\nmembers: [{signature: s, checksum: ab, url: u}]\n",

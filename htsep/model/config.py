@@ -173,8 +173,8 @@ MAX_HIDDEN = 65536  # the transformer's feed-forward width
 
 # Characters Windows refuses in file names; a stem named with one could not be written there.
 _RESERVED_CHARACTERS = set('<>:"|?*')
-_RESERVED_NAMES = {"con", "prn", "aux", "nul"} | {
-    f"{p}{d}" for p in ("com", "lpt") for d in "123456789"
+_RESERVED_NAMES = {"con", "prn", "aux", "nul", "conin$", "conout$"} | {
+    f"{p}{d}" for p in ("com", "lpt") for d in "0123456789\u00b9\u00b2\u00b3"
 }
 
 
