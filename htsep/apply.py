@@ -22,6 +22,7 @@ import torch
 
 from htsep.devices import KEEP_FREED_BYTES, DeviceSlot, release_freed_memory
 from htsep.errors import HtsepError
+from htsep.model.htdemucs import HTDemucs, bfloat16_copy
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +107,17 @@ def run_network(
 ) -> torch.Tensor:
     """One network call on a batch of chunks: (N, C, T) windows -> (N, S, C, T) float32 on
     the CPU (``on_device``: left on the device, the call possibly still running there).
-    Reduced precision uses autocast (the model keeps its STFT in float32)."""
+
+    bf16 on the CPU runs the network's bfloat16 copy (``bfloat16_copy``: bfloat16 weights and
+    activations, float32 norm statistics, STFT and output); other reduced precisions, and
+    models that are not HTDemucs, use autocast (the model keeps its STFT in float32)."""
     batch = torch.cat(windows)
     target = torch.device(device) if device is not None else batch.device
     if target.type == "cuda":
         batch = batch.pin_memory().to(target, non_blocking=True)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if dtype is torch.bfloat16 and target.type == "cpu" and isinstance(model, HTDemucs):
+        model, dtype = bfloat16_copy(model), None
     with (
         torch.inference_mode(),
         torch.autocast(target.type, dtype=dtype or torch.float32, enabled=dtype is not None),

@@ -27,8 +27,8 @@ is timed in this process, alternating with the commands, and the commands' times
 against (chunks of the clip) x (that time).
 
 --forward times one forward pass of each network instead (one released-length segment), on
-identical weights loaded from the same file, alternating in this process (and htsep under bf16
-autocast where the CPU has bfloat16 arithmetic), and sets them against the floor: the chunk's
+identical weights loaded from the same file, alternating in this process (and htsep's bfloat16
+copy where the CPU has bfloat16 arithmetic), and sets them against the floor: the chunk's
 FLOP count over the rate of a large float32 matrix product.
 """
 
@@ -293,13 +293,10 @@ def bench_forward(args: argparse.Namespace, work: Path) -> None:
 
 
 def bf16(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The model under CPU bf16 autocast, as htsep --precision bf16 runs it."""
+    """The network's bfloat16 copy, as htsep --precision bf16 runs it on the CPU."""
+    from htsep.model.htdemucs import bfloat16_copy
 
-    def run(mix: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return model(mix).float()
-
-    return run
+    return bfloat16_copy(model)  # type: ignore[arg-type]
 
 
 def attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:

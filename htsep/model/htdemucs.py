@@ -6,8 +6,10 @@ Dimensions: B batch, S sources, C audio channels, F frequency bins, N frames, T 
 
 from __future__ import annotations
 
+import copy
+import weakref
 from fractions import Fraction
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -156,6 +158,13 @@ class HTDemucs(nn.Module):
     def segment_length(self) -> int:
         return self.config.segment_length
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the activations between the STFT and its inverse: that of the
+        convolution weights (bfloat16 in a ``bfloat16_copy``, else float32)."""
+        encoder = cast(EncoderLayer, self.time_encoders[0])
+        return cast(torch.Tensor, cast(nn.Conv1d, encoder.conv).weight).dtype
+
     # --- forward -----------------------------------------------------------------------------
 
     def _bottleneck(self, x: torch.Tensor, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,6 +203,8 @@ class HTDemucs(nn.Module):
         x = rearrange(torch.view_as_real(z), "b c f n ri -> b (c ri) f n").to(mix.dtype)
         x, mean, std = _standardize(x, (1, 2, 3))
         xt, mean_t, std_t = _standardize(mix, (1, 2))
+        dtype = self.compute_dtype
+        x, xt = x.to(dtype), xt.to(dtype)
 
         skips, skips_t, lengths_t = [], [], []
         for index, (encode, encode_t) in enumerate(
@@ -216,15 +227,47 @@ class HTDemucs(nn.Module):
             xt = decode_t(xt, skips_t.pop(), lengths_t.pop())
 
         sources = len(self.config.sources)
-        x = _destandardize(x, mean, std)
         x = rearrange(x, "b (s c ri) f n -> b s c f n ri", s=sources, ri=2)
-        xt = _destandardize(xt, mean_t, std_t)
+        xt = _destandardize(xt.float(), mean_t, std_t)
         out = rearrange(xt, "b (s c) t -> b s c t", s=sources)[..., :length]
         out = out if kernels.overwritable(out) else out.clone()
         # One source at a time: the inverse STFT's frame buffers are the largest tensors of the
-        # whole forward pass, and this keeps a quarter of them alive instead of all.
+        # whole forward pass, and this keeps a quarter of them alive instead of all. The
+        # spectrogram comes back to float32 in the same single copy that makes it contiguous.
         for index in range(sources):
-            z_out = torch.view_as_complex(x[:, index].float().contiguous())  # (B, C, F, N)
+            part = torch.empty(x.shape[:1] + x.shape[2:], device=x.device).copy_(x[:, index])
+            part = _destandardize(part, mean[..., None], std[..., None])
+            z_out = torch.view_as_complex(part)  # (B, C, F, N)
             wave = stft.synthesis(z_out, padded_length)[..., :length]  # (B, C, T)
             out[:, index] += wave.to(out.dtype)
         return out
+
+
+# Each network's bfloat16 copy, with the fingerprint of the weights it was made from.
+_BF16_COPIES: weakref.WeakKeyDictionary[HTDemucs, tuple[tuple[Any, ...], HTDemucs]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def bfloat16_copy(model: HTDemucs) -> HTDemucs:
+    """``model`` for bfloat16 inference on the CPU: its convolution, product and embedding
+    weights in bfloat16, so that the activations between the STFT and its inverse are
+    bfloat16 too (half the memory traffic of float32, and the CPU's bfloat16 products with
+    float32 sums); its norms' parameters stay float32 (torch's CPU norms take bfloat16 input
+    with float32 parameters and compute their statistics in float32). The STFT, the
+    standardisation of the input and the output stay float32 (``HTDemucs.forward``).
+
+    Made once per network and kept while the network lives; a change to its weights (a
+    training step, ``load_state_dict``) makes a new copy."""
+    tensors = [*model.parameters(), *model.buffers()]
+    fingerprint = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    cached = _BF16_COPIES.get(model)
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
+    reduced = copy.deepcopy(model).to(torch.bfloat16).eval()
+    for module in reduced.modules():
+        if isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
+            module.float()
+    reduced.requires_grad_(False)
+    _BF16_COPIES[model] = (fingerprint, reduced)
+    return reduced

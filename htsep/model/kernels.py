@@ -78,7 +78,7 @@ def fast_path(x: torch.Tensor) -> str | None:
     ``cpu_products``), or None for the plain torch formulation."""
     if (
         x.device.type == "cpu"
-        and x.dtype == torch.float32
+        and x.dtype in (torch.float32, torch.bfloat16)
         and overwritable(x)
         and not torch.compiler.is_compiling()  # inductor lowers these ops for frozen weights only
     ):

@@ -67,7 +67,8 @@ def sequence_norm(
     normalized = F.layer_norm(x, x.shape[1:], eps=eps)
     if kernels.overwritable(x):
         return normalized.mul_(weight).add_(bias)
-    return normalized * weight + bias
+    # (float32 parameters on bfloat16 tokens: back to the tokens' dtype, as in place.)
+    return (normalized * weight + bias).to(x.dtype)
 
 
 class Attention(nn.Module):

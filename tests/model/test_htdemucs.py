@@ -5,6 +5,7 @@ import torch
 
 from htsep.errors import InputLengthError
 from htsep.model import ConvConfig, HTDemucs, HTDemucsConfig, STFTConfig, TransformerConfig
+from htsep.model.htdemucs import bfloat16_copy
 
 
 def _params(model):
@@ -116,3 +117,60 @@ def test_inference_path_matches_autograd_path():
         fast = model(mix)
     assert torch.equal(mix, before)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item())
+
+
+def _snr(reference: torch.Tensor, estimate: torch.Tensor) -> float:
+    noise = (estimate.float() - reference.float()).square().sum()
+    return (10 * torch.log10(reference.float().square().sum() / noise)).item()
+
+
+def test_bfloat16_copy_keeps_norms_in_float32_and_follows_the_weights():
+    torch.manual_seed(0)
+    model = HTDemucs(tiny()).eval()
+    original = {name: param.clone() for name, param in model.state_dict().items()}
+    reduced = bfloat16_copy(model)
+    assert bfloat16_copy(model) is reduced  # made once
+    norms = {
+        name
+        for name, module in reduced.named_modules()
+        if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+    }
+    assert norms
+    for name, param in reduced.named_parameters():
+        expected = torch.float32 if name.rsplit(".", 1)[0] in norms else torch.bfloat16
+        assert param.dtype == expected, name
+        assert not param.requires_grad
+    assert reduced.compute_dtype == torch.bfloat16 and model.compute_dtype == torch.float32
+    # The float32 network is left as it was.
+    for name, value in model.state_dict().items():
+        assert value.dtype == original[name].dtype and torch.equal(value, original[name]), name
+    # A change of the weights (here in place, as an optimizer step does) makes a new copy.
+    weight = model.time_encoders[0].conv.weight
+    with torch.no_grad():
+        weight.mul_(2)
+    again = bfloat16_copy(model)
+    assert again is not reduced
+    torch.testing.assert_close(again.time_encoders[0].conv.weight, weight.bfloat16())
+
+
+def test_bfloat16_inference_matches_its_plain_path_and_float32():
+    """The bfloat16 copy in inference (fast paths on bfloat16 tensors) against the same copy
+    on the plain path (autograd on) and against the float32 network: the stems differ by
+    bfloat16 rounding only (float32 orderings would agree beyond 100 dB), and come out in
+    float32."""
+    torch.manual_seed(0)
+    model = HTDemucs(tiny()).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1:
+                param.uniform_(0.3, 1.0) if name.endswith(("scale", "weight")) else param.normal_()
+    reduced = bfloat16_copy(model)
+    mix = torch.randn(2, 2, 3001)
+    with torch.inference_mode():
+        exact, fast = model(mix), reduced(mix)
+    with torch.enable_grad():
+        plain = reduced(mix).detach()
+    assert fast.dtype == plain.dtype == torch.float32
+    assert 30 < _snr(plain, fast) < 80, _snr(plain, fast)
+    assert 25 < _snr(exact, fast) < 80, _snr(exact, fast)
+    assert 25 < _snr(exact, plain) < 80, _snr(exact, plain)
