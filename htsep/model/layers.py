@@ -168,6 +168,15 @@ def _conv_input(x: torch.Tensor, freq: bool) -> torch.Tensor:
     return x
 
 
+def _spectral_empty(x: torch.Tensor, channels: int, rows: int) -> torch.Tensor:
+    """An uninitialised (B, channels, rows, T) output for a spectral layer run over bands, in
+    the layout of its convolutions' outputs (``_conv_input``): elementwise ops that write
+    from one layout into the other run several times slower than within one."""
+    shape = (x.shape[0], channels, rows, x.shape[-1])
+    layout = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout)
+
+
 # A spectral layer without GroupNorm acts on each frequency row separately, apart from its
 # convolutions along F, whose reach is a few rows. In CPU inference such a layer runs over
 # bands of rows whose widest intermediate (2C x T floats per row, the rewrite conv's output)
@@ -300,7 +309,7 @@ class EncoderLayer(nn.Module):
         conv = cast(nn.Conv2d, self.conv)
         kernel, pad = conv.kernel_size[0], _padding(conv)
         context = _padding(self.rewrite) if self.rewrite is not None else 0
-        out = x.new_empty(x.shape[0], conv.out_channels, rows, x.shape[-1])
+        out = _spectral_empty(x, conv.out_channels, rows)
         x = _conv_input(x, True)
         for start in range(0, rows, band):
             end = min(rows, start + band)
@@ -397,14 +406,13 @@ class DecoderLayer(nn.Module):
     def _bands(self, x: torch.Tensor, skip: torch.Tensor, band: int) -> torch.Tensor:
         """``forward`` of a spectral layer without GroupNorm, ``band`` input rows at a time (see
         ``_BAND_BYTES``). The transposed conv's outputs of neighbouring bands overlap by
-        kernel - stride rows, which are summed; its bias is added once per row."""
+        kernel - stride rows, which are summed; its bias counts once per row."""
         conv = cast(nn.ConvTranspose2d, self.conv_transpose)
         kernel, stride = conv.kernel_size[0], conv.stride[0]
         context = _padding(self.rewrite) if self.rewrite is not None else 0
         rows = x.shape[2]
         height = (rows - 1) * stride + kernel - 2 * self.pad  # after the crop
-        out = x.new_empty(x.shape[0], conv.out_channels, height, x.shape[-1])
-        bias = None if conv.bias is None else conv.bias[:, None, None]
+        out = _spectral_empty(x, conv.out_channels, height)
         written = 0  # rows of ``out`` holding a finished first contribution
         for start in range(0, rows, band):
             end = min(rows, start + band)
@@ -415,17 +423,20 @@ class DecoderLayer(nn.Module):
                 y = _glu_fresh(_rewrite_band(self.rewrite, y, context))
             if self.dconv is not None:
                 y = self.dconv(y, overwrite=True)
-            z = F.conv_transpose2d(_conv_input(y, True), conv.weight, None, stride=(stride, 1))
+            # The bias is added inside the conv; rows that the previous band's output reached
+            # already hold it, so it comes off the part of z summed into them.
+            z = F.conv_transpose2d(_conv_input(y, True), conv.weight, conv.bias, stride=(stride, 1))
             # z's rows are rows start * stride - pad onwards of ``out``; crop to ``out``.
             top = start * stride - self.pad
             z = z[:, :, max(0, -top) : min(z.shape[2], height - top)]
             top = max(0, top)
             overlap = written - top
             if overlap > 0:
-                out[:, :, top:written] += z[:, :, :overlap]
+                summed = z[:, :, :overlap]  # z is ours
+                if conv.bias is not None:
+                    summed = summed.sub_(conv.bias[:, None, None])
+                out[:, :, top:written] += summed
             fresh = z[:, :, max(overlap, 0) :]
-            if bias is not None:
-                fresh = fresh.add_(bias)  # z is ours
             out[:, :, written : written + fresh.shape[2]] = fresh
             written += fresh.shape[2]
         return out if self.last else _gelu_fresh(out)
