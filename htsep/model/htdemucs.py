@@ -227,16 +227,20 @@ class HTDemucs(nn.Module):
             xt = decode_t(xt, skips_t.pop(), lengths_t.pop())
 
         sources = len(self.config.sources)
+        # (From bfloat16: float32 in a copy that keeps the layout, then in place.)
+        x = _destandardize(x.float(), mean, std)
         x = rearrange(x, "b (s c ri) f n -> b s c f n ri", s=sources, ri=2)
         xt = _destandardize(xt.float(), mean_t, std_t)
         out = rearrange(xt, "b (s c) t -> b s c t", s=sources)[..., :length]
         out = out if kernels.overwritable(out) else out.clone()
         # One source at a time: the inverse STFT's frame buffers are the largest tensors of the
-        # whole forward pass, and this keeps a quarter of them alive instead of all. The
-        # spectrogram comes back to float32 in the same single copy that makes it contiguous.
+        # whole forward pass, and this keeps a quarter of them alive instead of all.
         for index in range(sources):
-            part = torch.empty(x.shape[:1] + x.shape[2:], device=x.device).copy_(x[:, index])
-            part = _destandardize(part, mean[..., None], std[..., None])
+            part = x[:, index]
+            # In channels-last (the CPU's spectral layout) the real and imaginary parts are
+            # already neighbours: the complex view needs no copy (the STFT's padding makes one).
+            if part.stride(-1) != 1 or any(stride % 2 for stride in part.stride()[:-1]):
+                part = part.contiguous()
             z_out = torch.view_as_complex(part)  # (B, C, F, N)
             wave = stft.synthesis(z_out, padded_length)[..., :length]  # (B, C, T)
             out[:, index] += wave.to(out.dtype)

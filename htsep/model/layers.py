@@ -84,10 +84,37 @@ class DConvBranch(nn.Module):
         value, gate = y.chunk(2, dim=1)
         return torch.addcmul(x, value, gate.sigmoid_(), out=out)
 
+    def add_to_time_major(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``add_to`` for rows stored time-major, x: (N, T, C) with C contiguous (the rows of a
+        channels-last spectral layer, taken without a copy); out likewise, and may be x. CPU
+        inference only (``kernels.fast_path``): every step stays in that layout, the dilated
+        conv and the GroupNorm as channels-last (N, C, 1, T) tensors."""
+        conv, norm = self.conv_in, self.norm_in
+        dilation, padding = conv.dilation[0], cast(tuple[int, ...], conv.padding)[0]
+        hidden = F.conv2d(
+            x.transpose(1, 2).unsqueeze(2),  # (N, C, 1, T), channels-last
+            conv.weight.unsqueeze(2),
+            conv.bias,
+            padding=(0, padding),
+            dilation=(1, dilation),
+        )
+        hidden = _gelu_fresh(F.group_norm(hidden, 1, norm.weight, norm.bias, norm.eps))
+        hidden = hidden.permute(0, 2, 3, 1).flatten(1, 2)  # (N, T, H), a view in channels-last
+        norm_weight = _scale_first_half(self.norm_out.weight, self.scale)
+        norm_bias = _scale_first_half(self.norm_out.bias, self.scale)
+        y = self._normalised_product(hidden, norm_weight, norm_bias, time_major=True)
+        value, gate = y.chunk(2, dim=-1)  # (N, T, C) each
+        return torch.addcmul(x, value, gate.sigmoid_(), out=out)
+
     def _normalised_product(
-        self, hidden: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        norm_weight: torch.Tensor,
+        norm_bias: torch.Tensor,
+        time_major: bool = False,
     ) -> torch.Tensor:
-        """norm_out(conv_out(hidden)) with the given affine, as one batched product.
+        """norm_out(conv_out(hidden)) with the given affine, as one batched product:
+        (N, H, T) -> (N, 2C, T), or with ``time_major`` (N, T, H) -> (N, T, 2C).
 
         Each row's y = W h + b is an affine map of the H << 2C hidden channels, so its mean and
         variance over (2C, T) follow from the (H+1) x (H+1) moments of h with a row of ones
@@ -95,11 +122,18 @@ class DConvBranch(nn.Module):
         row's normalisation then folds into its own copy of [W | b], and the product gives
         the normalised y: no pass over y for the bias, the statistics or the normalisation.
         """
-        rows, width, frames = hidden.shape
-        augmented = hidden.new_empty(rows, width + 1, frames)
-        augmented[:, :width] = hidden
-        augmented[:, width] = 1
-        wide = augmented.double()
+        if time_major:
+            rows, frames, width = hidden.shape
+            augmented = hidden.new_empty(rows, frames, width + 1)
+            augmented[:, :, :width] = hidden
+            augmented[:, :, width] = 1
+            wide = augmented.double().transpose(1, 2)  # (N, H+1, T)
+        else:
+            rows, width, frames = hidden.shape
+            augmented = hidden.new_empty(rows, width + 1, frames)
+            augmented[:, :width] = hidden
+            augmented[:, width] = 1
+            wide = augmented.double()
         moments = torch.bmm(wide, wide.transpose(1, 2)).div_(frames)  # (N, H+1, H+1)
         affine = torch.cat(
             [self.conv_out.weight[:, :, 0], cast(torch.Tensor, self.conv_out.bias)[:, None]], 1
@@ -111,6 +145,8 @@ class DConvBranch(nn.Module):
         scale = gain[:, None] * norm_weight.double()  # (N, 2C)
         weights = scale[:, :, None] * affine  # (N, 2C, H+1)
         weights[:, :, width] += norm_bias.double() - scale * mean[:, None]
+        if time_major:
+            return torch.bmm(augmented, weights.transpose(1, 2).to(hidden.dtype))
         return torch.bmm(weights.to(hidden.dtype), augmented)
 
 
@@ -139,10 +175,28 @@ class DConv(nn.Module):
         if x.dim() == 3:
             return self._rows(x, inplace=overwrite)
         batch, channels, bins, frames = x.shape
+        if kernels.fast_path(x) is not None and x.permute(0, 2, 3, 1).is_contiguous():
+            return self._rows_time_major(x, overwrite)
         rows = x.transpose(1, 2).reshape(batch * bins, channels, frames)  # (B*F, C, T)
         # The fold is a copy, which may be overwritten, unless C or F is 1.
         out = self._rows(rows, inplace=overwrite or rows.data_ptr() != x.data_ptr())
         return out.view(batch, bins, channels, frames).transpose(1, 2)  # (B, C, F, T), a view
+
+    def _rows_time_major(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+        """A channels-last (B, C, F, T) x in CPU inference: its rows are (B*F, T, C) views,
+        run without leaving that layout (the (B*F, C, T) fold and the next conv's
+        channels-last input would each be a transposing copy). -> (B, C, F, T) channels-last,
+        written over x if ``inplace``."""
+        batch, channels, bins, frames = x.shape
+        out = x if inplace else torch.empty_like(x, memory_format=torch.channels_last)
+        rows = x.permute(0, 2, 3, 1).view(batch * bins, frames, channels)
+        rows_out = out.permute(0, 2, 3, 1).view(batch * bins, frames, channels)
+        step = max(1, _DCONV_CHUNK_ELEMENTS // (2 * channels * frames))
+        for start in range(0, rows.shape[0], step):
+            part, part_out = rows[start : start + step], rows_out[start : start + step]
+            for branch in cast(Iterable[DConvBranch], self.branches):
+                part = branch.add_to_time_major(part, out=part_out)
+        return out
 
     def _rows(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
         """x: (N, C, T) -> (N, C, T); in inference, written over x if ``inplace``."""

@@ -28,16 +28,27 @@ def _dconv_pair() -> tuple[DConv, ReferenceDConv]:
     return ours, reference
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("grad,chunk", [(True, None), (False, None), (False, 1)])
-def test_dconv_matches_reference_on_every_row(grad, chunk, monkeypatch):
+def test_dconv_matches_reference_on_every_row(grad, chunk, channels_last, monkeypatch):
     """The spectral DConv convolves along time for each frequency row independently, exactly
     as demucs's DConv applied to the rows folded into the batch; with and without autograd
     (the inference path fuses the layer scale, adds in place, and runs rows in chunks: here
-    all at once, or one by one)."""
+    all at once, or one by one), on (B, C, F, T) tensors in either layout (channels-last
+    ones run time-major in inference, with no copy to (B*F, C, T) rows)."""
     if chunk is not None:
         monkeypatch.setattr(layers, "_DCONV_CHUNK_ELEMENTS", chunk)
+    calls = []
+    time_major = layers.DConvBranch.add_to_time_major
+    monkeypatch.setattr(
+        layers.DConvBranch,
+        "add_to_time_major",
+        lambda self, x, out: calls.append(x.shape) or time_major(self, x, out),
+    )
     ours, reference = _dconv_pair()
     x = torch.randn(2, 8, 3, 20)  # (B, C, F, T)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     rows = x.permute(0, 2, 1, 3).reshape(6, 8, 20)
     with torch.no_grad():
         expected = reference(rows).reshape(2, 3, 8, 20).permute(0, 2, 1, 3)
@@ -48,27 +59,37 @@ def test_dconv_matches_reference_on_every_row(grad, chunk, monkeypatch):
     assert torch.equal(x, before)  # the caller's tensor is never written
     torch.testing.assert_close(rows_out, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(time_out, expected[:, :, 1], rtol=1e-5, atol=1e-6)
+    assert bool(calls) == (channels_last and not grad)
+    if calls:
+        assert rows_out.is_contiguous(memory_format=torch.channels_last)
+        assert sum(shape[0] for shape in calls) == 2 * 6  # every row, once per branch
 
 
-@pytest.mark.parametrize("shape", [(1, 8, 1, 20), (1, 8, 20), (3, 8, 5, 7)])
-def test_dconv_inference_never_writes_its_input(shape):
-    """Single rows and single items make the (B*F, C, T) fold a view: still no write-back."""
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(1, 8, 1, 20), (1, 8, 20), (3, 8, 5, 7), (1, 8, 1, 1)])
+def test_dconv_inference_never_writes_its_input(shape, channels_last):
+    """Single rows and single items make the (B*F, C, T) fold a view, and channels-last rows
+    are views: still no write-back."""
     ours, _ = _dconv_pair()
     x = torch.randn(shape)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
     before = x.clone()
     with torch.inference_mode():
         ours(x)
     assert torch.equal(x, before)
 
 
+@pytest.mark.parametrize("time_major", [False, True])
 @pytest.mark.parametrize(
     "case", ["random", "offset", "flat", "silence", "constant rows", "one frame"]
 )
-def test_dconv_normalisation_fold_equals_the_plain_branch(case):
+def test_dconv_normalisation_fold_equals_the_plain_branch(case, time_major):
     """In CPU float32 inference the branch's second GroupNorm is folded into its 1x1 product,
     with statistics from the hidden channels' moments. Against the plain branch in float64:
     random rows; a large bias next to a small spread (E[y^2] - E[y]^2 cancels); a product that
-    is constant (zero variance); silent input; rows constant in time; a single frame."""
+    is constant (zero variance); silent input; rows constant in time; a single frame; rows
+    stored channel-major (N, C, T) or time-major (N, T, C)."""
     torch.manual_seed(1)
     branch = layers.DConvBranch(8, 3, dilation=2, init=0.7)
     with torch.no_grad():
@@ -91,7 +112,11 @@ def test_dconv_normalisation_fold_equals_the_plain_branch(case):
     branch.float()
     with torch.inference_mode():
         assert layers.kernels.fast_path(x) is not None
-        out = branch.add_to(x, out=torch.empty_like(x))
+        if time_major:  # rows stored (N, T, C)
+            rows = x.transpose(1, 2).contiguous()
+            out = branch.add_to_time_major(rows, out=torch.empty_like(rows)).transpose(1, 2)
+        else:
+            out = branch.add_to(x, out=torch.empty_like(x))
     scale = expected.abs().max().item()
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-6 * max(scale, 1.0))
 
