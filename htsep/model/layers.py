@@ -102,19 +102,34 @@ class DConvBranch(nn.Module):
         hidden = hidden.permute(0, 2, 3, 1).flatten(1, 2)  # (N, T, H), a view in channels-last
         norm_weight = _scale_first_half(self.norm_out.weight, self.scale)
         norm_bias = _scale_first_half(self.norm_out.bias, self.scale)
-        y = self._normalised_product(hidden, norm_weight, norm_bias, time_major=True)
-        value, gate = y.chunk(2, dim=-1)  # (N, T, C) each
+        weights, augmented = self._normalised_weights(hidden, norm_weight, norm_bias, True)
+        # Two products, so that each half comes out dense: the elementwise kernels then run
+        # whole vectors (sliced from (N, T, 2C), a row of C = 48 bfloat16 values is one
+        # 32-wide vector and a scalar tail, which made the sigmoid 2x slower than float32's).
+        channels = x.shape[-1]
+        value = torch.bmm(augmented, weights[:, :channels].transpose(1, 2))  # (N, T, C)
+        gate = torch.bmm(augmented, weights[:, channels:].transpose(1, 2))
         return torch.addcmul(x, value, gate.sigmoid_(), out=out)
 
     def _normalised_product(
+        self, hidden: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor
+    ) -> torch.Tensor:
+        """norm_out(conv_out(hidden)) with the given affine, as one batched product:
+        (N, H, T) -> (N, 2C, T) (see ``_normalised_weights``)."""
+        weights, augmented = self._normalised_weights(hidden, norm_weight, norm_bias, False)
+        return torch.bmm(weights, augmented)
+
+    def _normalised_weights(
         self,
         hidden: torch.Tensor,
         norm_weight: torch.Tensor,
         norm_bias: torch.Tensor,
-        time_major: bool = False,
-    ) -> torch.Tensor:
-        """norm_out(conv_out(hidden)) with the given affine, as one batched product:
-        (N, H, T) -> (N, 2C, T), or with ``time_major`` (N, T, H) -> (N, T, 2C).
+        time_major: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights that make norm_out(conv_out(hidden)), with the given affine, one
+        batched product: (N, 2C, H+1) in hidden's dtype, and hidden with a row of ones
+        appended, (N, H+1, T) (from (N, H, T)), or with ``time_major`` (N, T, H+1) (from
+        (N, T, H)).
 
         Each row's y = W h + b is an affine map of the H << 2C hidden channels, so its mean and
         variance over (2C, T) follow from the (H+1) x (H+1) moments of h with a row of ones
@@ -145,9 +160,7 @@ class DConvBranch(nn.Module):
         scale = gain[:, None] * norm_weight.double()  # (N, 2C)
         weights = scale[:, :, None] * affine  # (N, 2C, H+1)
         weights[:, :, width] += norm_bias.double() - scale * mean[:, None]
-        if time_major:
-            return torch.bmm(augmented, weights.transpose(1, 2).to(hidden.dtype))
-        return torch.bmm(weights.to(hidden.dtype), augmented)
+        return weights.to(hidden.dtype), augmented
 
 
 # Rows of a DConv run together in inference: their widest intermediate (2C x T floats per row)
@@ -155,6 +168,17 @@ class DConvBranch(nn.Module):
 # blocks get reused. Larger blocks are mapped fresh from the kernel on every call, and their page
 # faults cost more than the arithmetic.
 _DCONV_CHUNK_ELEMENTS = 1 << 22
+
+
+def _time_major_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """The rows of a (B, C, F, T) tensor whose channels are adjacent in memory (channels-last,
+    or the first half of a channels-last tensor's channels) as a (B*F, T, C) view, or None."""
+    if x.stride(1) != 1:
+        return None
+    try:
+        return x.permute(0, 2, 3, 1).view(-1, x.shape[3], x.shape[1])
+    except RuntimeError:  # the rows are not evenly spaced: no such view
+        return None
 
 
 class DConv(nn.Module):
@@ -175,7 +199,7 @@ class DConv(nn.Module):
         if x.dim() == 3:
             return self._rows(x, inplace=overwrite)
         batch, channels, bins, frames = x.shape
-        if kernels.fast_path(x) is not None and x.permute(0, 2, 3, 1).is_contiguous():
+        if kernels.fast_path(x) is not None and _time_major_rows(x) is not None:
             return self._rows_time_major(x, overwrite)
         rows = x.transpose(1, 2).reshape(batch * bins, channels, frames)  # (B*F, C, T)
         # The fold is a copy, which may be overwritten, unless C or F is 1.
@@ -187,10 +211,10 @@ class DConv(nn.Module):
         run without leaving that layout (the (B*F, C, T) fold and the next conv's
         channels-last input would each be a transposing copy). -> (B, C, F, T) channels-last,
         written over x if ``inplace``."""
-        batch, channels, bins, frames = x.shape
+        channels, frames = x.shape[1], x.shape[3]
         out = x if inplace else torch.empty_like(x, memory_format=torch.channels_last)
-        rows = x.permute(0, 2, 3, 1).view(batch * bins, frames, channels)
-        rows_out = out.permute(0, 2, 3, 1).view(batch * bins, frames, channels)
+        rows, rows_out = _time_major_rows(x), _time_major_rows(out)
+        assert rows is not None and rows_out is not None
         step = max(1, _DCONV_CHUNK_ELEMENTS // (2 * channels * frames))
         for start in range(0, rows.shape[0], step):
             part, part_out = rows[start : start + step], rows_out[start : start + step]

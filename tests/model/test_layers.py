@@ -28,14 +28,15 @@ def _dconv_pair() -> tuple[DConv, ReferenceDConv]:
     return ours, reference
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "channels-last", "half of channels-last"])
 @pytest.mark.parametrize("grad,chunk", [(True, None), (False, None), (False, 1)])
-def test_dconv_matches_reference_on_every_row(grad, chunk, channels_last, monkeypatch):
+def test_dconv_matches_reference_on_every_row(grad, chunk, layout, monkeypatch):
     """The spectral DConv convolves along time for each frequency row independently, exactly
     as demucs's DConv applied to the rows folded into the batch; with and without autograd
     (the inference path fuses the layer scale, adds in place, and runs rows in chunks: here
     all at once, or one by one), on (B, C, F, T) tensors in either layout (channels-last
-    ones run time-major in inference, with no copy to (B*F, C, T) rows)."""
+    ones, and the GLU's half of a channels-last tensor, run time-major in inference, with
+    no copy to (B*F, C, T) rows)."""
     if chunk is not None:
         monkeypatch.setattr(layers, "_DCONV_CHUNK_ELEMENTS", chunk)
     calls = []
@@ -47,8 +48,11 @@ def test_dconv_matches_reference_on_every_row(grad, chunk, channels_last, monkey
     )
     ours, reference = _dconv_pair()
     x = torch.randn(2, 8, 3, 20)  # (B, C, F, T)
-    if channels_last:
+    if layout == "channels-last":
         x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "half of channels-last":
+        whole = torch.cat([x, torch.randn_like(x)], 1).contiguous(memory_format=torch.channels_last)
+        x = whole[:, :8]
     rows = x.permute(0, 2, 1, 3).reshape(6, 8, 20)
     with torch.no_grad():
         expected = reference(rows).reshape(2, 3, 8, 20).permute(0, 2, 1, 3)
@@ -59,7 +63,7 @@ def test_dconv_matches_reference_on_every_row(grad, chunk, channels_last, monkey
     assert torch.equal(x, before)  # the caller's tensor is never written
     torch.testing.assert_close(rows_out, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(time_out, expected[:, :, 1], rtol=1e-5, atol=1e-6)
-    assert bool(calls) == (channels_last and not grad)
+    assert bool(calls) == (layout != "contiguous" and not grad)
     if calls:
         assert rows_out.is_contiguous(memory_format=torch.channels_last)
         assert sum(shape[0] for shape in calls) == 2 * 6  # every row, once per branch
