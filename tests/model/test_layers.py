@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from demucs.demucs import DConv as ReferenceDConv
 
 from htsep.model import layers
@@ -255,3 +256,30 @@ def test_waveform_rewrite_in_spans_equals_the_whole_conv(context, monkeypatch):
     assert len(spans) == 2
     torch.testing.assert_close(encoded, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(decoded, expected_out, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "dtype,channels",
+    [(torch.float32, 8), (torch.float32, 16), (torch.bfloat16, 48), (torch.bfloat16, 32)],
+)
+@pytest.mark.parametrize("freq", [True, False])
+def test_conv_glu_equals_glu_of_the_conv(dtype, channels, freq):
+    """GLU(conv(x)) from one conv or from two (where a half's channels are not whole 64-byte
+    vectors: 8 float32, 48 bfloat16), into a new tensor or into ``out``."""
+    torch.manual_seed(3)
+    klass = torch.nn.Conv2d if freq else torch.nn.Conv1d
+    conv = klass(6, 2 * channels, 3, 1, 1).to(dtype)
+    x = torch.randn(2, 6, 5, 11) if freq else torch.randn(2, 6, 11)
+    x = x.to(dtype)
+    if freq:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = F.glu(conv(x).float(), dim=1)
+        new = layers._conv_glu(conv, x)
+        out = torch.empty(expected.shape, dtype=dtype)
+        filled = layers._conv_glu(conv, x, out)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert filled is out
+    for result in (new, filled):
+        assert result.dtype == dtype and result.shape == expected.shape
+        torch.testing.assert_close(result.float(), expected, rtol=tolerance, atol=tolerance)
