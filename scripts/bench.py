@@ -201,6 +201,10 @@ def report(
         )
         print(f"{name}: max |stem difference| from demucs {difference:.2e}, SNR {snr:.1f} dB")
     ours = statistics.median(times["htsep"])
+    if "htsep bf16" in times:
+        ratios = [b / a for a, b in zip(times["htsep"], times["htsep bf16"], strict=True)]
+        print(f"htsep bf16 / htsep fp32: {statistics.median(times['htsep bf16']) / ours:.3f} "
+              f"(median of the runs' own ratios {statistics.median(ratios):.3f})")  # fmt: skip
     print(
         f"htsep's network: {chunks} chunks x {forward:.2f} s (one forward, timed alone) = "
         f"{chunks * forward:.2f} s; the rest (start-up, loading, reading, overlap-add, "
