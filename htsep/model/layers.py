@@ -6,7 +6,7 @@ Spectral layers work on (B, C, F, T) and convolve along F only; waveform layers 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import torch
@@ -211,16 +211,25 @@ class DConv(nn.Module):
         run without leaving that layout (the (B*F, C, T) fold and the next conv's
         channels-last input would each be a transposing copy). -> (B, C, F, T) channels-last,
         written over x if ``inplace``."""
-        channels, frames = x.shape[1], x.shape[3]
         out = x if inplace else torch.empty_like(x, memory_format=torch.channels_last)
         rows, rows_out = _time_major_rows(x), _time_major_rows(out)
         assert rows is not None and rows_out is not None
-        step = max(1, _DCONV_CHUNK_ELEMENTS // (2 * channels * frames))
-        for start in range(0, rows.shape[0], step):
-            part, part_out = rows[start : start + step], rows_out[start : start + step]
-            for branch in cast(Iterable[DConvBranch], self.branches):
-                part = branch.add_to_time_major(part, out=part_out)
+        self._chunks(rows, rows_out, DConvBranch.add_to_time_major)
         return out
+
+    def _chunks(
+        self,
+        rows: torch.Tensor,
+        out: torch.Tensor,
+        add: Callable[[DConvBranch, torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> None:
+        """Every branch's ``add`` over the rows (dim 0), a chunk of rows at a time, into out
+        (which may be rows)."""
+        step = max(1, _DCONV_CHUNK_ELEMENTS // (2 * rows[0].numel()))
+        for start in range(0, rows.shape[0], step):
+            part, part_out = rows[start : start + step], out[start : start + step]
+            for branch in cast(Iterable[DConvBranch], self.branches):
+                part = add(branch, part, part_out)
 
     def _rows(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
         """x: (N, C, T) -> (N, C, T); in inference, written over x if ``inplace``."""
@@ -229,12 +238,7 @@ class DConv(nn.Module):
                 x = x + branch(x)
             return x
         out = x if inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
-        channels, frames = x.shape[1:]
-        step = max(1, _DCONV_CHUNK_ELEMENTS // (2 * channels * frames))
-        for start in range(0, x.shape[0], step):
-            rows, rows_out = x[start : start + step], out[start : start + step]
-            for branch in cast(Iterable[DConvBranch], self.branches):
-                rows = branch.add_to(rows, out=rows_out)
+        self._chunks(x, out, DConvBranch.add_to)
         return out
 
 

@@ -101,15 +101,22 @@ def test_training_step_reaches_every_parameter():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
-def test_inference_path_matches_autograd_path():
-    """Without autograd the network fuses and reuses buffers (in-place GLU and GELU, folded
-    layer scales, oneDNN products, DConv rows in chunks): same numbers as the plain path."""
+def _tiny_with_spread_vectors() -> HTDemucs:
+    """A tiny network whose biases and norm shifts are random and whose scales and norm
+    weights are in [0.3, 1) (the initial ones are zeros and ones, which hide mistakes)."""
     torch.manual_seed(0)
     model = HTDemucs(tiny()).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() == 1:
                 param.uniform_(0.3, 1.0) if name.endswith(("scale", "weight")) else param.normal_()
+    return model
+
+
+def test_inference_path_matches_autograd_path():
+    """Without autograd the network fuses and reuses buffers (in-place GLU and GELU, folded
+    layer scales, oneDNN products, DConv rows in chunks): same numbers as the plain path."""
+    model = _tiny_with_spread_vectors()
     mix = torch.randn(2, 2, 3001)
     before = mix.clone()
     plain = model(mix).detach()
@@ -158,12 +165,7 @@ def test_bfloat16_inference_matches_its_plain_path_and_float32():
     on the plain path (autograd on) and against the float32 network: the stems differ by
     bfloat16 rounding only (float32 orderings would agree beyond 100 dB), and come out in
     float32."""
-    torch.manual_seed(0)
-    model = HTDemucs(tiny()).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 1:
-                param.uniform_(0.3, 1.0) if name.endswith(("scale", "weight")) else param.normal_()
+    model = _tiny_with_spread_vectors()
     reduced = bfloat16_copy(model)
     mix = torch.randn(2, 2, 3001)
     with torch.inference_mode():
