@@ -253,6 +253,14 @@ _BF16_COPIES: weakref.WeakKeyDictionary[HTDemucs, tuple[tuple[Any, ...], HTDemuc
 )
 
 
+def _version(tensor: torch.Tensor) -> int | None:
+    """How many times the tensor was modified in place; None for tensors made in inference
+    mode, which keep no count (and cannot be modified outside it)."""
+    if tensor.is_inference():
+        return None
+    return tensor._version
+
+
 def bfloat16_copy(model: HTDemucs) -> HTDemucs:
     """``model`` for bfloat16 inference on the CPU: its convolution, product and embedding
     weights in bfloat16, so that the activations between the STFT and its inverse are
@@ -264,7 +272,7 @@ def bfloat16_copy(model: HTDemucs) -> HTDemucs:
     Made once per network and kept while the network lives; a change to its weights (a
     training step, ``load_state_dict``) makes a new copy."""
     tensors = [*model.parameters(), *model.buffers()]
-    fingerprint = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    fingerprint = tuple((t.data_ptr(), _version(t), t.dtype, t.device) for t in tensors)
     cached = _BF16_COPIES.get(model)
     if cached is not None and cached[0] == fingerprint:
         return cached[1]

@@ -176,3 +176,14 @@ def test_bfloat16_inference_matches_its_plain_path_and_float32():
     assert 30 < _snr(plain, fast) < 80, _snr(plain, fast)
     assert 25 < _snr(exact, fast) < 80, _snr(exact, fast)
     assert 25 < _snr(exact, plain) < 80, _snr(exact, plain)
+
+
+def test_bfloat16_copy_of_a_network_built_in_inference_mode():
+    """Weights made under torch.inference_mode keep no version counter: still copied, once."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        model = HTDemucs(tiny()).eval()
+        reduced = bfloat16_copy(model)
+        assert bfloat16_copy(model) is reduced
+        out = reduced(torch.randn(1, 2, 3001))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
