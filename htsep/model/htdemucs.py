@@ -227,10 +227,11 @@ class HTDemucs(nn.Module):
             xt = decode_t(xt, skips_t.pop(), lengths_t.pop())
 
         sources = len(self.config.sources)
-        # (From bfloat16: float32 in a copy that keeps the layout, then in place.)
-        x = _destandardize(x.float(), mean, std)
+        # Out of bfloat16 into float32 (in a copy that keeps the layout), then in place.
+        wide = torch.promote_types(dtype, torch.float32)
+        x = _destandardize(x.to(wide), mean, std)
         x = rearrange(x, "b (s c ri) f n -> b s c f n ri", s=sources, ri=2)
-        xt = _destandardize(xt.float(), mean_t, std_t)
+        xt = _destandardize(xt.to(wide), mean_t, std_t)
         out = rearrange(xt, "b (s c) t -> b s c t", s=sources)[..., :length]
         out = out if kernels.overwritable(out) else out.clone()
         # One source at a time: the inverse STFT's frame buffers are the largest tensors of the

@@ -13,9 +13,9 @@ widest gap where oneDNN fuses the GELU). ``cpu_products`` picks one from the ker
 runs on this CPU. oneDNN is reached through torch's internal ``mkldnn::_linear_pointwise``
 ops (those its graph compiler uses for fused linear layers), which fuse the activation or the
 residual add into the product; on the BLAS path they are applied in place. Neither has an
-autograd formula here: both are used only when no gradient is being recorded, on float32 CPU
-tensors outside autocast. Results agree with the fallback to float32 rounding (about 1e-6
-relative).
+autograd formula here: both are used only when no gradient is being recorded, on float32 (or,
+for ``--precision bf16``, bfloat16) CPU tensors outside autocast. Results agree with the
+fallback to the rounding of their dtype (float32: about 1e-6 relative).
 """
 
 from __future__ import annotations

@@ -187,3 +187,15 @@ def test_bfloat16_copy_of_a_network_built_in_inference_mode():
         assert bfloat16_copy(model) is reduced
         out = reduced(torch.randn(1, 2, 3001))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_float64_network_stays_float64():
+    """Only bfloat16 activations come back to float32 at the end; a float64 network (for
+    reference computations) keeps float64 throughout and agrees with its float32 self."""
+    model = _tiny_with_spread_vectors()
+    mix = torch.randn(1, 2, 3001)
+    with torch.inference_mode():
+        single = model(mix)
+        double = model.double()(mix.double())
+    assert double.dtype == torch.float64
+    torch.testing.assert_close(double.float(), single, rtol=1e-4, atol=1e-4 * single.abs().max())
