@@ -310,13 +310,10 @@ def _conv_glu(
     options = {"padding": padding.get("padding", conv.padding)}
     if (half * x.element_size()) % 64 == 0:
         value, gate = run(x, conv.weight, bias, **options).chunk(2, dim=1)
-        if out is None:
-            return torch.mul(value, gate.sigmoid_())  # compact: no view of the whole output
-        return torch.mul(value, gate.sigmoid_(), out=out)
-    value = run(x, conv.weight[:half], None if bias is None else bias[:half], **options)
-    gate = run(x, conv.weight[half:], None if bias is None else bias[half:], **options)
-    if out is None:
-        return value.mul_(gate.sigmoid_())
+    else:
+        value = run(x, conv.weight[:half], None if bias is None else bias[:half], **options)
+        gate = run(x, conv.weight[half:], None if bias is None else bias[half:], **options)
+    # A new compact tensor (never a view that would keep the whole conv output alive) or out.
     return torch.mul(value, gate.sigmoid_(), out=out)
 
 
