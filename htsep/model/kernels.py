@@ -153,6 +153,8 @@ def attention(
     are float32). Elsewhere torch's fused attention runs: in float32 it was 10-15% faster than
     the blocks on that CPU (torch 2.14) and 8% faster than blocks through MKL on an AVX2 EPYC.
     """
+    if cuda_formulation(q) and q.dtype == torch.float32 and not torch.is_grad_enabled():
+        return exact_attention(q, k, v)
     if dropout or q.dtype != torch.bfloat16 or fast_path(q) != "onednn":
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=1.0)
         return out.transpose(1, 2)
@@ -169,4 +171,94 @@ def attention(
                 scores = product(q[b, h, start:end], k[b, h], None, "none", [], "")
                 probs = torch.softmax(scores, dim=-1)
                 out[b, start:end, h] = product(probs, v[b, h], None, "none", [], "")
+    return out
+
+
+# --- CUDA: norms over few long rows, exact float32 attention ----------------------------------
+
+# Below this many rows (batch items x groups) a norm on a CUDA device takes its statistics from
+# ``torch.var_mean``: torch's group and layer norm kernels give each row one thread block, so a
+# batch of 16 chunks normalised over one group kept 16 of an H200's 132 multiprocessors busy
+# (1.4 ms per call; 64 such calls were 30% of a bf16 forward pass there).
+_FEW_ROWS = 1024
+
+
+def cuda_formulation(x: torch.Tensor) -> bool:
+    """Whether ``x`` takes the formulations written for CUDA devices (the norms over few rows,
+    ``exact_attention``, ``stft.overlap_add_istft``): on a CUDA device; tests force them on the
+    CPU to check them against the reference."""
+    return x.is_cuda
+
+
+def few_rows(x: torch.Tensor, rows: int) -> bool:
+    """Whether a norm of ``rows`` rows over ``x`` takes the ``var_mean`` path."""
+    return cuda_formulation(x) and rows < _FEW_ROWS
+
+
+def normalize_rows(
+    x: torch.Tensor,
+    rows: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    channel_dim: int,
+    eps: float,
+) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias, with mean and (biased) variance over each
+    of the ``rows`` equal slices of x's flattened batch items, and weight, bias along
+    ``channel_dim`` (dimension 1 for group norm, the last for the sequence norm). Applied as
+    one multiply-add, x * a + b with a = rstd * weight and b = bias - mean * a, the fused form
+    of torch's own CUDA group norm. Statistics in float32 (or float64 for float64 x); bfloat16
+    and float16 inputs give float32 under autocast, as its group norm does, else their dtype."""
+    reduced = x.dtype in (torch.float16, torch.bfloat16)
+    wide = x.float() if reduced else x
+    batch = x.shape[0]
+    groups = rows // batch
+    var, mean = torch.var_mean(wide.reshape(batch, groups, -1), dim=-1, correction=0)
+    rstd = torch.rsqrt(var + eps)  # (B, G)
+    channels = x.shape[channel_dim]
+    shape = [1] * x.dim()
+    shape[0], shape[channel_dim] = batch, channels
+    # Per batch item and channel: a channel belongs to group c // (channels / groups).
+    scale = rstd.repeat_interleave(channels // groups, dim=1)  # (B, channels)
+    shift = -mean.repeat_interleave(channels // groups, dim=1) * scale
+    if weight is not None:
+        scale = scale * weight
+        shift = shift * weight
+    if bias is not None:
+        shift = shift + bias
+    out = torch.addcmul(shift.view(shape), wide, scale.view(shape))
+    if reduced and not torch.is_autocast_enabled(x.device.type):
+        out = out.to(x.dtype)
+    return out
+
+
+def group_norm(
+    x: torch.Tensor,
+    groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """``F.group_norm``, through ``normalize_rows`` on a CUDA device when the rows are few."""
+    if few_rows(x, x.shape[0] * groups) and x.shape[1] % groups == 0:
+        return normalize_rows(x, x.shape[0] * groups, weight, bias, 1, eps)
+    return F.group_norm(x, groups, weight, bias, eps)
+
+
+# Queries per slice of ``exact_attention``: a slice's scores are at most this many floats.
+_EXACT_SCORES = 1 << 26
+
+
+def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T) v by plain products (float32 on CUDA: IEEE products when TF32 is off, as
+    ``apply.full_float32`` sets), in slices of queries that keep the scores under 256 MB: the
+    float32 inference path on CUDA, where torch's fused kernels are not exact float32.
+    q: (B, H, N, D), k, v: (B, H, M, D) -> (B, N, H, D)."""
+    batch, heads, queries, _ = q.shape
+    step = max(1, _EXACT_SCORES // (batch * heads * k.shape[2]))
+    out = q.new_empty(batch, queries, heads, v.shape[-1])
+    for start in range(0, queries, step):
+        scores = torch.matmul(q[:, :, start : start + step], k.transpose(2, 3))
+        probs = torch.softmax(scores, dim=-1)
+        out[:, start : start + step] = torch.matmul(probs, v).transpose(1, 2)
     return out

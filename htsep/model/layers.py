@@ -46,6 +46,14 @@ def _scale_first_half(vector: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
     return torch.cat([vector[:half] * scale, vector[half:]])
 
 
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (same parameters and state), computed by ``kernels.group_norm``: on a
+    CUDA device, statistics that use the whole GPU when the groups are few."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
 class DConvBranch(nn.Module):
     """One residual branch along time: dilated conv to a narrow width, GroupNorm, GELU, 1x1 conv
     back to 2C, GroupNorm, GLU, per-channel scale. Works on (N, C, T)."""
@@ -53,9 +61,9 @@ class DConvBranch(nn.Module):
     def __init__(self, channels: int, hidden: int, dilation: int, init: float) -> None:
         super().__init__()
         self.conv_in = nn.Conv1d(channels, hidden, 3, dilation=dilation, padding=dilation)
-        self.norm_in = nn.GroupNorm(1, hidden)
+        self.norm_in = GroupNorm(1, hidden)
         self.conv_out = nn.Conv1d(hidden, 2 * channels, 1)
-        self.norm_out = nn.GroupNorm(1, 2 * channels)
+        self.norm_out = GroupNorm(1, 2 * channels)
         self.scale = nn.Parameter(torch.full((channels,), float(init)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +88,7 @@ class DConvBranch(nn.Module):
             weight = self.conv_out.weight[:, :, 0]  # (2C, H)
             bias = cast(torch.Tensor, self.conv_out.bias)
             y = torch.baddbmm(bias[:, None], weight.expand(x.shape[0], *weight.shape), hidden)
-            y = F.group_norm(y, 1, norm_weight, norm_bias, self.norm_out.eps)
+            y = kernels.group_norm(y, 1, norm_weight, norm_bias, self.norm_out.eps)
         value, gate = y.chunk(2, dim=1)
         return torch.addcmul(x, value, gate.sigmoid_(), out=out)
 
@@ -348,7 +356,7 @@ def _rewrite_glu_spans(conv: nn.Module, y: torch.Tensor) -> torch.Tensor | None:
 
 
 def _group_norm(groups: int, channels: int, enabled: bool) -> nn.Module | None:
-    return nn.GroupNorm(groups, channels) if enabled else None
+    return GroupNorm(groups, channels) if enabled else None
 
 
 def _apply(norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,138 @@
+"""The formulations htsep runs on CUDA devices (norms over few rows, exact float32 attention,
+the inverse STFT without a host check), run here on the CPU: each against torch's own function
+in float64, and the whole network with all of them against demucs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import htsep
+from htsep.apply import run_network
+from htsep.model import kernels, stft
+from htsep.model.transformer import sequence_norm
+
+
+def _relative(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    ours, ref = ours.double(), ref.double()
+    return float((ours - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize(
+    "shape, groups", [((4, 48, 64, 10), 1), ((3, 96, 500), 4), ((2, 8, 7), 1), ((1, 6, 5), 3)]
+)
+@pytest.mark.parametrize("affine", [True, False])
+def test_normalize_rows_is_group_norm(shape, groups, affine):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen) * 3 + 1  # a mean that does not vanish
+    weight = torch.rand(shape[1], generator=gen) + 0.5 if affine else None
+    bias = torch.randn(shape[1], generator=gen) if affine else None
+    wide = (None, None) if not affine else (weight.double(), bias.double())
+    ref = F.group_norm(x.double(), groups, *wide, 1e-5)
+    ours = kernels.normalize_rows(x, shape[0] * groups, weight, bias, 1, 1e-5)
+    assert ours.dtype == torch.float32 and ours.shape == x.shape
+    assert _relative(ours, ref) < 1e-6
+    # Reduced precision: float32 statistics; float32 out under autocast (as torch's group norm
+    # under autocast), the input's dtype outside it.
+    half = x.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = kernels.normalize_rows(half, shape[0] * groups, weight, bias, 1, 1e-5)
+    assert under.dtype == torch.float32
+    expected = F.group_norm(half.double(), groups, *wide, 1e-5)
+    assert _relative(under, expected) < 1e-6
+    outside = kernels.normalize_rows(half, shape[0] * groups, weight, bias, 1, 1e-5)
+    assert outside.dtype == torch.bfloat16
+    assert _relative(outside, expected) < 1e-2
+
+
+def test_sequence_norm_over_few_rows_is_the_layer_norm_form(monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 100, 16, generator=gen) * 2 + 0.5
+    weight, bias = torch.rand(16, generator=gen) + 0.5, torch.randn(16, generator=gen)
+    ref = sequence_norm(x.double(), weight.double(), bias.double())
+    assert not kernels.few_rows(x, 3)  # the CPU takes the layer norm
+    monkeypatch.setattr(kernels, "cuda_formulation", lambda x: True)
+    assert kernels.few_rows(x, 3) and not kernels.few_rows(x, kernels._FEW_ROWS)
+    ours = sequence_norm(x, weight, bias)
+    assert ours.dtype == torch.float32 and _relative(ours, ref) < 1e-6
+
+
+def test_group_norm_dispatch(monkeypatch):
+    """kernels.group_norm is F.group_norm unless the rows are few on a CUDA device."""
+    calls = []
+    real = kernels.normalize_rows
+    monkeypatch.setattr(kernels, "normalize_rows", lambda *a: calls.append(a[1]) or real(*a))
+    x = torch.randn(2, 8, 30)
+    kernels.group_norm(x, 4, None, None, 1e-5)
+    assert calls == []
+    monkeypatch.setattr(kernels, "cuda_formulation", lambda x: True)
+    kernels.group_norm(x, 4, None, None, 1e-5)
+    assert calls == [8]
+    kernels.group_norm(torch.randn(kernels._FEW_ROWS, 2, 3), 1, None, None, 1e-5)
+    assert calls == [8]
+
+
+@pytest.mark.parametrize(
+    "bins, frames, hop, length",
+    [(2049, 40, 1024, 39 * 1024), (9, 12, 4, 40), (9, 12, 4, 60), (65, 9, 32, 200), (5, 3, 2, 3)],
+)
+def test_overlap_add_istft_is_torch_istft(bins, frames, hop, length):
+    """Also where ``length`` reaches past the frames (torch pads with zeros, after a warning)."""
+    spec = torch.randn(3, bins, frames, dtype=torch.complex128,
+                       generator=torch.Generator().manual_seed(bins))  # fmt: skip
+    n_fft = 2 * (bins - 1)
+    window = torch.hann_window(n_fft, periodic=True, dtype=torch.float64)
+    with pytest.warns(UserWarning) if length > (frames - 1) * hop else _no_warning():
+        ref = torch.istft(spec, n_fft, hop, window=window, normalized=True, length=length)
+    ours = stft.overlap_add_istft(spec.to(torch.complex64), hop, length)
+    assert ours.dtype == torch.float32 and ours.shape == ref.shape
+    assert _relative(ours, ref) < 1e-6
+    if length > (frames - 1) * hop + n_fft // 2:
+        assert not ours[:, (frames - 1) * hop + n_fft // 2 - n_fft // 2 + n_fft :].any()
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("queries, keys, limit", [(50, 70, 1 << 26), (50, 70, 2 * 3 * 70 * 7)])
+def test_exact_attention_is_attention(queries, keys, limit, monkeypatch):
+    """In one slice and in slices of 7 queries."""
+    monkeypatch.setattr(kernels, "_EXACT_SCORES", limit)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=gen) for n in (queries, keys, keys))
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=1.0)
+    ours = kernels.exact_attention(q, k, v)
+    assert ours.shape == (2, queries, 3, 8)
+    assert _relative(ours, ref.transpose(1, 2)) < 1e-6
+
+
+def test_network_with_the_cuda_formulations_matches_demucs(small_checkpoint, monkeypatch):
+    """The whole network as a CUDA device runs it (the CPU's fused paths off, every CUDA
+    formulation on), on the CPU: the same numbers as demucs, and each formulation ran."""
+    th_path, _, oracle = small_checkpoint
+    model = htsep.load_model(th_path)
+    mix = torch.randn(2, 2, model.segment_length, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        theirs = oracle(mix)
+    ran: dict[str, int] = {}
+
+    def counting(name, function):
+        def wrapped(*args, **kwargs):
+            ran[name] = ran.get(name, 0) + 1
+            return function(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(kernels, "fast_path", lambda x: None)
+    monkeypatch.setattr(kernels, "cuda_formulation", lambda x: True)
+    for name in ("normalize_rows", "exact_attention"):
+        monkeypatch.setattr(kernels, name, counting(name, getattr(kernels, name)))
+    monkeypatch.setattr(stft, "overlap_add_istft", counting("istft", stft.overlap_add_istft))
+    ours = run_network(model, [mix], "cpu", "fp32")
+    assert _relative(ours, theirs) < 1e-5
+    assert ran.get("istft", 0) >= 1 and ran.get("exact_attention", 0) >= 3
+    assert ran.get("normalize_rows", 0) >= 10
