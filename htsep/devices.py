@@ -14,9 +14,14 @@ import torch
 
 from htsep.errors import UsageError
 
-# Rough device memory one released-size chunk needs in flight at fp32 (activations of a
-# 7.8 s segment); halved for 16-bit precisions. Used only to pick a default batch size.
-CHUNK_BYTES_FP32 = 3 << 30
+# Device memory of one network call on released-size chunks (7.8 s segments), measured by
+# scripts/bench_gpu.py on an H200 (torch 2.11, torch.cuda.max_memory_allocated above the
+# weights, least squares over 1, 2, 4 and 8 chunks): per chunk, and fixed per call (fp32's
+# attention scores, computed in slices of at most 256 MB). bf16 and fp16 need more than fp32
+# per chunk: autocast keeps both the float32 activations and their 16-bit copies. Used only to
+# pick a default batch size.
+CHUNK_BYTES = {"fp32": 192 << 20, "bf16": 306 << 20, "fp16": 306 << 20}
+CALL_BYTES = {"fp32": 544 << 20, "bf16": 0, "fp16": 0}
 
 ModelT = TypeVar("ModelT")
 
@@ -72,8 +77,8 @@ def auto_batch_size(device: torch.device, precision: str = "fp32") -> int:
     if device.type != "cuda":
         return 1
     free, _ = torch.cuda.mem_get_info(device)
-    per_chunk = CHUNK_BYTES_FP32 // (1 if precision == "fp32" else 2)
-    return int(min(max(free * 0.8 // per_chunk, 1), 16))
+    room = free * 0.8 - CALL_BYTES[precision]
+    return int(min(max(room // CHUNK_BYTES[precision], 1), 16))
 
 
 class DeviceSlot:

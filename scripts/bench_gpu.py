@@ -18,7 +18,8 @@ has them:
     CPU per models/htsep-tiny.md): mean nSDR per precision and its change from fp32.
 (c) memory: peak device memory (torch.cuda.max_memory_allocated above the weights) of one
     network call on a batch of b chunks, at several b per precision; the slope is the memory
-    per chunk. Prints the line that should replace the guess devices.CHUNK_BYTES_FP32.
+    per chunk, the intercept the memory of a call. Prints the values for devices.CHUNK_BYTES
+    and devices.CALL_BYTES.
 (b) speed: times real time of Separator.separate_tensor on a 4-minute track (default shifts=1,
     overlap 0.25) per precision, with the automatic batch size and with batch sizes 1, 4, 16
     and 32; the network's share of it; fp32 with TF32 off.
@@ -165,7 +166,7 @@ FULL = Sizes(
     tiny_seconds=8.0,
     memory_batches=(1, 2, 4, 8),
     track_seconds=240.0,
-    speed_batches=(16, 32, 4, 1),
+    speed_batches=(16, 32, 8, 4, 1),
     repeats=2,
     folder_tracks=16,
     folder_seconds=30.0,
@@ -799,35 +800,46 @@ def section_memory(bench: Bench) -> None:
     report.say(f"  {kind} above the weights, one network call of b chunks of {chunk} samples")
     slopes = memory_slopes(bench)
     free_memory(device)
-    if "fp32" not in slopes or slopes["fp32"] <= 0:
-        report.skip(section, "CHUNK_BYTES_FP32", "no positive fp32 slope")
+    if not slopes or min(slopes.values()) <= 0:
+        report.skip(section, "CHUNK_BYTES", "no positive slope")
         return
-    mib = math.ceil(slopes["fp32"] / MIB)
+    fixed = {p: max(report.get(section, p, "fixed_bytes") or 0.0, 0.0) for p in slopes}
+    per_chunk = {p: math.ceil(slopes[p] / MIB) for p in slopes}
+    per_call = {p: math.ceil(fixed[p] / MIB) for p in slopes}
     where = torch.cuda.get_device_name(device) if cuda else f"{cpu_name()} (CPU)"
-    others = ", ".join(f"{p} {slopes[p] / slopes['fp32']:.2f}x" for p in slopes if p != "fp32")
-    line = (
-        f"CHUNK_BYTES_FP32 = {mib} << 20  # measured by scripts/bench_gpu.py on {where}, torch "
-        f"{torch.__version__}: {kind} per {chunk}-sample chunk at fp32"
-        + (f" ({others})" if others else "")
-    )
-    report.put(section, ("chunk_bytes_fp32",), mib * MIB)
-    report.put(section, ("chunk_bytes_fp32_line",), line)
-    report.put(section, ("chunk_bytes_fp32_copyable",), cuda)
+    lines = [
+        "CHUNK_BYTES = {" + ", ".join(f'"{p}": {per_chunk[p]} << 20' for p in per_chunk) + "}",
+        "CALL_BYTES = {" + ", ".join(f'"{p}": {per_call[p]} << 20' for p in per_call) + "}",
+        f"# measured by scripts/bench_gpu.py on {where}, torch {torch.__version__}: {kind}, "
+        f"{chunk}-sample chunks",
+    ]
+    report.put(section, ("chunk_bytes",), {p: v * MIB for p, v in per_chunk.items()})
+    report.put(section, ("call_bytes",), {p: v * MIB for p, v in per_call.items()})
+    report.put(section, ("devices_lines",), lines)
+    report.put(section, ("devices_lines_copyable",), cuda)
     report.say(
-        "  the line to replace the 3 GiB guess in htsep/devices.py"
+        "  the measured values for htsep/devices.py"
         + ("" if cuda else " (measured on the CPU: NOT for devices.py)")
         + ":"
     )
-    report.say(f"  {line}")
+    for line in lines:
+        report.say(f"  {line}")
     if cuda:
         for precision in bench.precisions:
+            if precision not in per_chunk:
+                continue
             now = htsep.devices.auto_batch_size(device, precision)
-            with mock.patch.object(htsep.devices, "CHUNK_BYTES_FP32", mib * MIB):
+            measured_chunk = {**htsep.devices.CHUNK_BYTES, precision: per_chunk[precision] * MIB}
+            measured_call = {**htsep.devices.CALL_BYTES, precision: per_call[precision] * MIB}
+            with (
+                mock.patch.object(htsep.devices, "CHUNK_BYTES", measured_chunk),
+                mock.patch.object(htsep.devices, "CALL_BYTES", measured_call),
+            ):
                 measured = htsep.devices.auto_batch_size(device, precision)
             report.put(section, ("auto_batch_size", precision), {"now": now, "measured": measured})
             report.say(
-                f"  auto_batch_size({precision}) with the free memory now: {now} with the guess, "
-                f"{measured} with the measured value (the formula caps it at 16)"
+                f"  auto_batch_size({precision}) with the free memory now: {now} with the values "
+                f"in devices.py, {measured} with these (the formula caps it at 16)"
             )
 
 

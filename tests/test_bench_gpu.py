@@ -102,8 +102,9 @@ def test_smoke_run_on_the_cpu(tmp_path):
     assert memory["batches"] == [1, 2]
     assert all(used > 0 for used in memory["peak_bytes"])
     assert _finite(memory["per_chunk_bytes"]) and _finite(memory["fixed_bytes"])
-    assert sections["memory"]["chunk_bytes_fp32_line"].startswith("CHUNK_BYTES_FP32 = ")
-    assert sections["memory"]["chunk_bytes_fp32_copyable"] is False  # a CPU figure
+    lines = sections["memory"]["devices_lines"]
+    assert lines[0].startswith("CHUNK_BYTES = {") and lines[1].startswith("CALL_BYTES = {")
+    assert sections["memory"]["devices_lines_copyable"] is False  # a CPU figure
 
     speed = sections["speed"]["fp32"]
     assert speed["auto"]["batch_size"] == 1  # htsep's choice on a CPU
@@ -141,7 +142,7 @@ def test_smoke_run_with_bf16(tmp_path):
     assert 20 < precision["tiny_snr_db"]["bf16"] < 90
     assert abs(precision["tiny_nsdr_change_db"]["bf16"]) < 1
     assert _finite(sections["memory"]["bf16"]["per_chunk_bytes"])
-    assert "bf16 " in sections["memory"]["chunk_bytes_fp32_line"]  # its ratio to fp32
+    assert '"bf16": ' in sections["memory"]["devices_lines"][0]  # its own per-chunk bytes
     assert sections["speed"]["bf16"]["auto"]["times_real_time"] > 0
     assert sections["folder"]["precision"] == "bf16"
     goals = {row["goal"]: row for row in record["goals"]}

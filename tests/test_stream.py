@@ -320,3 +320,21 @@ def test_chunk_stream_releases_freed_memory_above_the_bound(repo, monkeypatch):
         if release:
             count = len(calls)
     assert len(calls) == count
+
+
+@pytest.mark.parametrize(
+    "precision, free, expected",
+    [
+        ("fp32", 80 << 30, 16),  # capped
+        ("fp32", 2 << 30, 5),  # (0.8 * 2048 MiB - 544 MiB) // 192 MiB
+        ("bf16", 2 << 30, 5),  # 0.8 * 2048 MiB // 306 MiB
+        ("fp16", 1 << 30, 2),
+        ("fp32", 512 << 20, 1),  # never below one chunk
+    ],
+)
+def test_auto_batch_size_from_the_measured_memory(monkeypatch, precision, free, expected):
+    from htsep import devices
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 141 << 30))
+    assert devices.auto_batch_size(torch.device("cuda", 0), precision) == expected
+    assert devices.auto_batch_size(torch.device("cpu"), precision) == 1

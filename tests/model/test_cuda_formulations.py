@@ -136,3 +136,24 @@ def test_network_with_the_cuda_formulations_matches_demucs(small_checkpoint, mon
     assert _relative(ours, theirs) < 1e-5
     assert ran.get("istft", 0) >= 1 and ran.get("exact_attention", 0) >= 3
     assert ran.get("normalize_rows", 0) >= 10
+
+
+def test_overlap_add_istft_drops_dc_and_nyquist_imaginary_parts(monkeypatch):
+    """cuFFT's complex-to-real transform spreads the imaginary parts of the DC and Nyquist bins
+    over the signal where the CPU's FFT ignores them: the transform never sees them, and the
+    caller's spectrum is left as it was."""
+    seen = []
+    real_irfft = torch.fft.irfft
+
+    def spying(spec, *args, **kwargs):
+        seen.append(spec.clone())
+        return real_irfft(spec, *args, **kwargs)
+
+    monkeypatch.setattr(torch.fft, "irfft", spying)
+    spec = torch.randn(2, 9, 6, dtype=torch.complex64, generator=torch.Generator().manual_seed(5))
+    before = spec.clone()
+    stft.overlap_add_istft(spec, 2, 10)
+    assert torch.equal(spec, before)
+    (given,) = seen
+    assert not given[:, 0].imag.any() and not given[:, -1].imag.any()
+    assert torch.equal(given[:, 1:-1], spec[:, 1:-1]) and torch.equal(given.real, spec.real)
