@@ -31,8 +31,9 @@ A global budget (--budget, default 8 minutes, from the start of the script) boun
 a measurement that would not fit in what is left is skipped ("skipped: out of time"), and an
 alarm at the deadline stops the one in progress; a batch that does not fit on the device is
 "OOM at batch N"; either way the script goes on and ends with the summary (and --json). On an
-H200 the whole run should take 3 to 6 minutes (an estimate: it has not run on a GPU yet); the
-default budget leaves room for the smoke run and start-up in one 10-minute command.
+H200 the whole run took 96 to 127 s (three runs, 2026-12-04; the figures are in the README's
+"On a GPU"); the default budget leaves room for the smoke run and start-up in one 10-minute
+command.
 
 On the GPU machine, from the repository root: the script needs htsep's dependencies (soundfile,
 with cffi and pycparser, is not in the stock image) and, for the oracle, demucs 4.1.0, julius
