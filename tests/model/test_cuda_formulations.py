@@ -157,3 +157,29 @@ def test_overlap_add_istft_drops_dc_and_nyquist_imaginary_parts(monkeypatch):
     (given,) = seen
     assert not given[:, 0].imag.any() and not given[:, -1].imag.any()
     assert torch.equal(given[:, 1:-1], spec[:, 1:-1]) and torch.equal(given.real, spec.real)
+
+
+def test_training_through_the_cuda_formulations(small_checkpoint, monkeypatch):
+    """Training on CUDA differentiates through the norms over few rows and the written-out
+    inverse STFT (float32 attention keeps torch's kernel when gradients are recorded): the same
+    loss and gradients as the CPU's formulation."""
+    th_path, _, _ = small_checkpoint
+    mix = torch.randn(2, 2, 12000, generator=torch.Generator().manual_seed(4))
+
+    def loss_and_grads(forced: bool):
+        model = htsep.load_model(th_path).train()
+        with monkeypatch.context() as patch:
+            if forced:
+                patch.setattr(kernels, "cuda_formulation", lambda x: True)
+            loss = model(mix).square().mean()
+            loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    plain_loss, plain = loss_and_grads(False)
+    forced_loss, forced = loss_and_grads(True)
+    assert abs(float(forced_loss / plain_loss) - 1) < 1e-5
+    assert plain.keys() == forced.keys()
+    for name, grad in plain.items():
+        assert grad is not None and forced[name] is not None, name
+        scale = float(grad.abs().max()) + 1e-12
+        assert float((forced[name] - grad).abs().max()) / scale < 1e-3, name
