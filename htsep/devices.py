@@ -16,12 +16,11 @@ from htsep.errors import UsageError
 
 # Device memory of one network call on released-size chunks (7.8 s segments), measured by
 # scripts/bench_gpu.py on an H200 (torch 2.11, torch.cuda.max_memory_allocated above the
-# weights, least squares over 1, 2, 4 and 8 chunks): per chunk, and fixed per call (fp32's
-# attention scores, computed in slices of at most 256 MB). bf16 and fp16 need more than fp32
-# per chunk: autocast keeps both the float32 activations and their 16-bit copies. Used only to
-# pick a default batch size.
-CHUNK_BYTES = {"fp32": 192 << 20, "bf16": 306 << 20, "fp16": 306 << 20}
-CALL_BYTES = {"fp32": 544 << 20, "bf16": 0, "fp16": 0}
+# weights, least squares over 1, 2, 4 and 8 chunks): per chunk, and fixed per call. bf16 and
+# fp16 need more than fp32 per chunk: autocast keeps both the float32 activations and their
+# 16-bit copies. Used only to pick a default batch size.
+CHUNK_BYTES = {"fp32": 215 << 20, "bf16": 306 << 20, "fp16": 306 << 20}
+CALL_BYTES = {"fp32": 8 << 20, "bf16": 0, "fp16": 0}
 
 ModelT = TypeVar("ModelT")
 

@@ -153,8 +153,6 @@ def attention(
     are float32). Elsewhere torch's fused attention runs: in float32 it was 10-15% faster than
     the blocks on that CPU (torch 2.14) and 8% faster than blocks through MKL on an AVX2 EPYC.
     """
-    if cuda_formulation(q) and q.dtype == torch.float32 and not torch.is_grad_enabled():
-        return exact_attention(q, k, v)
     if dropout or q.dtype != torch.bfloat16 or fast_path(q) != "onednn":
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=1.0)
         return out.transpose(1, 2)
@@ -174,7 +172,7 @@ def attention(
     return out
 
 
-# --- CUDA: norms over few long rows, exact float32 attention ----------------------------------
+# --- CUDA: norms over few long rows ----------------------------------
 
 # Below this many rows (batch items x groups) a norm on a CUDA device takes its statistics from
 # ``torch.var_mean``: torch's group and layer norm kernels give each row one thread block, so a
@@ -185,8 +183,8 @@ _FEW_ROWS = 1024
 
 def cuda_formulation(x: torch.Tensor) -> bool:
     """Whether ``x`` takes the formulations written for CUDA devices (the norms over few rows,
-    ``exact_attention``, ``stft.overlap_add_istft``): on a CUDA device; tests force them on the
-    CPU to check them against the reference."""
+    ``stft.overlap_add_istft``): on a CUDA device; tests force them on the CPU to check them
+    against the reference."""
     return x.is_cuda
 
 
@@ -243,22 +241,3 @@ def group_norm(
     if few_rows(x, x.shape[0] * groups) and x.shape[1] % groups == 0:
         return normalize_rows(x, x.shape[0] * groups, weight, bias, 1, eps)
     return F.group_norm(x, groups, weight, bias, eps)
-
-
-# Queries per slice of ``exact_attention``: a slice's scores are at most this many floats.
-_EXACT_SCORES = 1 << 26
-
-
-def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T) v by plain products (float32 on CUDA: IEEE products when TF32 is off, as
-    ``apply.full_float32`` sets), in slices of queries that keep the scores under 256 MB: the
-    float32 inference path on CUDA, where torch's fused kernels are not exact float32.
-    q: (B, H, N, D), k, v: (B, H, M, D) -> (B, N, H, D)."""
-    batch, heads, queries, _ = q.shape
-    step = max(1, _EXACT_SCORES // (batch * heads * k.shape[2]))
-    out = q.new_empty(batch, queries, heads, v.shape[-1])
-    for start in range(0, queries, step):
-        scores = torch.matmul(q[:, :, start : start + step], k.transpose(2, 3))
-        probs = torch.softmax(scores, dim=-1)
-        out[:, start : start + step] = torch.matmul(probs, v).transpose(1, 2)
-    return out

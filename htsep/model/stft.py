@@ -100,10 +100,13 @@ def overlap_add_istft(spec: torch.Tensor, hop_length: int, length: int) -> torch
 def _window_envelope(
     n_fft: int, hop_length: int, frames: int, device: torch.device
 ) -> torch.Tensor:
-    """The sum of the squared, shifted windows that overlap-add weights each sample with."""
-    squared = _window(n_fft, device).square()[None, :, None].expand(1, n_fft, frames)
-    total = n_fft + hop_length * (frames - 1)
-    return F.fold(squared, (1, total), (1, n_fft), stride=(1, hop_length)).view(total)
+    """The sum of the squared, shifted windows that overlap-add weights each sample with. Made
+    outside inference mode even when first asked for inside it: the cached tensor also serves
+    training, where an inference tensor cannot be saved for the backward pass."""
+    with torch.inference_mode(False):
+        squared = _window(n_fft, device).square()[None, :, None].expand(1, n_fft, frames)
+        total = n_fft + hop_length * (frames - 1)
+        return F.fold(squared, (1, total), (1, n_fft), stride=(1, hop_length)).view(total)
 
 
 def _reflect_pad(signal: torch.Tensor, left: int, right: int) -> torch.Tensor:
