@@ -367,19 +367,44 @@ class ChunkStream:
         self.pending: list[tuple[list[int], PendingBatch]] = []  # (offsets, estimates), in order
         self.base = 0  # window position of the accumulators' first sample
         self.sum: torch.Tensor | None = None  # (B, S, C, chunk) weighted estimates
+        self.spare: torch.Tensor | None = None  # the other buffer the unfinished tail moves to
         self.total = torch.zeros(self.chunk)
+        self.filled = 0  # leading samples of the accumulators that hold sums (the rest: none)
         self.ready: list[torch.Tensor] = []
         self.ready_length = 0
 
     def _finish_until(self, position: int) -> None:
+        """Hand out the samples before ``position``, and move the unfinished ones (the overlap
+        with later chunks) to the front of the other buffer: no new buffer, and no zeros
+        written, per chunk (the samples past ``filled`` are written, not added, by the next
+        chunk)."""
         count = position - self.base
         if count <= 0 or self.sum is None:
             return
         self.ready.append(self.sum[..., :count] / self.total[:count])
         self.ready_length += count
-        self.sum = torch.cat([self.sum[..., count:], torch.zeros_like(self.sum[..., :count])], -1)
-        self.total = torch.cat([self.total[count:], torch.zeros(count)])
+        rest = max(self.filled - count, 0)
+        if self.spare is None:
+            self.spare = torch.empty_like(self.sum)
+        self.spare[..., :rest] = self.sum[..., count : count + rest]
+        self.sum, self.spare = self.spare, self.sum
+        self.total[:rest] = self.total[count : count + rest].clone()
+        self.filled = rest
         self.base = position
+
+    def _add(self, piece: torch.Tensor) -> None:
+        """Add a chunk's weighted estimate at the accumulators' start: where earlier chunks left
+        sums, sum += weights * piece (the reference's two roundings); past them, the product
+        is written, which 0 + product would equal."""
+        size = piece.shape[-1]
+        assert self.sum is not None
+        both = min(self.filled, size)
+        weights = self.weights[:size]
+        self.sum[..., :both] += weights[:both] * piece[..., :both]
+        torch.mul(weights[both:], piece[..., both:], out=self.sum[..., both:size])
+        self.total[:both] += weights[:both]
+        self.total[both:size] = weights[both:]
+        self.filled = max(self.filled, size)
 
     def _submit(self) -> None:
         """Start the network on the next batch of chunks (and the follower's first chunks,
@@ -444,14 +469,12 @@ class ChunkStream:
         estimates = pending.result()
         batch = estimates.shape[0] // len(group)
         if self.sum is None:
-            self.sum = estimates.new_zeros(batch, *estimates.shape[1:3], self.chunk)
+            self.sum = estimates.new_empty(batch, *estimates.shape[1:3], self.chunk)
         for index, offset in enumerate(group):
             self._finish_until(offset)
             size = self._size(offset)
             lead = (self.chunk - size) // 2
-            piece = estimates[index * batch : (index + 1) * batch, ..., lead : lead + size]
-            self.sum[..., :size] += self.weights[:size] * piece
-            self.total[:size] += self.weights[:size]
+            self._add(estimates[index * batch : (index + 1) * batch, ..., lead : lead + size])
             if self.progress is not None:
                 self.progress(1 / len(self.offsets))
         del estimates, pending
@@ -471,6 +494,10 @@ class ChunkStream:
         self.ready = [rest] if rest.shape[-1] else []
         self.ready_length -= count
         return out
+
+
+def _all_ones(weights: torch.Tensor) -> bool:
+    return bool((weights == 1).all())
 
 
 class SeparationStream:
@@ -573,9 +600,13 @@ class SeparationStream:
                 block = stream.take(count)
                 summed = block if summed is None else summed + block
             assert summed is not None
-            if self.shifts:
+            # Dividing or multiplying by exactly 1 changes no bit, so those passes over the
+            # block (a whole track's stems in separate_tensor) are left out.
+            if self.shifts > 1:
                 summed = summed / self.shifts
-            weighted = summed * weight.view(1, -1, 1, 1)
+            weighted = summed if _all_ones(weight) else summed * weight.view(1, -1, 1, 1)
             estimate = weighted if estimate is None else estimate + weighted
         assert estimate is not None
+        if _all_ones(self.total):
+            return estimate
         return estimate / self.total.view(1, -1, 1, 1)

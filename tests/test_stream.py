@@ -338,3 +338,68 @@ def test_auto_batch_size_from_the_measured_memory(monkeypatch, precision, free, 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 141 << 30))
     assert devices.auto_batch_size(torch.device("cuda", 0), precision) == expected
     assert devices.auto_batch_size(torch.device("cpu"), precision) == 1
+
+
+class _PointwiseModel:
+    """Stands in for a network whose estimate of each sample depends on that sample alone, so
+    that the overlap-add can be recomputed outside the stream."""
+
+    sample_rate = 1000
+    audio_channels = 2
+    sources = ["a", "b", "c"]
+
+    def __init__(self, chunk: int) -> None:
+        from fractions import Fraction
+
+        self.segment = Fraction(chunk, self.sample_rate)
+
+
+def _pointwise_estimate(windows: torch.Tensor) -> torch.Tensor:
+    """(N, C, T) -> (N, 3, C, T): three nonlinear functions of each sample."""
+    return torch.stack([windows.sin(), windows * windows - 0.3, torch.tanh(3 * windows)], 1)
+
+
+class _PointwiseRunner(NetworkRunner):
+    def _call(self, model, windows):
+        return _pointwise_estimate(torch.cat(windows)), None
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.6])
+@pytest.mark.parametrize("length", [37, 400, 1000, 1733])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_overlap_add_has_the_bits_of_the_plain_procedure(overlap, length, batch_size):
+    """Every sample gets sum_k w_k * e_k added in chunk order into zeros, then divided by
+    sum_k w_k: the stream (with its reused buffers and written-not-added tails) gives exactly
+    those bits, whatever the overlap (above 0.5 the kept tail overlaps its new place), the
+    length (shorter than a chunk, ragged) and the chunks per call."""
+    chunk = 200
+    signal = torch.randn(1, 2, length, generator=torch.Generator().manual_seed(length))
+    model = _PointwiseModel(chunk)
+    options = ChunkOptions(overlap=overlap, batch_size=batch_size)
+    stream = ChunkStream(
+        model,
+        lambda start, count: zero_extended(signal, start, count),
+        start=0,
+        length=length,
+        options=options,
+        runner=_PointwiseRunner("cpu", batch_size=batch_size),
+    )
+    pieces, taken = [], 0
+    while taken < length:  # uneven takes
+        count = min(length - taken, 1 + taken % 97)
+        pieces.append(stream.take(count))
+        taken += count
+    ours = torch.cat(pieces, -1)
+
+    weights = apply_module.triangle_weights(chunk, options.transition_power)
+    stride = int((1 - overlap) * chunk)
+    out = torch.zeros(1, 3, 2, length)
+    total = torch.zeros(length)
+    for offset in range(0, length, stride):
+        size = min(chunk, length - offset)
+        lead = (chunk - size) // 2
+        window = zero_extended(signal, offset - lead, chunk)
+        piece = _pointwise_estimate(window)[..., lead : lead + size]
+        out[..., offset : offset + size] += weights[:size] * piece
+        total[offset : offset + size] += weights[:size]
+    assert torch.equal(ours, out / total)
