@@ -21,8 +21,8 @@ has them:
     per chunk, the intercept the memory of a call. Prints the values for devices.CHUNK_BYTES
     and devices.CALL_BYTES.
 (b) speed: times real time of Separator.separate_tensor on a 4-minute track (default shifts=1,
-    overlap 0.25) per precision, with the automatic batch size and with batch sizes 1, 4, 16
-    and 32; the network's share of it; fp32 with TF32 off.
+    overlap 0.25) per precision, with the automatic batch size and with batch sizes 1, 4, 8,
+    16 and 32; the network's share of it; fp32 with TF32 off.
 (e) folder: 16 tracks of 30 s through htsep.batch.Batch, with and without the pipeline.
 
 Then the goals, PASS or FAIL: fp32 parity <= 1e-4, bf16 >= 300x real time, bf16 SNR >= 30 dB.
