@@ -69,8 +69,9 @@ def overlap_add_istft(spec: torch.Tensor, hop_length: int, length: int) -> torch
     inverse FFT of each frame, window, overlap-add, division by the summed squared window.
     The same arithmetic, without the check that the window envelope is nowhere zero, which
     torch makes on the host: on a CUDA device that check waits for the device, so the host
-    could not prepare the next network call while this one runs. (The envelope of a Hann
-    window at hop n_fft / 4 is at least 1.5 everywhere the signal is kept.)
+    could not prepare the next network call while this one runs. (For what ``synthesis``
+    asks, two empty frames on each side at hop n_fft / 4, the envelope is at least 1.25 over
+    the samples returned and 1.5 over those it keeps.)
     spec: (B, n_fft // 2 + 1, N) complex64 -> (B, length) float32."""
     batch, bins, frames = spec.shape
     n_fft = 2 * (bins - 1)
@@ -89,8 +90,8 @@ def overlap_add_istft(spec: torch.Tensor, hop_length: int, length: int) -> torch
     signal = F.fold(pieces, (1, total), (1, n_fft), stride=(1, hop_length)).view(batch, total)
     start = n_fft // 2
     end = min(start + length, total)
-    envelope = _window_envelope(n_fft, hop_length, frames, spec.device)
-    signal = signal[:, start:end] / envelope[start:end]
+    envelope = _window_envelope(n_fft, hop_length, frames, start, end, spec.device)
+    signal = signal[:, start:end] / envelope
     if end - start < length:
         signal = F.pad(signal, (0, length - (end - start)))
     return signal
@@ -98,15 +99,24 @@ def overlap_add_istft(spec: torch.Tensor, hop_length: int, length: int) -> torch
 
 @functools.lru_cache(maxsize=16)
 def _window_envelope(
-    n_fft: int, hop_length: int, frames: int, device: torch.device
+    n_fft: int, hop_length: int, frames: int, start: int, end: int, device: torch.device
 ) -> torch.Tensor:
-    """The sum of the squared, shifted windows that overlap-add weights each sample with. Made
-    outside inference mode even when first asked for inside it: the cached tensor also serves
-    training, where an inference tensor cannot be saved for the backward pass."""
+    """Samples [start, end) of the sum of the squared, shifted windows that overlap-add weights
+    each sample with. Checked once, when first made, against torch's bound (an envelope under
+    1e-11 is an error there too: the division would blow the signal up). Made outside inference
+    mode even when first asked for inside it: the cached tensor also serves training, where an
+    inference tensor cannot be saved for the backward pass."""
     with torch.inference_mode(False):
         squared = _window(n_fft, device).square()[None, :, None].expand(1, n_fft, frames)
         total = n_fft + hop_length * (frames - 1)
-        return F.fold(squared, (1, total), (1, n_fft), stride=(1, hop_length)).view(total)
+        folded = F.fold(squared, (1, total), (1, n_fft), stride=(1, hop_length)).view(total)
+        envelope = folded[start:end].clone()
+    if end > start and float(envelope.abs().min()) < 1e-11:
+        raise ValueError(
+            f"inverse STFT: the window envelope vanishes ({n_fft}-sample frames at hop "
+            f"{hop_length}, samples {start}-{end})"
+        )
+    return envelope
 
 
 def _reflect_pad(signal: torch.Tensor, left: int, right: int) -> torch.Tensor:

@@ -178,3 +178,12 @@ def test_window_envelope_cached_in_inference_serves_training():
     trained = spec.clone().requires_grad_()
     stft.overlap_add_istft(trained, 4, 100).square().sum().backward()
     assert trained.grad is not None and torch.isfinite(torch.view_as_real(trained.grad)).all()
+
+
+def test_overlap_add_istft_refuses_a_vanishing_envelope():
+    """As torch.istft does: a frame hop that leaves samples without window weight."""
+    spec = torch.randn(1, 9, 4, dtype=torch.complex64)
+    with pytest.raises(RuntimeError):
+        torch.istft(spec, 16, 16, window=torch.hann_window(16), normalized=True, length=40)
+    with pytest.raises(ValueError, match="window envelope vanishes"):
+        stft.overlap_add_istft(spec, 16, 40)
