@@ -222,22 +222,28 @@ class HTDemucs(nn.Module):
 
         x, xt = self._bottleneck(x, xt)
 
-        for decode, decode_t in zip(self.freq_decoders, self.time_decoders, strict=True):
-            x = decode(x, skips.pop(), 0)
+        last = len(self.freq_decoders) - 1
+        for index, (decode, decode_t) in enumerate(
+            zip(self.freq_decoders, self.time_decoders, strict=True)
+        ):
+            # The last spectral output only feeds the inverse STFT below, so it may be a buffer
+            # this thread keeps for the next call (the largest block of the pass).
+            x = decode(x, skips.pop(), 0, reuse=index == last)
             xt = decode_t(xt, skips_t.pop(), lengths_t.pop())
 
         sources = len(self.config.sources)
-        # Out of bfloat16 into float32 (in a copy that keeps the layout), then in place.
         wide = torch.promote_types(dtype, torch.float32)
-        x = _destandardize(x.to(wide), mean, std)
-        x = rearrange(x, "b (s c ri) f n -> b s c f n ri", s=sources, ri=2)
         xt = _destandardize(xt.to(wide), mean_t, std_t)
         out = rearrange(xt, "b (s c) t -> b s c t", s=sources)[..., :length]
         out = out if kernels.overwritable(out) else out.clone()
+        x = rearrange(x, "b (s c) f n -> b s c f n", s=sources)
         # One source at a time: the inverse STFT's frame buffers are the largest tensors of the
-        # whole forward pass, and this keeps a quarter of them alive instead of all.
+        # whole forward pass, and this keeps a quarter of them alive instead of all. A bfloat16
+        # source goes into float32 (a copy that keeps the layout) here, a quarter at a time,
+        # rather than the whole output at once (42 MiB, mapped fresh by glibc on every call).
         for index in range(sources):
-            part = x[:, index]
+            part = _destandardize(x[:, index].to(wide), mean, std)
+            part = rearrange(part, "b (c ri) f n -> b c f n ri", ri=2)
             # In channels-last (the CPU's spectral layout) the real and imaginary parts are
             # already neighbours: the complex view needs no copy (the STFT's padding makes one).
             if part.stride(-1) != 1 or any(stride % 2 for stride in part.stride()[:-1]):

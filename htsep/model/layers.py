@@ -6,6 +6,7 @@ Spectral layers work on (B, C, F, T) and convolve along F only; waveform layers 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
@@ -258,13 +259,49 @@ def _conv_input(x: torch.Tensor, freq: bool) -> torch.Tensor:
     return x
 
 
-def _spectral_empty(x: torch.Tensor, channels: int, rows: int) -> torch.Tensor:
+def _spectral_empty(x: torch.Tensor, channels: int, rows: int, reuse: bool = False) -> torch.Tensor:
     """An uninitialised (B, channels, rows, T) output for a spectral layer run over bands, in
     the layout of its convolutions' outputs (``_conv_input``): elementwise ops that write
-    from one layout into the other run several times slower than within one."""
+    from one layout into the other run several times slower than within one. With ``reuse``,
+    this thread's reused buffer (``_reused_buffer``)."""
     shape = (x.shape[0], channels, rows, x.shape[-1])
     layout = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
+    if reuse:
+        return _reused_buffer(shape, x.dtype, x.device, layout)
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout)
+
+
+# One buffer per thread, kept between network calls, for the spectral branch's last decoder
+# output (S x C x 2 channels at full frequency resolution: 42 MiB in float32 for the released
+# models). That is past the 32 MiB above which glibc maps every block fresh from the kernel and
+# hands it back when freed: 10,752 page faults on every chunk. It lives only until the inverse
+# STFT has read it, so the networks of a bag, run one after another, share it; two threads
+# running networks at once each have their own.
+_held = threading.local()
+
+
+def _reused_buffer(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    layout: torch.memory_format,
+) -> torch.Tensor:
+    """An uninitialised tensor that this thread gets again on its next call with the same
+    shape, dtype, device and layout: the caller must be done with it by then. Made outside
+    inference mode, so that it can be written under ``torch.no_grad`` as well."""
+    buffer: torch.Tensor | None = getattr(_held, "buffer", None)
+    if (
+        buffer is None
+        or buffer.shape != shape
+        or buffer.dtype != dtype
+        or buffer.device != device
+        or not buffer.is_contiguous(memory_format=layout)
+    ):
+        _held.buffer = buffer = None  # the old one goes before the new one is made
+        with torch.inference_mode(False):
+            buffer = torch.empty(shape, dtype=dtype, device=device, memory_format=layout)
+        _held.buffer = buffer
+    return buffer
 
 
 # A spectral layer without GroupNorm acts on each frequency row separately, apart from its
@@ -486,9 +523,13 @@ class DecoderLayer(nn.Module):
             self.conv_transpose = nn.ConvTranspose1d(chin, chout, kernel_size, stride)
         self.norm = _group_norm(norm_groups, chout, norm)
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor, length: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, skip: torch.Tensor, length: int, reuse: bool = False
+    ) -> torch.Tensor:
         """x, skip: (B, Cin, F, T) -> (B, Cout, F * stride, T);
-        (B, Cin, T) -> (B, Cout, length)."""
+        (B, Cin, T) -> (B, Cout, length). With ``reuse``, the output may be a buffer that this
+        thread hands out again (``_reused_buffer``; CPU inference over bands only): the caller
+        must be done with it before the next network call in this thread."""
         conv = cast(nn.ConvTranspose2d, self.conv_transpose)
         # Bands are summed where their outputs overlap, so they must not leave gaps between them.
         if (
@@ -500,7 +541,7 @@ class DecoderLayer(nn.Module):
             width = 2 * x.shape[1] if self.rewrite is not None else x.shape[1]
             band = _band_rows(x, width, x.shape[2])
             if band is not None:
-                return self._bands(x, skip, band)
+                return self._bands(x, skip, band, reuse)
         y = x + skip
         if self.rewrite is not None:
             whole = self.freq or self.rewrite_norm is not None
@@ -521,7 +562,9 @@ class DecoderLayer(nn.Module):
             z = z[..., self.pad : self.pad + length]
         return z if self.last else F.gelu(z)
 
-    def _bands(self, x: torch.Tensor, skip: torch.Tensor, band: int) -> torch.Tensor:
+    def _bands(
+        self, x: torch.Tensor, skip: torch.Tensor, band: int, reuse: bool = False
+    ) -> torch.Tensor:
         """``forward`` of a spectral layer without GroupNorm, ``band`` input rows at a time (see
         ``_BAND_BYTES``). The transposed conv's outputs of neighbouring bands overlap by
         kernel - stride rows, which are summed; its bias counts once per row."""
@@ -530,7 +573,7 @@ class DecoderLayer(nn.Module):
         context = _padding(self.rewrite) if self.rewrite is not None else 0
         rows = x.shape[2]
         height = (rows - 1) * stride + kernel - 2 * self.pad  # after the crop
-        out = _spectral_empty(x, conv.out_channels, height)
+        out = _spectral_empty(x, conv.out_channels, height, reuse)
         written = 0  # rows of ``out`` holding a finished first contribution
         for start in range(0, rows, band):
             end = min(rows, start + band)

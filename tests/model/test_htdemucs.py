@@ -1,10 +1,11 @@
+import threading
 from fractions import Fraction
 
 import pytest
 import torch
 
 from htsep.errors import InputLengthError
-from htsep.model import ConvConfig, HTDemucs, HTDemucsConfig, STFTConfig, TransformerConfig
+from htsep.model import ConvConfig, HTDemucs, HTDemucsConfig, STFTConfig, TransformerConfig, layers
 from htsep.model.htdemucs import bfloat16_copy
 
 
@@ -199,3 +200,67 @@ def test_float64_network_stays_float64():
         double = model.double()(mix.double())
     assert double.dtype == torch.float64
     torch.testing.assert_close(double.float(), single, rtol=1e-4, atol=1e-4 * single.abs().max())
+
+
+def _held_buffer() -> torch.Tensor | None:
+    """The buffer this thread holds (htsep.model.layers._reused_buffer)."""
+    return getattr(layers._held, "buffer", None)
+
+
+@pytest.mark.parametrize("reduced", [False, True])
+def test_last_spectral_output_is_a_reused_buffer_that_never_escapes(reduced, monkeypatch):
+    """In CPU inference over bands, the last spectral decoder writes into a buffer it keeps for
+    the next call. A later call (another mixture, another batch size, under no_grad rather
+    than inference_mode) must not change what an earlier call returned, and every call equals
+    the plain autograd path, which allocates everything afresh."""
+    monkeypatch.setattr(layers, "_BAND_BYTES", 1)
+    model = _tiny_with_spread_vectors()
+    net = bfloat16_copy(model) if reduced else model
+    first, second, pair = torch.randn(1, 2, 3001), torch.randn(1, 2, 2500), torch.randn(2, 2, 4000)
+    with torch.enable_grad():
+        plain = [net(mix).detach() for mix in (first, second, pair)]
+    with torch.inference_mode():
+        got_first = net(first)
+        kept = got_first.clone()
+        held = _held_buffer()
+        assert held is not None
+        got_second = net(second)
+        assert _held_buffer() is held  # the same buffer served the second call
+        assert held.data_ptr() not in (got_first.data_ptr(), got_second.data_ptr())
+        assert torch.equal(got_first, kept)
+    with torch.no_grad():
+        got_pair = net(pair)  # a new shape: a new buffer, made usable outside inference mode
+    assert _held_buffer() is not held
+    bound = 1e-5 if not reduced else 2e-2
+    for got, expected in zip((got_first, got_second, got_pair), plain, strict=True):
+        torch.testing.assert_close(got, expected, rtol=bound, atol=bound * expected.abs().max())
+
+
+def test_threads_running_one_network_keep_their_own_buffers(monkeypatch):
+    """Two threads separating with one network at once: each thread has its own reused
+    buffer, so each result equals the same mixture separated alone."""
+    monkeypatch.setattr(layers, "_BAND_BYTES", 1)
+    model = _tiny_with_spread_vectors()
+    mixes = [
+        torch.randn(1, 2, 4000, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)
+    ]
+    with torch.inference_mode():
+        alone = [model(mix) for mix in mixes]
+    results: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    start = threading.Barrier(2)
+
+    def run(index: int) -> None:
+        start.wait()
+        with torch.inference_mode():
+            for _ in range(20):
+                results[index].append(model(mixes[index]))
+
+    workers = [threading.Thread(target=run, args=(index,)) for index in (0, 1)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    for index in (0, 1):
+        assert len(results[index]) == 20
+        for got in results[index]:
+            assert torch.equal(got, alone[index])
