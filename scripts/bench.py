@@ -22,9 +22,12 @@ start-up included) and each command's largest absolute difference from demucs's 
 for bf16, which is not exact). htsep --precision bf16 is timed where the CPU has bfloat16
 arithmetic (htsep.devices.bf16_arithmetic); elsewhere a line says why not.
 
-Then the share of htsep's time outside its network calls: one forward pass of htsep's network
-is timed in this process, alternating with the commands, and the commands' times are set
-against (chunks of the clip) x (that time).
+Then the share of htsep's time outside its network calls, from the same runs: each htsep
+command runs through a small launcher (``NETWORK_TIMER``, written into the work folder) that
+times every call of the network's forward pass inside the command and reports the sum at
+exit, so the network time and the command's time come from one process and one moment. As a
+cross-check, one forward pass timed alone in this process (alternating with the commands),
+times the clip's chunks, is printed too.
 
 --forward times one forward pass of each network instead (one released-length segment), on
 identical weights loaded from the same file, alternating in this process (and htsep's bfloat16
@@ -81,6 +84,52 @@ def write_clip(path: Path, seconds: float) -> None:
     noise = 0.02 * rng.standard_normal((t.size, 2))
     audio = np.stack([left, right], axis=1) + noise
     sf.write(path, audio.astype(np.float32), RATE, subtype="FLOAT")
+
+
+# htsep's command line with the wall-clock time of every network call summed, for the share
+# of a run spent outside them. Argument 1 is the file the call times go to (seconds, one per
+# line), written by an atexit handler (htsep's exit runs those before it skips the teardown).
+NETWORK_TIMER = """\
+import atexit
+import sys
+import time
+from pathlib import Path
+
+from htsep.model import htdemucs
+
+spent = []
+untimed = htdemucs.HTDemucs.forward
+
+
+def forward(self, mix):
+    started = time.perf_counter()
+    try:
+        return untimed(self, mix)
+    finally:
+        spent.append(time.perf_counter() - started)
+
+
+htdemucs.HTDemucs.forward = forward
+report = Path(sys.argv.pop(1))
+atexit.register(lambda: report.write_text("".join(f"{t!r}\\n" for t in spent)))
+sys.argv[0] = "htsep"
+from htsep.cli import main  # noqa: E402
+
+main()
+"""
+
+
+def network_timed(command: list[str], timer: Path, report: Path) -> list[str]:
+    """``command`` (``[htsep or python -m htsep, arguments...]``) through NETWORK_TIMER."""
+    arguments = command[3:] if command[1:3] == ["-m", "htsep"] else command[1:]
+    return [sys.executable, str(timer), str(report), *arguments]
+
+
+def read_network_time(report: Path) -> list[float]:
+    """Seconds of each network call that NETWORK_TIMER wrote; the file is removed."""
+    calls = [float(line) for line in report.read_text().split()]
+    report.unlink()
+    return calls
 
 
 def htsep_command() -> list[str]:
@@ -143,6 +192,8 @@ def bench_commands(args: argparse.Namespace, work: Path) -> None:
         baseline_env = dict(env, PYTHONPATH=str(args.baseline.resolve()))
         variants["baseline"] = ([sys.executable, "-m", "htsep", *htsep_args[1:]], baseline_env)
     forward = ForwardTimer(checkpoint, args.threads)
+    timer, timer_report = work / "network_timer.py", work / "network_time.txt"
+    timer.write_text(NETWORK_TIMER)
     for seconds in args.seconds:
         clip = work / f"clip{seconds:g}.wav"
         write_clip(clip, seconds)
@@ -156,12 +207,17 @@ def bench_commands(args: argparse.Namespace, work: Path) -> None:
             commands[name] = ([*command, "-o", str(out[name]), str(clip)], command_env)
         times: dict[str, list[float]] = {name: [] for name in commands}
         faults: dict[str, list[int]] = {name: [] for name in commands}
+        inside: dict[str, list[list[float]]] = {name: [] for name in variants}
         network: list[float] = []
         for run in range(args.runs):
             for name, (command, command_env) in commands.items():
+                if name in variants:
+                    command = network_timed(command, timer, timer_report)
                 seconds_taken, faults_taken = timed(command, command_env, work)
                 times[name].append(seconds_taken)
                 faults[name].append(faults_taken)
+                if name in variants:
+                    inside[name].append(read_network_time(timer_report))
             network.append(forward.time())
             print(
                 f"{seconds:g} s clip, run {run + 1}/{args.runs}: "
@@ -169,7 +225,7 @@ def bench_commands(args: argparse.Namespace, work: Path) -> None:
                 + f"; one htsep forward {network[-1]:.2f} s",
                 flush=True,
             )
-        report(args, seconds, clip, times, faults, out, statistics.median(network))
+        report(args, seconds, clip, times, faults, out, statistics.median(network), inside)
 
 
 def report(
@@ -180,6 +236,7 @@ def report(
     faults: dict[str, list[int]],
     out: dict[str, Path],
     forward: float,
+    inside: dict[str, list[list[float]]],
 ) -> None:
     theirs = statistics.median(times["demucs"])
     print()
@@ -205,11 +262,28 @@ def report(
         ratios = [b / a for a, b in zip(times["htsep"], times["htsep bf16"], strict=True)]
         print(f"htsep bf16 / htsep fp32: {statistics.median(times['htsep bf16']) / ours:.3f} "
               f"(median of the runs' own ratios {statistics.median(ratios):.3f})")  # fmt: skip
+    for name, runs in inside.items():
+        # The issue's overhead counts the first pass's extra time (oneDNN primitives made,
+        # first touches) as start-up: the share outside the network when every call costs
+        # what the later calls cost (their median), beside the share outside the calls as
+        # they came.
+        spent = [sum(calls) for calls in runs]
+        steady = [statistics.median(calls[1:] or calls) * len(calls) for calls in runs]
+        shares = [1 - net / total for net, total in zip(spent, times[name], strict=True)]
+        steady_shares = [1 - net / total for net, total in zip(steady, times[name], strict=True)]
+        print(
+            f"{name}: {len(runs[0])} network calls, {statistics.median(spent):.2f} s of "
+            f"{statistics.median(times[name]):.2f} s (medians); outside them (start-up, loading, "
+            f"reading, overlap-add, writing, memory) {statistics.median(shares):.1%} of the run, "
+            f"{statistics.median(steady_shares):.1%} with the first call's extra time counted "
+            f"outside (medians of the runs' own shares; runs: "
+            + ", ".join(f"{a:.1%}/{b:.1%}" for a, b in zip(shares, steady_shares, strict=True))
+            + ")"
+        )
     print(
-        f"htsep's network: {chunks} chunks x {forward:.2f} s (one forward, timed alone) = "
-        f"{chunks * forward:.2f} s; the rest (start-up, loading, reading, overlap-add, "
-        f"writing, memory) {ours - chunks * forward:.2f} s, "
-        f"{(ours - chunks * forward) / ours:.0%} of htsep's time"
+        f"cross-check: {chunks} chunks x {forward:.2f} s (one forward, timed alone here) = "
+        f"{chunks * forward:.2f} s; htsep's run less that: {ours - chunks * forward:.2f} s, "
+        f"{(ours - chunks * forward) / ours:.0%}"
     )
     print()
 

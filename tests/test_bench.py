@@ -77,3 +77,41 @@ class _Call(nn.Module):
 
     def forward(self, x):
         return self.function(x)
+
+
+def test_network_timer_times_every_network_call_of_the_command(bench, repo, tmp_path):
+    """bench.py's launcher runs the real command and reports one time per network call: as
+    many calls as the chunks the separation procedure cuts the clip into (1 chunk per call on
+    the CPU), each positive, together less than the whole run, and the same stems as the plain
+    command."""
+    import subprocess
+    import time
+
+    import soundfile as sf
+    from helpers import RATE, htsep, write_clip
+
+    seconds = 4.0
+    clip = write_clip(tmp_path / "clip.wav", seconds)
+    timer, report = tmp_path / "timer.py", tmp_path / "times.txt"
+    timer.write_text(bench.NETWORK_TIMER)
+    args = ["--repo", str(repo), "-n", "aaaa0001", "--shifts", "0", "--float32", "-q"]
+    command = bench.network_timed(
+        [sys.executable, "-m", "htsep", "separate", *args, "-o", str(tmp_path / "timed"),
+         str(tmp_path / "clip.wav")], timer, report,
+    )  # fmt: skip
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    whole = time.perf_counter() - started
+    assert done.returncode == 0, done.stderr
+    calls = bench.read_network_time(report)
+    assert not report.exists()
+    # The reference procedure: segments of 1.5 s, a stride of 3/4 of one, a chunk per stride.
+    segment = int(1.5 * RATE)
+    assert len(calls) == -(-clip.shape[0] // int(0.75 * segment))
+    assert all(t > 0 for t in calls) and sum(calls) < whole
+    result = htsep(*args, "-o", str(tmp_path / "plain"), str(tmp_path / "clip.wav"))
+    assert result.exit_code == 0, result.output
+    for stem in ("drums", "bass", "other", "vocals"):
+        timed, _ = sf.read(tmp_path / "timed" / "aaaa0001" / "clip" / f"{stem}.wav")
+        plain, _ = sf.read(tmp_path / "plain" / "aaaa0001" / "clip" / f"{stem}.wav")
+        assert timed.shape == plain.shape and (timed == plain).all(), stem
