@@ -37,6 +37,12 @@ def _destandardize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
     return x * std + mean
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether a forward hook (the module's own or a global one) sees ``module``'s output."""
+    hooks = torch.nn.modules.module._global_forward_hooks
+    return bool(module._forward_hooks or hooks)
+
+
 class HTDemucs(nn.Module):
     """The network. ``forward`` maps a mixture (B, C, T), T up to the segment length, to stems
     (B, S, C, T); shorter inputs are zero-padded to the segment internally, as in training."""
@@ -227,8 +233,10 @@ class HTDemucs(nn.Module):
             zip(self.freq_decoders, self.time_decoders, strict=True)
         ):
             # The last spectral output only feeds the inverse STFT below, so it may be a buffer
-            # this thread keeps for the next call (the largest block of the pass).
-            x = decode(x, skips.pop(), 0, reuse=index == last)
+            # this thread keeps for the next call (the largest block of the pass); not where a
+            # forward hook sees it, which may keep it.
+            reuse = index == last and not _hooked(decode)
+            x = decode(x, skips.pop(), 0, reuse=reuse)
             xt = decode_t(xt, skips_t.pop(), lengths_t.pop())
 
         sources = len(self.config.sources)

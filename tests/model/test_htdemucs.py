@@ -264,3 +264,33 @@ def test_threads_running_one_network_keep_their_own_buffers(monkeypatch):
         assert len(results[index]) == 20
         for got in results[index]:
             assert torch.equal(got, alone[index])
+
+
+@pytest.mark.parametrize("where", ["module", "global"])
+def test_a_forward_hook_may_keep_the_last_spectral_output(where, monkeypatch):
+    """A forward hook on the last spectral decoder (or a global one) receives its output and
+    may keep it: then that output is not the reused buffer, and a later call leaves it as it
+    was."""
+    monkeypatch.setattr(layers, "_BAND_BYTES", 1)
+    model = _tiny_with_spread_vectors()
+    last = model.freq_decoders[-1]
+    kept: list[torch.Tensor] = []
+
+    def keep(module, args, output):
+        if module is last:
+            kept.append(output)
+
+    handle = (
+        last.register_forward_hook(keep)
+        if where == "module"
+        else torch.nn.modules.module.register_module_forward_hook(keep)
+    )
+    try:
+        with torch.inference_mode():
+            model(torch.randn(1, 2, 3001))
+            first = kept[0].clone()
+            model(torch.randn(1, 2, 3001))
+    finally:
+        handle.remove()
+    assert len(kept) == 2 and kept[0].data_ptr() != kept[1].data_ptr()
+    assert torch.equal(kept[0], first)
