@@ -24,7 +24,7 @@ arithmetic (htsep.devices.bf16_arithmetic); elsewhere a line says why not.
 
 Then the share of htsep's time outside its network calls, from the same runs: each htsep
 command runs through a small launcher (``NETWORK_TIMER``, written into the work folder) that
-times every call of the network's forward pass inside the command and reports the sum at
+times every call of the network's forward pass inside the command and writes the times at
 exit, so the network time and the command's time come from one process and one moment. As a
 cross-check, one forward pass timed alone in this process (alternating with the commands),
 times the clip's chunks, is printed too.
@@ -86,7 +86,7 @@ def write_clip(path: Path, seconds: float) -> None:
     sf.write(path, audio.astype(np.float32), RATE, subtype="FLOAT")
 
 
-# htsep's command line with the wall-clock time of every network call summed, for the share
+# htsep's command line with the wall-clock time of every network call recorded, for the share
 # of a run spent outside them. Argument 1 is the file the call times go to (seconds, one per
 # line), written by an atexit handler (htsep's exit runs those before it skips the teardown).
 NETWORK_TIMER = """\
