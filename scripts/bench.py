@@ -192,6 +192,12 @@ def bench_commands(args: argparse.Namespace, work: Path) -> None:
         baseline_env = dict(env, PYTHONPATH=str(args.baseline.resolve()))
         variants["baseline"] = ([sys.executable, "-m", "htsep", *htsep_args[1:]], baseline_env)
     forward = ForwardTimer(checkpoint, args.threads)
+    # The arithmetic floor of each clip (every product at the rate of a large one), with the
+    # FLOP count taken on demucs's network (htsep's inference paths add small products).
+    flops = chunk_flops(demucs_network(checkpoint), forward.mix)
+    rates = {"fp32": matmul_rate()}
+    if "htsep bf16" in variants:
+        rates["bf16"] = matmul_rate(dtype=torch.bfloat16)
     timer, timer_report = work / "network_timer.py", work / "network_time.txt"
     timer.write_text(NETWORK_TIMER)
     for seconds in args.seconds:
@@ -226,6 +232,12 @@ def bench_commands(args: argparse.Namespace, work: Path) -> None:
                 flush=True,
             )
         report(args, seconds, clip, times, faults, out, statistics.median(network), inside)
+        for line in floor_lines(
+            flops, chunk_count(seconds), rates["fp32"], statistics.median(times["demucs"]),
+            rates.get("bf16"), statistics.median(times["htsep"]), "run",
+        ):  # fmt: skip
+            print(line)
+        print()
 
 
 def report(
@@ -285,7 +297,6 @@ def report(
         f"{chunks * forward:.2f} s; htsep's run less that: {ours - chunks * forward:.2f} s, "
         f"{(ours - chunks * forward) / ours:.0%}"
     )
-    print()
 
 
 def chunk_count(seconds: float) -> int:
@@ -316,20 +327,26 @@ class ForwardTimer:
             return time.perf_counter() - started
 
 
-def bench_forward(args: argparse.Namespace, work: Path) -> None:
+def demucs_network(checkpoint: Path) -> torch.nn.Module:
+    """demucs's own network from ``checkpoint``, in eval mode."""
     from demucs.states import load_model as demucs_load_model
 
+    package = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    return demucs_load_model(package).eval()
+
+
+def bench_forward(args: argparse.Namespace, work: Path) -> None:
     import htsep
 
     if args.threads:
         torch.set_num_threads(args.threads)
     path = write_checkpoint(work / "repo")
-    theirs = demucs_load_model(torch.load(path, map_location="cpu", weights_only=False)).eval()
+    theirs = demucs_network(path)
     ours = htsep.load_model(path).eval()
     from htsep.devices import bf16_arithmetic
 
     mix = torch.randn(1, 2, ours.segment_length, generator=torch.Generator().manual_seed(0))
-    models = {"demucs": theirs, "htsep": ours}
+    models: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"demucs": theirs, "htsep": ours}
     if args.bf16 and bf16_arithmetic():
         models["htsep bf16"] = bf16(ours)
     elif args.bf16:
@@ -368,6 +385,16 @@ def bench_forward(args: argparse.Namespace, work: Path) -> None:
         f"{flops / peak:.2f} s: htsep runs at {flops / fast / 1e9:.0f} GFLOP/s "
         f"({flops / peak / fast:.0%} of that rate), demucs at {flops / slow / 1e9:.0f} GFLOP/s"
     )
+    bf16_rate = None
+    if "htsep bf16" in times:
+        bf16_rate = matmul_rate(dtype=torch.bfloat16)
+        reduced = statistics.median(times["htsep bf16"])
+        print(
+            f"htsep bf16 runs at {flops / reduced / 1e9:.0f} GFLOP/s "
+            f"({flops / bf16_rate / reduced:.0%} of the bf16 product rate)"
+        )
+    for line in floor_lines(flops, 1, peak, slow, bf16_rate, fast):
+        print(line)
 
 
 def bf16(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -419,9 +446,9 @@ def chunk_flops(model: torch.nn.Module, mix: torch.Tensor) -> float:
     return float(counter.get_total_flops())
 
 
-def matmul_rate(size: int = 2048, runs: int = 5) -> float:
-    """The best rate of ``runs`` float32 (size x size) matrix products, in FLOP/s."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_rate(size: int = 2048, runs: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """The best rate of ``runs`` (size x size) matrix products in ``dtype``, in FLOP/s."""
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(runs):
@@ -431,10 +458,40 @@ def matmul_rate(size: int = 2048, runs: int = 5) -> float:
     return 2 * size**3 / best
 
 
+def floor_lines(
+    flops: float,
+    chunks: int,
+    rate: float,
+    reference: float,
+    bf16_rate: float | None = None,
+    fp32: float | None = None,
+    what: str = "one forward pass",
+) -> list[str]:
+    """The arithmetic floor of ``chunks`` network calls of ``flops`` each: their time with
+    every product at ``rate`` (FLOP/s, a large matrix product's, measured in the same run) and
+    everything else free, as a fraction of ``reference`` (demucs's seconds for the same work).
+    With ``bf16_rate`` and ``fp32`` (htsep's float32 seconds), the same in bfloat16, as a
+    fraction of htsep's float32 time. No htsep can go below these ratios on this machine,
+    short of products faster than that rate."""
+    floor = chunks * flops / rate
+    lines = [
+        f"arithmetic floor: {chunks} x {flops / 1e9:.1f} GFLOP at {rate / 1e9:.0f} GFLOP/s = "
+        f"{floor:.2f} s, {floor / reference:.3f} of demucs's {what} ({reference:.2f} s): the "
+        f"lowest htsep / demucs ratio possible here, with everything but the products free"
+    ]
+    if bf16_rate is not None and fp32 is not None:
+        reduced = chunks * flops / bf16_rate
+        lines.append(
+            f"bf16 floor: at {bf16_rate / 1e9:.0f} GFLOP/s (bf16 products, {bf16_rate / rate:.2f}x "
+            f"fp32's) {reduced:.2f} s, {reduced / fp32:.3f} of htsep fp32's {what} ({fp32:.2f} s)"
+        )
+    return lines
+
+
 def describe_machine() -> str:
     """The CPU's name and the vector extensions its figures depend on, torch's build and its
     threads: every figure this script prints belongs to this line."""
-    name, flags = "unknown CPU", set()
+    name, flags = "unknown CPU", set[str]()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")

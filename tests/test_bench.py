@@ -115,3 +115,12 @@ def test_network_timer_times_every_network_call_of_the_command(bench, repo, tmp_
         timed, _ = sf.read(tmp_path / "timed" / "aaaa0001" / "clip" / f"{stem}.wav")
         plain, _ = sf.read(tmp_path / "plain" / "aaaa0001" / "clip" / f"{stem}.wav")
         assert timed.shape == plain.shape and (timed == plain).all(), stem
+
+
+def test_floor_lines_give_the_time_of_the_products_at_the_rate(bench):
+    # 4 calls of 3 GFLOP at 2 GFLOP/s: 6 s, half of demucs's 12 s; bf16 at 4 GFLOP/s: 3 s,
+    # 0.3 of htsep fp32's 10 s.
+    fp32, bf16 = bench.floor_lines(3e9, 4, 2e9, 12.0, 4e9, 10.0, "run")
+    assert "4 x 3.0 GFLOP at 2 GFLOP/s = 6.00 s, 0.500 of demucs's run (12.00 s)" in fp32
+    assert "at 4 GFLOP/s (bf16 products, 2.00x fp32's) 3.00 s, 0.300 of htsep fp32's run" in bf16
+    assert len(bench.floor_lines(3e9, 4, 2e9, 12.0)) == 1
