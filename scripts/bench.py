@@ -32,7 +32,12 @@ times the clip's chunks, is printed too.
 --forward times one forward pass of each network instead (one released-length segment), on
 identical weights loaded from the same file, alternating in this process (and htsep's bfloat16
 copy where the CPU has bfloat16 arithmetic), and sets them against the floor: the chunk's
-FLOP count over the rate of a large float32 matrix product.
+FLOP count over the rate of a large float32 matrix product (torch.mm's and oneDNN's, which
+differ on AMD CPUs; the floor takes the faster), and bf16's over a bfloat16 product's.
+
+Each clip's report and --forward end with the arithmetic floor: the time of the network calls
+with every product at that rate and everything else free, as a fraction of demucs's time (and
+in bf16, of htsep fp32's): no htsep can reach a lower ratio on that machine.
 """
 
 from __future__ import annotations
@@ -377,13 +382,15 @@ def bench_forward(args: argparse.Namespace, work: Path) -> None:
         error = outputs["htsep bf16"] - outputs["htsep"]
         snr = 10 * torch.log10(outputs["htsep"].square().sum() / error.square().sum())
         print(f"htsep bf16 / htsep fp32 {reduced / fast:.3f}; SNR against fp32 {snr.item():.1f} dB")
-    flops, peak = chunk_flops(theirs, mix), matmul_rate()
+    flops, rates = chunk_flops(theirs, mix), matmul_rates()
+    peak = max(rates.values())
     print(
         f"one chunk is {flops / 1e9:.1f} GFLOP (convolutions, products and attention, counted on "
-        f"demucs's network); "
-        f"fp32 matrix products run at {peak / 1e9:.0f} GFLOP/s here, so the chunk needs at least "
-        f"{flops / peak:.2f} s: htsep runs at {flops / fast / 1e9:.0f} GFLOP/s "
-        f"({flops / peak / fast:.0%} of that rate), demucs at {flops / slow / 1e9:.0f} GFLOP/s"
+        f"demucs's network); fp32 2048x2048 products run at {describe_rates(rates)} here, so "
+        f"the chunk needs at least {flops / peak:.2f} s (at the faster): htsep runs at "
+        f"{flops / fast / 1e9:.0f} GFLOP/s ("
+        + ", ".join(f"{flops / rate / fast:.0%} of {name}'s rate" for name, rate in rates.items())
+        + f"), demucs at {flops / slow / 1e9:.0f} GFLOP/s"
     )
     bf16_rate = None
     if "htsep bf16" in times:
@@ -446,16 +453,40 @@ def chunk_flops(model: torch.nn.Module, mix: torch.Tensor) -> float:
     return float(counter.get_total_flops())
 
 
-def matmul_rate(size: int = 2048, runs: int = 5, dtype: torch.dtype = torch.float32) -> float:
-    """The best rate of ``runs`` (size x size) matrix products in ``dtype``, in FLOP/s."""
+def matmul_rates(
+    size: int = 2048, runs: int = 5, dtype: torch.dtype = torch.float32
+) -> dict[str, float]:
+    """The best rate of ``runs`` (size x size) matrix products in ``dtype``, in FLOP/s, per
+    library: torch.mm (MKL for float32 on x86, oneDNN for bfloat16) and, where torch's oneDNN
+    linear ops work, oneDNN. They differ: MKL takes its AVX2 code on AMD CPUs and ran at
+    169-187 GFLOP/s on a Zen 4 EPYC where oneDNN ran at 205-215."""
+    from htsep.model.kernels import onednn_linear_available
+
     a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(runs):
-        started = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - started)
-    return 2 * size**3 / best
+    products: dict[str, Callable[[], torch.Tensor]] = {"torch.mm": lambda: torch.mm(a, b)}
+    if onednn_linear_available():
+        linear = torch.ops.mkldnn._linear_pointwise
+        products["oneDNN"] = lambda: linear(a, b, None, "none", [], "")
+    rates = {}
+    with torch.inference_mode():
+        for name, product in products.items():
+            product()
+            best = float("inf")
+            for _ in range(runs):
+                started = time.perf_counter()
+                product()
+                best = min(best, time.perf_counter() - started)
+            rates[name] = 2 * size**3 / best
+    return rates
+
+
+def matmul_rate(size: int = 2048, runs: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """The rate of the fastest library in ``matmul_rates``, in FLOP/s."""
+    return max(matmul_rates(size, runs, dtype).values())
+
+
+def describe_rates(rates: dict[str, float]) -> str:
+    return ", ".join(f"{name} {rate / 1e9:.0f}" for name, rate in rates.items()) + " GFLOP/s"
 
 
 def floor_lines(
