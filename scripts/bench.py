@@ -386,9 +386,8 @@ def bench_forward(args: argparse.Namespace, work: Path) -> None:
     peak = max(rates.values())
     print(
         f"one chunk is {flops / 1e9:.1f} GFLOP (convolutions, products and attention, counted on "
-        f"demucs's network); fp32 2048x2048 products run at {describe_rates(rates)} here, so "
-        f"the chunk needs at least {flops / peak:.2f} s (at the faster): htsep runs at "
-        f"{flops / fast / 1e9:.0f} GFLOP/s ("
+        f"demucs's network); fp32 2048x2048 products run at {describe_rates(rates)} here: "
+        f"htsep runs at {flops / fast / 1e9:.0f} GFLOP/s ("
         + ", ".join(f"{flops / rate / fast:.0%} of {name}'s rate" for name, rate in rates.items())
         + f"), demucs at {flops / slow / 1e9:.0f} GFLOP/s"
     )
@@ -459,7 +458,7 @@ def matmul_rates(
     """The best rate of ``runs`` (size x size) matrix products in ``dtype``, in FLOP/s, per
     library: torch.mm (MKL for float32 on x86, oneDNN for bfloat16) and, where torch's oneDNN
     linear ops work, oneDNN. They differ: MKL takes its AVX2 code on AMD CPUs and ran at
-    169-187 GFLOP/s on a Zen 4 EPYC where oneDNN ran at 205-215."""
+    169-190 GFLOP/s on a Zen 4 EPYC where oneDNN ran at 205-220."""
     from htsep.model.kernels import onednn_linear_available
 
     a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
