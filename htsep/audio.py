@@ -33,6 +33,7 @@ import stat
 import struct
 import subprocess
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ import torch
 
 from htsep.errors import AudioError
 from htsep.files import create_temporary, place
+from htsep.quiet import native_stderr_muted
 
 logger = logging.getLogger(__name__)
 
@@ -586,22 +588,43 @@ def _open_soundfile(name: str) -> sf.SoundFile | None:
     """An open SoundFile whose header promises no more than the file holds, or None when
     libsndfile does not recognise the file and ffmpeg may still be worth a try."""
     try:
-        handle = sf.SoundFile(os.fsencode(name))  # bytes: names need not be UTF-8
+        with native_stderr_muted():  # libmpg123's notes on a damaged MP3
+            handle = _soundfile_for_reading(name)
     except (sf.LibsndfileError, RuntimeError) as exc:
         if _starts_like_audio(name):
-            raise AudioError(f"{name}: truncated or corrupt audio ({_reason(exc)})") from None
+            reason = _reason(exc)
+            if "not a regular file" in reason:  # libsndfile's words for an MP3 with no frame
+                reason = "no audio frames found"
+            raise AudioError(f"{name}: truncated or corrupt audio ({reason})") from None
         if _suffix(name) in SOUNDFILE_EXTENSIONS:
             raise AudioError(f"{name}: {_NOT_AUDIO}") from None
+        if _suffix(name) == ".raw":  # ffmpeg would take it for raw video
+            raise AudioError(
+                f"{name}: headerless audio: its sample rate, channels and encoding are "
+                "unknown (give it a header, e.g. as WAV)"
+            ) from None
         return None
     try:
         if handle.channels <= 0 or handle.samplerate <= 0:
             raise AudioError(f"{name}: truncated or corrupt audio (no channels or sample rate)")
         _check_complete(name, handle)
-        _check_decodable(name, handle)
+        with native_stderr_muted():
+            _check_decodable(name, handle)
     except BaseException:
         handle.close()
         raise
     return handle
+
+
+def _soundfile_for_reading(name: str) -> sf.SoundFile:
+    """libsndfile's reader of ``name``, from what the file holds. soundfile takes a ".raw" name
+    for headerless audio, whose rate, channels and encoding it would need to be told: such a
+    file is opened through a descriptor instead, which leaves the format to libsndfile's look
+    at the content (a WAV named .raw is read; headerless samples are not recognised)."""
+    if _suffix(name) != ".raw":
+        return sf.SoundFile(os.fsencode(name))  # bytes: names need not be UTF-8
+    # libsndfile closes the descriptor with the file, and also when it cannot open it.
+    return sf.SoundFile(os.open(name, os.O_RDONLY), closefd=True)
 
 
 def _check_complete(name: str, handle: sf.SoundFile) -> None:
@@ -612,6 +635,10 @@ def _check_complete(name: str, handle: sf.SoundFile) -> None:
         raise AudioError(
             f"{name}: truncated or corrupt audio (the file ends before its samples: {detail})"
         )
+    if handle.format == "OGG":
+        damage = _ogg_damage(name)
+        if damage is not None:
+            raise AudioError(f"{name}: truncated or corrupt audio ({damage})")
 
 
 def _check_decodable(name: str, handle: sf.SoundFile) -> None:
@@ -642,7 +669,11 @@ def _blocks(name: str, handle: sf.SoundFile, block_frames: int) -> Iterator[np.n
     Never seeks; never reads past an exact length (a crafted stream that decodes without end
     stops there)."""
     exact = handle.format not in _ESTIMATED_LENGTH_FORMATS
-    left = handle.frames - (handle.tell() if handle.seekable() else 0)
+    start = handle.tell() if handle.seekable() else 0
+    left = handle.frames - start
+    # An MP3 whose tag counts its frames has an exact length too, though mpg123 may be asked
+    # for more: a damaged frame in the middle is skipped without a word, and shows as fewer.
+    counted = handle.format == "MP3" and _mp3_exact_length(name)
     # soundfile seeks back to its own count of the position after each read of a seekable
     # file, which libsndfile does only roughly in MP3 (a block read then repeats or skips
     # samples), and stops at the header's length, an estimate in MP3: read as from a stream.
@@ -651,15 +682,21 @@ def _blocks(name: str, handle: sf.SoundFile, block_frames: int) -> Iterator[np.n
         while not exact or left > 0:
             count = min(block_frames, left) if exact else block_frames
             try:
-                frames = handle.read(count, dtype="float32", always_2d=True)
+                with native_stderr_muted():
+                    frames = handle.read(count, dtype="float32", always_2d=True)
             except (sf.LibsndfileError, RuntimeError) as exc:
                 raise AudioError(f"{name}: truncated or corrupt audio ({_reason(exc)})") from None
             if frames.shape[0] == 0:
-                return
+                break
             if not np.isfinite(frames).all():
                 raise AudioError(f"{name}: contains NaN or infinite samples")
             left -= frames.shape[0]
             yield frames
+        if counted and left != 0:
+            raise AudioError(
+                f"{name}: truncated or corrupt audio (its Xing/Info tag counts "
+                f"{handle.frames - start} frames, {handle.frames - start - left} decoded)"
+            )
     finally:
         handle._info.seekable = seekable
 
@@ -693,9 +730,12 @@ def _soundfile_read(name: str) -> tuple[np.ndarray, int] | None:
 
 # What libsndfile's header log says when a header promises more than the file holds:
 # "data : 80000 (should be 39979)" (WAV, AU, AIFF, SVX, W64's riff size), the RF64 frame count
-# against its ds64 chunk, a cut Ogg page, and the words of MAT4, VOC, PAF and WVE.
+# against its ds64 chunk, a cut Ogg page, and the words of MAT4, VOC, PAF and WVE. A WAV's RIFF
+# size counts too: a file that lacks only the pad byte after an odd-sized data chunk has all
+# its sample bytes, but libsndfile then decodes GSM 6.10's last block wrong.
 _LOG_SIZE = re.compile(
-    r"^\s*(data|SSND|BODY|Data Size|riff)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE
+    r"^\s*(data|SSND|BODY|Data Size|riff|RIFF)\s*:\s*(\d+)\s*\(should be (\d+)\)",
+    re.MULTILINE,
 )
 _LOG_COUNT = re.compile(
     r"Calculated frame count (\d+) does not match value from 'ds64' chunk of (\d+)"
@@ -833,9 +873,10 @@ def _whole_frames_end(header: int) -> Any:
 _MP3_SIDE_INFO = {(True, False): 32, (True, True): 17, (False, False): 17, (False, True): 9}
 
 
-def _mp3_end(file: Any, head: bytes, handle: sf.SoundFile) -> int | None:
-    """MP3 with a Xing/Info tag (LAME and libsndfile write one): the tag's byte count of the
-    stream, from the first frame on. Without one the length is an estimate from the size."""
+def _mp3_tag(file: Any, head: bytes) -> tuple[int, int | None, int | None] | None:
+    """The Xing/Info tag of an MP3 (LAME and libsndfile write one) -> (where the first frame
+    begins, the tag's frame count, its byte count of the stream from that frame on; each None
+    where the tag leaves it out), or None without a tag."""
     offset = 0
     if head[:3] == b"ID3" and len(head) >= 10:
         syncsafe = head[6:10]
@@ -851,11 +892,78 @@ def _mp3_end(file: Any, head: bytes, handle: sf.SoundFile) -> int | None:
     if frame[at : at + 4] not in (b"Xing", b"Info"):
         return None
     (flags,) = struct.unpack(">I", frame[at + 4 : at + 8])
-    if not flags & 2:
+    field = at + 8
+    frames = stream_bytes = None
+    if flags & 1:
+        (frames,) = struct.unpack(">I", frame[field : field + 4])
+        field += 4
+    if flags & 2:
+        (stream_bytes,) = struct.unpack(">I", frame[field : field + 4])
+    return offset, frames or None, stream_bytes or None
+
+
+def _mp3_end(file: Any, head: bytes, handle: sf.SoundFile) -> int | None:
+    """MP3 with a Xing/Info tag that gives the stream's bytes: where the stream ends. Without
+    one the length is an estimate from the size."""
+    tag = _mp3_tag(file, head)
+    if tag is None or tag[2] is None:
         return None
-    field = at + 8 + (4 if flags & 1 else 0)
-    (stream_bytes,) = struct.unpack(">I", frame[field : field + 4])
-    return offset + stream_bytes if stream_bytes else None
+    return tag[0] + tag[2]
+
+
+def _mp3_exact_length(name: str) -> bool:
+    """Whether libsndfile's length of this MP3 is exact: a Xing/Info tag counts its frames (and
+    mpg123 decodes exactly that many samples, the encoder's delay and padding taken off)."""
+    try:
+        with open(name, "rb") as file:
+            tag = _mp3_tag(file, file.read(1 << 16))
+    except (struct.error, ValueError, IndexError, OSError):
+        return False
+    return tag is not None and tag[1] is not None
+
+
+# Ogg pages: "OggS", version, flags, granule position, serial number, page number, checksum,
+# segment count; then the segment sizes and the segments.
+_OGG_PAGE = struct.Struct("<4sBBqIIIB")
+_BIT_REVERSED = bytes(int(f"{value:08b}"[::-1], 2) for value in range(256))
+
+
+def _ogg_crc(page: bytes) -> int:
+    """Ogg's CRC-32 (polynomial 0x04C11DB7, most significant bit first, no inversions): zlib's
+    bit-reflected CRC-32 of the same polynomial over the bytes with their bits reversed, then
+    the result's 32 bits reversed (zlib's own inversions undone by the start value and xor)."""
+    reflected = zlib.crc32(page.translate(_BIT_REVERSED), 0xFFFFFFFF) ^ 0xFFFFFFFF
+    return int(f"{reflected:032b}"[::-1], 2)
+
+
+def _ogg_damage(name: str) -> str | None:
+    """Where an Ogg file is damaged, or None: every page must follow the last, pass its
+    checksum and carry the next page number of its stream. libogg drops a page that fails
+    silently, and the decoders skip the gap, so a file damaged inside reads as a shorter one."""
+    numbers: dict[int, int] = {}
+    with open(name, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        offset = 0
+        while offset < size:
+            header = file.read(_OGG_PAGE.size)
+            if len(header) < _OGG_PAGE.size:
+                return f"a page cut short at byte {offset}"
+            capture, version, _, _, serial, number, checksum, count = _OGG_PAGE.unpack(header)
+            if capture != b"OggS" or version != 0:
+                return f"no Ogg page where one should begin, at byte {offset}"
+            table = file.read(count)
+            body = file.read(sum(table))
+            if len(table) < count or len(body) < sum(table):
+                return f"a page cut short at byte {offset}"
+            page = header[:22] + bytes(4) + header[26:] + table + body
+            if _ogg_crc(page) != checksum:
+                return f"the page at byte {offset} fails its checksum"
+            expected = numbers.get(serial)
+            if expected is not None and number != expected:
+                return f"{(number - expected) % 2**32} page(s) missing before byte {offset}"
+            numbers[serial] = (number + 1) % 2**32
+            offset += len(page)
+    return None
 
 
 def _sds_end(file: Any, head: bytes, handle: sf.SoundFile) -> int:
@@ -1011,6 +1119,11 @@ def _encoder_settings(
     raise AudioError(f"{name}: cannot write {what} (use one of: {known})")
 
 
+def _whole(value: Any) -> bool:
+    """Whether ``value`` is an integer (a bool, float or string is not)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def _mp3_settings(name: str, sample_rate: int, bitrate: int, preset: int) -> dict[str, Any]:
     if "MP3" not in sf.available_formats():
         raise AudioError(
@@ -1018,9 +1131,9 @@ def _mp3_settings(name: str, sample_rate: int, bitrate: int, preset: int) -> dic
         )
     if sample_rate not in _MP3_BITRATE_RANGES:
         raise AudioError(f"{name}: mp3 does not support {sample_rate} Hz")
-    if not 8 <= bitrate <= 320:
-        raise AudioError(f"{name}: the mp3 bitrate must be 8 to 320 kbps, not {bitrate}")
-    if preset not in _MP3_PRESETS:
+    if not _whole(bitrate) or not 8 <= bitrate <= 320:
+        raise AudioError(f"{name}: the mp3 bitrate must be 8 to 320 kbps, not {bitrate!r}")
+    if not _whole(preset) or preset not in _MP3_PRESETS:
         raise AudioError(f"{name}: the mp3 preset must be 2 (best) to 7 (fastest), not {preset}")
     low, high = _MP3_BITRATE_RANGES[sample_rate]
     kbps = min(max(bitrate, low), high)

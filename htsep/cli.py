@@ -541,7 +541,9 @@ def _spool_stdin() -> Path:
     from htsep import files
     from htsep.errors import AudioError
 
-    if sys.stdin is None or sys.stdin.isatty():
+    if sys.stdin is None:  # Python's sys.stdin when descriptor 0 was closed at start
+        raise UsageError("'-' reads audio from standard input, which is closed")
+    if sys.stdin.isatty():
         raise UsageError("'-' reads audio from standard input, which is a terminal")
     folder = tempfile.gettempdir()
     try:
@@ -678,10 +680,13 @@ def _copy_to_stdout(path: Path) -> None:
 
     try:
         files.copy_into(path, sys.stdout.buffer)
-    except BrokenPipeError:
-        # The reader went away: say so once, and keep Python from complaining at exit.
+    except OSError as exc:
+        # Say so once, and keep Python from complaining at exit about the bytes it still holds.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise HtsepError("standard output was closed before the stem was written") from None
+        if isinstance(exc, BrokenPipeError):  # the reader went away
+            raise HtsepError("standard output was closed before the stem was written") from None
+        reason = exc.strerror or type(exc).__name__
+        raise HtsepError(f"cannot write the stem to standard output: {reason}") from None
 
 
 # --- models and info -------------------------------------------------------------------------
@@ -997,6 +1002,9 @@ def demucs_style(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+    from htsep.quiet import own_stderr
+
+    own_stderr()
     try:
         app(args=demucs_style(sys.argv[1:]), prog_name="htsep")
     except KeyboardInterrupt:  # pragma: no cover - interrupted outside a command

@@ -173,9 +173,18 @@ def spool(stream: IO[bytes], target: str | os.PathLike[str]) -> Path:
 
 
 def copy_into(path: str | os.PathLike[str], stream: IO[bytes]) -> None:
-    """The bytes of the file at ``path`` written to ``stream``, then flushed."""
+    """The bytes of the file at ``path`` written to ``stream``, then flushed. A raw stream
+    (``sys.stdout.buffer`` under ``python -u`` or PYTHONUNBUFFERED) may take fewer bytes than
+    given, as a pipe whose reader left does: the rest is offered again, so that the loss shows
+    as the OSError of the next write instead of passing unseen."""
     with open(path, "rb") as handle:
-        shutil.copyfileobj(handle, stream, _COPY_BYTES)
+        while chunk := handle.read(_COPY_BYTES):
+            view = memoryview(chunk)
+            while view:
+                written = stream.write(view)
+                if written is None:  # a non-blocking stream that could take nothing now
+                    raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+                view = view[written:]
     stream.flush()
 
 

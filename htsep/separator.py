@@ -474,6 +474,8 @@ def write_stems(
         _refuse_existing(targets, keep)
     if clip_mode not in ("rescale", "clamp", "none"):
         raise UsageError(f"clip mode {clip_mode!r}: use rescale, clamp or none")
+    mp3_bitrate = _integer(mp3_bitrate, "mp3_bitrate", 8, 320)
+    mp3_preset = _integer(mp3_preset, "mp3_preset", 2, 7)
     settings: dict[str, Any] = dict(bits=bits, mp3_bitrate=mp3_bitrate, mp3_preset=mp3_preset)
     track = separator.stream_file(
         path,
@@ -879,7 +881,11 @@ def _as_audio_tensor(audio: Any, max_frames: int | None = None) -> torch.Tensor:
     if isinstance(audio, np.ndarray):
         if audio.dtype.kind not in "biufc" or audio.dtype.byteorder not in "=|<>":
             raise AudioError(f"cannot separate an array of {audio.dtype}")
+        if audio.dtype.kind in "bc":
+            raise AudioError(f"cannot separate {audio.dtype} samples (real numbers expected)")
         _check_frames(audio.shape, max_frames)
+        if audio.dtype.kind == "f" and audio.dtype.itemsize > 8:  # long double: torch has none
+            audio = audio.astype(np.float64)
         audio = torch.from_numpy(np.ascontiguousarray(audio.astype(audio.dtype.newbyteorder("="))))
     if not isinstance(audio, torch.Tensor):
         raise AudioError(

@@ -901,3 +901,119 @@ def test_full_tmpfs_is_named(tmp_path):
         assert os.listdir(disk) == []
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+# Damage inside compressed streams, pad bytes, headerless names ---------------------------------
+
+
+def _bitwise_ogg_crc(data: bytes) -> int:
+    """Ogg's CRC-32 the slow way: polynomial 0x04C11DB7, most significant bit first, no
+    inversions (the Ogg specification's definition)."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 24
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x04C11DB7 if crc & 0x80000000 else crc << 1) & 0xFFFFFFFF
+    return crc
+
+
+def test_ogg_checksum_is_the_specifications():
+    rng = np.random.default_rng(3)
+    for size in (0, 1, 27, 255, 1000):
+        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        assert audio._ogg_crc(data) == _bitwise_ogg_crc(data)
+
+
+def _damaged(path: Path, at: float, size: int, seed: int) -> Path:
+    data = bytearray(path.read_bytes())
+    start = int(len(data) * at)
+    data[start : start + size] = np.random.default_rng(seed).bytes(size)
+    out = path.with_name(f"damaged-{path.name}")
+    out.write_bytes(bytes(data))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("fmt", "subtype", "rate", "channels"),
+    [
+        ("OGG", "VORBIS", 44100, 2),
+        ("OGG", "VORBIS", 8000, 1),
+        ("OGG", "OPUS", 48000, 1),
+        ("OGG", "FLAC", 22050, 2),
+        ("MP3", "MPEG_LAYER_III", 44100, 2),
+        ("MP3", "MPEG_LAYER_III", 22050, 2),
+        ("MP3", "MPEG_LAYER_III", 8000, 1),
+    ],
+)
+def test_damage_inside_ogg_and_tagged_mp3_is_refused(tmp_path, fmt, subtype, rate, channels):
+    """Bytes overwritten in the middle: libogg drops the page and libmpg123 the frames without a
+    word, so these read as shorter files (a third of a second gone from a 3-s Vorbis file).
+    Ogg pages carry checksums and page numbers; an MP3 whose Xing/Info tag counts its frames
+    has an exact length. Whole files read as before."""
+    if subtype not in sf.available_subtypes(fmt):
+        pytest.skip(f"libsndfile cannot write {fmt} {subtype} here")
+    path = tmp_path / f"clip.{'ogg' if fmt == 'OGG' else 'mp3'}"
+    signal = np.random.default_rng(0).standard_normal((3 * rate + 17, channels)) * 0.1
+    sf.write(path, signal, rate, format=fmt, subtype=subtype)
+    whole, _ = read_audio(path)
+    assert whole.shape == (channels, 3 * rate + 17)
+    damaged = _damaged(path, 1 / 3, 400, seed=1)
+    for function in (read_audio, _reader_whole):
+        with pytest.raises(AudioError) as excinfo:
+            function(damaged)
+        assert_audio_error(excinfo, damaged, "truncated or corrupt audio")
+    if fmt == "OGG":  # the pages are checked when the file is opened
+        with pytest.raises(AudioError):
+            audio_info(damaged)
+
+
+def test_mp3_without_a_frame_count_is_read_as_far_as_it_goes(tmp_path):
+    """Without a Xing/Info tag an MP3's length is libsndfile's estimate from its size: fewer
+    frames than estimated is no proof of damage."""
+    path = tmp_path / "clip.mp3"
+    sf.write(path, np.zeros((8000, 1)), 8000, format="MP3")
+    data = bytearray(path.read_bytes())
+    at = 4 + 9  # MPEG-2.5 mono: the tag follows 9 bytes of side information
+    assert data[at : at + 4] in (b"Xing", b"Info")
+    data[at : at + 4] = b"None"  # no tag: the first frame is an ordinary (silent) frame
+    path.write_bytes(bytes(data))
+    assert not audio._mp3_exact_length(str(path))
+    got, rate = read_audio(path)
+    assert rate == 8000 and got.shape[0] == 1 and got.shape[1] > 0
+
+
+def test_a_wav_missing_the_pad_byte_after_odd_data_is_refused(tmp_path):
+    """A GSM 6.10 WAV of 69 blocks has 4485 bytes of data and a pad byte. Without the pad byte
+    libsndfile still opens it, and decodes the last block wrong."""
+    path = tmp_path / "gsm.wav"
+    sf.write(path, 0.5 * np.sin(np.arange(22051) / 10), 44100, subtype="GSM610")
+    data = path.read_bytes()
+    read_audio(path)
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(data[:-1])
+    wrong, _ = sf.read(cut)  # what libsndfile alone makes of it
+    assert np.abs(wrong - sf.read(path)[0]).max() > 0.1
+    for function in (read_audio, audio_info, _reader_whole):
+        with pytest.raises(AudioError) as excinfo:
+            function(cut)
+        assert_audio_error(excinfo, cut, "riff size")
+
+
+def test_raw_names_are_read_by_their_content(tmp_path):
+    """soundfile takes a .raw name for headerless samples and asks for their rate: a WAV named
+    .raw is read as the WAV, headerless bytes are refused in one line (never a TypeError)."""
+    x = noise(2, 3000, scale=0.5)
+    wav = tmp_path / "a.wav"
+    write_audio(wav, x, RATE, bits=32)
+    for name in ("a.raw", "b.RAW"):
+        named = tmp_path / name
+        shutil.copy(wav, named)
+        got, rate = read_audio(named)
+        assert rate == RATE and torch.equal(got, x)
+        assert audio_info(named).channels == 2
+    junk = tmp_path / "junk.raw"
+    junk.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, np.uint8).tobytes())
+    for function in (read_audio, audio_info, _reader_whole):
+        with pytest.raises(AudioError) as excinfo:
+            function(junk)
+        assert_audio_error(excinfo, junk, "headerless audio")

@@ -584,3 +584,36 @@ def test_a_full_disk_names_the_stem_and_leaves_nothing(tmp_path, repo):
     assert "File too large" in errors[0] and ".htsep-" not in errors[0]
     assert str(out / "aaaa0001" / "song") in errors[0]
     assert [p for p in out.rglob("*") if p.is_file() or p.name.startswith(".")] == []
+
+
+def test_damaged_mp3s_give_one_line_each_from_the_real_command(tmp_path, repo):
+    """libmpg123 writes its own notes on stderr ("Note: Illegal Audio-MPEG-Header", "Trying to
+    resync", "Hit end of (available) data", ID3 warnings) while libsndfile reads a damaged MP3:
+    the command keeps them off, so each bad file is one line, then the summary."""
+    clip = tmp_path / "clip.mp3"
+    sf.write(clip, np.random.default_rng(0).standard_normal((3 * RATE, 2)) * 0.1, RATE)
+    data = clip.read_bytes()
+    damaged = bytearray(data)
+    damaged[len(data) // 3 : len(data) // 3 + 400] = np.random.default_rng(1).bytes(400)
+    bad = {
+        "text.mp3": b"not audio\n" * 50,
+        "id3-only.mp3": b"ID3\x03\x00\x00\x00\x00\x00\x00",
+        "cut.mp3": data[: len(data) // 2],
+        "damaged.mp3": bytes(damaged),
+    }
+    for name, content in bad.items():
+        (tmp_path / name).write_bytes(content)
+    done = subprocess.run(
+        [sys.executable, "-m", "htsep", "--repo", str(repo), *MODEL, "-o", str(tmp_path / "out")]
+        + [str(tmp_path / name) for name in bad]
+        + [str(clip)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert len(lines) == len(bad) + 1, done.stderr
+    for line, name in zip(lines, bad, strict=False):
+        assert line.startswith(f"htsep: error: {tmp_path / name}: "), done.stderr
+    assert lines[-1].startswith("htsep: 1 separated, 0 skipped, 4 failed")

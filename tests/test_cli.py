@@ -1,3 +1,4 @@
+import os
 import re
 import subprocess
 import sys
@@ -389,3 +390,92 @@ def test_click_usage_errors_are_one_line_exit_2(args, line):
     assert result.exit_code == 2
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"htsep: error: {line}")
+
+
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_a_reader_that_leaves_early_is_an_error_even_unbuffered(tmp_path, repo, unbuffered):
+    """`-o - | head -c 10`: under PYTHONUNBUFFERED stdout is a raw stream whose short write (what
+    the pipe held when its reader left) was taken for the whole stem, and the run exited 0."""
+    from helpers import write_clip
+
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 3.0)  # a float32 stem of 192 kB: more than a pipe holds
+    env = {**os.environ, "PYTHONUNBUFFERED": unbuffered}
+    common = ["--repo", str(repo), "-n", "aaaa0001", "-q", "--stems", "vocals", "--float32"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "htsep", str(clip), *common, "-o", "-"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    assert len(os.read(process.stdout.fileno(), 10)) > 0
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=300) == 1
+    assert stderr == "htsep: error: standard output was closed before the stem was written\n"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_a_full_standard_output_is_one_line(tmp_path, repo, unbuffered):
+    from helpers import write_clip
+
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 0.5)
+    common = ["--repo", str(repo), "-n", "aaaa0001", "-q", "--stems", "vocals"]
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "htsep", str(clip), *common, "-o", "-"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": unbuffered},
+            text=True,
+            timeout=300,
+        )
+    assert done.returncode == 1
+    assert done.stderr == (
+        "htsep: error: cannot write the stem to standard output: No space left on device\n"
+    )
+
+
+def test_a_closed_standard_input_is_named_closed(tmp_path, repo):
+    done = subprocess.run(
+        [sys.executable, "-m", "htsep", "-", "--repo", str(repo), "-n", "aaaa0001", "-q"]
+        + ["-o", str(tmp_path / "out")],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: os.close(0),
+    )
+    assert done.returncode == 2
+    assert done.stderr == "htsep: error: '-' reads audio from standard input, which is closed\n"
+
+
+def test_native_messages_are_muted_and_ours_are_not():
+    """After own_stderr, a muted section drops what is written on descriptor 2 itself (as C
+    libraries write), from any thread, while sys.stderr (all of htsep's lines) still reaches
+    the terminal; descriptor 2 is back when the last section ends. A library caller who never
+    called own_stderr keeps its descriptors as they are."""
+    program = "\n".join([
+        "import os, sys, threading",
+        "from htsep.quiet import native_stderr_muted, own_stderr",
+        "with native_stderr_muted():",
+        "    os.write(2, b'before own_stderr\\n')",
+        "own_stderr()",
+        "with native_stderr_muted():",
+        "    os.write(2, b'native\\n')",
+        "    with native_stderr_muted():",
+        "        os.write(2, b'nested\\n')",
+        "    thread = threading.Thread(target=lambda: print('from a thread', file=sys.stderr))",
+        "    thread.start(); thread.join()",
+        "    os.write(2, b'still muted\\n')",
+        "    print('ours', file=sys.stderr)",
+        "os.write(2, b'after\\n')",
+    ])  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "before own_stderr\nfrom a thread\nours\nafter\n"

@@ -150,6 +150,9 @@ def test_numpy_and_integer_samples(vocals_only):
     [
         (torch.zeros(2, 800, dtype=torch.complex64), 8000, AudioError, "complex"),
         (torch.zeros(2, 800, dtype=torch.bool), 8000, AudioError, "bool"),
+        (np.zeros((2, 800), np.clongdouble), 8000, AudioError, "complex"),
+        (np.zeros((2, 800), np.complex64), 8000, AudioError, "complex"),
+        (np.zeros((2, 800), bool), 8000, AudioError, "bool"),
         (torch.zeros(800), 8000, AudioError, "(channels, time)"),
         (torch.zeros(800, 2), 8000, AudioError, "more than 64 channels"),
         ([[0.0] * 800] * 2, 8000, AudioError, "list"),
@@ -171,6 +174,14 @@ def test_bad_tensors_and_rates(vocals_only, audio, rate, error, phrase):
     with pytest.raises(error, match=None) as caught:
         vocals_only.separate_tensor(audio, rate)
     assert phrase in str(caught.value)
+
+
+def test_long_double_samples_are_taken_as_float64(vocals_only):
+    """numpy's long double (80-bit on x86) has no torch type: its samples go through float64
+    rather than failing in torch.from_numpy."""
+    mix = _mix(seconds=0.6).double().numpy()
+    got = vocals_only.separate_tensor(mix.astype(np.longdouble), 8000)["vocals"]
+    assert torch.equal(got, vocals_only.separate_tensor(mix, 8000)["vocals"])
 
 
 def test_unsigned_samples_are_centred_as_audio_stores_them(vocals_only):
@@ -203,6 +214,22 @@ def test_unsigned_samples_are_centred_as_audio_stores_them(vocals_only):
             "overwrite",
         ),
         (lambda s, clip, tmp: s.separate_file_to(clip, {"vocals": clip}, overwrite=True), "input"),
+        (
+            lambda s, clip, tmp: s.separate_file_to(
+                clip, {"vocals": tmp / "v.mp3"}, mp3_bitrate="320"
+            ),
+            "mp3_bitrate must be an integer",
+        ),
+        (
+            lambda s, clip, tmp: s.separate_file_to(
+                clip, {"vocals": tmp / "v.mp3"}, mp3_bitrate=128.5
+            ),
+            "mp3_bitrate must be an integer",
+        ),
+        (
+            lambda s, clip, tmp: s.separate_file_to(clip, {"vocals": tmp / "v.mp3"}, mp3_preset=9),
+            "mp3_preset must be in 2..7",
+        ),
         (
             lambda s, clip, tmp: s.separate_file_to(
                 clip, {"vocals": tmp / "link.wav"}, overwrite=True
