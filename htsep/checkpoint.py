@@ -19,6 +19,7 @@ import pickle
 import re
 import stat
 import struct
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from fractions import Fraction
@@ -70,11 +71,36 @@ _DEMUCS_CLASSES = {
 
 
 def _numpy_scalar_globals() -> list[Any]:
-    """What numpy scalars in a ``metrics`` entry pickle as: reconstructing them runs no code."""
+    """What numpy scalars in a ``metrics`` entry pickle as: ``numpy.dtype(code, ...)``, its
+    state, then ``scalar(dtype, bytes)``. Both are taken through guards: numpy would build any
+    dtype (a ('f8', (10000, 10000)) subarray, a 2-GB void) and ``scalar`` allocate it whole, so
+    a 1-kB file could ask for gigabytes before any check of its contents."""
+    guarded: list[Any] = [(_pickled_dtype, "numpy.dtype")]
+    guarded += [(_pickled_scalar, f"{module}.multiarray.scalar") for module in _NUMPY_CORES]
+    return guarded + [type(np.dtype(kind)) for kind in ("f2", "f4", "f8", "i4", "i8", "u1", "?")]
+
+
+_NUMPY_CORES = ("numpy._core", "numpy.core")  # numpy 2 and numpy 1 name the module so
+# A numeric dtype's code: "f8", "<i4", "?", "b1", "u1", "c16", ...
+_NUMPY_CODE = re.compile(r"[<>|=]?(\?|[biufc]\d{1,2})")
+
+
+def _pickled_dtype(code: Any, align: Any = False, copy: Any = False) -> np.dtype:
+    """``numpy.dtype(code, align, copy)`` for a plain numeric type code only."""
+    if type(code) is not str or not _NUMPY_CODE.fullmatch(code):
+        raise _UnsafeValue(f"a numpy dtype of {show(code)} (only plain numeric types are accepted)")
+    return np.dtype(code, bool(align), bool(copy))
+
+
+def _pickled_scalar(dtype: Any, data: Any = None) -> Any:
+    """numpy's scalar reconstruction, for a numeric dtype of at most 16 bytes given its bytes."""
     core = getattr(np, "_core", None) or np.core
-    names: list[Any] = [core.multiarray.scalar, np.dtype]
-    names += [type(np.dtype(kind)) for kind in ("f2", "f4", "f8", "i4", "i8", "u1", "?")]
-    return names
+    numeric = isinstance(dtype, np.dtype) and dtype.kind in "biufc" and dtype.subdtype is None
+    if not (numeric and dtype.fields is None and dtype.itemsize <= 16):
+        raise _UnsafeValue(f"a numpy scalar of {show(dtype)} (only plain numbers are accepted)")
+    if type(data) is not bytes or len(data) != dtype.itemsize:
+        raise _UnsafeValue(f"a numpy scalar of {dtype} without its {dtype.itemsize} bytes")
+    return core.multiarray.scalar(dtype, data)
 
 
 class _UnsafeValue(Exception):
@@ -226,9 +252,33 @@ def _is_safetensors(head: bytes) -> bool:
     return len(head) >= 9 and head[8:9] == b"{"
 
 
-def _read_torch_package(path: Path) -> tuple[HTDemucsConfig, dict[str, torch.Tensor], Callable]:
+def _inflated_size(path: Path) -> int | None:
+    """The bytes a torch zip checkpoint's records take once read, where they are more than
+    twice the file's own size (torch.save stores records uncompressed; a compressed one is
+    inflated whole whatever its size, so a 1-MB file of zeros could take gigabytes), else None."""
     try:
-        with torch.serialization.safe_globals(_allowed_globals()):
+        size = path.stat().st_size
+        if not zipfile.is_zipfile(path):
+            return None
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error):
+        return None  # torch.load will name the damage
+    return declared if declared > 2 * size + (1 << 20) else None
+
+
+def _read_torch_package(path: Path) -> tuple[HTDemucsConfig, dict[str, torch.Tensor], Callable]:
+    inflated = _inflated_size(path)
+    if inflated is not None:
+        raise CheckpointError(
+            f"{path}: refusing to load: its compressed records would take {inflated} bytes "
+            f"from a file of {path.stat().st_size} (torch.save writes them uncompressed)"
+        )
+    try:
+        # Warnings torch gives about a file's contents (a sparse tensor's invariants, ...) would
+        # reach the terminal before htsep's one line about it.
+        with torch.serialization.safe_globals(_allowed_globals()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             package = torch.load(path, map_location="cpu", weights_only=True)
     except _UnsafeValue as exc:
         raise CheckpointError(f"{path}: refusing to load: the file holds {exc}") from None
@@ -478,7 +528,13 @@ def _fit_state(
     ours = model.state_dict()
     renamed: dict[str, tuple[str, Any]] = {}
     for key, value in state.items():
-        renamed[translate(key)] = (key, value)
+        new = translate(key)
+        if new in renamed:  # demucs's name and ours for one tensor: which one is meant?
+            first = renamed[new][0]
+            raise CheckpointError(
+                f"{path}: tensors {_label(first)} and {_label(key)} are both {_label(new)}"
+            )
+        renamed[new] = (key, value)
     missing = sorted(set(ours) - set(renamed))
     unexpected = sorted(original for new, (original, _) in renamed.items() if new not in ours)
     wrong = []

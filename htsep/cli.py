@@ -235,25 +235,27 @@ def _reported_errors(
     A failed download of ``model`` gets the advice that fits ``command``. On any failure the
     temporaries and staging folders the command left are removed (``files.remove_unfinished``)
     before the exit: an interruption can land between a file's creation and the code that
-    would have removed it."""
-    try:
+    would have removed it. SIGTERM counts as Ctrl-C throughout (``signals_as_interrupts``), in
+    every command: a download stopped by ``kill`` leaves no ``.part`` file either."""
+    with signals_as_interrupts():
         try:
-            yield
-        except BaseException:
-            from htsep import files
+            try:
+                yield
+            except BaseException:
+                from htsep import files
 
-            files.remove_unfinished()
-            raise
-    except (UsageError, ModelNotFoundError) as exc:
-        _error(str(exc))
-        raise typer.Exit(USAGE_EXIT) from None
-    except HtsepError as exc:
-        _error(_message(exc, command, model))
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt as exc:
-        terminated = isinstance(exc, Terminated)
-        _error(f"terminated: {interrupted}" if terminated else interrupted)
-        raise typer.Exit(143 if terminated else 130) from None
+                files.remove_unfinished()
+                raise
+        except (UsageError, ModelNotFoundError) as exc:
+            _error(str(exc))
+            raise typer.Exit(USAGE_EXIT) from None
+        except HtsepError as exc:
+            _error(_message(exc, command, model))
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt as exc:
+            terminated = isinstance(exc, Terminated)
+            _error(f"terminated: {interrupted}" if terminated else interrupted)
+            raise typer.Exit(143 if terminated else 130) from None
 
 
 def _print_version(value: bool) -> None:
@@ -404,11 +406,8 @@ def separate(
     """
     given = _given_options(ctx)
     options = {key: value for key, value in locals().items() if key not in ("ctx", "given")}
-    with (
-        signals_as_interrupts(),
-        _reported_errors(
-            "interrupted (finished stems are complete; none is half-written)", "separate", name
-        ),
+    with _reported_errors(
+        "interrupted (finished stems are complete; none is half-written)", "separate", name
     ):
         code = _separate(**options, given=given)
     raise typer.Exit(code)
@@ -737,21 +736,18 @@ def models_download(
     from htsep import zoo
 
     failed = False
-    for name in names:
-        try:
-            spec = zoo.find_model(name)
-        except ModelNotFoundError as exc:
-            _error(str(exc))
-            raise typer.Exit(USAGE_EXIT) from None
-        for member in spec.members:
-            try:
-                path = zoo.fetch(member, progress=not quiet)
-            except HtsepError as exc:
-                _error(_message(exc, "models", name))
-                failed = True
-                continue
-            if not quiet:
-                typer.echo(f"{name}: {member.signature} -> {path}", err=True)
+    with _reported_errors("interrupted (nothing half-downloaded is left)", "models"):
+        for name in names:
+            spec = zoo.find_model(name)  # an unknown name: a usage error, before any download
+            for member in spec.members:
+                try:
+                    path = zoo.fetch(member, progress=not quiet)
+                except HtsepError as exc:
+                    _error(_message(exc, "models", name))
+                    failed = True
+                    continue
+                if not quiet:
+                    typer.echo(f"{name}: {member.signature} -> {path}", err=True)
     raise typer.Exit(1 if failed else 0)
 
 

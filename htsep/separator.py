@@ -189,6 +189,14 @@ class Bag:
         self.members = [(self.model(index), row) for index, row in zip(running, plan, strict=True)]
         first = self.members[0][0]
         self.sample_rate, self.audio_channels = first.sample_rate, first.audio_channels
+        for index, (model, _) in zip(running, self.members, strict=True):
+            # One input feeds every member: demucs refuses such bags too.
+            if (model.sample_rate, model.audio_channels) != (self.sample_rate, self.audio_channels):
+                raise UsageError(
+                    f"model {self.name}: member {self.spec.members[index].signature} takes "
+                    f"{_layout(model)} audio, member {self.spec.members[running[0]].signature} "
+                    f"{_layout(first)}"
+                )
         self.segment = min(model.segment for model, _ in self.members)
 
     def model(self, index: int) -> HTDemucs:
@@ -870,6 +878,10 @@ class StreamedTrack:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _layout(model: HTDemucs) -> str:
+    return f"{model.sample_rate} Hz {model.audio_channels}-channel"
 
 
 def _as_audio_tensor(audio: Any, max_frames: int | None = None) -> torch.Tensor:

@@ -722,6 +722,12 @@ def _download(url: str, final: Path, checksum: str | None, *, progress: bool) ->
     return final
 
 
+# The most a download may take: the published checkpoints are 80-170 MB each, and the SHA-256
+# check at the end would refuse anything else, but only after it had filled the disk.
+MAX_DOWNLOAD_BYTES = 1 << 30
+_TOO_BIG = f"over the {MAX_DOWNLOAD_BYTES >> 20} MiB any checkpoint of the registry takes"
+
+
 def _stream(url: str, out: IO[bytes], label: str, *, progress: bool) -> str:
     """Copy ``url`` into ``out``; return the SHA-256 of what was received."""
     digest = hashlib.sha256()
@@ -730,8 +736,10 @@ def _stream(url: str, out: IO[bytes], label: str, *, progress: bool) -> str:
     logger.info("downloading %s", url)
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_SECONDS) as response:
-            length = response.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
+            length = (response.headers.get("Content-Length") or "").strip()
+            total = int(length) if length.isascii() and length.isdigit() else None
+            if total is not None and total > MAX_DOWNLOAD_BYTES:
+                raise _failed(url, f"the server offers {total} bytes, {_TOO_BIG}", label)
             with tqdm(
                 total=total,
                 unit="B",
@@ -746,6 +754,10 @@ def _stream(url: str, out: IO[bytes], label: str, *, progress: bool) -> str:
                     out.write(block)
                     received += len(block)
                     bar.update(len(block))
+                    if received > MAX_DOWNLOAD_BYTES:  # a server that sends without end
+                        raise _failed(
+                            url, f"more than {MAX_DOWNLOAD_BYTES} bytes, {_TOO_BIG}", label
+                        )
     except urllib.error.HTTPError as exc:
         raise _failed(url, f"HTTP {exc.code} {exc.reason}", label) from exc
     except urllib.error.URLError as exc:

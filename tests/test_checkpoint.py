@@ -5,9 +5,11 @@ import os
 import shutil
 import threading
 import time
+import zipfile
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from demucs.hdemucs import HDemucs as ReferenceHDemucs
@@ -307,6 +309,8 @@ BAD_NAMES = [
     ("del\x7f", "control"),
     ("\u202eevil", "control or invisible"),
     ("x" * 101, "longer than 100"),
+    ("\U0001d11e" * 26, "longer than 100 bytes"),  # 26 characters, 104 bytes
+    ("Drums", "appears twice"),
     (5, "is a int, not a string"),
     (None, "is a NoneType, not a string"),
     (["nested"], "not a string"),
@@ -632,3 +636,81 @@ def test_cli_refuses_a_checkpoint_whose_sources_are_paths(tmp_path, package, sou
     assert "Traceback" not in result.output
     assert sorted(tmp_path.rglob("*")) == before  # nothing written anywhere
     assert not victim.with_suffix(".wav").exists()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_source_names_equal_under_unicode_normalisation_are_one_name(
+    tmp_path, package, small_checkpoint, own_file, fmt
+):
+    """ "café" as one code point and as e + combining accent are two names on Linux, one on
+    macOS: refused as a duplicate everywhere."""
+    sources = ["caf\u00e9", "cafe\u0301", "other", "vocals"]
+    path = _crafted(fmt, tmp_path, package, small_checkpoint[1], own_file, sources=sources)
+    _refused(path, "source name", "appears twice")
+
+
+class _SubarrayDtype:
+    def __reduce__(self):
+        return (np.dtype, (("f8", (4000, 4000)),))  # 128 MB per scalar
+
+
+class _VoidDtype:
+    def __reduce__(self):
+        return (np.dtype, ("V100000000",))
+
+
+class _ScalarOf:
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def __reduce__(self):
+        core = getattr(np, "_core", None) or np.core
+        return (core.multiarray.scalar, (self.dtype,))
+
+
+@pytest.mark.parametrize("dtype", [_SubarrayDtype(), _VoidDtype()])
+def test_numpy_scalars_of_huge_dtypes_are_refused_before_allocation(tmp_path, package, dtype):
+    """A 1-kB pickle could make numpy build a dtype of any size and ``scalar`` allocate it:
+    only plain numeric dtypes are built, and a scalar takes exactly its bytes."""
+    path = _write({**package, "metrics": {"bomb": [_ScalarOf(dtype)] * 8}}, tmp_path / "b.th")
+    started = time.monotonic()
+    _refused(path, "refusing to load", "numpy dtype")
+    assert time.monotonic() - started < 10
+
+
+def test_numpy_scalars_need_their_own_bytes(tmp_path, package):
+    path = _write({**package, "metrics": {"x": _ScalarOf(np.dtype("f8"))}}, tmp_path / "s.th")
+    _refused(path, "refusing to load", "numpy scalar of float64 without its 8 bytes")
+
+
+def _rezipped(source: Path, target: Path) -> Path:
+    """``source``'s records written again, deflated."""
+    with (
+        zipfile.ZipFile(source) as given,
+        zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as out,
+    ):
+        for info in given.infolist():
+            out.writestr(info.filename, given.read(info.filename))
+    return target
+
+
+def test_compressed_records_that_would_inflate_far_are_refused(tmp_path, package):
+    """torch.save stores its records as they are; a record deflated in a re-zipped file is
+    inflated whole by torch.load, so 1 MB of file could take a gigabyte. Refused from the
+    sizes in the zip's directory, before any record is read."""
+    zeros = {**package, "metrics": torch.zeros(64 << 20, dtype=torch.uint8)}
+    zipped = _rezipped(_write(zeros, tmp_path / "p.th"), tmp_path / "zipped.th")
+    assert zipped.stat().st_size < 1 << 20
+    message = _refused(zipped, "refusing to load", "compressed records")
+    assert f"from a file of {zipped.stat().st_size}" in message
+    # The same re-zipping of a checkpoint whose records hold what they say still loads.
+    small = _rezipped(_write(package, tmp_path / "q.th"), tmp_path / "small.th")
+    assert htsep.load_model(small).sources == ["drums", "bass", "other", "vocals"]
+
+
+def test_two_names_for_one_tensor_are_refused(tmp_path, package):
+    """demucs's name and htsep's for one parameter in one state: the later one won silently."""
+    state = dict(package["state"])
+    state["freq_encoders.0.conv.weight"] = torch.full_like(state["encoder.0.conv.weight"], 7.0)
+    path = _write({**package, "state": state}, tmp_path / "twice.th")
+    _refused(path, "encoder.0.conv.weight", "freq_encoders.0.conv.weight", "are both")

@@ -81,6 +81,7 @@ class Server:
     barrier: threading.Barrier | None = None  # holds responses until this many requests arrived
     stall: threading.Event | None = None  # when set, full bodies pause halfway until it fires
     halfway: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
+    length: str | None = None  # the Content-Length to announce ("": none) instead of the size
 
 
 @pytest.fixture
@@ -100,7 +101,8 @@ def server(tmp_path: Path) -> Iterator[Server]:
             body = path.read_bytes()
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(len(body)))
+            if state.length != "":
+                self.send_header("Content-Length", state.length or str(len(body)))
             self.end_headers()
             if path.name in state.truncate:
                 self.wfile.write(body[: len(body) // 2])
@@ -786,3 +788,83 @@ def test_trained_runs_name_their_outputs_after_the_run_folder(tmp_path: Path) ->
     # A model.safetensors that is not an htsep run's export keeps its file name.
     (tmp_path / "model.safetensors").write_bytes(shipped.read_bytes())
     assert find_model(str(tmp_path / "model.safetensors")).name == "model"
+
+
+def test_a_content_length_of_other_digits_is_no_length(mirror: Server, served: Served) -> None:
+    """str.isdigit takes "²" for a digit, and int() then failed: reported as a bad URL."""
+    shutil.copy(served.path, mirror.root / served.path.name)
+    mirror.length = "\u00b2"
+    assert sha256(fetch(served.member, progress=False)) == sha256(served.path)
+
+
+@pytest.mark.parametrize("length", [None, ""])
+def test_a_download_larger_than_any_checkpoint_stops(
+    mirror: Server, served: Served, monkeypatch: pytest.MonkeyPatch, length: str | None
+) -> None:
+    """Announced (refused before the body) or not (stopped once past the limit): a server
+    sending without end no longer fills the disk before the checksum would refuse it."""
+    shutil.copy(served.path, mirror.root / served.path.name)
+    monkeypatch.setattr(zoo, "MAX_DOWNLOAD_BYTES", 1000)
+    mirror.length = length
+    with pytest.raises(DownloadError) as caught:
+        fetch(served.member, progress=False)
+    size = served.path.stat().st_size
+    announced = f"the server offers {size} bytes" if length is None else "more than 1000 bytes"
+    assert announced in str(caught.value) and "\n" not in str(caught.value)
+    assert cache_leftovers(zoo.cache_dir()) == []
+
+
+@pytest.mark.parametrize("command", [["models", "download", "-q"], ["info"]])
+def test_sigterm_during_a_download_leaves_no_partial_file(
+    mirror: Server, served: Served, command: list[str]
+) -> None:
+    """Only `separate` took SIGTERM as Ctrl-C: `models download` and `info` died at once and
+    left their .part file behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    member = find_model("htdemucs").members[0]
+    assert member.url is not None
+    name = member.url.rsplit("/", 1)[1]
+    shutil.copy(served.path, mirror.root / name)  # any bytes: the checksum is never reached
+    mirror.stall = threading.Event()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "htsep", *command, "htdemucs"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    cache = zoo.cache_dir()
+    try:
+        assert mirror.halfway.acquire(timeout=60)
+        deadline = time.monotonic() + 30
+        while not (cache.is_dir() and any(n.endswith(".part") for n in os.listdir(cache))):
+            assert time.monotonic() < deadline, "no partial download appeared"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        mirror.stall.set()
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, stderr
+    assert len(stderr.splitlines()) == 1 and stderr.startswith("htsep: error: terminated"), stderr
+    assert cache_leftovers(cache) == []
+
+
+@pytest.mark.parametrize(("option", "value"), [("samplerate", 16000), ("audio_channels", 1)])
+def test_bag_members_must_take_the_same_audio(tmp_path: Path, option: str, value: int) -> None:
+    """One input feeds every member: a 16-kHz member was fed 8-kHz audio without a word, and
+    a mono one failed with a traceback."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    reference.write_th(reference.build(reference.SOURCES_4, reference.SMALL, seed=1), repo, "base")
+    other = reference.build(reference.SOURCES_4, {**reference.SMALL, option: value}, seed=2)
+    reference.write_th(other, repo, "odd")
+    (repo / "bag.yaml").write_text("models: [base, odd]\n")
+    with pytest.raises(htsep.HtsepError) as caught:
+        htsep.Separator("bag", repo=repo)
+    message = str(caught.value)
+    assert "member odd takes" in message and "member base" in message and "\n" not in message

@@ -283,8 +283,9 @@ def name_problem(name: Any, max_length: int = MAX_NAME_LENGTH) -> str | None:
         return f"is a {type(name).__name__}, not a string"
     if not name:
         return "is empty"
-    if len(name) > max_length:
-        return f"is longer than {max_length} characters"
+    if len(name.encode("utf-8", "surrogatepass")) > max_length:
+        # File systems count bytes: 100 four-byte characters were 400, past ext4's 255.
+        return f"is longer than {max_length} bytes in UTF-8"
     if "/" in name or "\\" in name:
         return "contains a path separator"
     if name.startswith("."):
@@ -304,7 +305,8 @@ def name_problem(name: Any, max_length: int = MAX_NAME_LENGTH) -> str | None:
 
 def check_sources(sources: Any) -> tuple[str, ...]:
     """The source names as a tuple: 1 to 64 plain names (see ``name_problem``), unique even
-    where case does not count (macOS, Windows). They become file names."""
+    where case or Unicode normalisation does not count (macOS, Windows). They become file
+    names."""
     if isinstance(sources, (str, bytes)) or not isinstance(sources, (list, tuple)):
         raise CheckpointError(f"option sources={show(sources)} must be a list of names")
     if not 1 <= len(sources) <= MAX_SOURCES:
@@ -314,9 +316,12 @@ def check_sources(sources: Any) -> tuple[str, ...]:
         problem = name_problem(name)
         if problem is not None:
             raise CheckpointError(f"source name {show(name)} (sources[{index}]) {problem}")
-        if name.casefold() in seen:
+        # "é" as one code point or as e + combining accent: one name where the file system
+        # normalises (macOS), as are names differing in case.
+        key = unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).casefold())
+        if key in seen:
             raise CheckpointError(f"source name {show(name)} appears twice in the sources")
-        seen.add(name.casefold())
+        seen.add(key)
     return tuple(sources)
 
 
