@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -65,6 +66,8 @@ def _one_line_usage_errors(parse: Any, ctx: ClickContext, args: list[str]) -> li
     except _OneLineUsageError:
         raise
     except ClickUsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `htsep` alone: the help, as it is
+            raise
         raise _OneLineUsageError(exc.format_message(), exc.ctx) from None
 
 
@@ -74,6 +77,15 @@ class _Group(TyperGroup):
 
     def resolve_command(self, ctx: ClickContext, args: list[str]) -> Any:
         return _one_line_usage_errors(super().resolve_command, ctx, args)
+
+    def invoke(self, ctx: ClickContext) -> Any:
+        # `htsep -v` alone: click's "Missing command." comes from here, in three lines.
+        try:
+            return super().invoke(ctx)
+        except _OneLineUsageError:
+            raise
+        except ClickUsageError as exc:
+            raise _OneLineUsageError(exc.format_message(), exc.ctx) from None
 
 
 class _Command(TyperCommand):
@@ -432,6 +444,9 @@ def _check_options(opts: dict[str, Any], given: set[str]) -> tuple[OutputSetting
         raise UsageError("-o - writes the stem to standard output, where --json would write too")
     if opts["inputs"].count("-") > 1:
         raise UsageError("'-' (standard input) can be given only once")
+    if sys.stdout is None and (opts["out"] == "-" or opts["json_lines"]):
+        what = "-o -" if opts["out"] == "-" else "--json"
+        raise UsageError(f"{what} writes to standard output, which is closed")
     for first, second in (("int24", "float32"), ("flac", "mp3")):
         if opts[first] and opts[second]:
             raise UsageError(f"--{first} and --{second} exclude each other")
@@ -439,18 +454,36 @@ def _check_options(opts: dict[str, Any], given: set[str]) -> tuple[OutputSetting
         raise UsageError(f"--{'int24' if opts['int24'] else 'float32'} does not apply to --mp3")
     if opts["float32"] and opts["flac"]:
         raise UsageError("--float32 is for WAV output only (FLAC has no float samples)")
-    if not opts["mp3"] and given & {"mp3_bitrate", "mp3_preset"}:
-        _warn("--mp3-bitrate and --mp3-preset apply only with --mp3; ignored")
     if opts["two_stems"] and opts["stems"]:
         raise UsageError("--two-stems and --stems exclude each other")
-    if not opts["two_stems"] and "other_method" in given:
-        _warn("--other-method applies only with --two-stems; ignored")
-    if opts["no_split"] and given & {"overlap", "segment"}:
-        _warn("--overlap and --segment do not apply with --no-split; ignored")
-    if opts["out"] == "-" and given & {"filename", "skip_existing", "overwrite"}:
-        _warn("--filename, --skip-existing and --overwrite do not apply with -o -; ignored")
-    if opts["shifts"] == 0 and "seed" in given:
-        _warn("--seed chooses the random shifts, and --shifts 0 makes none; ignored")
+    # An option that does not apply is ignored, as the warning says: its value too, which is
+    # then not checked (the defaults stand in).
+    for ignored, warning in [
+        (
+            not opts["mp3"] and given & {"mp3_bitrate", "mp3_preset"},
+            "--mp3-bitrate and --mp3-preset apply only with --mp3; ignored",
+        ),
+        (
+            not opts["two_stems"] and given & {"other_method"},
+            "--other-method applies only with --two-stems; ignored",
+        ),
+        (
+            opts["no_split"] and given & {"overlap", "segment"},
+            "--overlap and --segment do not apply with --no-split; ignored",
+        ),
+        (
+            opts["out"] == "-" and given & {"filename", "skip_existing", "overwrite"},
+            "--filename, --skip-existing and --overwrite do not apply with -o -; ignored",
+        ),
+        (
+            opts["shifts"] == 0 and given & {"seed"},
+            "--seed chooses the random shifts, and --shifts 0 makes none; ignored",
+        ),
+    ]:
+        if ignored:
+            _warn(warning)
+            for name in ignored:
+                opts[name] = _separate_default(name)
     if not 0 <= opts["jobs"] <= 1024:
         raise UsageError(f"--jobs must be in 0..1024, got {opts['jobs']}")
     two_stems = opts["two_stems"].strip() if opts["two_stems"] else None
@@ -480,6 +513,12 @@ def _check_options(opts: dict[str, Any], given: set[str]) -> tuple[OutputSetting
             stems=[two_stems] if two_stems else stems,
         )
     return output, settings
+
+
+def _separate_default(name: str) -> Any:
+    """The default of ``separate``'s parameter ``name``."""
+    declared = inspect.signature(separate).parameters[name].default
+    return getattr(declared, "default", declared)
 
 
 @contextlib.contextmanager
@@ -781,7 +820,7 @@ class Split(str, Enum):
 
 @app.command("eval", cls=_Command)
 def eval_command(
-    dataset: Path = typer.Argument(
+    dataset_arg: str = typer.Argument(
         ...,
         metavar="DATASET",
         help="Dataset folder in the MUSDB18-HQ layout: <split>/<track>/mixture.wav, ...",
@@ -829,8 +868,11 @@ def eval_command(
             values = ", ".join(f"{source} {value:.2f}" for source, value in scores.items())
             typer.echo(f"[{index + 1}/{len(chosen)}] {track.name}: {values}", err=True)
 
+    dataset = Path(dataset_arg)
     folder = dataset / split.value
     with _reported_errors("interrupted", "eval", name):
+        if not dataset_arg.strip():
+            raise UsageError("DATASET is an empty string (an unset variable in a script?)")
         wanted = _comma_list(sources, "--sources") if sources is not None else None
         if museval:
             import_museval()
@@ -895,7 +937,7 @@ def train(
         "Fine-tune this checkpoint (a model name or file) instead.",
     ),
     repo: str | None = _option(None, "--repo", "DIR", MODEL, "Folder of checkpoints for --init."),
-    out: Path = _option(..., "--out", "DIR", "Run", "Run folder: checkpoints, metrics.jsonl."),
+    out: str = _option(..., "--out", "DIR", "Run", "Run folder: checkpoints, metrics.jsonl."),
     steps: int | None = _option(
         None, "--steps", "N", "Run", "Train up to this many steps (default: 1000, or the run's)."
     ),
@@ -939,7 +981,10 @@ def train(
     with _reported_errors(
         "interrupted: continue the run with --resume (from its last checkpoint)", "train", init
     ):
-        _train(ctx, out, device=device, jobs=jobs, resume=resume, quiet=quiet)
+        for what, value in (("DATASET", dataset), ("--out", out)):
+            if not value.strip():
+                raise UsageError(f"{what} is an empty string (an unset variable in a script?)")
+        _train(ctx, Path(out), device=device, jobs=jobs, resume=resume, quiet=quiet)
 
 
 def _given_options(ctx: typer.Context) -> set[str]:
@@ -954,8 +999,12 @@ def _train(
 ) -> None:
     import torch
 
+    from htsep.model.kernels import cpu_products
     from htsep.train import Trainer, TrainOptions, run_options
 
+    if not 0 <= jobs <= 1024:
+        raise UsageError(f"--jobs must be in 0..1024, got {jobs}")
+    cpu_products()  # a bad HTSEP_CPU_PRODUCTS is refused before any work
     if jobs:
         torch.set_num_threads(jobs)
     fields = {field.name for field in dataclasses.fields(TrainOptions)}
@@ -1011,7 +1060,32 @@ def main() -> None:
         _exit(130)
     except SystemExit as done:
         _exit(done.code)
+    except OSError as exc:
+        # A write to standard output failed outside the -o - copy (--json lines, info, the
+        # help): a full disk behind a redirection, a reader gone. Any other OSError is a bug.
+        if not _writing_stdout(exc):
+            raise
+        from htsep import files
+
+        files.remove_unfinished()
+        # What stdout still holds must not be tried again at exit (Python's own complaint).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _error(f"cannot write to standard output: {exc.strerror or type(exc).__name__}")
+        _exit(1)
     _exit(0)
+
+
+def _writing_stdout(exc: BaseException) -> bool:
+    """Whether ``exc`` came from a write to standard output: a frame of its traceback holds
+    sys.stdout or its buffer (click's echo, tqdm's write)."""
+    streams = [sys.stdout, getattr(sys.stdout, "buffer", None)]
+    traceback = exc.__traceback__
+    while traceback is not None:
+        values = traceback.tb_frame.f_locals.values()
+        if sys.stdout is not None and any(v is s for v in values for s in streams):
+            return True
+        traceback = traceback.tb_next
+    return False
 
 
 def _exit(code: int | str | None) -> NoReturn:
@@ -1034,7 +1108,8 @@ def _exit(code: int | str | None) -> NoReturn:
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:  # None: the descriptor was closed when Python started
+                stream.flush()
         except (OSError, ValueError):
             status = status or 1
     os._exit(status)

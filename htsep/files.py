@@ -139,6 +139,22 @@ def remove_unfinished() -> list[Path]:
     return removed
 
 
+def _name_prefix(name: str, limit: int) -> str:
+    """The start of ``name`` in at most ``limit`` bytes as the file system stores it, cut
+    between characters: file systems count bytes (255 on ext4), and 150 characters of CJK
+    are 450 of them."""
+    raw = os.fsencode(name)
+    if len(raw) <= limit:
+        return name
+    cut = raw[:limit]
+    try:
+        cut.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.end == len(cut):  # a character split by the cut (not bytes that never decoded)
+            cut = cut[: exc.start]
+    return os.fsdecode(cut)
+
+
 def create_temporary(target: str | os.PathLike[str], suffix: str = ".tmp") -> Path:
     """A new empty hidden file beside ``target`` (``suffix`` .tmp or .part), with the umask's
     usual permissions (unlike ``mkstemp``'s 0600), named so that ``remove_stale`` can tell
@@ -146,7 +162,8 @@ def create_temporary(target: str | os.PathLike[str], suffix: str = ".tmp") -> Pa
     target = Path(target)
     owner = owner_tag()
     for _ in range(100):
-        candidate = target.parent / (f".{target.name[:150]}.{owner}.{secrets.token_hex(4)}{suffix}")
+        prefix = _name_prefix(target.name, 150)
+        candidate = target.parent / f".{prefix}.{owner}.{secrets.token_hex(4)}{suffix}"
         _claim(candidate)
         try:
             os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))

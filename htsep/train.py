@@ -112,6 +112,12 @@ class TrainOptions:
                              "checkpoint's architecture")  # fmt: skip
         if self.init is None and self.config is None:
             raise UsageError("give --config (a size or a file) or --init (a checkpoint)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise UsageError(f"--seed must be an integer, got {self.seed!r}")
+        if not 0 <= self.seed <= 2**63 - 1:
+            raise UsageError(f"--seed must be in 0..2^63-1, got {self.seed}")
+        if not str(self.dataset).strip():
+            raise UsageError("DATASET is an empty string (an unset variable in a script?)")
 
 
 # --- processes ---------------------------------------------------------------------------------
@@ -131,10 +137,38 @@ class Processes:
 
     @classmethod
     def from_environment(cls) -> Processes:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        """From torchrun's variables (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and
+        MASTER_PORT); one process when WORLD_SIZE is unset, empty or 1. Values torchrun would
+        never set are a UsageError, before any work: a rank outside the world waited forever
+        for peers that never come."""
+        environ = os.environ
+        world = _whole_variable(environ, "WORLD_SIZE", 1)
         if world <= 1:
             return cls()
-        return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+        rank = _whole_variable(environ, "RANK", None)
+        local_rank = _whole_variable(environ, "LOCAL_RANK", 0)
+        if not rank < world:
+            raise UsageError(f"RANK={rank} is not below WORLD_SIZE={world}")
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not environ.get(name)]
+        if missing:
+            raise UsageError(
+                f"WORLD_SIZE={world} without {' and '.join(missing)}: start the processes "
+                "with torchrun"
+            )
+        return cls(rank, world, local_rank)
+
+
+def _whole_variable(environ: Mapping[str, str], name: str, default: int | None) -> int:
+    """An environment variable that holds a whole number; ``default`` when it is unset or
+    empty (None: it must be set)."""
+    text = environ.get(name, "").strip()
+    if not text:
+        if default is None:
+            raise UsageError(f"{name} is not set (torchrun sets it with WORLD_SIZE)")
+        return default
+    if not (text.isascii() and text.isdigit()) or len(text) > 9:
+        raise UsageError(f"{name}={text!r}: expected a whole number")
+    return int(text)
 
 
 @contextmanager
@@ -365,15 +399,25 @@ class Trainer:
                 f"--batch-size {self.options.batch_size} does not split over "
                 f"{self.processes.world} processes"
             )
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UsageError(f"--out {self.run_dir}: not a folder")
         state = self.run_dir / STATE_FILE
         if self.resume:
             if not state.is_file():
                 raise UsageError(f"{self.run_dir}: nothing to resume (no {STATE_FILE})")
-        elif (self.run_dir / RUN_OPTIONS).exists() or state.exists():
+        elif state.exists():
             raise UsageError(
                 f"{self.run_dir} already holds a training run: continue it with --resume, "
                 f"or choose another --out"
             )
+        elif not (self.run_dir / RUN_OPTIONS).exists():
+            # Not a run's folder: files a run would replace are the user's.
+            theirs = [name for name in (METRICS, MODEL_FILE) if (self.run_dir / name).exists()]
+            if theirs:
+                raise UsageError(
+                    f"{self.run_dir} holds {' and '.join(theirs)}, which a run would replace: "
+                    "choose another --out"
+                )
 
     def _dataset(self, model_sources: Sequence[str] | None) -> tuple[list[str], list[Track]]:
         root = Path(self.options.dataset)
@@ -414,7 +458,14 @@ class Trainer:
         if self.resume:
             step = self._load_state(model, optimizer, average)
         elif processes.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UsageError(
+                    f"--out {self.run_dir}: cannot make the folder: {exc.strerror or exc}"
+                ) from None
+            # A run that saved no step before it failed is started over, not continued.
+            (self.run_dir / METRICS).unlink(missing_ok=True)
             _atomic_write_text(
                 self.run_dir / RUN_OPTIONS, json.dumps(dataclasses.asdict(options), indent=2)
             )
@@ -490,7 +541,12 @@ class Trainer:
         path = self.run_dir / METRICS
         if not path.exists():
             return
-        records = [json.loads(line) for line in path.read_text("utf-8").splitlines() if line]
+        try:
+            records = [json.loads(line) for line in path.read_text("utf-8").splitlines() if line]
+        except (UnicodeError, ValueError):
+            raise UsageError(f"{path}: not a metrics log of htsep (a line is not JSON)") from None
+        if not all(isinstance(record, dict) for record in records):
+            raise UsageError(f"{path}: not a metrics log of htsep (a line is not an object)")
         kept = [r for r in records if r.get("step", 0) <= step and r.get("event") != "end"]
         _atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
@@ -620,6 +676,7 @@ def run_options(
         if "init" in chosen:
             chosen.setdefault("config", None)
         return TrainOptions(**chosen)
+    saved = load_run_options(run_dir)  # first: is there a run to resume at all?
     fields = {field.name for field in dataclasses.fields(TrainOptions)}
     fixed = sorted((set(given) & fields) - {"dataset", "steps"})
     if fixed:
@@ -628,7 +685,7 @@ def run_options(
             f"--resume continues with the run's saved options; {names} cannot change "
             f"(see {run_dir / RUN_OPTIONS})"
         )
-    options = dataclasses.replace(load_run_options(run_dir), dataset=values["dataset"])
+    options = dataclasses.replace(saved, dataset=values["dataset"])
     steps = values.get("steps")
     return options if steps is None else dataclasses.replace(options, steps=steps)
 

@@ -617,3 +617,84 @@ def test_damaged_mp3s_give_one_line_each_from_the_real_command(tmp_path, repo):
     for line, name in zip(lines, bad, strict=False):
         assert line.startswith(f"htsep: error: {tmp_path / name}: "), done.stderr
     assert lines[-1].startswith("htsep: 1 separated, 0 skipped, 4 failed")
+
+
+def test_ignored_options_are_ignored_with_their_values(run, tmp_path):
+    """The warning says "ignored": a value out of range (or a bad template) in an option that
+    does not apply no longer fails the run after the warning."""
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 0.5)
+    result = run("--stems", "vocals", "--mp3-bitrate", "999", "--other-method", "minus",
+                 "--shifts", "0", "--seed", "-5", "--no-split", "--overlap", "2", clip)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("htsep: warning:")]
+    assert len(warnings) == 4 and not _errors(result), result.stderr
+    assert (run.out / "aaaa0001" / "song" / "vocals.wav").is_file()
+
+
+def test_a_long_name_of_many_byte_characters_gets_its_stems(run, tmp_path):
+    """File systems count bytes: the hidden temporary beside a 220-byte stem name took its
+    first 150 characters (450 bytes of CJK) and could not be created."""
+    name = "\u97f3" * 70  # 210 bytes in UTF-8
+    clip = tmp_path / f"{name}.wav"
+    write_clip(clip, 0.5)
+    result = run("--stems", "vocals", "--filename", "{track}-{stem}.{ext}", clip)
+    assert result.exit_code == 0, result.output
+    assert (run.out / "aaaa0001" / f"{name}-vocals.wav").is_file()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+@pytest.mark.parametrize(
+    "args",
+    [["separate", "--json", "{clip}"], ["models"], ["separate", "--help"], ["info", "htsep-tiny"]],
+)
+def test_a_full_standard_output_is_one_line_in_every_command(tmp_path, repo, args):
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 0.5)
+    if args[0] == "separate" and "--json" in args:
+        args = ["separate", "--repo", str(repo), *MODEL, "-o", str(tmp_path / "out"),
+                "--json", str(clip)]  # fmt: skip
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "htsep", *args],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "htsep: error: cannot write to standard output: No space left on device"
+    )
+    assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) <= 2
+
+
+@pytest.mark.parametrize("extra", [["--json"], ["-o", "-", "--stems", "vocals"]])
+def test_a_closed_standard_output_is_refused_before_any_work(tmp_path, repo, extra):
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 0.5)
+    done = subprocess.run(
+        [sys.executable, "-m", "htsep", "--repo", str(repo), *MODEL, "-o", str(tmp_path / "o")]
+        + [*extra, str(clip)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: os.close(1),
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.endswith("writes to standard output, which is closed\n"), done.stderr
+    assert len(done.stderr.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_no_arguments_print_the_help_and_a_lone_flag_is_one_line():
+    bare = subprocess.run(
+        [sys.executable, "-m", "htsep"], capture_output=True, text=True, timeout=120
+    )
+    assert bare.returncode == 2 and bare.stderr.startswith("Usage: htsep [OPTIONS] COMMAND")
+    assert "\\n" not in bare.stderr and "Commands:" in bare.stderr
+    flag = subprocess.run(
+        [sys.executable, "-m", "htsep", "-v"], capture_output=True, text=True, timeout=120
+    )
+    assert flag.returncode == 2 and flag.stderr == "htsep: error: Missing command.\n"

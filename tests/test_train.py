@@ -292,6 +292,10 @@ def test_cli_refuses_to_reuse_or_resume_the_wrong_folder(toy_dataset, toy_config
         (["--steps", "0"], "--steps must be >= 1"),
         (["--init", "x.th", "--config", "tiny"], "exclude each other"),
         (["--batch-size", "3", "--lr", "-1"], "--lr must be positive"),
+        (["-j", "-1"], "--jobs must be in 0..1024"),
+        (["-j", "99999"], "--jobs must be in 0..1024"),  # torch segfaulted
+        (["--seed", "-1"], "--seed must be in 0..2^63-1"),
+        (["--seed", str(2**64)], "--seed must be in 0..2^63-1"),
     ],
 )
 def test_cli_bad_options(toy_dataset, tmp_path, args, message):
@@ -337,3 +341,128 @@ def test_named_and_file_configs(tmp_path):
     bad.write_text("conv: {channels: 4, wings: 2}\n")
     with pytest.raises(UsageError, match="bad.yaml: invalid option"):
         build_model(TrainOptions(dataset="d", config=str(bad)), ["a"], 8000, 1)
+
+
+@pytest.mark.parametrize(
+    "environment,message",
+    [
+        ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc': expected a whole number"),
+        ({"WORLD_SIZE": "2"}, "RANK is not set"),
+        ({"WORLD_SIZE": "2", "RANK": "x"}, "RANK='x': expected a whole number"),
+        ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "-1"}, "LOCAL_RANK='-1'"),
+        ({"WORLD_SIZE": "2", "RANK": "0"}, "without MASTER_ADDR and MASTER_PORT"),
+        # A rank outside the world waited forever for its peers.
+        (
+            {"WORLD_SIZE": "2", "RANK": "5", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+            "RANK=5 is not below WORLD_SIZE=2",
+        ),
+    ],
+)
+def test_torchrun_variables_are_checked_before_any_work(
+    toy_dataset, toy_config, tmp_path, monkeypatch, environment, message
+):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    run = tmp_path / "r"
+    args = ["train", str(toy_dataset), "--out", str(run), "--config", str(toy_config), "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("htsep: error: ") and message in result.output
+    assert len(result.output.splitlines()) == 1
+    assert not run.exists()
+
+
+def test_an_empty_world_size_is_one_process(monkeypatch):
+    from htsep.train import Processes
+
+    monkeypatch.setenv("WORLD_SIZE", "")
+    assert Processes.from_environment() == Processes()
+
+
+def test_a_run_never_replaces_files_it_did_not_write(toy_dataset, toy_config, tmp_path):
+    """A folder holding a model.safetensors or metrics.jsonl of the user's is not a run: the
+    run would have replaced them."""
+    runner = CliRunner()
+    for name in ("model.safetensors", "metrics.jsonl"):
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        (folder / name).write_text("mine\n")
+        args = ["train", str(toy_dataset), "--out", str(folder), "--config", str(toy_config)]
+        result = runner.invoke(app, [*args, "--steps", "1", "-q"])
+        assert result.exit_code == 2 and "which a run would replace" in result.output
+        assert (folder / name).read_text() == "mine\n"
+        assert sorted(p.name for p in folder.iterdir()) == [name]
+
+
+def test_a_run_that_saved_no_step_starts_over(toy_dataset, toy_config, tmp_path):
+    """A run that failed before its first checkpoint left run.json (and maybe metrics): the
+    folder could then neither start (\"already holds a run\") nor resume (no state.pt)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    (run / "metrics.jsonl").write_text('{"step": 7, "loss": 1.0}\n')
+    args = ["train", str(toy_dataset), "--out", str(run), "--config", str(toy_config), "-q"]
+    resumed = CliRunner().invoke(app, [*args, "--resume"])
+    assert resumed.exit_code == 2 and "nothing to resume" in resumed.output
+    started = CliRunner().invoke(app, [*args, "--steps", "1"])
+    assert started.exit_code == 0, started.output
+    assert [r["step"] for r in _metrics(run) if "loss" in r] == [1]
+    assert json.loads((run / "run.json").read_text())["steps"] == 1
+
+
+@pytest.mark.parametrize("kind", ["empty", "file", "under a file", "bad metrics"])
+def test_unusable_run_folders_are_one_line(toy_dataset, toy_config, tmp_path, kind):
+    (tmp_path / "file").write_text("mine")
+    out = {
+        "empty": "",
+        "file": str(tmp_path / "file"),
+        "under a file": str(tmp_path / "file" / "x"),
+    }
+    if kind == "bad metrics":  # a real run's log, then overwritten
+        out[kind] = str(tmp_path / "run")
+        first = ["train", str(toy_dataset), "--out", out[kind], "--config", str(toy_config)]
+        assert CliRunner().invoke(app, [*first, "--steps", "1", "-q"]).exit_code == 0
+        (tmp_path / "run" / "metrics.jsonl").write_text("not json\n")
+    args = ["train", str(toy_dataset), "--out", out[kind], "-q"]
+    if kind == "bad metrics":
+        args += ["--resume", "--steps", "2"]
+    else:
+        args += ["--config", str(toy_config)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code in (1, 2), result.output
+    assert len(result.output.splitlines()) == 1 and result.output.startswith("htsep: error:")
+    assert "Traceback" not in result.output
+    assert kind != "bad metrics" or "not a metrics log" in result.output
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_bad_products_variable_stops_training_before_any_step(
+    toy_dataset, toy_config, tmp_path, monkeypatch
+):
+    from htsep.model import kernels
+
+    monkeypatch.setenv(kernels.PRODUCTS_VARIABLE, "garbage")
+    kernels.cpu_products.cache_clear()
+    try:
+        run = tmp_path / "r"
+        args = ["train", str(toy_dataset), "--out", str(run), "--config", str(toy_config), "-q"]
+        result = CliRunner().invoke(app, args)
+    finally:
+        monkeypatch.delenv(kernels.PRODUCTS_VARIABLE)
+        kernels.cpu_products.cache_clear()
+    assert result.exit_code == 2 and "HTSEP_CPU_PRODUCTS" in result.output
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_an_empty_dataset_argument_is_a_usage_error(tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    extra = ["--out", str(tmp_path / "r")] if command == "train" else ["-n", "htsep-tiny"]
+    result = CliRunner().invoke(app, [command, "", *extra, "-q"])
+    assert result.exit_code == 2, result.output
+    assert (
+        result.output
+        == "htsep: error: DATASET is an empty string (an unset variable in a script?)\n"
+    )
