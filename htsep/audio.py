@@ -630,15 +630,16 @@ def _soundfile_for_reading(name: str) -> sf.SoundFile:
 def _check_complete(name: str, handle: sf.SoundFile) -> None:
     """Refuse a file whose header announces more samples than the file holds (libsndfile reads
     what is there without a word, which would separate a fraction of a song)."""
+    if handle.format == "OGG":  # first: the pages say more precisely what is wrong
+        damage = _ogg_damage(name)
+        if damage is not None:
+            what = "cannot read all of it" if "chained" in damage else "truncated or corrupt audio"
+            raise AudioError(f"{name}: {what} ({damage})")
     detail = _truncation_in_log(handle.extra_info) or _truncation_in_header(name, handle)
     if detail is not None:
         raise AudioError(
             f"{name}: truncated or corrupt audio (the file ends before its samples: {detail})"
         )
-    if handle.format == "OGG":
-        damage = _ogg_damage(name)
-        if damage is not None:
-            raise AudioError(f"{name}: truncated or corrupt audio ({damage})")
 
 
 def _check_decodable(name: str, handle: sf.SoundFile) -> None:
@@ -939,8 +940,10 @@ def _ogg_crc(page: bytes) -> int:
 def _ogg_damage(name: str) -> str | None:
     """Where an Ogg file is damaged, or None: every page must follow the last, pass its
     checksum and carry the next page number of its stream. libogg drops a page that fails
-    silently, and the decoders skip the gap, so a file damaged inside reads as a shorter one."""
+    silently, and the decoders skip the gap, so a file damaged inside reads as a shorter one.
+    Chained streams are refused too: libsndfile reads only the first."""
     numbers: dict[int, int] = {}
+    beginning = True  # still among the first pages, where every stream begins
     with open(name, "rb") as file:
         size = os.fstat(file.fileno()).st_size
         offset = 0
@@ -948,7 +951,7 @@ def _ogg_damage(name: str) -> str | None:
             header = file.read(_OGG_PAGE.size)
             if len(header) < _OGG_PAGE.size:
                 return f"a page cut short at byte {offset}"
-            capture, version, _, _, serial, number, checksum, count = _OGG_PAGE.unpack(header)
+            capture, version, flags, _, serial, number, checksum, count = _OGG_PAGE.unpack(header)
             if capture != b"OggS" or version != 0:
                 return f"no Ogg page where one should begin, at byte {offset}"
             table = file.read(count)
@@ -958,6 +961,14 @@ def _ogg_damage(name: str) -> str | None:
             page = header[:22] + bytes(4) + header[26:] + table + body
             if _ogg_crc(page) != checksum:
                 return f"the page at byte {offset} fails its checksum"
+            if flags & 2 and numbers and offset > 0 and not beginning:
+                # A stream that begins after another's pages: chained files (Ogg's way of
+                # joining tracks), of which libsndfile reads the first alone, without a word.
+                return (
+                    f"a second, chained stream begins at byte {offset}; libsndfile reads the "
+                    "first alone"
+                )
+            beginning = bool(flags & 2)
             expected = numbers.get(serial)
             if expected is not None and number != expected:
                 return f"{(number - expected) % 2**32} page(s) missing before byte {offset}"

@@ -1017,3 +1017,19 @@ def test_raw_names_are_read_by_their_content(tmp_path):
         with pytest.raises(AudioError) as excinfo:
             function(junk)
         assert_audio_error(excinfo, junk, "headerless audio")
+
+
+def test_chained_ogg_is_refused_not_read_in_part(tmp_path):
+    """Two Ogg files joined (a chain, as `cat a.ogg b.ogg` makes) read as the first alone in
+    libsndfile, without a word: refused in one line."""
+    first, second = tmp_path / "a.ogg", tmp_path / "b.ogg"
+    sf.write(first, np.zeros((8000, 1)), 8000, format="OGG", subtype="VORBIS")
+    sf.write(second, np.full((8000, 1), 0.1), 8000, format="OGG", subtype="VORBIS")
+    chain = tmp_path / "chain.ogg"
+    chain.write_bytes(first.read_bytes() + second.read_bytes())
+    with sf.SoundFile(chain) as handle:
+        assert handle.frames == 8000  # what libsndfile alone makes of it: the first link
+    for function in (read_audio, audio_info, _reader_whole):
+        with pytest.raises(AudioError) as excinfo:
+            function(chain)
+        assert_audio_error(excinfo, chain, "chained stream begins at byte")
