@@ -43,7 +43,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from htsep.errors import AudioError
+from htsep.errors import AudioError, UsageError
 from htsep.files import create_temporary, place
 from htsep.quiet import native_stderr_muted
 
@@ -119,9 +119,27 @@ class AudioInfo:
     frames: int
 
 
+def file_name(path: Any, what: str = "audio file") -> str:
+    """``path`` (a str or os.PathLike) as a str, or the UsageError that says why it is no
+    file name: another type (bytes included), an empty string, a NUL character."""
+    try:
+        name = os.fspath(path)
+    except TypeError:
+        name = None
+    article = "an" if what[0] in "aeiou" else "a"
+    if not isinstance(name, str):
+        kind = type(path).__name__
+        raise UsageError(f"expected {article} {what} path (str or os.PathLike), not {kind}")
+    if not name:
+        raise UsageError(f"expected {article} {what} path, got an empty string")
+    if "\0" in name:
+        raise UsageError(f"{what} path {name!r} contains a NUL character, which no file name can")
+    return name
+
+
 def audio_info(path: str | os.PathLike[str]) -> AudioInfo:
     """Sample rate, channel count and length of an audio file, without decoding it."""
-    name = os.fspath(path)
+    name = file_name(path)
     with _open_input(name):
         # libsndfile goes first for every extension: it also reads CAF and Ogg Opus without ffmpeg.
         info = _soundfile_info(name)
@@ -137,7 +155,7 @@ def read_audio(path: str | os.PathLike[str]) -> tuple[torch.Tensor, int]:
 
     Mono files give (1, T). Integer samples are scaled to [-1, 1); float files keep their values.
     """
-    name = os.fspath(path)
+    name = file_name(path)
     with _open_input(name):
         decoded = _soundfile_read(name)
     if decoded is None:
@@ -183,7 +201,7 @@ def write_audio(
     with AudioWriter(
         path,
         sample_rate,
-        _channels_of(label or os.fspath(path), audio),
+        _channels_of(label or file_name(path, "output file"), audio),
         bits=bits,
         mp3_bitrate=mp3_bitrate,
         mp3_preset=mp3_preset,
@@ -218,9 +236,19 @@ class AudioWriter:
         replace: bool = True,
         label: str | None = None,
     ) -> None:
-        self.target = Path(os.fspath(path))
-        self.name = label if label is not None else os.fspath(path)
-        self.channels = channels
+        target = file_name(path, "output file")
+        self.target = Path(target)
+        self.name = label if label is not None else target
+        if isinstance(channels, bool) or not isinstance(channels, (int, np.integer)):
+            raise UsageError(f"{self.name}: the channel count must be an integer, not {channels!r}")
+        if not 1 <= channels <= _MAX_CHANNELS:
+            raise AudioError(
+                f"{self.name}: cannot write {channels} channels (1 to {_MAX_CHANNELS}; "
+                "is it (time, channels)?)"
+            )
+        if not isinstance(replace, bool):
+            raise UsageError(f"replace must be True or False, not {replace!r}")
+        self.channels = int(channels)
         self.replace = replace
         self.settings = _encoder_settings(
             self.name, self.target.suffix.lower(), sample_rate, bits, mp3_bitrate, mp3_preset
@@ -248,7 +276,8 @@ class AudioWriter:
 
     def write(self, audio: torch.Tensor) -> None:
         """Append ``audio`` (C, T)."""
-        assert self._handle is not None, "use AudioWriter in a with block"
+        if self._handle is None:
+            raise UsageError(f"{self.name}: write inside the writer's with block")
         frames = _frames_to_write(self.name, audio, clamp=self.settings["subtype"] != "FLOAT")
         if frames.shape[1] != self.channels:
             raise AudioError(
@@ -338,7 +367,9 @@ class AudioReader:
     """
 
     def __init__(self, path: str | os.PathLike[str], block_frames: int = 1 << 18) -> None:
-        self.name = os.fspath(path)
+        self.name = file_name(path)
+        if isinstance(block_frames, bool) or not isinstance(block_frames, int) or block_frames < 1:
+            raise UsageError(f"block_frames must be a positive integer, not {block_frames!r}")
         self.block_frames = block_frames
         self._decoded: str | None = None
         self._handle: sf.SoundFile | None = None
@@ -419,7 +450,13 @@ class AudioReader:
 
     def read(self, start: int, length: int) -> torch.Tensor:
         """Samples [start, start + length) as (C, length) float32; zeros outside the file."""
-        assert self._handle is not None, "the reader is closed"
+        if self._handle is None:
+            raise UsageError(f"{self.name}: the reader is closed")
+        for what, value in (("start", start), ("length", length)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise UsageError(f"{what} must be an integer, not {value!r}")
+        if length < 0:
+            raise UsageError(f"length must be >= 0, not {length}")
         out = torch.zeros(self.channels, length)
         lo, hi = max(start, 0), min(start + length, self.frames)
         if lo < hi:
@@ -451,7 +488,8 @@ class AudioReader:
 
     def count_frames(self) -> int:
         """Read the file through once (checking every sample) and fix ``frames`` to the count."""
-        assert self._handle is not None, "the reader is closed"
+        if self._handle is None:
+            raise UsageError(f"{self.name}: the reader is closed")
         self.check_unchanged()
         try:
             self._handle.seek(0)
@@ -1111,6 +1149,10 @@ def _encoder_settings(
     """soundfile's keywords for a format, or the AudioError that explains why it cannot be."""
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
         raise AudioError(f"{name}: the sample rate must be a positive integer, not {sample_rate}")
+    if sample_rate > 384000:  # the rates htsep reads; libsndfile's field is a 32-bit int
+        raise AudioError(f"{name}: cannot write {sample_rate} Hz (at most 384000)")
+    if not _whole(bits):
+        raise AudioError(f"{name}: bits must be 16, 24 or 32, not {bits!r}")
     if suffix == ".wav":
         if bits not in _WAV_SUBTYPES:
             raise AudioError(f"{name}: WAV takes 16, 24 or 32 bits, not {bits}")
@@ -1169,6 +1211,15 @@ def _frames_to_write(name: str, audio: torch.Tensor, *, clamp: bool) -> np.ndarr
             f"{name}: expected (channels, time) audio to write, got {tuple(audio.shape)} "
             f"(more than {_MAX_CHANNELS} channels: is it (time, channels)?)"
         )
+    if audio.layout != torch.strided or audio.device.type == "meta":
+        raise AudioError(f"{name}: expected a dense tensor of samples to write")
+    if audio.dtype == torch.bool or audio.is_complex():
+        raise AudioError(f"{name}: cannot write {audio.dtype} samples (real numbers expected)")
+    if not audio.is_floating_point():  # as audio files store them: int16 k -> k / 2^15, ...
+        limits = torch.iinfo(audio.dtype)
+        half = float(2 ** (limits.bits - 1))
+        wide = audio.detach().to(device="cpu", dtype=torch.float64)
+        audio = (wide if limits.min < 0 else wide - half) / half
     samples = audio.detach().to(device="cpu", dtype=torch.float32)
     if not bool(torch.isfinite(samples).all()):
         raise AudioError(f"{name}: the audio to write contains NaN or infinite samples")

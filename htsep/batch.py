@@ -171,9 +171,12 @@ def find_inputs(patterns: Sequence[str | os.PathLike[str]], exclude: Path) -> li
     stable order, without duplicates. Files found under a folder or pattern are never taken
     from ``exclude`` (the tree htsep writes, ``<out>/<model>``); files named directly are.
     An input that names nothing is a track with an error, so that the batch reports it."""
-    from htsep.audio import AUDIO_EXTENSIONS
+    from htsep.audio import AUDIO_EXTENSIONS, file_name
 
-    exclude = exclude.resolve()
+    if isinstance(patterns, (str, os.PathLike)):  # one input, not its letters
+        patterns = [patterns]
+    patterns = [file_name(pattern, "input") for pattern in patterns]
+    exclude = Path(exclude).resolve()
     tracks: list[Track] = []
     seen: set[Path] = set()
 
@@ -598,9 +601,20 @@ class Batch:
         pipeline: bool = True,
         events: BatchEvents | None = None,
     ) -> None:
+        from htsep.audio import file_name
+        from htsep.separator import Separator
+
+        if not isinstance(separator, Separator):
+            raise UsageError(f"separator must be an htsep.Separator, not {separator!r}")
+        if settings is not None and not isinstance(settings, OutputSettings):
+            raise UsageError(f"settings must be OutputSettings or None, not {settings!r}")
+        if not isinstance(pipeline, bool):
+            raise UsageError(f"pipeline must be True or False, not {pipeline!r}")
+        if events is not None and not isinstance(events, BatchEvents):
+            raise UsageError(f"events must be BatchEvents or None, not {events!r}")
         self.separator = separator
         self.settings = settings if settings is not None else OutputSettings()
-        self.folder = output_folder(out, separator.name)
+        self.folder = output_folder(file_name(out, "output folder"), separator.name)
         self.names = separator.output_names(
             self.settings.two_stems, OtherMethod(self.settings.other_method).value
         )
@@ -615,6 +629,8 @@ class Batch:
     def run(self, tracks: Sequence[Track | str | os.PathLike[str]]) -> list[Track]:
         """Separate ``tracks`` (Track objects, or paths, folders and patterns to find them);
         -> the tracks with their status, outputs and errors."""
+        if isinstance(tracks, (str, os.PathLike, Track)):  # one input, not its letters
+            tracks = [tracks]
         found: list[Track] = []
         for item in tracks:
             found.extend([item] if isinstance(item, Track) else find_inputs([item], self.folder))

@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from htsep.errors import CheckpointError, HtsepError, UnsupportedOptionError
+from htsep.errors import CheckpointError, HtsepError, UnsupportedOptionError, UsageError
 from htsep.files import atomic_output
 from htsep.model.config import (
     HTDemucsConfig,
@@ -166,6 +166,9 @@ def load_model(source: str | os.PathLike[str]) -> HTDemucs:
     settings out of range, source names that are not plain file names, tensors that do not
     fit or hold NaN) raises CheckpointError naming the file, never another exception.
     """
+    from htsep.audio import file_name
+
+    source = file_name(source, "checkpoint")
     path = Path(source)
     if (
         isinstance(source, str)
@@ -589,8 +592,20 @@ def _dense(value: Any) -> bool:
 def save_model(
     model: HTDemucs, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
 ) -> Path:
-    """Write ``model`` in htsep's safetensors format, atomically (temporary file, then rename)."""
-    path = Path(path)
+    """Write ``model`` in htsep's safetensors format, atomically (temporary file, then rename).
+    Wrong arguments raise UsageError; a path that cannot be written, CheckpointError."""
+    from htsep.audio import file_name
+
+    path = Path(file_name(path, "output checkpoint"))
+    if not isinstance(model, HTDemucs):
+        raise UsageError(f"model must be an htsep HTDemucs, not {type(model).__name__}")
+    if metadata is not None and not (
+        isinstance(metadata, Mapping)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise UsageError("metadata must map strings to strings")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a file to write")
     tensors = {
         key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()
     }
@@ -600,7 +615,10 @@ def save_model(
         "format_version": FORMAT_VERSION,
         "config": json.dumps(config_to_dict(model.config)),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as temporary:
-        save_file(tensors, temporary, metadata=info)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(path) as temporary:
+            save_file(tensors, temporary, metadata=info)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot write it: {exc.strerror or exc}") from None
     return path

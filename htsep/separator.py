@@ -32,7 +32,7 @@ from htsep.apply import (
     segment_samples,
     zero_extended,
 )
-from htsep.audio import AudioReader, AudioWriter, read_audio
+from htsep.audio import AudioReader, AudioWriter, file_name, read_audio
 from htsep.checkpoint import load_model
 from htsep.devices import (
     DeviceSlot,
@@ -85,7 +85,11 @@ def _real(value: Any, what: str) -> float:
         value, (int, float, Fraction, np.integer, np.floating)
     ):
         raise UsageError(f"{what} must be a number, not {value!r}")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int or Fraction beyond float's range
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise UsageError(f"{what} must be a finite number, not {shown}") from None
     if not math.isfinite(number):
         raise UsageError(f"{what} must be a finite number, not {value!r}")
     return number
@@ -360,6 +364,7 @@ class Separator:
         """
         _flag(downmix, "downmix")
         _flag(all_sources, "all_sources")
+        _check_progress(progress)
         rate = self.sample_rate if sample_rate is None else check_sample_rate(sample_rate)
         audio = _as_audio_tensor(audio, max_frames=MAX_TENSOR_SECONDS * rate)
         # The file path's engine over the tensor: one block of the whole length.
@@ -383,6 +388,7 @@ class Separator:
 
         Holds the track in memory; ``separate_file_to`` streams it to files instead.
         """
+        _check_progress(progress)
         audio, rate = read_audio(_file_path(path))
         if not MIN_RATE <= rate <= MAX_RATE:
             raise AudioError(f"{os.fspath(path)}: {_rate_problem(rate)}")
@@ -406,6 +412,7 @@ class Separator:
         """Separate ``path`` (or a file ``ScannedFile.open`` has read) in bounded memory: the
         returned track yields (mix, stems) blocks in order, equal to ``separate_file``'s output
         sliced (up to float rounding)."""
+        _check_progress(progress)
         scanned = path if isinstance(path, ScannedFile) else ScannedFile.open(self, path, downmix)
         try:
             return StreamedTrack(
@@ -432,6 +439,10 @@ class Separator:
         that stem and its complement (``no_<stem>`` for add, ``minus_<stem>`` for minus)."""
         if two_stems is None:
             return list(self.stems)
+        if not isinstance(two_stems, str):
+            raise UsageError(f"two_stems must be a stem name or None, not {two_stems!r}")
+        if not isinstance(other_method, str):
+            raise UsageError(f"other method {other_method!r}: use add, minus or none")
         if two_stems not in self.sources:
             raise UsageError(
                 f"model {self.name} has no source {two_stems!r} (it has {', '.join(self.sources)})"
@@ -473,6 +484,7 @@ def write_stems(
     """
     _flag(overwrite, "overwrite")
     _flag(downmix, "downmix")
+    _check_progress(progress)
     targets = _check_outputs(separator, outputs, two_stems, other_method, keep)
     source = path.name if isinstance(path, ScannedFile) else _file_path(path)
     for name, target in targets.items():
@@ -526,6 +538,10 @@ def _check_outputs(
     if not isinstance(outputs, Mapping) or not outputs:
         raise UsageError("outputs must be a non-empty mapping of stem names to files")
     separator.output_names(two_stems, other_method)  # checks two_stems and other_method
+    if isinstance(keep, str) or not isinstance(keep, Collection):
+        raise UsageError(f"keep must be a collection of stem names, not {keep!r}")
+    if not all(isinstance(name, str) for name in keep):
+        raise UsageError(f"keep must hold stem names, not {list(keep)!r}")
     if two_stems is None:
         known = list(separator.stems)
     else:  # both complements can be written at once
@@ -838,6 +854,9 @@ class StreamedTrack:
     ) -> None:
         if scanned.separator is not separator:
             raise UsageError("the file was scanned for another Separator")
+        _check_progress(progress)
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise UsageError(f"block must be a positive number of frames, not {block!r}")
         self.separator, self.block, self.scanned = separator, block, scanned
         self.reader = scanned.reader
         self.name, self.frames = scanned.name, scanned.frames
@@ -945,10 +964,13 @@ def _flag(value: Any, name: str) -> bool:
     return value
 
 
+def _check_progress(progress: Any) -> None:
+    if progress is not None and not callable(progress):
+        raise UsageError(f"progress must be a function or None, not {progress!r}")
+
+
 def _file_path(path: Any) -> str:
-    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
-        raise UsageError(f"expected an audio file path, not {path!r}")
-    return os.fspath(path)
+    return file_name(path, "audio file")
 
 
 def _same_file(target: Path, source: str) -> bool:

@@ -383,6 +383,10 @@ def find_model(name: str, repo: str | os.PathLike[str] | None = None) -> ModelSp
 
     Raises ModelNotFoundError (one line) when nothing matches, with close names suggested.
     """
+    if isinstance(name, os.PathLike):
+        name = os.fspath(name)
+    if not isinstance(name, str) or not name.strip() or "\0" in name:
+        raise ModelNotFoundError(f"a model is a name or a checkpoint path, not {name!r}")
     file_spec = _find_file(name)
     if file_spec is not None:
         return file_spec

@@ -1,5 +1,8 @@
 """The public Python API against demucs.api.Separator on the same checkpoint files."""
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -350,3 +353,84 @@ def test_separate_file_to_checks_its_outputs(repo, tmp_path):
         separator.separate_file_to(clip, {"vocals": target})
     separator.separate_file_to(clip, {"vocals": target}, overwrite=True)
     assert np.array_equal(sf.read(target)[0], first)
+
+
+def _hostile_calls(separator, repo, clip, tmp):
+    from htsep.audio import AudioReader, AudioWriter, audio_info, read_audio, write_audio
+    from htsep.batch import Batch
+    from htsep.checkpoint import save_model
+
+    model = separator.bag.model(0)
+    return {
+        "progress not callable": lambda: separator.separate_tensor(_mix(0.3), progress=1),
+        "file progress not callable": lambda: separator.separate_file(clip, progress="x"),
+        "NUL in an input": lambda: separator.separate_file(f"{clip}\0"),
+        "NUL in an output": lambda: separator.separate_file_to(clip, {"vocals": "a\0.wav"}),
+        "bytes path": lambda: read_audio(os.fsencode(clip)),
+        "None path": lambda: audio_info(None),
+        "int path": lambda: AudioReader(3),
+        "empty path": lambda: write_audio("", torch.zeros(1, 10), 8000),
+        "replace not a bool": lambda: write_audio(clip, torch.zeros(1, 10), 8000, replace="no"),
+        "bool samples": lambda: write_audio(
+            tmp / "b.wav", torch.ones(1, 9, dtype=torch.bool), 8000
+        ),
+        "rate past 32 bits": lambda: write_audio(tmp / "r.wav", torch.zeros(1, 9), 2**31),
+        "channels as text": lambda: AudioWriter(tmp / "c.wav", 8000, "2"),
+        "bits as a list": lambda: write_audio(tmp / "l.wav", torch.zeros(1, 9), 8000, bits=[16]),
+        "block of 0": lambda: AudioReader(clip, block_frames=0),
+        "stream block -1": lambda: separator.stream_file(clip, block=-1),
+        "huge overlap": lambda: htsep.Separator("aaaa0001", repo=repo, overlap=10**400),
+        "model None": lambda: htsep.load_model(None),
+        "model a Path to nothing": lambda: htsep.Separator(Path(tmp / "none.th")),
+        "keep as text": lambda: separator.separate_file_to(
+            clip, {"vocals": tmp / "v.wav"}, keep="vocals"
+        ),
+        "other_method a list": lambda: separator.output_names("vocals", ["x"]),
+        "Batch out empty": lambda: Batch(separator, ""),
+        "Batch settings a dict": lambda: Batch(separator, tmp, {}),
+        "Batch pipeline text": lambda: Batch(separator, tmp, pipeline="no"),
+        "save onto a folder": lambda: save_model(model, tmp),
+        "save metadata of ints": lambda: save_model(model, tmp / "m.st", metadata={"a": 1}),
+        "save no model": lambda: save_model(None, tmp / "m.st"),
+    }
+
+
+def test_hostile_api_arguments_raise_htsep_errors(repo, tmp_path):
+    """Each was a raw TypeError, ValueError, AttributeError, OverflowError or torch
+    RuntimeError (or, for replace="no", a replaced file)."""
+    import soundfile as sf
+
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, _mix(seconds=0.6).numpy().T, 8000)
+    before = clip.read_bytes()
+    separator = htsep.Separator("aaaa0001", repo=repo, device="cpu", shifts=0, progress=False)
+    for label, call in _hostile_calls(separator, repo, clip, tmp_path).items():
+        with pytest.raises(htsep.HtsepError) as caught:
+            call()
+        assert "\n" not in str(caught.value), label
+    assert clip.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.wav"]
+
+
+def test_integer_tensors_are_written_as_audio_files_store_them(tmp_path):
+    from htsep.audio import read_audio, write_audio
+
+    for dtype, value, expected in [(torch.int16, 1000, 1000 / 2**15), (torch.uint8, 192, 0.5)]:
+        path = tmp_path / f"{dtype}.wav"
+        write_audio(path, torch.full((1, 10), value, dtype=dtype), 8000, bits=32)
+        assert read_audio(path)[0][0, 0].item() == pytest.approx(expected, abs=1e-7)
+
+
+def test_a_single_path_is_one_input_not_its_letters(repo, tmp_path, monkeypatch):
+    """Batch.run("song.wav") took the string for a list of inputs "s", "o", ...; one of them,
+    "/" for an absolute path, sent it searching the whole file system."""
+    import soundfile as sf
+
+    from htsep.batch import Batch, find_inputs
+
+    monkeypatch.chdir(tmp_path)
+    sf.write(tmp_path / "a.wav", _mix(seconds=0.6).numpy().T, 8000)
+    assert [t.source for t in find_inputs("a.wav", tmp_path / "out")] == ["a.wav"]
+    separator = htsep.Separator("aaaa0001", repo=repo, device="cpu", shifts=0, progress=False)
+    done = Batch(separator, tmp_path / "out").run(str(tmp_path / "a.wav"))
+    assert [t.status for t in done] == ["ok"]
