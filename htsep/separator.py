@@ -781,6 +781,7 @@ class ScannedFile:
         self.source = ResampledSignal(model_layout, self.frames, rate, separator.sample_rate)
         self.mean, self.std = mix_statistics(self.source.read, self.source.length, BLOCK_FRAMES)
         self._separation: SeparationStream | None = None
+        self.streamed = False  # a StreamedTrack took it: its separation is consumed once
 
     def normalized(self, start: int, length: int) -> torch.Tensor:
         """The model-rate mix normalized, as the networks take it: (x - mean) / std inside the
@@ -854,9 +855,14 @@ class StreamedTrack:
     ) -> None:
         if scanned.separator is not separator:
             raise UsageError("the file was scanned for another Separator")
+        if scanned.streamed:
+            raise UsageError(
+                f"{scanned.name}: this ScannedFile was separated already; open it again"
+            )
         _check_progress(progress)
         if isinstance(block, bool) or not isinstance(block, int) or block < 1:
             raise UsageError(f"block must be a positive number of frames, not {block!r}")
+        scanned.streamed = True
         self.separator, self.block, self.scanned = separator, block, scanned
         self.reader = scanned.reader
         self.name, self.frames = scanned.name, scanned.frames

@@ -434,3 +434,22 @@ def test_a_single_path_is_one_input_not_its_letters(repo, tmp_path, monkeypatch)
     separator = htsep.Separator("aaaa0001", repo=repo, device="cpu", shifts=0, progress=False)
     done = Batch(separator, tmp_path / "out").run(str(tmp_path / "a.wav"))
     assert [t.status for t in done] == ["ok"]
+
+
+def test_a_scanned_file_serves_one_separation(repo, tmp_path):
+    """A second use read past the end of its consumed separation: a ValueError."""
+    import soundfile as sf
+
+    from htsep.separator import ScannedFile
+
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, _mix(seconds=0.6).numpy().T, 8000)
+    separator = htsep.Separator("aaaa0001", repo=repo, device="cpu", shifts=0, progress=False)
+    scanned = ScannedFile.open(separator, clip)
+    try:
+        separator.separate_file_to(scanned, {"vocals": tmp_path / "a.wav"})
+        with pytest.raises(UsageError, match="separated already; open it again"):
+            separator.separate_file_to(scanned, {"vocals": tmp_path / "b.wav"})
+    finally:
+        scanned.close()
+    assert (tmp_path / "a.wav").is_file() and not (tmp_path / "b.wav").exists()
