@@ -719,8 +719,7 @@ def _copy_to_stdout(path: Path) -> None:
     try:
         files.copy_into(path, sys.stdout.buffer)
     except OSError as exc:
-        # Say so once, and keep Python from complaining at exit about the bytes it still holds.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _abandon_stdout()  # say so once, below
         if isinstance(exc, BrokenPipeError):  # the reader went away
             raise HtsepError("standard output was closed before the stem was written") from None
         reason = exc.strerror or type(exc).__name__
@@ -1068,11 +1067,20 @@ def main() -> None:
         from htsep import files
 
         files.remove_unfinished()
-        # What stdout still holds must not be tried again at exit (Python's own complaint).
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _abandon_stdout()
         _error(f"cannot write to standard output: {exc.strerror or type(exc).__name__}")
         _exit(1)
     _exit(0)
+
+
+def _abandon_stdout() -> None:
+    """Point standard output at /dev/null after a failed write: the bytes Python still holds
+    for it must not be tried again at exit (Python's own complaint, a second line)."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, sys.stdout.fileno())
+    finally:
+        os.close(null)
 
 
 def _writing_stdout(exc: BaseException) -> bool:
