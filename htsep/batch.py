@@ -344,13 +344,13 @@ def shard_device(device: str | None, environ: Mapping[str, str]) -> str | None:
 def _array_task(environ: Mapping[str, str]) -> tuple[int, int, str] | None:
     """(position among the array's tasks from 0, number of tasks, description), or None
     outside a job array."""
-    task = _whole_number(environ, "SLURM_ARRAY_TASK_ID")
+    task = whole_variable(environ, "SLURM_ARRAY_TASK_ID")
     if task is None:
         return None
-    first = _whole_number(environ, "SLURM_ARRAY_TASK_MIN")
-    last = _whole_number(environ, "SLURM_ARRAY_TASK_MAX")
-    step = _whole_number(environ, "SLURM_ARRAY_TASK_STEP")
-    count = _whole_number(environ, "SLURM_ARRAY_TASK_COUNT")
+    first = whole_variable(environ, "SLURM_ARRAY_TASK_MIN")
+    last = whole_variable(environ, "SLURM_ARRAY_TASK_MAX")
+    step = whole_variable(environ, "SLURM_ARRAY_TASK_STEP")
+    count = whole_variable(environ, "SLURM_ARRAY_TASK_COUNT")
     if (first is None) != (last is None):
         given, missing = ("MIN", "MAX") if last is None else ("MAX", "MIN")
         raise UsageError(
@@ -395,31 +395,32 @@ def _ranks(environ: Mapping[str, str]) -> _Ranks | None:
     else:
         return None
     launcher, rank_name, world_name, local_name = names
-    rank = _whole_number(environ, rank_name)
-    world = _whole_number(environ, world_name)
+    rank = whole_variable(environ, rank_name)
+    world = whole_variable(environ, world_name)
     if rank is None or world is None:
         given, missing = (rank_name, world_name) if world is None else (world_name, rank_name)
         raise UsageError(f"{_AUTO}: {given} is set without {missing}")
     if world < 1 or rank >= world:
         raise UsageError(f"{_AUTO}: {rank_name}={rank} is not a rank of {world_name}={world}")
-    local_rank = _whole_number(environ, local_name)
+    local_rank = whole_variable(environ, local_name)
     if local_rank is not None and local_rank >= world:
         raise UsageError(f"{_AUTO}: {local_name}={local_rank} with {world_name}={world}")
     return _Ranks(rank, world, local_rank, launcher)
 
 
-def _whole_number(environ: Mapping[str, str], name: str) -> int | None:
+def whole_variable(environ: Mapping[str, str], name: str, context: str = _AUTO) -> int | None:
     """The variable as a whole number >= 0, None when it is not set. Strict: launchers write
-    plain digits, so anything else (empty, signed, spaced) was written by hand, wrongly."""
+    plain digits, so anything else (empty, signed, spaced) was written by hand, wrongly.
+    ``context``: what the error lines start with (the option or command reading it)."""
     value = environ.get(name)
     if value is None:
         return None
     if not value.strip():
-        raise UsageError(f"{_AUTO}: {name} is empty (an unset variable in a script?)")
+        raise UsageError(f"{context}: {name} is empty (an unset variable in a script?)")
     if not re.fullmatch(r"[0-9]+", value):
-        raise UsageError(f"{_AUTO}: {name}={value!r}: expected a whole number")
+        raise UsageError(f"{context}: {name}={value!r}: expected a whole number")
     if len(value.lstrip("0")) > 9:
-        raise UsageError(f"{_AUTO}: {name}={value}: too large")
+        raise UsageError(f"{context}: {name}={value}: too large")
     return int(value)
 
 

@@ -138,37 +138,29 @@ class Processes:
     @classmethod
     def from_environment(cls) -> Processes:
         """From torchrun's variables (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and
-        MASTER_PORT); one process when WORLD_SIZE is unset, empty or 1. Values torchrun would
-        never set are a UsageError, before any work: a rank outside the world waited forever
+        MASTER_PORT), read as ``--shard auto`` reads them (``batch.whole_variable``); one
+        process when WORLD_SIZE is unset or 1. Values torchrun would never set (empty ones
+        included) are a UsageError before any work: a rank outside the world waited forever
         for peers that never come."""
+        from htsep.batch import whole_variable
+
         environ = os.environ
-        world = _whole_variable(environ, "WORLD_SIZE", 1)
-        if world <= 1:
+        world = whole_variable(environ, "WORLD_SIZE", "train")
+        if world is None or world <= 1:
             return cls()
-        rank = _whole_variable(environ, "RANK", None)
-        local_rank = _whole_variable(environ, "LOCAL_RANK", 0)
+        rank = whole_variable(environ, "RANK", "train")
+        if rank is None:
+            raise UsageError("train: RANK is not set (torchrun sets it with WORLD_SIZE)")
+        local_rank = whole_variable(environ, "LOCAL_RANK", "train") or 0
         if not rank < world:
-            raise UsageError(f"RANK={rank} is not below WORLD_SIZE={world}")
+            raise UsageError(f"train: RANK={rank} is not below WORLD_SIZE={world}")
         missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not environ.get(name)]
         if missing:
             raise UsageError(
-                f"WORLD_SIZE={world} without {' and '.join(missing)}: start the processes "
-                "with torchrun"
+                f"train: WORLD_SIZE={world} without {' and '.join(missing)}: start the "
+                "processes with torchrun"
             )
         return cls(rank, world, local_rank)
-
-
-def _whole_variable(environ: Mapping[str, str], name: str, default: int | None) -> int:
-    """An environment variable that holds a whole number; ``default`` when it is unset or
-    empty (None: it must be set)."""
-    text = environ.get(name, "").strip()
-    if not text:
-        if default is None:
-            raise UsageError(f"{name} is not set (torchrun sets it with WORLD_SIZE)")
-        return default
-    if not (text.isascii() and text.isdigit()) or len(text) > 9:
-        raise UsageError(f"{name}={text!r}: expected a whole number")
-    return int(text)
 
 
 @contextmanager

@@ -374,11 +374,23 @@ def test_torchrun_variables_are_checked_before_any_work(
     assert not run.exists()
 
 
-def test_an_empty_world_size_is_one_process(monkeypatch):
-    from htsep.train import Processes
+def test_an_empty_world_size_is_refused_as_shard_auto_refuses_it(
+    toy_dataset, toy_config, tmp_path, monkeypatch
+):
+    """One reading of launcher variables for --shard auto and train: empty is a script's unset
+    variable, not "one process"."""
+    from htsep.batch import shard_from_environment
 
     monkeypatch.setenv("WORLD_SIZE", "")
-    assert Processes.from_environment() == Processes()
+    args = ["train", str(toy_dataset), "--out", str(tmp_path / "r"), "--config", str(toy_config)]
+    result = CliRunner().invoke(app, [*args, "-q"])
+    assert result.exit_code == 2
+    assert (
+        result.output
+        == "htsep: error: train: WORLD_SIZE is empty (an unset variable in a script?)\n"
+    )
+    with pytest.raises(UsageError, match="WORLD_SIZE is empty"):
+        shard_from_environment({"WORLD_SIZE": "", "RANK": "0"})
 
 
 def test_a_run_never_replaces_files_it_did_not_write(toy_dataset, toy_config, tmp_path):
