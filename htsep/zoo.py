@@ -37,6 +37,7 @@ import math
 import os
 import re
 import stat
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
@@ -58,6 +59,11 @@ DEFAULT_MODEL = "htdemucs"
 
 CHECKPOINT_SUFFIXES = (".th", ".safetensors")
 DOWNLOAD_TIMEOUT_SECONDS = 30.0
+# The timeout is per read, so a server sending a byte now and then would hold a download
+# forever: one that receives less than STALL_MIN_BYTES in any STALL_WINDOW_SECONDS is stopped
+# (1 KiB/s, at which the smallest published checkpoint would take a day).
+STALL_WINDOW_SECONDS = 60.0
+STALL_MIN_BYTES = 64 << 10
 _BLOCK_BYTES = 1 << 20
 _HEX = re.compile(r"[0-9a-fA-F]+")
 # demucs's save_with_checksum names files "<sig>-<first 8 hex of the SHA-256>"; a full hash is
@@ -753,7 +759,9 @@ def _stream(url: str, out: IO[bytes], label: str, *, progress: bool) -> str:
                 disable=not progress,
                 leave=False,
             ) as bar:
-                while block := response.read(_BLOCK_BYTES):
+                window_start, window_received = time.monotonic(), 0
+                # read1 returns what one read of the socket gives, so a drip is seen as one.
+                while block := response.read1(_BLOCK_BYTES):
                     digest.update(block)
                     out.write(block)
                     received += len(block)
@@ -762,6 +770,10 @@ def _stream(url: str, out: IO[bytes], label: str, *, progress: bool) -> str:
                         raise _failed(
                             url, f"more than {MAX_DOWNLOAD_BYTES} bytes, {_TOO_BIG}", label
                         )
+                    if time.monotonic() - window_start >= STALL_WINDOW_SECONDS:
+                        if received - window_received < STALL_MIN_BYTES:
+                            raise _failed(url, _stalled(received - window_received), label)
+                        window_start, window_received = time.monotonic(), received
     except urllib.error.HTTPError as exc:
         raise _failed(url, f"HTTP {exc.code} {exc.reason}", label) from exc
     except urllib.error.URLError as exc:
@@ -777,6 +789,13 @@ def _stream(url: str, out: IO[bytes], label: str, *, progress: bool) -> str:
     if total is not None and received != total:
         raise _truncated(url, received, total, label)
     return digest.hexdigest()
+
+
+def _stalled(received: int) -> str:
+    return (
+        f"the server sent only {received} bytes in {STALL_WINDOW_SECONDS:g} s "
+        f"(at least {STALL_MIN_BYTES} are needed to go on)"
+    )
 
 
 def _failed(url: str, reason: str, label: str) -> DownloadError:

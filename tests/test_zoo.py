@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -82,6 +83,7 @@ class Server:
     stall: threading.Event | None = None  # when set, full bodies pause halfway until it fires
     halfway: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
     length: str | None = None  # the Content-Length to announce ("": none) instead of the size
+    drip: float | None = None  # when set, bodies go out 16 bytes at a time, this many s apart
 
 
 @pytest.fixture
@@ -114,6 +116,11 @@ def server(tmp_path: Path) -> Iterator[Server]:
                 state.halfway.release()
                 state.stall.wait(timeout=10)
                 body = body[len(body) // 2 :]
+            if state.drip is not None:
+                for start in range(0, len(body), 16):
+                    self.wfile.write(body[start : start + 16])
+                    time.sleep(state.drip)
+                return
             self.wfile.write(body)
 
         def log_message(self, format: str, *args: object) -> None:
@@ -812,6 +819,28 @@ def test_a_download_larger_than_any_checkpoint_stops(
     announced = f"the server offers {size} bytes" if length is None else "more than 1000 bytes"
     assert announced in str(caught.value) and "\n" not in str(caught.value)
     assert cache_leftovers(zoo.cache_dir()) == []
+
+
+def test_a_server_that_drips_bytes_is_stopped(
+    mirror: Server, served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each read got a byte or two within the read timeout, so a download from a server
+    sending a few bytes at a time never ended: a window of too little progress stops it."""
+    shutil.copy(served.path, mirror.root / served.path.name)
+    monkeypatch.setattr(zoo, "STALL_WINDOW_SECONDS", 0.5)
+    monkeypatch.setattr(zoo, "STALL_MIN_BYTES", 10_000)
+    mirror.drip = 0.005  # about 3 kB/s
+    started = time.monotonic()
+    with pytest.raises(DownloadError) as caught:
+        fetch(served.member, progress=False)
+    assert time.monotonic() - started < 5
+    message = str(caught.value)
+    assert "the server sent only" in message and "in 0.5 s" in message and "\n" not in message
+    assert cache_leftovers(zoo.cache_dir()) == []
+    # A server as slow but within the limit completes.
+    monkeypatch.setattr(zoo, "STALL_MIN_BYTES", 100)
+    mirror.drip = 0.0005 if served.path.stat().st_size < 200_000 else None
+    assert sha256(fetch(served.member, progress=False)) == sha256(served.path)
 
 
 @pytest.mark.parametrize("command", [["models", "download", "-q"], ["info"]])
