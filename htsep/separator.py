@@ -42,6 +42,7 @@ from htsep.devices import (
     parse_device,
 )
 from htsep.errors import AudioError, HtsepError, UsageError
+from htsep.model.config import show_number
 from htsep.model.htdemucs import HTDemucs
 from htsep.model.kernels import cpu_products
 from htsep.resample import ResampledSignal
@@ -130,13 +131,13 @@ class Settings:
         shifts = _integer(shifts, "shifts", 0, MAX_SHIFTS)
         overlap = _real(overlap, "overlap")
         if not 0 <= overlap < 1:
-            raise UsageError(f"overlap must be in [0, 1), got {overlap:g}")
+            raise UsageError(f"overlap must be in [0, 1), got {show_number(overlap)}")
         if not isinstance(split, bool):
             raise UsageError(f"split must be True or False, not {split!r}")
         if segment is not None:
             seconds = _real(segment, "segment")
             if seconds <= 0:
-                raise UsageError(f"segment must be positive, got {seconds:g}")
+                raise UsageError(f"segment must be positive, got {show_number(seconds)}")
             segment = (
                 Fraction(segment)
                 if isinstance(segment, (int, Fraction))
@@ -144,7 +145,8 @@ class Settings:
             )
             if segment < MIN_SEGMENT:
                 raise UsageError(
-                    f"segment {seconds:g} s is too short (at least {float(MIN_SEGMENT):g} s)"
+                    f"segment {show_number(seconds)} s is too short "
+                    f"(at least {float(MIN_SEGMENT):g} s)"
                 )
         seed = _integer(seed, "seed", 0, MAX_SEED)
         if batch_size is not None:
@@ -316,7 +318,7 @@ class Separator:
             segment = self.spec.segment  # a bag's own segment, as demucs applies it
         if segment is not None and segment > limit:
             raise UsageError(
-                f"--segment {float(segment):g} is longer than the model's "
+                f"--segment {show_number(float(segment))} is longer than the model's "
                 f"segment ({float(limit):g} s)"
             )
         if settings.split:
@@ -324,8 +326,8 @@ class Separator:
             chunk = min(segment_samples(model, segment) for model, _ in self.bag.members)
             if int((1 - settings.overlap) * chunk) < 1:
                 raise UsageError(
-                    f"--overlap {settings.overlap:g} leaves no step between chunks of {chunk} "
-                    "samples; use a smaller overlap"
+                    f"--overlap {show_number(settings.overlap)} leaves no step between chunks "
+                    f"of {chunk} samples; use a smaller overlap"
                 )
         self.options = ChunkOptions(
             segment=segment,

@@ -51,7 +51,13 @@ from tqdm import tqdm
 
 from htsep import files
 from htsep.errors import CheckpointError, DownloadError, ModelNotFoundError
-from htsep.model.config import MAX_SEGMENT_SECONDS, check_sources, name_problem, show
+from htsep.model.config import (
+    MAX_SEGMENT_SECONDS,
+    check_sources,
+    name_problem,
+    show,
+    show_number,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -340,8 +346,8 @@ def _parse_weights(
         for column, weight in enumerate(row):
             if not (math.isfinite(weight) and 0 <= weight <= _MAX_WEIGHT):
                 raise ModelNotFoundError(
-                    f"{origin}: weights[{index}][{column}] is {weight:g}; weights must be "
-                    f"finite numbers from 0 to {_MAX_WEIGHT:g}"
+                    f"{origin}: weights[{index}][{column}] is {show_number(weight)}; weights "
+                    f"must be finite numbers from 0 to {_MAX_WEIGHT:g}"
                 )
     for column in range(len(rows[0])):
         if not any(row[column] for row in rows):

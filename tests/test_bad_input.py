@@ -263,6 +263,27 @@ def test_bad_option_values_exit_2_before_any_work(run, tmp_path, args, phrase):
     assert _nothing_written(run.out)
 
 
+@pytest.mark.parametrize(
+    "args,shown",
+    [
+        (["--overlap", "0.99999999"], "--overlap 0.99999999 leaves"),
+        (["--overlap", "1.0000000001"], "got 1.0000000001"),
+        (["--segment", "0.99999999"], "--segment 0.99999999 s is too short"),
+        (["--segment", "1e-300"], "--segment 1e-300 s is too short"),
+        (
+            ["--segment", "1.50000001"],
+            "--segment 1.50000001 is longer than the model's segment (1.5",
+        ),
+    ],
+)
+def test_a_refused_value_is_shown_as_given(run, tmp_path, args, shown):
+    """Six significant digits showed --overlap 0.99999999 as "--overlap 1", a value that was
+    not refused for the reason given."""
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 0.5)
+    _assert_one_line_failure(run(*args, clip), 2, shown)
+
+
 def test_an_empty_input_argument_is_a_usage_error(run, tmp_path, monkeypatch):
     """`htsep separate "$FILE"` with FILE unset must not separate the current folder."""
     write_clip(tmp_path / "here" / "song.wav", 0.5)

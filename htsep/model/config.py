@@ -256,6 +256,13 @@ def show(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def show_number(value: float) -> str:
+    """``value`` as ``:g`` writes it, or in full where that would round it (0.99999999 is
+    not 1), for error messages."""
+    text = f"{value:g}"
+    return text if float(text) == value else repr(float(value))
+
+
 def check_option(name: str, value: Any, limit: Limit) -> Any:
     """``value`` if it is what ``limit`` allows (an int as int, a real as float), else
     CheckpointError naming the option ``name``."""
