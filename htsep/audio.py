@@ -44,7 +44,7 @@ import soundfile as sf
 import torch
 
 from htsep.errors import AudioError, UsageError
-from htsep.files import create_temporary, place
+from htsep.files import create_temporary, make_folder, place
 from htsep.quiet import native_stderr_muted
 
 logger = logging.getLogger(__name__)
@@ -259,7 +259,7 @@ class AudioWriter:
 
     def __enter__(self) -> AudioWriter:
         try:
-            self.target.parent.mkdir(parents=True, exist_ok=True)
+            make_folder(self.target.parent)
         except OSError as exc:
             raise AudioError(
                 f"{self.name}: cannot create folder {self.target.parent}: {_reason(exc)}"

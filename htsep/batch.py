@@ -176,12 +176,12 @@ def find_inputs(patterns: Sequence[str | os.PathLike[str]], exclude: Path) -> li
     if isinstance(patterns, (str, os.PathLike)):  # one input, not its letters
         patterns = [patterns]
     patterns = [file_name(pattern, "input") for pattern in patterns]
-    exclude = Path(exclude).resolve()
+    exclude = files.real_path(exclude)
     tracks: list[Track] = []
     seen: set[Path] = set()
 
     def add(path: Path, source: str, root: Path | None = None) -> None:
-        key = path.resolve()
+        key = files.real_path(path)
         if key not in seen:
             seen.add(key)
             relative = "" if root is None else path.parent.relative_to(root).as_posix()
@@ -192,7 +192,7 @@ def find_inputs(patterns: Sequence[str | os.PathLike[str]], exclude: Path) -> li
         for item in sorted(folder.rglob("*")):
             if item.name.startswith(".") or item.suffix.lower() not in AUDIO_EXTENSIONS:
                 continue
-            if item.is_file() and not item.resolve().is_relative_to(exclude):
+            if item.is_file() and not files.real_path(item).is_relative_to(exclude):
                 found.append(item)
         return found
 
@@ -210,7 +210,9 @@ def find_inputs(patterns: Sequence[str | os.PathLike[str]], exclude: Path) -> li
             add(path, pattern)
         elif glob.has_magic(pattern):
             matches = [Path(m) for m in sorted(glob.glob(pattern, recursive=True))]
-            named = [m for m in matches if m.is_file() and not m.resolve().is_relative_to(exclude)]
+            named = [
+                m for m in matches if m.is_file() and not files.real_path(m).is_relative_to(exclude)
+            ]
             below = [(f, m) for m in matches if m.is_dir() for f in audio_under(m)]
             if not named and not below:
                 tracks.append(Track(pattern, None, error=f"{pattern}: no files match this pattern"))
@@ -219,7 +221,8 @@ def find_inputs(patterns: Sequence[str | os.PathLike[str]], exclude: Path) -> li
             for file, root in below:
                 add(file, str(file), root=root)
         else:
-            tracks.append(Track(pattern, None, error=f"{pattern}: no such file or folder"))
+            problem = files.broken_link(path) or "no such file or folder"
+            tracks.append(Track(pattern, None, error=f"{pattern}: {problem}"))
 
     for item in patterns:
         pattern = os.fspath(item)
@@ -500,7 +503,7 @@ def plan_outputs(
     without overwrite an existing stem fails its track. -> {track index: plan}"""
     template = settings.template
     check_template(template, settings.ext, len(names))
-    inputs = {t.path.resolve() for t in tracks if t.path is not None}
+    inputs = {files.real_path(t.path) for t in tracks if t.path is not None}
     owners: dict[Path, str] = {}
     paths_of: dict[int, dict[str, Path]] = {}
     for index, track in enumerate(tracks):
@@ -536,7 +539,7 @@ def plan_outputs(
     plans: dict[int, OutputPlan] = {}
     for index, paths in paths_of.items():
         track = tracks[index]
-        clash = next((p for p in paths.values() if p.resolve() in inputs), None)
+        clash = next((p for p in paths.values() if files.real_path(p) in inputs), None)
         if clash is not None:
             track.error = f"{track.source}: output {clash} would overwrite an input file"
             continue
@@ -779,7 +782,7 @@ class _Run:
         name = str(track.path)
         track.error = (
             track.source + message[len(name) :]
-            if message.startswith(name)
+            if message.startswith(name + ":")
             else f"{track.source}: {message}"
         )
 

@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from htsep.errors import CheckpointError, HtsepError, UnsupportedOptionError, UsageError
-from htsep.files import atomic_output
+from htsep.files import atomic_output, make_folder
 from htsep.model.config import (
     HTDemucsConfig,
     config_from_dict,
@@ -616,7 +616,7 @@ def save_model(
         "config": json.dumps(config_to_dict(model.config)),
     }
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(path.parent)
         with atomic_output(path) as temporary:
             save_file(tensors, temporary, metadata=info)
     except OSError as exc:

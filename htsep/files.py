@@ -372,3 +372,55 @@ def remove_stale(folder: str | os.PathLike[str]) -> list[Path]:
                 path.unlink()
             removed.append(path)
     return removed
+
+
+_BLOCKED = (errno.EEXIST, errno.ENOTDIR, errno.ELOOP)
+
+
+def make_folder(folder: str | os.PathLike[str]) -> None:
+    """``mkdir -p folder``. Where a part of the path is in the way (a file, a symbolic link to
+    nothing, a link loop), the OSError says which part and why, not "File exists"."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocker = _in_the_way(path) if exc.errno in _BLOCKED else None
+        if blocker is None:
+            raise
+        raise OSError(exc.errno, blocker) from None
+
+
+def real_path(path: str | os.PathLike[str]) -> Path:
+    """The absolute path with every link resolved as far as they lead; unlike Path.resolve on
+    Python 3.11, a link loop does not raise (the looping part is kept as it is)."""
+    return Path(os.path.realpath(path))
+
+
+def _in_the_way(path: Path) -> str | None:
+    """Why the first existing part of ``path`` that is not a folder blocks making it."""
+    for part in [*reversed(path.parents), path]:
+        if os.path.isdir(part):
+            continue
+        if not os.path.lexists(part):
+            return None
+        if not os.path.islink(part):
+            return f"{part} is a file, not a folder"
+        return f"{part} is {broken_link(part) or 'a symbolic link to a file, not to a folder'}"
+    return None
+
+
+def broken_link(path: str | os.PathLike[str]) -> str | None:
+    """What is wrong with the symbolic link ``path`` ("a symbolic link loop", ...), or None
+    when it leads to something (or is no link)."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if not os.path.islink(path):
+            return None
+        if exc.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        try:
+            return f"a symbolic link to {os.readlink(path)}, which does not exist"
+        except OSError:
+            return "a symbolic link to nothing"
+    return None

@@ -578,7 +578,7 @@ def _refuse_existing(targets: dict[str, Path], keep: Collection[str]) -> None:
 def _staging_folder(first: Path) -> files.StagingFolder:
     """A hidden folder beside the outputs, for the float stems of a track."""
     try:
-        first.parent.mkdir(parents=True, exist_ok=True)
+        files.make_folder(first.parent)
         return files.StagingFolder(first.parent)
     except OSError as exc:
         raise AudioError(

@@ -51,7 +51,7 @@ from htsep.checkpoint import load_model, save_model
 from htsep.data import Track, find_tracks
 from htsep.devices import parse_device
 from htsep.errors import HtsepError, UsageError
-from htsep.files import atomic_output
+from htsep.files import atomic_output, make_folder, real_path
 from htsep.model.config import (
     NAMED_CONFIGS,
     HTDemucsConfig,
@@ -451,7 +451,7 @@ class Trainer:
             step = self._load_state(model, optimizer, average)
         elif processes.main:
             try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
+                make_folder(self.run_dir)
             except OSError as exc:
                 raise UsageError(
                     f"--out {self.run_dir}: cannot make the folder: {exc.strerror or exc}"
@@ -566,7 +566,7 @@ class Trainer:
             "config": json.dumps(config_to_dict(model.config)),
         }
         _atomic_torch_save(state, self.run_dir / STATE_FILE)
-        metadata = {"training_step": str(step), "training_run": str(self.run_dir.resolve())}
+        metadata = {"training_step": str(step), "training_run": str(real_path(self.run_dir))}
         save_model(self._exported(model, average), self.run_dir / MODEL_FILE, metadata)
 
     def _load_state(

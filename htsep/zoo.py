@@ -455,7 +455,7 @@ _RUN_MODEL, _RUN_OPTIONS = "model.safetensors", "run.json"
 
 def _file_spec(path: Path) -> ModelSpec:
     signature, checksum = _split_checksum(path.stem)
-    run = path.resolve().parent
+    run = files.real_path(path).parent
     # Every run of htsep train exports "model.safetensors": name it after its run folder, so
     # that the stems of runs/a and runs/b do not share <out>/model/.
     if (
@@ -705,7 +705,7 @@ def _download(url: str, final: Path, checksum: str | None, *, progress: bool) ->
     """Download ``url`` to ``final`` through a private temporary file, renamed once verified."""
     folder = final.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        files.make_folder(folder)
         files.remove_stale(folder)  # .part files of downloads that were killed
         # Each download writes its own file in the same folder, so the rename is atomic and
         # concurrent downloads of the same checkpoint cannot interleave their bytes.

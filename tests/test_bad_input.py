@@ -284,6 +284,61 @@ def test_a_refused_value_is_shown_as_given(run, tmp_path, args, shown):
     _assert_one_line_failure(run(*args, clip), 2, shown)
 
 
+@pytest.mark.parametrize(
+    "kind,phrase",
+    [
+        ("loop", "out is a symbolic link loop"),
+        ("two-link loop", "out is a symbolic link loop"),
+        ("dangling", "out is a symbolic link to"),
+        ("file", "out is a file, not a folder"),
+    ],
+)
+def test_an_output_folder_in_the_way_is_named(tmp_path, repo, kind, phrase):
+    """-o through a link loop was a RuntimeError traceback (Path.resolve on Python 3.11), and
+    -o a link to nothing failed every track with "File exists"."""
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 0.5)
+    out = tmp_path / "out"
+    if kind == "loop":
+        out.symlink_to("out")
+    elif kind == "two-link loop":
+        out.symlink_to("other")
+        (tmp_path / "other").symlink_to("out")
+    elif kind == "dangling":
+        out.symlink_to(tmp_path / "gone" / "folder")
+    else:
+        out.write_bytes(b"mine")
+    result = htsep("--repo", str(repo), *MODEL, "-o", str(out / "sub"), str(clip))
+    _assert_one_line_failure(result, 1, phrase)
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["song.wav", "out"] + (["other"] if kind == "two-link loop" else [])
+    )
+    if kind == "file":
+        assert out.read_bytes() == b"mine"
+
+
+def test_a_failure_line_names_its_track_when_the_message_starts_like_it(
+    tmp_path, repo, monkeypatch
+):
+    """An error about "song.wav/x/..." lost its "song.wav: " prefix: the name of the file read
+    was taken off the message when the message only began with the same characters."""
+    monkeypatch.chdir(tmp_path)
+    write_clip(tmp_path / "song.wav", 0.5)
+    result = htsep("--repo", str(repo), *MODEL, "-o", "song.wav/x", "song.wav")
+    _assert_one_line_failure(result, 1, "song.wav is a file, not a folder")
+    assert _errors(result)[0].startswith("htsep: error: song.wav: song.wav/x/"), result.stderr
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling"])
+def test_an_input_that_is_a_broken_link_is_named(run, tmp_path, kind):
+    link = tmp_path / "song.wav"
+    link.symlink_to("song.wav" if kind == "loop" else tmp_path / "gone.wav")
+    phrase = "a symbolic link loop" if kind == "loop" else "a symbolic link to"
+    _assert_one_line_failure(run(link), 1, f"song.wav: {phrase}")
+    assert _nothing_written(run.out)
+
+
 def test_an_empty_input_argument_is_a_usage_error(run, tmp_path, monkeypatch):
     """`htsep separate "$FILE"` with FILE unset must not separate the current folder."""
     write_clip(tmp_path / "here" / "song.wav", 0.5)

@@ -2,6 +2,7 @@
 
 import errno
 import os
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +108,39 @@ def test_remove_unfinished_takes_only_what_was_not_put_in_place(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".someone-else.tmp", "done.wav"]
     assert placed_target.read_bytes() == b"complete"
     assert files.remove_unfinished() == []
+
+
+def test_make_folder_names_what_is_in_the_way(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"x")
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "to-file").symlink_to(tmp_path / "file")
+    expected = {
+        "file/a/b": "file is a file, not a folder",
+        "loop/a": "loop is a symbolic link loop",
+        "gone/a": f"gone is a symbolic link to {tmp_path / 'nowhere'}, which does not exist",
+        "gone": f"gone is a symbolic link to {tmp_path / 'nowhere'}, which does not exist",
+        "to-file/a": "to-file is a symbolic link to a file, not to a folder",
+    }
+    for relative, reason in expected.items():
+        with pytest.raises(OSError) as caught:
+            files.make_folder(tmp_path / relative)
+        assert caught.value.strerror == f"{tmp_path}/{reason}"
+    files.make_folder(tmp_path / "new" / "deep")  # what can be made is made
+    files.make_folder(tmp_path / "new" / "deep")
+    assert (tmp_path / "new" / "deep").is_dir()
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_real_path_takes_link_loops(tmp_path: Path) -> None:
+    """Path.resolve raises RuntimeError on a loop in Python 3.11: real_path never raises."""
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "dir")
+    assert files.real_path(tmp_path / "a" / "x").name == "x"
+    assert files.real_path(tmp_path / "link" / "f") == tmp_path.resolve() / "dir" / "f"
+    assert files.broken_link(tmp_path / "a") == "a symbolic link loop"
+    assert files.broken_link(tmp_path / "link") is None
+    assert files.broken_link(tmp_path / "dir") is None
+    assert files.broken_link(tmp_path / "absent") is None
