@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import hashlib
 import os
 import re
@@ -424,3 +425,26 @@ def broken_link(path: str | os.PathLike[str]) -> str | None:
         except OSError:
             return "a symbolic link to nothing"
     return None
+
+
+class FolderBusy(OSError):
+    """Another process holds the folder's lock."""
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` itself (flock on the folder, so that no lock file
+    is left behind; the kernel drops it when the process ends, kill -9 included). FolderBusy
+    if another process holds it; where the file system has no locks, nothing is locked."""
+    handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderBusy(errno.EWOULDBLOCK, "in use by another process", str(folder)) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        yield
+    finally:
+        os.close(handle)  # closing the last descriptor releases the lock

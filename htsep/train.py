@@ -23,6 +23,7 @@ and at the end ``{step, event: "end", ...}``), ``model.safetensors`` (htsep's fo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -51,7 +52,7 @@ from htsep.checkpoint import load_model, save_model
 from htsep.data import Track, find_tracks
 from htsep.devices import parse_device
 from htsep.errors import HtsepError, UsageError
-from htsep.files import atomic_output, make_folder, real_path
+from htsep.files import FolderBusy, atomic_output, folder_lock, make_folder, real_path
 from htsep.model.config import (
     NAMED_CONFIGS,
     HTDemucsConfig,
@@ -422,9 +423,49 @@ class Trainer:
         cuda = [self.device] if self.device.type == "cuda" else []
         # torch's global generator drives weight initialization and dropout: seed it for this
         # run only, and give the caller's state back afterwards.
-        with process_group(self.processes, self.device), torch.random.fork_rng(devices=cuda):
+        with (
+            self._owned_folder(),
+            process_group(self.processes, self.device),
+            torch.random.fork_rng(devices=cuda),
+        ):
             torch.manual_seed(self.options.seed)
             return self._run()
+
+    @contextmanager
+    def _owned_folder(self) -> Iterator[None]:
+        """The run folder, locked by the main process for the whole run: a second run on it
+        (another htsep train, resumed or not) is a UsageError, where both ran before and
+        interleaved their checkpoints and metrics. A folder made here and left empty by a
+        failure is removed."""
+        if not self.processes.main:
+            yield
+            return
+        made = not os.path.lexists(self.run_dir)
+        try:
+            make_folder(self.run_dir)
+        except OSError as exc:
+            raise UsageError(
+                f"--out {self.run_dir}: cannot make the folder: {exc.strerror or exc}"
+            ) from None
+        try:
+            with contextlib.ExitStack() as held:
+                try:
+                    held.enter_context(folder_lock(self.run_dir))
+                except FolderBusy:
+                    raise UsageError(
+                        f"--out {self.run_dir}: another htsep train is running in this folder"
+                    ) from None
+                except OSError as exc:
+                    raise UsageError(f"--out {self.run_dir}: {exc.strerror or exc}") from None
+                # Checked again now that no other run can change the folder: one that finished
+                # meanwhile left a state.pt that this run must not replace.
+                self._prepare_folder()
+                yield
+        except BaseException:
+            if made:
+                with contextlib.suppress(OSError):  # only if the failure left it empty
+                    self.run_dir.rmdir()
+            raise
 
     def _run(self) -> TrainResult:
         options, processes = self.options, self.processes
@@ -450,12 +491,6 @@ class Trainer:
         if self.resume:
             step = self._load_state(model, optimizer, average)
         elif processes.main:
-            try:
-                make_folder(self.run_dir)
-            except OSError as exc:
-                raise UsageError(
-                    f"--out {self.run_dir}: cannot make the folder: {exc.strerror or exc}"
-                ) from None
             # A run that saved no step before it failed is started over, not continued.
             (self.run_dir / METRICS).unlink(missing_ok=True)
             _atomic_write_text(

@@ -478,3 +478,54 @@ def test_an_empty_dataset_argument_is_a_usage_error(tmp_path, monkeypatch, comma
         result.output
         == "htsep: error: DATASET is an empty string (an unset variable in a script?)\n"
     )
+
+
+def test_a_second_run_on_a_busy_folder_is_refused(toy_dataset, toy_config, tmp_path):
+    """Two `htsep train --out run` at once both trained, interleaving their checkpoints and
+    writing every metrics line twice. The run folder is locked for the whole run (flock on
+    the folder: nothing is left behind, and kill -9 releases it)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    args = ["train", str(toy_dataset), "--out", str(run), "--config", str(toy_config), "-q"]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "htsep", *args, "--steps", "100000", "--save-every", "1"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / STATE_FILE).exists():  # the first checkpoint: training has begun
+            assert first.poll() is None, first.stderr.read() if first.stderr else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        for second_args in ([*args, "--steps", "1"], [*args[:4], "--resume", "--steps", "2", "-q"]):
+            # A fresh start is refused by the state.pt already (exit 2 either way); a resume
+            # got past that check and trained beside the first run.
+            second = CliRunner().invoke(app, second_args)
+            assert second.exit_code == 2, second.output
+            assert len(second.output.splitlines()) == 1, second.output
+        assert "another htsep train is running in this folder" in second.output
+        assert first.poll() is None
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # kill -9 released the lock: the run resumes.
+    saved = torch.load(run / STATE_FILE, weights_only=False)["step"]
+    resumed = CliRunner().invoke(app, [*args[:4], "--resume", "--steps", str(saved + 1), "-q"])
+    assert resumed.exit_code == 0, resumed.output
+    steps = [r["step"] for r in _metrics(run) if "loss" in r]
+    assert steps == sorted(set(steps)), steps
+
+
+def test_a_failed_run_leaves_no_folder_it_made(toy_dataset, tmp_path):
+    config = tmp_path / "other-rate.yaml"
+    config.write_text(json.dumps({**TOY, "samplerate": RATE * 2}))
+    run = tmp_path / "run"
+    args = ["train", str(toy_dataset), "--out", str(run), "--config", str(config), "-q"]
+    result = CliRunner().invoke(app, [*args, "--steps", "1"])
+    assert result.exit_code == 2 and "resample the dataset" in result.output, result.output
+    assert not run.exists()
