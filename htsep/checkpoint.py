@@ -166,16 +166,15 @@ def load_model(source: str | os.PathLike[str]) -> HTDemucs:
     settings out of range, source names that are not plain file names, tensors that do not
     fit or hold NaN) raises CheckpointError naming the file, never another exception.
     """
+    from htsep import zoo
     from htsep.audio import file_name
 
     source = file_name(source, "checkpoint")
-    path = Path(source)
-    if (
-        isinstance(source, str)
-        and not os.path.lexists(source)
-        and not any(sep in source for sep in "/\\")
-        and not source.endswith((".th", ".safetensors", ".pt"))
-    ):
+    if not isinstance(source, str):
+        path = Path(source)
+    elif zoo.names_a_file(source):
+        path = zoo.expand_user(source)
+    else:  # a model's name, as `htsep separate -n` takes it, whatever files are here
         path = _named_model_file(source)
     head = _read_head(path)
     try:

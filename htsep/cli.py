@@ -775,8 +775,9 @@ def models_download(
 
     failed = False
     with _reported_errors("interrupted (nothing half-downloaded is left)", "models"):
-        for name in names:
-            spec = zoo.find_model(name)  # an unknown name: a usage error, before any download
+        # Every name first: an unknown one is a usage error before any download.
+        specs = [(name, zoo.find_model(name)) for name in names]
+        for name, spec in specs:
             for member in spec.members:
                 try:
                     path = zoo.fetch(member, progress=not quiet)

@@ -219,6 +219,10 @@ class Bag:
 
     def _fetch(self, index: int) -> HTDemucs:
         member = self.spec.members[index]
+        for other, loaded in zip(self.spec.members, self._models, strict=True):
+            if loaded is not None and other == member:  # listed twice: one network in memory
+                self._models[index] = loaded
+                return loaded
         path = zoo.fetch(member, progress=self._progress)
         model = self._models[index] = load_model(path)
         logger.info("loaded %s from %s", member.signature, path)

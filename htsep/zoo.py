@@ -83,6 +83,12 @@ _MAX_MODEL_NAME = 200
 _MAX_YAML_BYTES = 1 << 20
 # A bag weight above this only serves to overflow the weighted sums.
 _MAX_WEIGHT = 1e6
+# The sums are float32: a positive weight below its smallest normal number would be 0 there
+# (a source weighted 1e-300 became 0 / 0, NaN stems).
+_MIN_WEIGHT = 2.0**-126
+# Every member of a bag is a whole separation (demucs's bags have at most 4): a list of
+# thousands would take that many times the memory and the time.
+MAX_BAG_MEMBERS = 32
 # The shortest segment a bag may ask for, as --segment (htsep.separator.MIN_SEGMENT).
 MIN_SEGMENT_SECONDS = 1
 # A segment given as text: plain decimals or a fraction (Fraction('1e999999999') would compute a
@@ -136,7 +142,7 @@ class ModelSpec:
 # --- where files live --------------------------------------------------------------------------
 
 
-def _expand(path: str) -> Path:
+def expand_user(path: str) -> Path:
     """``~`` expanded where it can be (an unknown user's ``~name`` stays as written)."""
     try:
         return Path(path).expanduser()
@@ -203,13 +209,20 @@ def _read_text(path: Path) -> str:
     return data.decode("utf-8")
 
 
+def _configured(variable: str) -> str | None:
+    """The value of a folder variable; one of only spaces (an unset variable in a script's
+    quotes) counts as unset, not as a folder named " " in the current folder."""
+    value = os.environ.get(variable)
+    return value if value and value.strip() else None
+
+
 def cache_dir() -> Path:
     """Our download cache: ``$HTSEP_CACHE``, else ``$XDG_CACHE_HOME/htsep`` or ``~/.cache/htsep``.
 
     The folder is not created here; ``fetch`` creates it when it downloads.
     """
-    configured = os.environ.get("HTSEP_CACHE")
-    return _expand(configured) if configured else _user_cache_home() / "htsep"
+    configured = _configured("HTSEP_CACHE")
+    return expand_user(configured) if configured else _user_cache_home() / "htsep"
 
 
 def torch_hub_dir() -> Path:
@@ -217,8 +230,8 @@ def torch_hub_dir() -> Path:
 
     Computed like ``torch.hub.get_dir`` without importing torch.
     """
-    configured = os.environ.get("TORCH_HOME")
-    home = _expand(configured) if configured else _user_cache_home() / "torch"
+    configured = _configured("TORCH_HOME")
+    home = expand_user(configured) if configured else _user_cache_home() / "torch"
     return home / "hub" / "checkpoints"
 
 
@@ -267,6 +280,14 @@ def _plain_name(value: Any, what: str, origin: str) -> str:
     return str(value)
 
 
+def _check_bag_size(count: int, key: str, origin: str) -> None:
+    if count > MAX_BAG_MEMBERS:
+        raise ModelNotFoundError(
+            f"{origin}: '{key}' lists {count} networks, more than the {MAX_BAG_MEMBERS} a bag "
+            "may hold (each runs a whole separation)"
+        )
+
+
 def _parse_registry_entry(data: Mapping[str, Any], origin: str) -> ModelSpec:
     name = data.get("name")
     if not isinstance(name, str) or not name:
@@ -276,6 +297,7 @@ def _parse_registry_entry(data: Mapping[str, Any], origin: str) -> ModelSpec:
     raw_members = data.get("members")
     if not isinstance(raw_members, list) or not raw_members:
         raise ModelNotFoundError(f"{origin}: 'members' must be a non-empty list")
+    _check_bag_size(len(raw_members), "members", origin)
     members = []
     for index, raw in enumerate(raw_members):
         if not isinstance(raw, Mapping):
@@ -344,10 +366,12 @@ def _parse_weights(
         raise ModelNotFoundError(problem)
     for index, row in enumerate(rows):
         for column, weight in enumerate(row):
-            if not (math.isfinite(weight) and 0 <= weight <= _MAX_WEIGHT):
+            if not (
+                math.isfinite(weight) and (weight == 0 or _MIN_WEIGHT <= weight <= _MAX_WEIGHT)
+            ):
                 raise ModelNotFoundError(
                     f"{origin}: weights[{index}][{column}] is {show_number(weight)}; weights "
-                    f"must be finite numbers from 0 to {_MAX_WEIGHT:g}"
+                    f"must be 0 or finite numbers from {_MIN_WEIGHT:.3g} to {_MAX_WEIGHT:g}"
                 )
     for column in range(len(rows[0])):
         if not any(row[column] for row in rows):
@@ -423,18 +447,23 @@ def find_model(name: str, repo: str | os.PathLike[str] | None = None) -> ModelSp
     )
 
 
-def _looks_like_path(name: str) -> bool:
+def names_a_file(name: str) -> bool:
+    """Whether the model name ``name`` is a checkpoint file's path (it has a path separator or
+    a checkpoint's suffix) rather than a model of --repo or the registry."""
     separators = [os.sep] + ([os.altsep] if os.altsep else [])
-    return any(sep in name for sep in separators) or name.endswith(CHECKPOINT_SUFFIXES)
+    return any(sep in name for sep in separators) or name.endswith((*CHECKPOINT_SUFFIXES, ".pt"))
 
 
 def _find_file(name: str) -> ModelSpec | None:
-    path = _expand(name)
+    if not names_a_file(name):
+        # A plain name is a model of --repo or the registry, even if a file or folder of that
+        # name happens to be here (the stems' folder <out>/htdemucs, a stray copy): a file is
+        # named with its suffix or a path ("./mymodel").
+        return None
+    path = expand_user(name)
     status = _status(path)
     if status is not None and stat.S_ISREG(status.st_mode):
         return _file_spec(path)
-    if not _looks_like_path(name):
-        return None  # a plain name, even if a folder of that name happens to exist here
     if status is not None and stat.S_ISDIR(status.st_mode):
         raise ModelNotFoundError(
             f"{name}: is a folder, not a checkpoint file (pass a folder of checkpoints with --repo)"
@@ -549,6 +578,7 @@ def _repo_bag(name: str, contents: _RepoContents, repo: Path) -> ModelSpec:
     signatures = data.get("models")
     if not isinstance(signatures, list) or not signatures:
         raise ModelNotFoundError(f"{path}: 'models' must be a non-empty list of signatures")
+    _check_bag_size(len(signatures), "models", str(path))
     if not all(isinstance(signature, str) for signature in signatures):
         raise ModelNotFoundError(f"{path}: 'models' must be a list of signatures{_QUOTE_HINT}")
     for index, signature in enumerate(signatures):

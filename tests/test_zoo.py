@@ -20,6 +20,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
+import torch
 
 import htsep
 import reference
@@ -581,7 +582,7 @@ ENTRY = "name: x\nsources: [a, b]\nmembers: [{signature: s, checksum: ab, url: u
         (ENTRY + "weights: [[.nan, 1]]\n", r"weights\[0\]\[0\] is nan"),
         (ENTRY + "weights: [[.inf, 1]]\n", r"weights\[0\]\[0\] is inf"),
         (ENTRY + "weights: [[-1, 1]]\n", r"weights\[0\]\[0\] is -1"),
-        (ENTRY + "weights: [[1.0e+300, 1]]\n", "from 0 to 1e"),
+        (ENTRY + "weights: [[1.0e+300, 1]]\n", r"to 1e\+06"),
         (ENTRY + "weights: [[1, 0]]\n", "source 2 no weight"),
         (ENTRY + "weights: [[0, 0]]\n", "source 1 no weight"),
         (ENTRY + f"weights: [[{10**400}, 1]]\n", "matrix of numbers"),
@@ -897,3 +898,96 @@ def test_bag_members_must_take_the_same_audio(tmp_path: Path, option: str, value
         htsep.Separator("bag", repo=repo)
     message = str(caught.value)
     assert "member odd takes" in message and "member base" in message and "\n" not in message
+
+
+# --- names, files and bags from a hostile current folder ---------------------------------------
+
+
+def test_a_file_here_named_like_a_model_is_not_taken_for_it(
+    served: Served, one_member_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stray file "aaaa1111" in the current folder replaced the model of --repo (or the
+    registry's "htsep-tiny") without a word: a plain name is never a file; "./name" is."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(served.path, tmp_path / "one")
+    shutil.copy(served.path, tmp_path / "htsep-tiny")
+    (tmp_path / "htdemucs").mkdir()  # the default output folder of `-o .`
+    spec = find_model("one", one_member_repo)
+    assert spec.members[0].path is not None and spec.members[0].path.parent == one_member_repo
+    assert find_model("htsep-tiny").members[0].path.parent.name == "models"  # the shipped one
+    assert find_model("./one").members[0].path == Path("./one")
+    # load_model (and `htsep info`) resolve as -n does.
+    assert htsep.load_model("htsep-tiny").config.sources == ("drums", "bass", "other", "vocals")
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(served.path, home / "mine.th")
+    monkeypatch.setenv("HOME", str(home))
+    assert find_model("~/mine.th").members[0].path == home / "mine.th"
+    assert htsep.load_model("~/mine.th").config.sources == tuple(reference.SOURCES_4)
+
+
+def test_a_cache_variable_of_spaces_is_unset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTSEP_CACHE=" " made a folder named " " in the current folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    for value in (" ", "  \t"):
+        monkeypatch.setenv("HTSEP_CACHE", value)
+        monkeypatch.setenv("TORCH_HOME", value)
+        assert zoo.cache_dir() == tmp_path / "xdg" / "htsep"
+        assert zoo.torch_hub_dir() == tmp_path / "xdg" / "torch" / "hub" / "checkpoints"
+
+
+@pytest.mark.parametrize("tiny", ["1.0e-300", "1.0e-40"])
+def test_bag_weights_that_float32_cannot_hold_are_refused(
+    one_member_repo: Path, tmp_path: Path, tiny: str
+) -> None:
+    """A weight of 1e-300 passed as "some weight", then became 0 in the float32 sums: 0 / 0,
+    NaN stems (returned silently by the API)."""
+    repo = tmp_path / "repo"
+    shutil.copytree(one_member_repo, repo)
+    (repo / "bag.yaml").write_text(
+        f"models: [one, one]\nweights: [[{tiny}, 1, 1, 1], [0, 1, 1, 1]]\n"
+    )
+    with pytest.raises(
+        ModelNotFoundError, match=r"weights\[0\]\[0\] is 1e-(300|40); weights must be 0"
+    ):
+        find_model("bag", repo)
+    (repo / "bag.yaml").write_text(
+        "models: [one, one]\nweights: [[1.2e-38, 1, 1, 1], [0, 1, 1, 1]]\n"
+    )
+    separator = htsep.Separator("bag", repo=repo)
+    mix = torch.randn(2, 8000, generator=torch.Generator().manual_seed(0))
+    stems = separator.separate_tensor(mix, 8000)
+    assert all(bool(torch.isfinite(stem).all()) for stem in stems.values())
+
+
+def test_a_bag_is_at_most_32_networks_and_loads_a_repeated_one_once(
+    one_member_repo: Path, tmp_path: Path
+) -> None:
+    """A bag listing one checkpoint 200 times loaded it 200 times (3,000: 5 GB and rising)."""
+    repo = tmp_path / "repo"
+    shutil.copytree(one_member_repo, repo)
+    (repo / "many.yaml").write_text("models:\n" + "- one\n" * (zoo.MAX_BAG_MEMBERS + 1))
+    with pytest.raises(ModelNotFoundError, match="lists 33 networks, more than the 32"):
+        find_model("many", repo)
+    (repo / "twice.yaml").write_text("models: [one, one, one]\n")
+    separator = htsep.Separator("twice", repo=repo)
+    networks = [model for model, _ in separator.bag.members]
+    assert len(networks) == 3 and networks[0] is networks[1] is networks[2]
+
+
+def test_models_download_checks_every_name_before_downloading(
+    mirror: Server, served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from htsep.cli import app
+
+    shutil.copy(served.path, mirror.root / served.path.name)
+    registry = [zoo.ModelSpec("small", (served.member,), sources=tuple(reference.SOURCES_4))]
+    monkeypatch.setattr(zoo, "registry_models", lambda: registry)
+    result = CliRunner().invoke(app, ["models", "download", "-q", "small", "smal1"])
+    assert result.exit_code == 2 and "unknown model 'smal1'" in result.output, result.output
+    assert mirror.requests == []
+    assert cache_leftovers(zoo.cache_dir()) == []
