@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -265,9 +266,12 @@ def _reported_errors(
             _error(_message(exc, command, model))
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:
-            terminated = isinstance(exc, Terminated)
-            _error(f"terminated: {interrupted}" if terminated else interrupted)
-            raise typer.Exit(143 if terminated else 130) from None
+            if isinstance(exc, Terminated):
+                how = "hung up" if exc.signum == signal.SIGHUP else "terminated"
+                _error(f"{how}: {interrupted}")
+                raise typer.Exit(128 + exc.signum) from None
+            _error(interrupted)
+            raise typer.Exit(130) from None
 
 
 def _print_version(value: bool) -> None:
@@ -1047,8 +1051,10 @@ def demucs_style(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    from htsep.quiet import own_stderr
+    from htsep.quiet import own_stderr, standard_descriptors
 
+    if 2 in standard_descriptors():  # no one to read messages: they go to /dev/null
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - lives as long as the process
     own_stderr()
     try:
         app(args=demucs_style(sys.argv[1:]), prog_name="htsep")

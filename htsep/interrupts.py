@@ -1,8 +1,11 @@
-"""SIGTERM handled as Ctrl-C, so that a long batch stops the way an interrupted one does.
+"""SIGTERM and SIGHUP handled as Ctrl-C, so that a long batch stops the way an interrupted
+one does.
 
 A batch interrupted with KeyboardInterrupt removes what it had not finished (see
-``htsep.files``). SIGTERM, what job schedulers and ``kill`` send, would end the process at
-once instead; inside ``signals_as_interrupts`` it raises ``Terminated``, a KeyboardInterrupt.
+``htsep.files``). SIGTERM, what job schedulers and ``kill`` send, and SIGHUP, what a closed
+terminal or ssh session sends, would end the process at once instead; inside
+``signals_as_interrupts`` they raise ``Terminated``, a KeyboardInterrupt. A signal the process
+was started ignoring (``nohup``, ``&`` in a script for SIGINT) stays ignored.
 The command line runs ``separate`` in it; a Python script can run a ``Batch`` in it too::
 
     with signals_as_interrupts():
@@ -19,27 +22,37 @@ from typing import Any
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled as Ctrl-C: the work stops and nothing half-written is left."""
+    """SIGTERM or SIGHUP, handled as Ctrl-C: the work stops and nothing half-written is left.
+    ``signum`` is the signal's number (the shell's exit status for it is 128 + signum)."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__()
+        self.signum = int(signum)
+
+
+_STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
 def signals_as_interrupts() -> Iterator[None]:
-    """SIGINT and SIGTERM stop the work with KeyboardInterrupt (Terminated for SIGTERM);
-    once one came, later ones are ignored, so that a second Ctrl-C cannot cut the cleanup
-    short and leave temporary files behind (kill -9 still stops at once; a later run removes
-    what it left). Outside the main thread, where handlers cannot be set, it does nothing."""
+    """SIGINT, SIGTERM and SIGHUP stop the work with KeyboardInterrupt (Terminated for the
+    latter two); once one came, later ones are ignored, so that a second Ctrl-C cannot cut the
+    cleanup short and leave temporary files behind (kill -9 still stops at once; a later run
+    removes what it left). A signal that was ignored when this began stays ignored. Outside the
+    main thread, where handlers cannot be set, it does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     stopped = []
+    caught = [sig for sig in _STOPPING if signal.getsignal(sig) is not signal.SIG_IGN]
 
     def stop(signum: int, frame: Any) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for sig in caught:
+            signal.signal(sig, signal.SIG_IGN)
         stopped.append(signum)
-        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, stop) for sig in caught}
     try:
         yield
     finally:

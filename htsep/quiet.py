@@ -8,10 +8,20 @@ itself is then pointed at /dev/null while libsndfile opens or decodes a file
 (``native_stderr_muted``), which silences the libraries and leaves htsep's own lines, from every
 thread, where they were. Without ``own_stderr`` (htsep used as a library) nothing is muted: a
 caller's descriptors are not ours to move.
+
+Standard error carries diagnostics only, so the stream ``own_stderr`` sets up never fails the
+work: once a write fails (a log on a full disk, a reader of ``2>&1 |`` that left, a terminal
+that hung up) the rest goes to /dev/null. ``standard_descriptors`` fills descriptors 0-2 that
+were closed at start with /dev/null, so that no file htsep opens can take their numbers (a
+file on descriptor 2 would receive what the libraries print, and the muting above would
+replace it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import os
 import sys
 import threading
@@ -22,6 +32,52 @@ _lock = threading.Lock()
 _enabled = False
 _depth = 0  # muted sections open now, over all threads
 _saved: int | None = None  # descriptor 2 as it was, while muted
+
+
+def standard_descriptors() -> tuple[int, ...]:
+    """Open /dev/null on each of descriptors 0, 1 and 2 that is closed; return those numbers.
+    Python has set their ``sys`` streams to None already, which stays so."""
+    closed = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                continue
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            closed.append(fd)
+    return tuple(closed)
+
+
+class _LossyText(io.TextIOWrapper):
+    """A text stream whose failed writes lose the text instead of raising: once one fails,
+    its descriptor is pointed at /dev/null."""
+
+    def write(self, text: str) -> int:
+        try:
+            return super().write(text)
+        except OSError:
+            self._discard()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError:
+            self._discard()
+            with contextlib.suppress(OSError, ValueError):
+                super().flush()  # what stayed buffered goes to /dev/null
+
+    def _discard(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, self.fileno())
+            finally:
+                os.close(null)
 
 
 def own_stderr() -> None:
@@ -35,14 +91,13 @@ def own_stderr() -> None:
         fd = os.dup(stream.fileno())
     except (AttributeError, OSError, ValueError):
         return  # no descriptor behind sys.stderr (replaced by a caller): leave it alone
-    stream.flush()
-    sys.stderr = open(  # noqa: SIM115 - lives as long as the process
-        fd,
-        "w",
+    with contextlib.suppress(OSError, ValueError):
+        stream.flush()
+    sys.stderr = _LossyText(
+        open(fd, "wb", closefd=True),  # noqa: SIM115 - lives as long as the process
         encoding=stream.encoding,
         errors=stream.errors,
-        buffering=1,
-        closefd=True,
+        line_buffering=True,
     )
     _enabled = True
 

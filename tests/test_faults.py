@@ -92,25 +92,79 @@ def test_kill_9_then_skip_existing_completes_the_batch_identically(batch, tmp_pa
     assert _stems(out) == clean
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "two Ctrl-C"])
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGHUP", "two Ctrl-C"])
 def test_sigterm_and_a_second_ctrl_c_leave_nothing_behind(batch, tmp_path, how):
+    """SIGHUP (a closed terminal or ssh session) killed the process and left its staging
+    folder and decoded temporaries: it stops the run as SIGTERM does."""
     repo, inputs, clean = batch
     out = tmp_path / "out"
     process = _start(repo, inputs, out)
     assert _wait_for(process, _moment(out, "staging"))
-    if how == "SIGTERM":
-        process.send_signal(signal.SIGTERM)
+    if how in ("SIGTERM", "SIGHUP"):
+        process.send_signal(getattr(signal, how))
     else:
         process.send_signal(signal.SIGINT)
         time.sleep(0.01)
         process.send_signal(signal.SIGINT)
     code = process.wait(timeout=60)
     errors = process.stderr.read()
-    assert code == (143 if how == "SIGTERM" else 130), errors
+    assert code == {"SIGTERM": 143, "SIGHUP": 129}.get(how, 130), errors
     assert "Traceback" not in errors
     assert _hidden(out) == []
     for name, content in _stems(out).items():  # whatever was finished is complete
         assert content == clean[name]
+
+
+def test_signals_ignored_at_start_stay_ignored(batch, tmp_path):
+    """Under nohup (SIGHUP ignored) or as a script's background job (SIGINT ignored) the run
+    must not stop on them: only signals it was started to receive stop it."""
+    repo, inputs, clean = batch
+    out = tmp_path / "out"
+
+    def ignore() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    command = [sys.executable, "-m", "htsep", "separate", "--repo", str(repo), *MODEL]
+    process = subprocess.Popen(
+        [*command, "-o", str(out), *map(str, inputs[:1])],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=ignore,
+    )
+    assert _wait_for(process, _moment(out, "staging"))
+    process.send_signal(signal.SIGHUP)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 0, process.stderr.read()
+    assert _hidden(out) == []
+    assert _stems(out) == {name: content for name, content in clean.items() if "/one/" in name}
+
+
+@pytest.mark.parametrize("stderr", ["closed", "full disk", "reader gone"])
+def test_a_failing_standard_error_loses_messages_not_work(batch, tmp_path, stderr):
+    """Standard error at /dev/full exited 120 with no stems, closed (2>&-) or a pipe whose
+    reader left exited 1 with no stems: messages are lost, the batch is not."""
+    repo, inputs, clean = batch
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "htsep", "separate", "--repo", str(repo), "-n", "aaaa0001"]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # any write gets EPIPE
+    full = os.open("/dev/full", os.O_WRONLY)
+    try:
+        done = subprocess.run(
+            [*command, "-o", str(out), *map(str, inputs[:2])],
+            stderr={"closed": subprocess.DEVNULL, "full disk": full, "reader gone": write_end}[
+                stderr
+            ],
+            preexec_fn=(lambda: os.close(2)) if stderr == "closed" else None,
+            timeout=300,
+        )
+    finally:
+        os.close(write_end)
+        os.close(full)
+    assert done.returncode == 0
+    assert _hidden(out) == []
+    assert _stems(out) == {n: c for n, c in clean.items() if "/one/" in n or "/two/" in n}
 
 
 def test_a_later_run_removes_stale_temporaries_but_not_live_ones(batch, tmp_path):
