@@ -693,17 +693,19 @@ def _write_blocks(
 def _final_stems(
     stems: dict[str, torch.Tensor], mix: torch.Tensor, names: list[str], two_stems: str | None
 ) -> dict[str, torch.Tensor]:
-    """The stems named in ``names``: model stems, ``no_<stem>`` or ``minus_<stem>``."""
+    """The stems named in ``names``: model stems, ``no_<stem>`` or ``minus_<stem>``. With
+    ``two_stems`` the complement's name means the complement, even where the model has a
+    source of that name (which is then one of the stems summed), as in demucs."""
     out = {}
     for name in names:
-        if name in stems:
-            out[name] = stems[name]
-        elif two_stems is not None and name == f"no_{two_stems}":
+        if two_stems is not None and name == f"no_{two_stems}":
             out[name] = sum(v for k, v in stems.items() if k != two_stems)  # type: ignore[assignment]
         elif two_stems is not None and name == f"minus_{two_stems}":
             target = stems[two_stems]
             layout = mix if mix.shape[0] == target.shape[0] else mix.mean(0, keepdim=True)
             out[name] = layout - target
+        elif name in stems:
+            out[name] = stems[name]
         else:
             raise KeyError(name)
     return out

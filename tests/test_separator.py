@@ -453,3 +453,30 @@ def test_a_scanned_file_serves_one_separation(repo, tmp_path):
     finally:
         scanned.close()
     assert (tmp_path / "a.wav").is_file() and not (tmp_path / "b.wav").exists()
+
+
+@pytest.mark.parametrize("method", ["add", "minus"])
+def test_two_stems_complement_wins_over_a_source_of_that_name(tmp_path, method):
+    """A model with a source named "no_vocals" (or "minus_vocals") wrote that source as the
+    complement of --two-stems vocals; the complement is the sum of the other sources (or the
+    mix minus the stem), as demucs writes it."""
+    import soundfile as sf
+
+    import reference
+
+    complement = f"{'no' if method == 'add' else 'minus'}_vocals"
+    sources = ["vocals", complement, "mixture"]
+    reference.write_th(reference.build(sources, reference.SMALL, seed=3), tmp_path, "odd")
+    clip = tmp_path / "clip.wav"
+    mix = _mix(seconds=0.6)
+    sf.write(clip, mix.numpy().T, 8000, subtype="FLOAT")
+    separator = htsep.Separator("odd", repo=tmp_path, device="cpu", shifts=0)
+    plain = separator.separate_tensor(mix, 8000)
+    target = tmp_path / "complement.wav"
+    separator.separate_file_to(
+        clip, {complement: target}, two_stems="vocals", other_method=method, bits=32
+    )
+    expected = plain[complement] + plain["mixture"] if method == "add" else mix - plain["vocals"]
+    written = torch.from_numpy(sf.read(target, dtype="float32")[0].T)
+    assert torch.allclose(written, expected, atol=1e-6)
+    assert not torch.allclose(written, plain[complement], atol=1e-2)
