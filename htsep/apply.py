@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from htsep.devices import KEEP_FREED_BYTES, DeviceSlot, release_freed_memory
-from htsep.errors import HtsepError
+from htsep.errors import HtsepError, InputLengthError
 from htsep.model.htdemucs import HTDemucs, bfloat16_copy
 
 logger = logging.getLogger(__name__)
@@ -500,6 +500,27 @@ def _all_ones(weights: torch.Tensor) -> bool:
     return bool((weights == 1).all())
 
 
+def _check_whole(model: SeparationModel, segment: Fraction | None, length: int, shift: int) -> None:
+    """A signal run as one chunk (split=False) must fit the model's chunk with room for the
+    shift trick's delay of up to ``shift`` samples: whether a random delay fits would
+    otherwise decide, seed by seed, whether the track separates."""
+    limit = segment_samples(model, segment)
+    if length + shift <= limit:
+        return
+    rate = model.sample_rate
+    tried = f"{length} samples ({length / rate:.2f} s)"
+    if length <= limit:
+        raise InputLengthError(
+            f"{tried} and the shift trick's delay of up to {shift / rate:g} s do not fit in "
+            f"one chunk of {limit} samples ({limit / rate:.2f} s) without splitting: "
+            "use --shifts 0, or leave out --no-split"
+        )
+    raise InputLengthError(
+        f"{tried} do not fit in one chunk of {limit} samples ({limit / rate:.2f} s) "
+        "without splitting: leave out --no-split"
+    )
+
+
 class SeparationStream:
     """A bag of models with the shift trick over a whole signal, streamed: ``take(n)`` gives
     the next n samples of the estimate. Each member separates ``shifts`` copies of the signal
@@ -543,6 +564,8 @@ class SeparationStream:
             weight = torch.tensor([float(w) for w in weights])
             total = weight if total is None else total + weight
             max_shift = int(0.5 * model.sample_rate)
+            if not options.split:
+                _check_whole(model, options.segment, length, max_shift if shifts else 0)
             offsets = [
                 int(torch.randint(0, max_shift + 1, (1,), generator=generator))
                 for _ in range(shifts)

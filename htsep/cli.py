@@ -315,7 +315,11 @@ def separate(
     seed: int = SEED_OPTION,
     overlap: float = OVERLAP_OPTION,
     no_split: bool = _option(
-        False, "--no-split", None, MODEL, "Run the track as one chunk (tracks up to one segment)."
+        False,
+        "--no-split",
+        None,
+        MODEL,
+        "Run the track as one chunk (tracks up to one segment, less 0.5 s with --shifts).",
     ),
     segment: float | None = SEGMENT_OPTION,
     downmix: bool = _option(

@@ -696,7 +696,7 @@ def _final_stems(
     """The stems named in ``names``: model stems, ``no_<stem>`` or ``minus_<stem>``. With
     ``two_stems`` the complement's name means the complement, even where the model has a
     source of that name (which is then one of the stems summed), as in demucs."""
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     for name in names:
         if two_stems is not None and name == f"no_{two_stems}":
             out[name] = sum(v for k, v in stems.items() if k != two_stems)  # type: ignore[assignment]
