@@ -190,7 +190,11 @@ def find_inputs(patterns: Sequence[str | os.PathLike[str]], exclude: Path) -> li
     def audio_under(folder: Path) -> list[Path]:
         found = []
         for item in sorted(folder.rglob("*")):
-            if item.name.startswith(".") or item.suffix.lower() not in AUDIO_EXTENSIONS:
+            if item.suffix.lower() not in AUDIO_EXTENSIONS:
+                continue
+            # Hidden files and folders are not searched: htsep's own staging folders (whose
+            # stems vanish as they are placed), .Trash, .git and the like.
+            if any(part.startswith(".") for part in item.relative_to(folder).parts):
                 continue
             if item.is_file() and not files.real_path(item).is_relative_to(exclude):
                 found.append(item)
@@ -494,20 +498,18 @@ class OutputPlan:
     keep: frozenset[str] = frozenset()
 
 
-def plan_outputs(
+def output_paths(
     tracks: list[Track], settings: OutputSettings, names: list[str], folder: Path
-) -> dict[int, OutputPlan]:
-    """The stem files of every track, before any work. Two tracks (or two stems) that would
-    write one file are a UsageError; a track whose outputs would replace an input fails; with
-    skip_existing a finished track is skipped and an unfinished one keeps its finished stems;
-    without overwrite an existing stem fails its track. -> {track index: plan}"""
+) -> dict[int, dict[str, Path]]:
+    """The stem files of every track that names a file (failed ones too), from the template.
+    A template that leads out of ``folder``, or two tracks (or two stems) that would write one
+    file, are a UsageError. -> {track index: {stem: path}}"""
     template = settings.template
     check_template(template, settings.ext, len(names))
-    inputs = {files.real_path(t.path) for t in tracks if t.path is not None}
     owners: dict[Path, str] = {}
     paths_of: dict[int, dict[str, Path]] = {}
     for index, track in enumerate(tracks):
-        if track.error is not None or track.path is None:
+        if track.path is None:  # an input that named nothing
             continue
         base, suffix = track_name(track.path) if track.name is None else (track.name, "")
         # Files found under a folder argument keep their place below it: before the template's
@@ -535,10 +537,23 @@ def plan_outputs(
                 )
             owners[key] = track.source
         paths_of[index] = paths
+    return paths_of
 
+
+def plan_outputs(
+    tracks: list[Track], settings: OutputSettings, names: list[str], folder: Path
+) -> dict[int, OutputPlan]:
+    """The stem files of every track, before any work (``output_paths``). A track whose
+    outputs would replace an input fails; with skip_existing a finished track is skipped and
+    an unfinished one keeps its finished stems; without overwrite an existing stem fails its
+    track. -> {track index: plan}"""
+    paths_of = output_paths(tracks, settings, names, folder)
+    inputs = {files.real_path(t.path) for t in tracks if t.path is not None}
     plans: dict[int, OutputPlan] = {}
     for index, paths in paths_of.items():
         track = tracks[index]
+        if track.error is not None:  # failed already (an earlier plan of the same tracks)
+            continue
         clash = next((p for p in paths.values() if files.real_path(p) in inputs), None)
         if clash is not None:
             track.error = f"{track.source}: output {clash} would overwrite an input file"
@@ -638,10 +653,13 @@ class Batch:
         found: list[Track] = []
         for item in tracks:
             found.extend([item] if isinstance(item, Track) else find_inputs([item], self.folder))
+        every = output_paths(found, self.settings, self.names, self.folder)
         plans = self.plan(found)
-        # What killed runs left: staging folders and temporaries beside the stems, decoded
-        # inputs in the temporary folder (never a live process's files).
-        folders = {path.parent for plan in plans.values() for path in plan.paths.values()}
+        # What killed runs left: staging folders and temporaries beside the stems (of every
+        # track, skipped and failed ones too: a run killed after a track's last stem left its
+        # staging folder there), decoded inputs in the temporary folder (never a live
+        # process's files).
+        folders = {path.parent for paths in every.values() for path in paths.values()}
         for parent in sorted(folders) + [Path(tempfile.gettempdir())]:
             files.remove_stale(parent)
         with _Run(self, found, plans) as running:

@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import IO
 
 # .<target name>.<owner>.<8 hex>.tmp (files) and .htsep-<owner>.<8 hex> (staging folders).
-_OWNER = r"h[0-9a-f]{8}b[0-9a-f]{8}p\d+s\d+"
+_OWNER = r"h[0-9a-f]{8}b[0-9a-f]{8}(?:n[0-9a-f]{8})?p\d+s\d+"
 _TEMPORARY = re.compile(rf"^\..*\.({_OWNER})\.[0-9a-f]{{8}}\.(tmp|part)$", re.DOTALL)
 _STAGING = re.compile(rf"^\.htsep-({_OWNER})\.[0-9a-f]{{8}}$")
-_OWNER_PARTS = re.compile(r"^h([0-9a-f]{8})b([0-9a-f]{8})p(\d+)s(\d+)$")
+_OWNER_PARTS = re.compile(r"^h([0-9a-f]{8})b([0-9a-f]{8})(?:n([0-9a-f]{8}))?p(\d+)s(\d+)$")
 _COPY_BYTES = 1 << 20
 
 
@@ -79,23 +79,38 @@ def _host() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
+@cache
+def _pid_namespace() -> str:
+    """Which process ids this process sees: containers and sandboxes that share the host name
+    (host networking) and the kernel have their own, in which pid 1 is not ours."""
+    try:
+        link = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return "00000000"
+    return hashlib.sha256(link.encode()).hexdigest()[:8]
+
+
 def owner_tag() -> str:
-    """This process, as its temporaries name it: host, boot, pid and start time."""
+    """This process, as its temporaries name it: host, boot, pid namespace, pid and start
+    time."""
     pid = os.getpid()
-    return f"h{_host()}b{_boot_id()}p{pid}s{_start_time(pid) or 0}"
+    return f"h{_host()}b{_boot_id()}n{_pid_namespace()}p{pid}s{_start_time(pid) or 0}"
 
 
 def _owner_alive(tag: str) -> bool:
     """False only when the owner provably no longer runs: same host, and either another boot
-    or no process with its pid and start time."""
+    or, in the same pid namespace, no process with its pid and start time. (Tags written
+    before the namespace was part of them are taken to be of this namespace.)"""
     match = _OWNER_PARTS.match(tag)
     if match is None:
         return True
-    host, boot, pid, start = match.groups()
+    host, boot, namespace, pid, start = match.groups()
     if host != _host():
         return True  # another machine sharing the folder: nothing can be proved from here
     if boot != _boot_id():
         return False
+    if namespace is not None and namespace != _pid_namespace():
+        return True  # its pid means another process here, or none
     now = _start_time(int(pid))
     if now is None:
         return False

@@ -191,6 +191,36 @@ def test_a_later_run_removes_stale_temporaries_but_not_live_ones(batch, tmp_path
     )
 
 
+@pytest.mark.parametrize("rerun", [["--skip-existing"], []])
+def test_a_finished_tracks_stale_staging_folder_is_removed_and_never_searched(
+    batch, tmp_path, rerun
+):
+    """kill -9 after a track's last stem was placed left its staging folder, which no later
+    run removed (the track was skipped, or failed with "exists"), and a folder search took
+    the staged stems inside it for tracks."""
+    repo, inputs, clean = batch
+    out = tmp_path / "out"
+    first = htsep("--repo", str(repo), *MODEL, "-o", str(out), str(inputs[0]))
+    assert first.exit_code == 0, first.output
+    track = out / "aaaa0001" / "one"
+    code = (
+        "import shutil, sys; from htsep import files; "
+        "staging = files.StagingFolder(sys.argv[1]); "
+        "shutil.copy(sys.argv[1] + '/vocals.wav', str(staging.path) + '/vocals.wav')"
+    )
+    subprocess.run([sys.executable, "-c", code, str(track)], check=True)  # then it died
+    (staging,) = _hidden(out)
+    assert (out / staging / "vocals.wav").is_file()
+    searched = htsep("--repo", str(repo), *MODEL, "-o", str(tmp_path / "again"), str(out))
+    assert searched.exit_code == 0, searched.output
+    made = [str(p.relative_to(tmp_path / "again")) for p in (tmp_path / "again").rglob("*")]
+    assert len([name for name in made if name.endswith("vocals.wav")]) == 4  # the 4 stems
+    assert not [name for name in made if ".htsep-" in name]
+    result = htsep("--repo", str(repo), *MODEL, "-o", str(out), *rerun, str(inputs[0]))
+    assert result.exit_code == (0 if rerun else 1), result.output
+    assert _hidden(out) == []
+
+
 def test_a_dead_owner_is_proved_only_on_this_machine(tmp_path):
     folder = tmp_path
     tag = files.owner_tag()
@@ -200,6 +230,25 @@ def test_a_dead_owner_is_proved_only_on_this_machine(tmp_path):
         (folder / f".song.wav.{owner}.0123abcd.tmp").write_bytes(b"x")
     assert files.remove_stale(folder) == [folder / f".song.wav.{other_pid}.0123abcd.tmp"]
     assert os.listdir(folder) == [f".song.wav.{other_host}.0123abcd.tmp"]
+
+
+def test_a_process_in_another_pid_namespace_is_never_taken_for_dead(tmp_path):
+    """A run inside `unshare --pid` (a container or sandbox sharing the host name) is pid 1
+    or so there: a run outside found no such process and removed its live staging folder."""
+    tag = files.owner_tag()
+    head, namespace_and_rest = tag.split("n", 1)
+    namespace = namespace_and_rest[:8]
+    other = "0" * 8 if namespace != "0" * 8 else "1" * 8
+    dead_pid = f"p{2**22 + 1}s1"
+    ours, theirs = f"{head}n{namespace}{dead_pid}", f"{head}n{other}{dead_pid}"
+    for owner in (ours, theirs):
+        (tmp_path / f".htsep-{owner}.0123abcd").mkdir()
+    assert files.remove_stale(tmp_path) == [tmp_path / f".htsep-{ours}.0123abcd"]
+    assert os.listdir(tmp_path) == [f".htsep-{theirs}.0123abcd"]
+    # Names written before the namespace was part of the tag are still recognised.
+    old = f"{head}{dead_pid}"
+    (tmp_path / f".song.wav.{old}.0123abcd.tmp").write_bytes(b"x")
+    assert files.remove_stale(tmp_path) == [tmp_path / f".song.wav.{old}.0123abcd.tmp"]
 
 
 def _interrupt_after(owner, name: str, monkeypatch) -> None:
