@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
-from htsep.devices import KEEP_FREED_BYTES, DeviceSlot, release_freed_memory
+from htsep.devices import KEEP_FREED_BYTES, DeviceSlot, out_of_memory, release_freed_memory
 from htsep.errors import HtsepError, InputLengthError
 from htsep.model.htdemucs import HTDemucs, bfloat16_copy
 
@@ -222,7 +222,9 @@ class NetworkRunner:
             size = self.batch_size if self.full_calls else len(group)  # chunks in the call
             try:
                 parts.append(self._call(model, group))
-            except torch.OutOfMemoryError:
+            except Exception as exc:
+                if not out_of_memory(exc):
+                    raise
                 if size == 1:
                     raise OutOfDeviceMemory(
                         f"out of memory on {self.device or 'the CPU'} with a single chunk: "

@@ -15,6 +15,7 @@ resumable with ``skip_existing``, a bad file failing only its own track):
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import re
@@ -598,6 +599,28 @@ class BatchEvents:
         """Track ``index`` is done: ``track.status`` is ok, skipped or failed."""
 
 
+# What a track can fail on besides an HtsepError: the machine's limits, not a bug.
+_EXHAUSTED = {
+    errno.EMFILE: "too many open files (raise `ulimit -n`)",
+    errno.ENFILE: "too many open files on this system",
+    errno.ENOMEM: "out of memory",
+}
+
+
+def _track_failure(exc: Exception) -> HtsepError | None:
+    """``exc`` as the failure of one track (the batch goes on), or None for a bug, which
+    stops the batch: running out of memory or of file descriptors is the former."""
+    from htsep.devices import out_of_memory
+
+    if isinstance(exc, HtsepError):
+        return exc
+    if out_of_memory(exc):
+        return HtsepError("out of memory (use a shorter --segment, or free memory)")
+    if isinstance(exc, OSError) and exc.errno in _EXHAUSTED:
+        return HtsepError(_EXHAUSTED[exc.errno])
+    return None
+
+
 class Batch:
     """Separates tracks with one Separator into ``<out>/<model>``, in input order.
 
@@ -714,9 +737,12 @@ class _Run:
             scanned = future.result() if future is not None else self._scan(index)
             assert scanned is not None
             pending = self._run_networks(index, scanned)
-        except HtsepError as exc:
+        except Exception as exc:
+            failure = _track_failure(exc)
+            if failure is None:
+                raise
             self._collect()
-            self._fail(index, exc)
+            self._fail(index, failure)
             self._report(index)
             return
         track.sample_rate = pending.sample_rate
@@ -784,8 +810,11 @@ class _Run:
         track = self.tracks[index]
         try:
             finished = self._encode(pending) if future is None else future.result()
-        except HtsepError as exc:
-            self._fail(index, exc)
+        except Exception as exc:
+            failure = _track_failure(exc)
+            if failure is None:
+                raise
+            self._fail(index, failure)
         else:
             track.seconds = finished - started
             track.status = "ok"

@@ -25,6 +25,18 @@ CALL_BYTES = {"fp32": 8 << 20, "bf16": 0, "fp16": 0}
 ModelT = TypeVar("ModelT")
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says an allocation failed: torch's OutOfMemoryError (CUDA, MPS), the
+    RuntimeErrors of its CPU allocator ("can't allocate memory") and of oneDNN, which reports
+    a failed allocation as "could not create a primitive" (under ``ulimit -v`` or a
+    container's limit), or Python's MemoryError."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(
+        phrase in str(exc) for phrase in ("can't allocate memory", "could not create a primitive")
+    )
+
+
 def default_device() -> str:
     if torch.cuda.is_available():
         return "cuda"

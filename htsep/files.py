@@ -356,6 +356,7 @@ class StagingFolder:
             self.path = candidate
             self.name = str(candidate)
             self._removed = False
+            self.made: list[Path] = []  # folders made for it, removed with it if left empty
             return
         raise FileExistsError(errno.EEXIST, f"no free staging name in {parent}")
 
@@ -365,6 +366,7 @@ class StagingFolder:
             self._removed = True
             if not self.path.exists():
                 _settled(self.path)
+            remove_empty(self.made)
 
 
 def remove_stale(folder: str | os.PathLike[str]) -> list[Path]:
@@ -393,10 +395,12 @@ def remove_stale(folder: str | os.PathLike[str]) -> list[Path]:
 _BLOCKED = (errno.EEXIST, errno.ENOTDIR, errno.ELOOP)
 
 
-def make_folder(folder: str | os.PathLike[str]) -> None:
-    """``mkdir -p folder``. Where a part of the path is in the way (a file, a symbolic link to
-    nothing, a link loop), the OSError says which part and why, not "File exists"."""
+def make_folder(folder: str | os.PathLike[str]) -> list[Path]:
+    """``mkdir -p folder`` -> the folders it made, outermost first. Where a part of the path
+    is in the way (a file, a symbolic link to nothing, a link loop), the OSError says which
+    part and why, not "File exists"."""
     path = Path(folder)
+    missing = [part for part in [*reversed(path.parents), path] if not os.path.lexists(part)]
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -404,6 +408,17 @@ def make_folder(folder: str | os.PathLike[str]) -> None:
         if blocker is None:
             raise
         raise OSError(exc.errno, blocker) from None
+    return missing
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove those of ``folders`` (as ``make_folder`` returns them) that are empty, innermost
+    first: what a failed write made and left with nothing in it."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (or gone): its parents are not empty either
 
 
 def real_path(path: str | os.PathLike[str]) -> Path:

@@ -102,6 +102,27 @@ def own_stderr() -> None:
     _enabled = True
 
 
+def _mute() -> bool:
+    """Point descriptor 2 at /dev/null, keeping a copy in ``_saved``; False, with nothing
+    changed, when no descriptor is left."""
+    global _saved
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return False
+    try:
+        _saved = os.dup(2)
+        os.dup2(null, 2)
+    except OSError:
+        if _saved is not None:
+            os.close(_saved)
+            _saved = None
+        return False
+    finally:
+        os.close(null)
+    return True
+
+
 @contextmanager
 def native_stderr_muted() -> Iterator[None]:
     """Descriptor 2 on /dev/null for the duration (nested and concurrent sections share one
@@ -111,14 +132,14 @@ def native_stderr_muted() -> Iterator[None]:
         yield
         return
     with _lock:
-        if _depth == 0:
-            null = os.open(os.devnull, os.O_WRONLY)
-            try:
-                _saved = os.dup(2)
-                os.dup2(null, 2)
-            finally:
-                os.close(null)
-        _depth += 1
+        if _depth == 0 and not _mute():
+            muted = False  # no descriptor left (ulimit -n): not muted, the work goes on
+        else:
+            muted = True
+            _depth += 1
+    if not muted:
+        yield
+        return
     try:
         yield
     finally:

@@ -580,14 +580,23 @@ def _refuse_existing(targets: dict[str, Path], keep: Collection[str]) -> None:
 
 
 def _staging_folder(first: Path) -> files.StagingFolder:
-    """A hidden folder beside the outputs, for the float stems of a track."""
+    """A hidden folder beside the outputs, for the float stems of a track; the folders made
+    for it go with it if the track leaves them empty."""
     try:
-        files.make_folder(first.parent)
-        return files.StagingFolder(first.parent)
+        made = files.make_folder(first.parent)
     except OSError as exc:
         raise AudioError(
             f"{first}: cannot create folder {first.parent}: {exc.strerror or exc}"
         ) from None
+    try:
+        staging = files.StagingFolder(first.parent)
+    except OSError as exc:
+        files.remove_empty(made)
+        raise AudioError(
+            f"{first}: cannot write in {first.parent}: {exc.strerror or exc}"
+        ) from None
+    staging.made = made
+    return staging
 
 
 class EncodingStopped(HtsepError):

@@ -747,6 +747,8 @@ def _download(url: str, final: Path, checksum: str | None, *, progress: bool) ->
         try:
             with open(temp, "wb") as out:
                 actual = _stream(url, out, final.name, progress=progress)
+        except _CacheWriteFailed as failed:  # a full disk: no network advice
+            raise _unusable_cache(folder, failed.cause) from None
         except OSError as exc:  # opening or closing; _stream reports its own failures
             raise _unusable_cache(folder, exc) from None
         if checksum is not None and not actual.startswith(checksum):
@@ -774,6 +776,14 @@ MAX_DOWNLOAD_BYTES = 1 << 30
 _TOO_BIG = f"over the {MAX_DOWNLOAD_BYTES >> 20} MiB any checkpoint of the registry takes"
 
 
+class _CacheWriteFailed(Exception):
+    """Writing a downloaded block into the cache failed (``cause``): the cache's fault."""
+
+    def __init__(self, cause: OSError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 def _stream(url: str, out: IO[bytes], label: str, *, progress: bool) -> str:
     """Copy ``url`` into ``out``; return the SHA-256 of what was received."""
     digest = hashlib.sha256()
@@ -799,7 +809,10 @@ def _stream(url: str, out: IO[bytes], label: str, *, progress: bool) -> str:
                 # read1 returns what one read of the socket gives, so a drip is seen as one.
                 while block := response.read1(_BLOCK_BYTES):
                     digest.update(block)
-                    out.write(block)
+                    try:
+                        out.write(block)
+                    except OSError as exc:  # the cache's disk, not the network
+                        raise _CacheWriteFailed(exc) from exc
                     received += len(block)
                     bar.update(len(block))
                     if received > MAX_DOWNLOAD_BYTES:  # a server that sends without end
@@ -810,6 +823,8 @@ def _stream(url: str, out: IO[bytes], label: str, *, progress: bool) -> str:
                         if received - window_received < STALL_MIN_BYTES:
                             raise _failed(url, _stalled(received - window_received), label)
                         window_start, window_received = time.monotonic(), received
+    except _CacheWriteFailed:
+        raise
     except urllib.error.HTTPError as exc:
         raise _failed(url, f"HTTP {exc.code} {exc.reason}", label) from exc
     except urllib.error.URLError as exc:

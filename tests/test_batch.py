@@ -222,3 +222,58 @@ def test_track_inputs_that_name_nothing_are_failed_tracks(tmp_path, separator):
     assert isinstance(tracks[0], Track)
     with pytest.raises(UsageError, match="empty string"):
         find_inputs([""], exclude=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "failure,phrase",
+    [
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory"), "out of memory"),
+        (RuntimeError("could not create a primitive"), "out of memory"),
+        (MemoryError(), "out of memory"),
+        (OSError(24, "Too many open files"), "too many open files"),
+    ],
+)  # fmt: skip
+def test_running_out_of_memory_or_descriptors_fails_the_track_not_the_batch(
+    tmp_path, repo, monkeypatch, failure, phrase
+):
+    """Under `ulimit -v` or `ulimit -n` a traceback ended the whole batch; the CPU allocator's
+    and oneDNN's RuntimeErrors are not torch.OutOfMemoryError. Each is one track's failure
+    now (a single chunk per call here, so nothing is left to halve), and the folders made
+    for it are removed again."""
+    from htsep import apply
+
+    separator = Separator("aaaa0001", repo=repo, shifts=0, progress=False, batch_size=1)
+    for name in ("one", "two"):
+        _clip(tmp_path / "in" / f"{name}.wav", 0.5, seed=len(name))
+    calls = {"n": 0}
+    real_call = apply.NetworkRunner._call
+
+    def failing_call(self, model, group):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise failure
+        return real_call(self, model, group)
+
+    monkeypatch.setattr(apply.NetworkRunner, "_call", failing_call)
+    out = tmp_path / "out"
+    tracks = Batch(separator, out, OutputSettings(), pipeline=False).run(
+        [tmp_path / "in" / "one.wav", tmp_path / "in" / "two.wav"]
+    )
+    assert [t.status for t in tracks] == ["failed", "ok"]
+    assert phrase in tracks[0].error and "\n" not in tracks[0].error
+    assert sorted(p.name for p in (out / "aaaa0001").iterdir()) == ["two"]
+
+
+def test_a_bug_still_stops_the_batch(tmp_path, separator, monkeypatch):
+    from htsep import apply
+
+    _clip(tmp_path / "in" / "one.wav", 0.5, seed=1)
+
+    def broken(self, model, group):
+        raise RuntimeError("shape mismatch in some kernel")
+
+    monkeypatch.setattr(apply.NetworkRunner, "_call", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        Batch(separator, tmp_path / "out", OutputSettings(), pipeline=False).run(
+            [tmp_path / "in" / "one.wav"]
+        )

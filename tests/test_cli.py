@@ -479,3 +479,29 @@ def test_native_messages_are_muted_and_ours_are_not():
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr == "before own_stderr\nfrom a thread\nours\nafter\n"
+
+
+def test_muting_without_a_free_descriptor_lets_the_work_go_on():
+    """Under `ulimit -n` the os.dup(2) of the muting failed with a traceback (EMFILE) and
+    stopped the batch: without descriptors to spare, nothing is muted."""
+    program = "\n".join([
+        "import os, resource, sys",
+        "from htsep.quiet import native_stderr_muted, own_stderr",
+        "own_stderr()",
+        "held = []",
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))",
+        "try:",
+        "    while True: held.append(os.open(os.devnull, os.O_RDONLY))",
+        "except OSError: pass",
+        "with native_stderr_muted():",
+        "    os.write(2, b'not muted\\n')",
+        "for fd in held[:4]: os.close(fd)",
+        "with native_stderr_muted():",
+        "    os.write(2, b'muted\\n')",
+        "os.write(2, b'after\\n')",
+    ])  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "not muted\nafter\n"

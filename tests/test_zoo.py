@@ -991,3 +991,35 @@ def test_models_download_checks_every_name_before_downloading(
     assert result.exit_code == 2 and "unknown model 'smal1'" in result.output, result.output
     assert mirror.requests == []
     assert cache_leftovers(zoo.cache_dir()) == []
+
+
+def test_a_full_cache_disk_is_the_caches_fault_not_the_networks(
+    mirror: Server, served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC while writing a download was reported as "could not download ...", with advice
+    for a machine without network."""
+    import builtins
+    import errno
+
+    shutil.copy(served.path, mirror.root / served.path.name)
+
+    class FullDisk:
+        def __init__(self, path: object, mode: str) -> None:
+            self.file = builtins.open(path, mode)  # noqa: SIM115 - closed in __exit__
+
+        def __enter__(self) -> FullDisk:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.file.close()
+
+        def write(self, block: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(zoo, "open", FullDisk, raising=False)
+    with pytest.raises(DownloadError) as caught:
+        fetch(served.member, progress=False)
+    message = str(caught.value)
+    assert message.startswith(f"cannot use the download cache {zoo.cache_dir()} (No space left")
+    assert "could not download" not in message
+    assert cache_leftovers(zoo.cache_dir()) == []
