@@ -446,7 +446,7 @@ def _check_options(opts: dict[str, Any], given: set[str]) -> tuple[OutputSetting
     if "" in [item.strip() for item in opts["inputs"]]:
         raise UsageError("an input is an empty string (an unset variable in a script?)")
     if empty:
-        names = ", ".join("--" + name.replace("_", "-") for name in empty)
+        names = ", ".join(_option_name(name) for name in empty)
         raise UsageError(f"{names}: empty value (an unset variable in a script?)")
     if opts["out"] == "-" and opts["json_lines"]:
         raise UsageError("-o - writes the stem to standard output, where --json would write too")
@@ -466,32 +466,44 @@ def _check_options(opts: dict[str, Any], given: set[str]) -> tuple[OutputSetting
         raise UsageError("--two-stems and --stems exclude each other")
     # An option that does not apply is ignored, as the warning says: its value too, which is
     # then not checked (the defaults stand in).
-    for ignored, warning in [
+    for ignored, one, several in [
         (
             not opts["mp3"] and given & {"mp3_bitrate", "mp3_preset"},
-            "--mp3-bitrate and --mp3-preset apply only with --mp3; ignored",
+            "applies only with --mp3",
+            "apply only with --mp3",
         ),
         (
             not opts["two_stems"] and given & {"other_method"},
-            "--other-method applies only with --two-stems; ignored",
+            "applies only with --two-stems",
+            "",
         ),
         (
             opts["no_split"] and given & {"overlap", "segment"},
-            "--overlap and --segment do not apply with --no-split; ignored",
+            "does not apply with --no-split",
+            "do not apply with --no-split",
         ),
         (
             opts["out"] == "-" and given & {"filename", "skip_existing", "overwrite"},
-            "--filename, --skip-existing and --overwrite do not apply with -o -; ignored",
+            "does not apply with -o -",
+            "do not apply with -o -",
         ),
         (
             opts["shifts"] == 0 and given & {"seed"},
-            "--seed chooses the random shifts, and --shifts 0 makes none; ignored",
+            "chooses the random shifts, and --shifts 0 makes none",
+            "",
         ),
     ]:
         if ignored:
-            _warn(warning)
+            typed = [_option_name(name) for name in sorted(ignored)]
+            listed = ", ".join(typed[:-1]) + " and " + typed[-1] if len(typed) > 1 else typed[0]
+            _warn(f"{listed} {one if len(typed) == 1 else several}; ignored")
             for name in ignored:
                 opts[name] = _separate_default(name)
+    if opts["mp3"] and "mp3_preset" in given:
+        _warn(
+            "--mp3-preset has no effect: libsndfile's MP3 encoder has no speed/quality "
+            "preset (--mp3-bitrate sets the quality)"
+        )
     if not 0 <= opts["jobs"] <= 1024:
         raise UsageError(f"--jobs must be in 0..1024, got {opts['jobs']}")
     two_stems = opts["two_stems"].strip() if opts["two_stems"] else None
@@ -521,6 +533,11 @@ def _check_options(opts: dict[str, Any], given: set[str]) -> tuple[OutputSetting
             stems=[two_stems] if two_stems else stems,
         )
     return output, settings
+
+
+def _option_name(name: str) -> str:
+    """``separate``'s parameter ``name`` as typed: ``--skip-existing``."""
+    return "--" + name.replace("_", "-")
 
 
 def _separate_default(name: str) -> Any:
