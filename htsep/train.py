@@ -19,6 +19,11 @@ logged step ``{step, loss, lr}``, per validation ``{step, valid: {source: nSDR},
 and at the end ``{step, event: "end", ...}``), ``model.safetensors`` (htsep's format, usable as
 ``htsep separate -n <run>/model.safetensors``; the EMA weights when EMA is on) and
 ``state.pt`` (what ``--resume`` needs).
+
+A file the run cannot write (a full disk, a read-only folder, a file size limit) stops it with a
+RunFolderError naming the folder and the reason; the temporary is removed, the last checkpoint
+is kept, and a metrics record cut short is dropped when the run resumes. Temporaries a killed run
+left behind are removed when the next run on the folder starts.
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -44,6 +51,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
+from safetensors import SafetensorError
 from torch.nn.parallel import DistributedDataParallel
 
 from htsep import zoo
@@ -52,7 +60,14 @@ from htsep.checkpoint import load_model, save_model
 from htsep.data import Track, find_tracks
 from htsep.devices import parse_device
 from htsep.errors import HtsepError, UsageError
-from htsep.files import FolderBusy, atomic_output, folder_lock, make_folder, real_path
+from htsep.files import (
+    FolderBusy,
+    atomic_output,
+    folder_lock,
+    make_folder,
+    real_path,
+    remove_stale,
+)
 from htsep.model.config import (
     NAMED_CONFIGS,
     HTDemucsConfig,
@@ -69,6 +84,11 @@ METRICS = "metrics.jsonl"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 GAIN_RANGE = (0.25, 1.25)
+
+
+class RunFolderError(HtsepError):
+    """A file of the run cannot be written or read in its folder (a full disk, a read-only
+    folder, a file size limit): the run stops, its last checkpoint intact."""
 
 
 @dataclass(frozen=True)
@@ -332,9 +352,54 @@ class WeightAverage:
                 self.state[key].lerp_(value.detach(), 1 - self.decay)
 
 
+class _RecordedWrites(io.BufferedWriter):
+    """A file for ``torch.save`` that keeps the OSError of a failed write: torch reports any
+    failed write as ``RuntimeError: unexpected pos``, without the reason (a full disk)."""
+
+    error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return super().write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    with atomic_output(path) as temporary:
-        torch.save(obj, temporary)
+    """``torch.save`` to ``path`` atomically; a failed write is an OSError saying why."""
+    with atomic_output(path) as temporary, _RecordedWrites(io.FileIO(temporary, "wb")) as file:
+        try:
+            torch.save(obj, file)
+        except RuntimeError:
+            if file.error is None:
+                raise
+            raise file.error from None
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append ``line`` to ``path`` with one write of the whole line, so that a failure leaves
+    at most a torn last line (which ``Trainer._trim_metrics`` drops), and not even that where
+    the file can be cut back to its old end. Only the run holding the folder's lock writes."""
+    data = memoryview(line.encode("utf-8"))
+    handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        end = os.fstat(handle).st_size
+        try:
+            while data:  # more than one write only after a short one: the next says why
+                data = data[os.write(handle, data) :]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(handle, end)
+            raise
+    finally:
+        os.close(handle)
+
+
+def _write_failure(exc: SafetensorError) -> str:
+    """The reason in safetensors' message for a failed write ("... (os error 28)")."""
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    return os.strerror(int(found.group(1))) if found else str(exc).splitlines()[0]
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -460,6 +525,10 @@ class Trainer:
                 # Checked again now that no other run can change the folder: one that finished
                 # meanwhile left a state.pt that this run must not replace.
                 self._prepare_folder()
+                # The lock is ours, so no run writes here: a temporary whose owner is gone was
+                # left by a killed run (a state.pt's, hundreds of MB, after kill -9 between
+                # torch.save and the rename) and would stay forever.
+                remove_stale(self.run_dir)
                 yield
         except BaseException:
             if made:
@@ -492,10 +561,12 @@ class Trainer:
             step = self._load_state(model, optimizer, average)
         elif processes.main:
             # A run that saved no step before it failed is started over, not continued.
-            (self.run_dir / METRICS).unlink(missing_ok=True)
-            _atomic_write_text(
-                self.run_dir / RUN_OPTIONS, json.dumps(dataclasses.asdict(options), indent=2)
-            )
+            with self._writing(METRICS):
+                (self.run_dir / METRICS).unlink(missing_ok=True)
+            with self._writing(RUN_OPTIONS):
+                _atomic_write_text(
+                    self.run_dir / RUN_OPTIONS, json.dumps(dataclasses.asdict(options), indent=2)
+                )
         if processes.main:
             self._trim_metrics(step)
         trained: torch.nn.Module = model
@@ -554,28 +625,50 @@ class Trainer:
 
     # --- saving and logging ------------------------------------------------------------------
 
+    @contextmanager
+    def _writing(self, name: str) -> Iterator[None]:
+        """Turn a failed write of the run's file ``name`` into one RunFolderError naming the
+        folder and the reason, where it was a traceback of torch's or safetensors' internals.
+        The writers remove their temporaries themselves."""
+        try:
+            yield
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise RunFolderError(f"{self.run_dir}: cannot write {name}: {reason}") from None
+        except SafetensorError as exc:
+            reason = _write_failure(exc)
+            raise RunFolderError(f"{self.run_dir}: cannot write {name}: {reason}") from None
+
     def _log(self, record: dict[str, Any]) -> None:
         if not self.processes.main:
             return
-        with open(self.run_dir / METRICS, "a", encoding="utf-8") as out:
-            out.write(json.dumps(record) + "\n")
+        with self._writing(METRICS):
+            _append_line(self.run_dir / METRICS, json.dumps(record) + "\n")
         if self.on_log is not None:
             self.on_log(record)
 
     def _trim_metrics(self, step: int) -> None:
         """Drop records past the step a resumed run restarts from (written after its last save),
-        so the log reads as one uninterrupted run."""
+        so the log reads as one uninterrupted run. A last line without its newline was cut short
+        by a failed write (a full disk, a killed run) and is dropped too: it came after the last
+        save, which follows its step's record. Any other line that is not JSON is refused."""
         path = self.run_dir / METRICS
         if not path.exists():
             return
         try:
-            records = [json.loads(line) for line in path.read_text("utf-8").splitlines() if line]
+            lines = path.read_bytes().split(b"\n")
+        except OSError as exc:
+            raise RunFolderError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+        lines.pop()  # empty after a whole last line, else a torn one
+        try:
+            records = [json.loads(line.decode("utf-8")) for line in lines if line]
         except (UnicodeError, ValueError):
             raise UsageError(f"{path}: not a metrics log of htsep (a line is not JSON)") from None
         if not all(isinstance(record, dict) for record in records):
             raise UsageError(f"{path}: not a metrics log of htsep (a line is not an object)")
         kept = [r for r in records if r.get("step", 0) <= step and r.get("event") != "end"]
-        _atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
+        with self._writing(METRICS):
+            _atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def _exported(self, model: HTDemucs, average: WeightAverage | None) -> HTDemucs:
         if average is None:
@@ -600,9 +693,11 @@ class Trainer:
             "ema": None if average is None else average.state,
             "config": json.dumps(config_to_dict(model.config)),
         }
-        _atomic_torch_save(state, self.run_dir / STATE_FILE)
+        with self._writing(STATE_FILE):
+            _atomic_torch_save(state, self.run_dir / STATE_FILE)
         metadata = {"training_step": str(step), "training_run": str(real_path(self.run_dir))}
-        save_model(self._exported(model, average), self.run_dir / MODEL_FILE, metadata)
+        with self._writing(MODEL_FILE):  # save_model's own OSErrors are CheckpointErrors
+            save_model(self._exported(model, average), self.run_dir / MODEL_FILE, metadata)
 
     def _load_state(
         self, model: HTDemucs, optimizer: torch.optim.Optimizer, average: WeightAverage | None

@@ -529,3 +529,103 @@ def test_a_failed_run_leaves_no_folder_it_made(toy_dataset, tmp_path):
     result = CliRunner().invoke(app, [*args, "--steps", "1"])
     assert result.exit_code == 2 and "resample the dataset" in result.output, result.output
     assert not run.exists()
+
+
+def _htsep_with_file_size_limit(limit: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m htsep ARGS`` in a process whose files cannot grow past ``limit`` bytes
+    (RLIMIT_FSIZE): a write then fails as on a full disk (EFBIG where ENOSPC would be),
+    without a small file system to mount."""
+    import resource
+
+    def limit_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run(
+        [sys.executable, "-m", "htsep", *args],
+        preexec_fn=limit_files,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def test_a_checkpoint_that_cannot_be_saved_is_one_line(toy_dataset, toy_config, tmp_path):
+    """A full disk during torch.save was a 60-line traceback ending in "RuntimeError: [enforce
+    fail at inline_container.cc:672] . unexpected pos": now one line naming the run folder and
+    the reason, exit 1, and no temporary left in the folder."""
+    run = tmp_path / "run"
+    args = ["train", str(toy_dataset), "--out", str(run), "--config", str(toy_config), "-q"]
+    result = _htsep_with_file_size_limit(100_000, *args, "--steps", "3", "--log-every", "1")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == f"htsep: error: {run}: cannot write state.pt: File too large\n"
+    assert sorted(path.name for path in run.iterdir()) == ["metrics.jsonl", "run.json"]
+
+
+def test_a_failed_metrics_write_leaves_a_log_the_run_resumes_from(
+    toy_dataset, toy_config, tmp_path
+):
+    """A metrics record written in pieces could be cut short by a full disk, and the torn line
+    made the run impossible to resume ("not a metrics log"). A record is one write, and a
+    failed one is cut back off the log."""
+    run = tmp_path / "run"
+    options = _options(toy_dataset, toy_config, steps=3)
+    _train(options, run)
+    # A log longer than state.pt, so that the limit stops the next record and not a checkpoint;
+    # without the end record, which the resumed run drops.
+    records = [r for r in _metrics(run) if r.get("event") != "end"]
+    records.append({"step": 0, "note": "x" * 400_000})
+    (run / METRICS).write_text("".join(json.dumps(record) + "\n" for record in records))
+    before = (run / METRICS).read_bytes()
+    args = ["train", str(toy_dataset), "--out", str(run), "--resume", "--steps", "6", "-q"]
+    result = _htsep_with_file_size_limit(len(before) + 20, *args)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == f"htsep: error: {run}: cannot write metrics.jsonl: File too large\n"
+    assert (run / METRICS).read_bytes() == before
+    assert not [path.name for path in run.iterdir() if path.name.startswith(".")]
+    _train(dataclasses.replace(options, steps=6), run, resume=True)
+    assert [r["step"] for r in _metrics(run) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(toy_dataset, toy_config, tmp_path):
+    """A run killed (or out of disk) in the middle of a record left half a line at the end of
+    metrics.jsonl: dropped on resume (it came after the last checkpoint). A line that is not
+    JSON anywhere else is not a torn record, and is still refused."""
+    run = tmp_path / "run"
+    options = _options(toy_dataset, toy_config, steps=3)
+    _train(options, run)
+    with open(run / METRICS, "a") as log:
+        log.write('{"step": 4, "lo')
+    _train(dataclasses.replace(options, steps=4), run, resume=True)
+    assert [r["step"] for r in _metrics(run) if "loss" in r] == [1, 2, 3, 4]
+    lines = (run / METRICS).read_text().splitlines(keepends=True)
+    (run / METRICS).write_text("".join([lines[0], '{"step": 2, "lo\n', *lines[1:]]))
+    with pytest.raises(UsageError, match="a line is not JSON"):
+        _train(dataclasses.replace(options, steps=5), run, resume=True)
+
+
+def test_a_run_removes_the_temporaries_a_killed_run_left(toy_dataset, toy_config, tmp_path):
+    """kill -9 between torch.save and the rename left a .state.pt.<owner>.<hex>.tmp (hundreds
+    of MB with a big model) that no later run removed. A run removes, once it holds the
+    folder's lock, the temporaries whose owner no longer runs; never a live process's."""
+    from htsep.files import create_temporary
+
+    run = tmp_path / "run"
+    options = _options(toy_dataset, toy_config, steps=1)
+    _train(options, run)
+    make = "import sys, htsep.files as f; print(f.create_temporary(sys.argv[1]))"
+    made = subprocess.run(
+        [sys.executable, "-c", make, str(run / STATE_FILE)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    killed = Path(made.stdout.strip())  # its owner has ended without removing it
+    live = create_temporary(run / MODEL_FILE)  # this process's: it still runs
+    try:
+        assert killed.parent == run and killed.exists()
+        _train(dataclasses.replace(options, steps=2), run, resume=True)
+        assert not killed.exists()
+        assert live.exists()
+    finally:
+        live.unlink(missing_ok=True)
