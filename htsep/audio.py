@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 import torch
+from soundfile import _ffi, _snd
 
 from htsep.errors import AudioError, UsageError
 from htsep.files import create_temporary, make_folder, place
@@ -63,6 +64,13 @@ WRITE_FORMATS = ("wav", "flac", "mp3")
 
 _WAV_SUBTYPES = {16: "PCM_16", 24: "PCM_24", 32: "FLOAT"}
 _FLAC_SUBTYPES = {16: "PCM_16", 24: "PCM_24"}
+# The integer subtypes htsep writes, by bits per sample. libsndfile 1.2.2 converts float samples
+# to these by flooring in WAV and AIFF (rounding only in FLAC), a bias of half a step: htsep
+# rounds them itself and hands libsndfile integers, which it stores as they are.
+_PCM_BITS = {"PCM_16": 16, "PCM_24": 24}
+# libsndfile's SFC_SET_ADD_PEAK_CHUNK: float WAVs get a PEAK chunk stamped with the time of
+# writing, so that two runs would never give the same bytes.
+_SET_ADD_PEAK_CHUNK = 0x1050
 
 # The sample rates of MPEG-1, MPEG-2 and MPEG-2.5 layer III, with the bitrate range (kbps) of
 # each version: libsndfile maps its compression level linearly onto that range.
@@ -87,9 +95,12 @@ _RANDOM_ACCESS_SUBTYPES = frozenset(
 )  # fmt: skip
 _PACKED_FORMATS = frozenset({"SDS", "PAF"})
 
-# Writers that cannot seek back (pipes) leave a placeholder in the 32-bit size of the sample
-# chunk: 0 or a value near 4 GiB. Those sizes say nothing about the file.
-_PLACEHOLDER_SIZE = 0x7FFF_F000
+# Writers that cannot seek back (pipes) leave a placeholder in a 32-bit chunk size, which says
+# nothing about the file: 0, 0xFFFFFFFF (ffmpeg) or sox's MS_UNSPEC, 0x7FFFF000 rounded down to
+# whole blocks of the data chunk (and, in the RIFF size, that plus the header). Every other size
+# is a length, however large (a WAV of 2 to 4 GiB).
+_UNKNOWN_SIZES = frozenset({0, 0xFFFF_FFFF})
+_SOX_UNKNOWN_SIZE = 0x7FFF_F000
 # The "[mov,mp4,m4a @ 0x55ab47113c0] " that ffmpeg puts before a demuxer's or decoder's message.
 _FFMPEG_CONTEXT = re.compile(r"^\[[^\]]* @ 0x[0-9a-fA-F]+\] ")
 
@@ -192,11 +203,15 @@ def write_audio(
 
     Integer formats and MP3 are clamped to [-1, 1] first (libsndfile before 1.0.29 wraps
     around, and LAME encodes any level, to decode as peaks far beyond full scale); float WAV
-    keeps values beyond it. Missing parent folders are created. The file is written under a hidden
-    temporary name in the same folder, synced to disk and renamed onto ``path`` only when
-    complete, so ``path`` never holds half a file and a failed write leaves an existing file
-    untouched. ``replace=False``: a file that appears at ``path`` meanwhile is kept and the write
-    fails. ``label``: the name errors give instead of ``path``.
+    keeps values beyond it. Integer samples are rounded to the nearest step (half to even), the
+    same in every container: x is stored as rint(x * 2^(bits-1)), at most 2^(bits-1) - 1.
+    Float WAVs carry no PEAK chunk, whose time stamp would make each write's bytes differ.
+
+    Missing parent folders are created. The file is written under a hidden temporary name in
+    the same folder, synced to disk and renamed onto ``path`` only when complete, so ``path``
+    never holds half a file and a failed write leaves an existing file untouched.
+    ``replace=False``: a file that appears at ``path`` meanwhile is kept and the write fails.
+    ``label``: the name errors give instead of ``path``.
     """
     with AudioWriter(
         path,
@@ -269,6 +284,8 @@ class AudioWriter:
             self._handle = sf.SoundFile(
                 os.fsencode(self._temporary), "w", self.sample_rate, self.channels, **self.settings
             )
+            if self.settings["subtype"] == "FLOAT":  # before any sample is written
+                _snd.sf_command(self._handle._file, _SET_ADD_PEAK_CHUNK, _ffi.NULL, 0)
         except BaseException as exc:
             self._fail(exc)
             raise
@@ -278,7 +295,7 @@ class AudioWriter:
         """Append ``audio`` (C, T)."""
         if self._handle is None:
             raise UsageError(f"{self.name}: write inside the writer's with block")
-        frames = _frames_to_write(self.name, audio, clamp=self.settings["subtype"] != "FLOAT")
+        frames = _frames_to_write(self.name, audio, self.settings["subtype"])
         if frames.shape[1] != self.channels:
             raise AudioError(
                 f"{self.name}: expected {self.channels} channels to write, got {frames.shape[1]}"
@@ -313,26 +330,12 @@ class AudioWriter:
         """Remove the temporary; for a write error, raise the AudioError that explains it."""
         # libsndfile reports a full disk (or a file size limit) as "System error": repeat the
         # failed write with the OS to learn its reason before the temporary goes.
-        reason = self._write_failure() if _is_write_error(exc) else None
+        reason = None
+        if _is_write_error(exc) and self._temporary is not None:
+            reason = _write_failure(self._temporary)
         self._discard()
         if _is_write_error(exc):
             raise AudioError(f"{self.name}: cannot write: {reason or _reason(exc)}") from None
-
-    def _write_failure(self) -> str | None:
-        """The OS's reason for the failure to extend the temporary, if writing fails now."""
-        if self._temporary is None:
-            return None
-        try:
-            fd = os.open(self._temporary, os.O_WRONLY | os.O_APPEND)
-        except OSError as exc:
-            return _reason(exc)
-        try:
-            os.write(fd, bytes(1 << 16))
-        except OSError as exc:
-            return _reason(exc)
-        finally:
-            os.close(fd)
-        return None
 
     def _discard(self) -> None:
         if self._handle is not None:
@@ -343,6 +346,22 @@ class AudioWriter:
             with contextlib.suppress(OSError):
                 os.unlink(self._temporary)
             self._temporary = None
+
+
+def _write_failure(path: str) -> str | None:
+    """The OS's reason why ``path`` cannot grow (a full disk, a file size limit), if appending
+    to it fails now: libsndfile reports either as "System error"."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    except OSError as exc:
+        return _reason(exc)
+    try:
+        os.write(fd, bytes(1 << 16))
+    except OSError as exc:
+        return _reason(exc)
+    finally:
+        os.close(fd)
+    return None
 
 
 def _is_write_error(exc: BaseException) -> bool:
@@ -428,7 +447,7 @@ class AudioReader:
                         out.write(block)
                     except (sf.LibsndfileError, RuntimeError, AssertionError) as exc:
                         where = os.path.dirname(self._decoded)
-                        reason = _reason(exc)
+                        reason = _write_failure(self._decoded) or _reason(exc)
                         raise AudioError(
                             f"{self.name}: cannot decode it into {where}: {reason}"
                         ) from None
@@ -463,14 +482,13 @@ class AudioReader:
             self.check_unchanged()
             try:
                 self._handle.seek(lo)
-                frames = self._handle.read(hi - lo, dtype="float32", always_2d=True)
+                read = self._handle.read(hi - lo, dtype=_read_dtype(self._handle), always_2d=True)
             except (sf.LibsndfileError, RuntimeError) as exc:
                 self.check_unchanged()
                 raise AudioError(
                     f"{self.name}: truncated or corrupt audio ({_reason(exc)})"
                 ) from None
-            if not np.isfinite(frames).all():
-                raise AudioError(f"{self.name}: contains NaN or infinite samples")
+            frames = _float32_samples(self.name, read)
             got = frames.shape[0]
             if got < hi - lo and self._exact:
                 raise AudioError(
@@ -722,13 +740,12 @@ def _blocks(name: str, handle: sf.SoundFile, block_frames: int) -> Iterator[np.n
             count = min(block_frames, left) if exact else block_frames
             try:
                 with native_stderr_muted():
-                    frames = handle.read(count, dtype="float32", always_2d=True)
+                    read = handle.read(count, dtype=_read_dtype(handle), always_2d=True)
             except (sf.LibsndfileError, RuntimeError) as exc:
                 raise AudioError(f"{name}: truncated or corrupt audio ({_reason(exc)})") from None
-            if frames.shape[0] == 0:
+            if read.shape[0] == 0:
                 break
-            if not np.isfinite(frames).all():
-                raise AudioError(f"{name}: contains NaN or infinite samples")
+            frames = _float32_samples(name, read)
             left -= frames.shape[0]
             yield frames
         if counted and left != 0:
@@ -738,6 +755,26 @@ def _blocks(name: str, handle: sf.SoundFile, block_frames: int) -> Iterator[np.n
             )
     finally:
         handle._info.seekable = seekable
+
+
+def _read_dtype(handle: sf.SoundFile) -> str:
+    """The dtype to read ``handle`` in: its own for 64-bit floats, which libsndfile would turn
+    into infinities where they exceed float32's range, else float32."""
+    return "float64" if handle.subtype == "DOUBLE" else "float32"
+
+
+def _float32_samples(name: str, frames: np.ndarray) -> np.ndarray:
+    """frames (T, C) as read -> float32, or the AudioError that says why they cannot be."""
+    if not np.isfinite(frames).all():
+        raise AudioError(f"{name}: contains NaN or infinite samples")
+    with np.errstate(over="ignore"):  # checked below
+        narrow = frames.astype(np.float32, copy=False)
+    if not np.isfinite(narrow).all():
+        peak = float(np.abs(frames).max())
+        raise AudioError(
+            f"{name}: contains samples beyond float32's range (as large as {peak:.3g})"
+        )
+    return narrow
 
 
 def _soundfile_info(name: str) -> AudioInfo | None:
@@ -787,12 +824,29 @@ _LOG_WORDS = re.compile(
 )
 
 
+_LOG_DATA_SIZE = re.compile(r"^\s*data\s*:\s*(\d+)", re.MULTILINE)
+_LOG_BLOCK_ALIGN = re.compile(r"^\s*Block Align\s*:\s*(\d+)", re.MULTILINE)
+
+
+def _placeholder_size(label: str, declared: int, log: str) -> bool:
+    """Whether a chunk size in libsndfile's log is the "unknown length" of a writer that
+    cannot seek back (``_UNKNOWN_SIZES``, sox's), not a length the file must hold."""
+    if label == "riff":  # W64's size has 64 bits: never a placeholder
+        return False
+    if declared in _UNKNOWN_SIZES:
+        return True
+    if label == "RIFF":  # derived from the data chunk's size: a placeholder with it
+        data = _LOG_DATA_SIZE.search(log)
+        return data is not None and _placeholder_size("data", int(data.group(1)), log)
+    align = _LOG_BLOCK_ALIGN.search(log)
+    block = int(align.group(1)) if align is not None and int(align.group(1)) > 0 else 1
+    return declared == _SOX_UNKNOWN_SIZE - _SOX_UNKNOWN_SIZE % block
+
+
 def _truncation_in_log(log: str) -> str | None:
     for match in _LOG_SIZE.finditer(log):
         label, declared, present = match.group(1), int(match.group(2)), int(match.group(3))
-        # 32-bit sizes of 0 or near 4 GiB are placeholders of writers that cannot seek back.
-        placeholder = label != "riff" and (declared == 0 or declared >= _PLACEHOLDER_SIZE)
-        if declared > present and not placeholder:
+        if declared > present and not _placeholder_size(label, declared, log):
             return f"{label.lower()} size {declared} bytes, {present} present"
     for match in _LOG_COUNT.finditer(log):
         groups = [int(g) for g in match.groups() if g is not None]
@@ -1200,9 +1254,10 @@ def _mp3_settings(name: str, sample_rate: int, bitrate: int, preset: int) -> dic
     }
 
 
-def _frames_to_write(name: str, audio: torch.Tensor, *, clamp: bool) -> np.ndarray:
-    """audio (C, T) -> contiguous (T, C) float32 array, as libsndfile interleaves; ``audio``
-    itself is left as it is."""
+def _frames_to_write(name: str, audio: torch.Tensor, subtype: str) -> np.ndarray:
+    """audio (C, T) -> contiguous (T, C) array for libsndfile's ``subtype`` (as it interleaves):
+    integers for the PCM subtypes (``_quantise``), float32 otherwise, clamped to [-1, 1] unless
+    float. ``audio`` itself is left as it is."""
     if not isinstance(audio, torch.Tensor) or audio.dim() != 2 or audio.shape[0] == 0:
         shape = tuple(audio.shape) if hasattr(audio, "shape") else type(audio).__name__
         raise AudioError(f"{name}: expected (channels, time) audio to write, got {shape}")
@@ -1215,17 +1270,45 @@ def _frames_to_write(name: str, audio: torch.Tensor, *, clamp: bool) -> np.ndarr
         raise AudioError(f"{name}: expected a dense tensor of samples to write")
     if audio.dtype == torch.bool or audio.is_complex():
         raise AudioError(f"{name}: cannot write {audio.dtype} samples (real numbers expected)")
+    # float64 stays float64 until quantised: through float32 a sample could round twice.
     if not audio.is_floating_point():  # as audio files store them: int16 k -> k / 2^15, ...
         limits = torch.iinfo(audio.dtype)
         half = float(2 ** (limits.bits - 1))
         wide = audio.detach().to(device="cpu", dtype=torch.float64)
-        audio = (wide if limits.min < 0 else wide - half) / half
-    samples = audio.detach().to(device="cpu", dtype=torch.float32)
+        samples = (wide if limits.min < 0 else wide - half) / half
+    else:
+        wide_dtype = torch.float64 if audio.dtype == torch.float64 else torch.float32
+        samples = audio.detach().to(device="cpu", dtype=wide_dtype)
     if not bool(torch.isfinite(samples).all()):
         raise AudioError(f"{name}: the audio to write contains NaN or infinite samples")
-    if clamp:
-        samples = samples.clamp(-1.0, 1.0)
-    return np.ascontiguousarray(samples.numpy().T)
+    frames = samples.numpy().T  # (T, C), a view
+    if subtype in _PCM_BITS:
+        return _quantise(frames, _PCM_BITS[subtype])
+    if subtype != "FLOAT":
+        frames = np.clip(frames, -1.0, 1.0)
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: refused
+        narrow = np.ascontiguousarray(frames, dtype=np.float32)
+    if not np.isfinite(narrow).all():
+        raise AudioError(f"{name}: the audio to write has samples beyond float32's range")
+    return narrow
+
+
+def _quantise(frames: np.ndarray, bits: int) -> np.ndarray:
+    """frames (T, C) float -> contiguous (T, C) integers that libsndfile stores unchanged:
+    int16 for 16 bits, otherwise int32 with the sample in its top ``bits`` bits (as libsndfile
+    scales them). Each sample becomes rint(x * 2^(bits-1)) (half to even), clipped to the
+    integer range; ``frames`` itself is left as it is."""
+    full_scale = 2.0 ** (bits - 1)
+    # Clipped before scaling, so that no product overflows; the scaling itself is exact.
+    steps = np.clip(frames, -1.0, 1.0)
+    steps *= full_scale
+    np.rint(steps, out=steps)
+    np.clip(steps, -full_scale, full_scale - 1, out=steps)
+    if bits == 16:
+        return steps.astype(np.int16, order="C")
+    integers = steps.astype(np.int32, order="C")
+    integers <<= 32 - bits
+    return integers
 
 
 def _create_temporary(name: str, target: Path) -> str:

@@ -244,11 +244,12 @@ def find_inputs(patterns: Sequence[str | os.PathLike[str]], exclude: Path) -> li
 
 
 def parse_shard(text: str) -> tuple[int, int]:
-    """'K/N' -> (K, N), 1 <= K <= N."""
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise UsageError(f"--shard {text!r}: expected K/N (e.g. 1/4) or auto") from None
+    """'K/N' -> (K, N), 1 <= K <= N, in plain ASCII digits (int() would also take "1_0",
+    " 2" and other scripts' digits)."""
+    match = re.fullmatch(r"([0-9]{1,9})/([0-9]{1,9})", text)
+    if match is None:
+        raise UsageError(f"--shard {text!r}: expected K/N (e.g. 1/4) or auto")
+    index, count = int(match[1]), int(match[2])
     if count < 1 or not 1 <= index <= count:
         raise UsageError(f"--shard {text!r}: need 1 <= K <= N")
     return index, count

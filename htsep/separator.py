@@ -966,8 +966,12 @@ def _as_audio_tensor(audio: Any, max_frames: int | None = None) -> torch.Tensor:
         half = float(2 ** (limits.bits - 1))
         audio = audio.double()
         audio = (audio if limits.min < 0 else audio - half) / half
-    audio = audio.detach().to(device="cpu", dtype=torch.float32)
+    wide = audio.detach()
+    audio = wide.to(device="cpu", dtype=torch.float32)
     if not torch.isfinite(audio).all():
+        if bool(torch.isfinite(wide).all()):  # float64 samples float32 cannot hold
+            peak = float(wide.abs().max())
+            raise AudioError(f"contains samples beyond float32's range (as large as {peak:.3g})")
         raise AudioError("contains NaN or infinite samples")
     return audio
 

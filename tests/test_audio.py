@@ -72,6 +72,56 @@ def test_integer_round_trip_within_one_step(tmp_path, suffix, bits, tolerance, s
     assert sf.info(path).subtype == subtype
 
 
+def steps_oracle(x: np.ndarray, bits: int) -> np.ndarray:
+    """What an integer file must hold for samples ``x``: the nearest step (numpy's rint, half to
+    even) at full scale 2^(bits-1), clipped to the integer range, as soundfile reads it back."""
+    full_scale = 2.0 ** (bits - 1)
+    steps = np.rint(np.clip(x.astype(np.float64), -1, 1) * full_scale)
+    return np.clip(steps, -full_scale, full_scale - 1) / full_scale
+
+
+@pytest.mark.parametrize("suffix", [".wav", ".flac"])
+@pytest.mark.parametrize("bits", [16, 24])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_integer_samples_round_to_the_nearest_step(tmp_path, suffix, bits, dtype):
+    """libsndfile floors float samples into WAV (a DC bias of half a step) but rounds them into
+    FLAC: htsep rounds itself, so each container holds rint(x * 2^(bits-1)), written in blocks
+    as streaming does, with values beyond full scale clipped."""
+    step = 2.0 ** (1 - bits)
+    special = [v * step for v in (0.6, -0.4, 1.5, -1.5, 0.5, -0.5, 2.5, 0.49999, 1e6)]
+    loud = [1.0, -1.0, 1.5, -3.0, 1 - step / 4, 0.0, 0.0, 0.0, 0.0]
+    edges = torch.tensor([special, loud], dtype=dtype)
+    x = torch.cat([edges, noise(2, 20_000, seed=bits).to(dtype)], dim=1)
+    path = tmp_path / f"steps{suffix}"
+    with audio.AudioWriter(path, RATE, 2, bits=bits) as writer:
+        for block in x.split(7001, dim=1):
+            writer.write(block)
+    expected = steps_oracle(x.numpy().T, bits)  # (T, C)
+    assert np.array_equal(sf.read(path, dtype="float64")[0], expected)
+    assert np.array_equal(read_audio(path)[0].numpy(), expected.T.astype(np.float32))
+
+
+def test_integer_stems_have_no_dc_bias(tmp_path):
+    """The reported case: 0.6, -0.4 and 1.5 steps come back as 1, 0 and 2 (not 0, -1, 1) in
+    WAV as in FLAC."""
+    for suffix in (".wav", ".flac"):
+        write_audio(tmp_path / f"w{suffix}", torch.tensor([[0.6, -0.4, 1.5]]) / 32768, RATE)
+        assert sf.read(tmp_path / f"w{suffix}", dtype="int16")[0].tolist() == [1, 0, 2]
+
+
+def test_float_wav_bytes_do_not_depend_on_the_time_of_writing(tmp_path):
+    """libsndfile stamps float WAVs with a PEAK chunk holding the time: htsep writes none, so
+    the same stem written a second later is the same bytes."""
+    x = noise(2, 1000, scale=2.0)
+    write_audio(tmp_path / "first.wav", x, RATE, bits=32)
+    time.sleep(1.1)
+    write_audio(tmp_path / "second.wav", x, RATE, bits=32)
+    first = (tmp_path / "first.wav").read_bytes()
+    assert first == (tmp_path / "second.wav").read_bytes()
+    assert b"PEAK" not in first
+    assert torch.equal(read_audio(tmp_path / "first.wav")[0], x)
+
+
 @pytest.mark.parametrize("suffix", [".wav", ".flac"])
 @pytest.mark.parametrize("rate", [8000, 192000])
 @pytest.mark.parametrize("channels", [1, 2])
@@ -243,6 +293,12 @@ def _make_bad_file(tmp_path: Path, kind: str) -> tuple[Path, str]:
         path = tmp_path / "silence.wav"
         sf.write(path, np.zeros((0, 2), np.float32), RATE, subtype="FLOAT")
         return path, "contains no audio"
+    if kind == "huge":
+        path = tmp_path / "huge.wav"
+        frames = np.zeros((1000, 2))
+        frames[500, 1] = -1e300
+        sf.write(path, frames, RATE, subtype="DOUBLE")
+        return path, "contains samples beyond float32's range (as large as 1e+300)"
     if kind in ("nan", "inf"):
         path = tmp_path / f"{kind}.wav"
         frames = np.zeros((1000, 2), np.float32)
@@ -259,11 +315,22 @@ HEADER_KINDS = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", [*HEADER_KINDS, "flac_half", "nan", "inf"])
+@pytest.mark.parametrize("kind", [*HEADER_KINDS, "flac_half", "nan", "inf", "huge"])
 def test_read_audio_rejects_bad_files_in_one_line(tmp_path, kind):
     path, phrase = _make_bad_file(tmp_path, kind)
     with pytest.raises(AudioError) as excinfo:
         read_audio(path)
+    assert_audio_error(excinfo, path, phrase)
+
+
+@pytest.mark.parametrize("kind", ["nan", "huge"])
+def test_reader_rejects_samples_float32_cannot_hold(tmp_path, kind):
+    """The streaming reader says the same of each read as read_audio of the whole file."""
+    path, phrase = _make_bad_file(tmp_path, kind)
+    with audio.AudioReader(path) as reader:
+        assert reader.read(0, 500).abs().max() == 0
+        with pytest.raises(AudioError) as excinfo:
+            reader.read(400, 200)
     assert_audio_error(excinfo, path, phrase)
 
 
@@ -286,15 +353,70 @@ def test_flac_cut_anywhere_is_reported_as_truncated(tmp_path, fraction):
     assert_audio_error(excinfo, path, "truncated or corrupt audio")
 
 
-def test_wav_with_a_streaming_placeholder_size_is_read(tmp_path):
-    """Writers that cannot seek back (pipes) leave 0xFFFFFFFF as the data size: not a cut."""
-    data = bytearray(_wav_bytes(tmp_path, 0.1, subtype="PCM_16"))
+def _wav_declaring(
+    path: Path, data_size: int, riff_size: int | None = None, length: int | None = None
+) -> Path:
+    """A 24-bit stereo WAV (block align 6) at 96 kHz of 0.5 s whose header declares
+    ``data_size`` bytes of samples (``riff_size``: data_size + 36 unless given), as a sparse
+    file of ``length`` bytes (as many as it holds unless given)."""
+    frames = np.random.default_rng(3).uniform(-0.5, 0.5, (48000, 2))
+    sf.write(path, frames, 96000, subtype="PCM_24", format="WAV")
+    data = bytearray(path.read_bytes())
     at = data.index(b"data")
-    data[at + 4 : at + 8] = b"\xff\xff\xff\xff"
-    path = tmp_path / "streamed.wav"
+    assert at == 36  # a plain header: RIFF size = data size + 36
+    data[at + 4 : at + 8] = data_size.to_bytes(4, "little")
+    riff = data_size + 36 if riff_size is None else riff_size
+    data[4:8] = (riff % 2**32).to_bytes(4, "little")  # as a writer's uint32 wraps
     path.write_bytes(bytes(data))
-    y, _ = read_audio(path)
-    assert y.shape == (2, RATE // 10)
+    if length is not None:
+        os.truncate(path, length)
+    return path
+
+
+SOX_UNKNOWN = 0x7FFFF000 // 6 * 6  # sox's "unknown length" for a block align of 6
+
+
+@pytest.mark.parametrize(
+    ("data_size", "riff_size"),
+    [
+        (0xFFFFFFFF, None),  # the data size alone
+        (0xFFFFFFFF, 0xFFFFFFFF),  # ffmpeg writing to a pipe
+        (SOX_UNKNOWN, None),  # sox writing to a pipe
+    ],
+)
+def test_wav_with_a_streaming_placeholder_size_is_read(tmp_path, data_size, riff_size):
+    """Writers that cannot seek back (pipes) leave a placeholder as the data size: not a cut."""
+    path = _wav_declaring(tmp_path / "streamed.wav", data_size, riff_size)
+    y, rate = read_audio(path)
+    assert y.shape == (2, 48000) and rate == 96000
+
+
+@pytest.mark.parametrize(
+    "data_size",
+    [
+        96000 * 6 * 3600,  # 2,073,600,000 bytes: 1 h at 96 kHz, 24 bits, stereo
+        96000 * 6 * 3800,  # 2,188,800,000: over 2 GiB
+        0x7FFFF000,  # sox's placeholder, but not a multiple of 6 as sox's would be
+        SOX_UNKNOWN + 6,
+        0xFFFFFFC6,  # the largest multiple of 6 whose RIFF size fits 32 bits
+        0xFFFFFFFE,  # a RIFF size of data + 36 wraps round 2^32
+    ],
+)
+def test_large_wav_cut_short_is_refused(tmp_path, data_size):
+    """A 2 to 4 GiB WAV that holds half a second of its samples is cut, not streamed."""
+    path = _wav_declaring(tmp_path / "cut.wav", data_size)
+    with pytest.raises(AudioError) as excinfo:
+        read_audio(path)
+    assert_audio_error(excinfo, path, "truncated or corrupt audio (the file ends before its")
+
+
+@pytest.mark.parametrize("data_size", [96000 * 6 * 3800, 0xFFFFFFC6])
+def test_whole_wav_of_over_2_gib_is_read(tmp_path, data_size):
+    """The same headers over a (sparse) file that holds every byte they declare."""
+    path = _wav_declaring(tmp_path / "long.wav", data_size, length=44 + data_size)
+    assert audio_info(path) == AudioInfo(96000, 2, data_size // 6)
+    with audio.AudioReader(path) as reader:
+        assert reader.read(reader.frames - 10, 10).shape == (2, 10)
 
 
 @pytest.mark.skipif(not POSIX or os.geteuid() == 0, reason="needs POSIX permissions, not root")
@@ -325,6 +447,13 @@ def test_unreadable_file(tmp_path):
         ("out.wav", RATE, {}, noise(1000, 2), "is it (time, channels)?"),
         ("out.wav", RATE, {}, torch.tensor([[0.0, float("nan")]]), "NaN or infinite samples"),
         ("out.flac", RATE, {}, torch.tensor([[0.0, float("inf")]]), "NaN or infinite samples"),
+        (
+            "out.wav",
+            RATE,
+            {"bits": 32},
+            torch.tensor([[0.0, 1e300]], dtype=torch.float64),
+            "the audio to write has samples beyond float32's range",
+        ),
     ],
 )
 def test_write_audio_rejects_bad_requests_in_one_line(tmp_path, name, rate, options, x, phrase):
@@ -884,6 +1013,34 @@ def test_file_size_limit_is_named(tmp_path, suffix, bits, frames):
                           text=True, timeout=120)  # fmt: skip
     assert done.stdout == f"{path}: cannot write: File too large\n", done.stderr
     assert os.listdir(tmp_path) == []
+
+
+DECODE_SIZE_LIMIT_SCRIPT = """
+import resource, sys
+from htsep.audio import AudioReader, AudioError
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+try:
+    AudioReader(sys.argv[1])
+except AudioError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.skipif(not POSIX, reason="RLIMIT_FSIZE")
+def test_decoding_into_a_size_limited_folder_names_the_reason(tmp_path):
+    """An Ogg is decoded into a float temporary (2 s: 700 kB) that outgrows a 200 kB limit:
+    the error names the OS's reason, as the writer's do, not libsndfile's "System error"."""
+    path = tmp_path / "song.ogg"
+    sf.write(path, sine(2, 2 * RATE, RATE).numpy().T, RATE, subtype="VORBIS")
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    done = subprocess.run([sys.executable, "-c", DECODE_SIZE_LIMIT_SCRIPT, str(path)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TMPDIR": str(temporary)})  # fmt: skip
+    assert done.stdout == f"{path}: cannot decode it into {temporary}: File too large\n", (
+        done.stdout + done.stderr
+    )
+    assert os.listdir(temporary) == []
 
 
 @pytest.mark.skipif(not POSIX or os.geteuid() != 0, reason="mounting a tmpfs needs root")

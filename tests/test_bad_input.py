@@ -177,6 +177,8 @@ def test_unknown_model_suggests_names(tmp_path):
         (["--shard", "3/2"], "--shard"),
         (["--shard", "one/two"], "--shard"),
         (["--shard", "0/4"], "--shard"),
+        (["--shard", "\u0661/\u0662"], "--shard"),  # int() takes Arabic-Indic digits
+        (["--shard", "1_0/2_0"], "--shard"),  # and underscores
         (["--int24", "--float32"], "exclude each other"),
         (["--flac", "--float32"], "--float32"),
         (["--filename", "{track}/{instrument}.{ext}"], "--filename"),

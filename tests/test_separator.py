@@ -167,6 +167,8 @@ def test_numpy_and_integer_samples(vocals_only):
         (torch.zeros(2, 800), 10**12, UsageError, "sample rate"),
         (torch.zeros(2, 800), float("nan"), UsageError, "sample rate"),
         (torch.zeros(2, 800), True, UsageError, "sample rate"),
+        (torch.full((2, 800), 1e300, dtype=torch.float64), 8000, AudioError, "beyond float32"),
+        (torch.full((2, 800), float("inf")), 8000, AudioError, "NaN or infinite"),
         (torch.zeros(2, 800).to_sparse(), 8000, AudioError, "dense"),
         (torch.zeros(2, 800, device="meta"), 8000, AudioError, "meta device"),
         # Refused from the shape, before 8 TB of float32 would be made of a broadcast view.
