@@ -24,6 +24,8 @@ Hostile or damaged input, by class:
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import json
 import logging
 import os
@@ -268,6 +270,8 @@ class AudioWriter:
         self.settings = _encoder_settings(
             self.name, self.target.suffix.lower(), sample_rate, bits, mp3_bitrate, mp3_preset
         )
+        if self.settings["format"] == "MP3":
+            _check_mp3_tag(self.name, sample_rate, self.channels, mp3_bitrate, self.settings)
         self.sample_rate = sample_rate
         self._temporary: str | None = None
         self._handle: sf.SoundFile | None = None
@@ -1252,6 +1256,58 @@ def _mp3_settings(name: str, sample_rate: int, bitrate: int, preset: int) -> dic
         "bitrate_mode": "CONSTANT",
         "compression_level": level,
     }
+
+
+def _check_mp3_tag(
+    name: str, sample_rate: int, channels: int, bitrate: int, settings: dict[str, Any]
+) -> None:
+    """Refuse MP3 settings at which the encoder writes no Xing/Info tag: the tag is what lets
+    a decoder drop the encoder's delay and padding, so without it a stem would start about
+    1100 samples late and run that much longer. The tag fits only in frames large enough
+    (at 44.1 kHz in stereo, from 64 kbps on)."""
+    if _mp3_tagged(sample_rate, channels, settings["compression_level"]):
+        return
+    low, high = _MP3_BITRATE_RANGES[sample_rate]
+    enough = next(
+        (
+            kbps
+            for kbps in range(low, high + 1, 8)
+            if _mp3_tagged(
+                sample_rate,
+                channels,
+                _mp3_settings(name, sample_rate, kbps, 2)["compression_level"],
+            )
+        ),
+        None,
+    )
+    advice = f"use --mp3-bitrate {enough} or more" if enough is not None else "use WAV or FLAC"
+    raise AudioError(
+        f"{name}: at {bitrate} kbps and {sample_rate} Hz an MP3 frame has no room for the "
+        f"length tag, so the stem would start late and run long; {advice}"
+    )
+
+
+@functools.cache
+def _mp3_tagged(sample_rate: int, channels: int, level: float) -> bool:
+    """Whether libsndfile's MP3 encoder writes a Xing/Info tag at these settings (a few
+    milliseconds of encoding silence in memory, once per process and settings)."""
+    buffer = io.BytesIO()
+    try:
+        with sf.SoundFile(
+            buffer,
+            "w",
+            sample_rate,
+            channels,
+            format="MP3",
+            subtype="MPEG_LAYER_III",
+            bitrate_mode="CONSTANT",
+            compression_level=level,
+        ) as probe:
+            probe.write(np.zeros((4 * 1152, channels), dtype=np.float32))
+    except (sf.LibsndfileError, RuntimeError, AssertionError):
+        return True  # the encoder fails here: the real write will say how
+    buffer.seek(0)
+    return _mp3_tag(buffer, buffer.read(1 << 16)) is not None
 
 
 def _frames_to_write(name: str, audio: torch.Tensor, subtype: str) -> np.ndarray:

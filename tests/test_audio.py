@@ -209,6 +209,39 @@ def test_mp3_bitrate_is_clamped_to_the_rate_range(tmp_path):
     assert abs(path.stat().st_size - 40000) < 2000
 
 
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("rate", [8000, 16000, 22050, 32000, 44100, 48000])
+def test_an_mp3_is_exactly_as_long_as_its_audio_or_refused(tmp_path, rate, channels):
+    """Below 64 kbps at 44.1 kHz (and the like elsewhere) libsndfile's encoder wrote no
+    Xing/Info tag, so decoders could not drop its delay and padding: the stem started 1105
+    samples late and ran long, with no word. Every bitrate now gives a file that decodes to
+    exactly the samples written (as libsndfile reads it back), or an AudioError naming the
+    lowest bitrate that does."""
+    # Noise low-passed well below every rate's band (a 64-tap Hann window): encoded nearly
+    # intact at any bitrate, and unlike a tone it matches itself at one lag only.
+    white = np.random.default_rng(rate).standard_normal((channels, rate + 777 + 63))
+    smooth = np.stack([np.convolve(row, np.hanning(64), mode="valid") for row in white])
+    x = torch.from_numpy(0.3 * smooth / np.abs(smooth).max()).float()
+    refused, lowest_taken = [], None
+    for kbps in (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 128, 160, 320):
+        path = tmp_path / f"{kbps}.mp3"
+        try:
+            write_audio(path, x, rate, mp3_bitrate=kbps)
+        except AudioError as exc:
+            refused.append((kbps, str(exc)))
+            assert not path.exists()
+            continue
+        lowest_taken = kbps if lowest_taken is None else lowest_taken
+        y, _ = sf.read(path, dtype="float32", always_2d=True)
+        assert y.shape == (x.shape[1], channels), kbps
+        best = max(np.corrcoef(x[0].numpy(), np.roll(y[:, 0], lag))[0, 1] for lag in range(-3, 4))
+        assert best > 0.9, (kbps, best)  # in place, not ~1100 samples late
+    assert lowest_taken is not None
+    for kbps, message in refused:
+        assert kbps < lowest_taken
+        assert f"use --mp3-bitrate {lowest_taken} or more" in message, message
+
+
 # Clamping and inputs ----------------------------------------------------------------------------
 
 
