@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -660,7 +661,13 @@ def _separate_tracks(opts: dict[str, Any], output: OutputSettings, settings: Any
         progress=not quiet,
         keep_memory=opts["keep_memory"],
     )
-    report = _Report(len(tracks), separator.name, quiet=quiet, json_lines=opts["json_lines"])
+    report = _Report(
+        len(tracks),
+        separator.name,
+        quiet=quiet,
+        json_lines=opts["json_lines"],
+        staging=opts["out"] if to_stdout else None,
+    )
     batch = Batch(separator, opts["out"], output, pipeline=opts["pipeline"], events=report)
     if to_stdout and len(batch.names) != 1:
         raise UsageError(
@@ -690,9 +697,14 @@ class _Report(BatchEvents):
     """A batch on the terminal: a progress bar per track, one line when each is done (errors
     on stderr, JSON records on stdout)."""
 
-    def __init__(self, total: int, model: str, *, quiet: bool, json_lines: bool) -> None:
+    def __init__(
+        self, total: int, model: str, *, quiet: bool, json_lines: bool, staging: str | None = None
+    ) -> None:
         self.total, self.model, self.quiet, self.json_lines = total, model, quiet, json_lines
         self.bar: Any = None  # the tqdm progress bar on screen
+        # -o -: the hidden folder the stem is made in, gone once the command ends; errors
+        # name the temporary folder instead (where a full disk would be).
+        self.staging = staging
 
     def started(self, index: int, track: Track, seconds: float) -> None:
         if self.quiet:
@@ -719,7 +731,11 @@ class _Report(BatchEvents):
 
     def finished(self, index: int, track: Track) -> None:
         if track.status == "failed":
-            self._line(f"htsep: error: {track.error}", err=True)
+            error = track.error or ""
+            if self.staging is not None:
+                where = f"the stem for standard output (made in {os.path.dirname(self.staging)})"
+                error = re.sub(re.escape(self.staging) + r"[^:]*", lambda _: where, error)
+            self._line(f"htsep: error: {error}", err=True)
         elif track.status == "ok" and not self.quiet:
             self._line(
                 f"[{index + 1}/{self.total}] {track.label}: {len(track.outputs)} stems in "

@@ -156,6 +156,35 @@ def test_pipes_stdin_to_stdout_give_the_bytes_of_files(tmp_path, repo):
     assert done.stderr == b""  # -q: nothing else, and never on stdout
 
 
+def test_a_full_temporary_folder_under_stdout_names_that_folder(tmp_path, repo):
+    """With -o -, a full TMPDIR was reported under the hidden stem path of a folder that was
+    gone by the time the line was read."""
+    import resource
+
+    from helpers import write_clip
+
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 4.0)
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    common = ["--repo", str(repo), "-n", "aaaa0001", "-q", "--stems", "vocals"]
+    done = subprocess.run(
+        [sys.executable, "-m", "htsep", str(clip), *common, "-o", "-"],
+        capture_output=True,
+        env={**os.environ, "TMPDIR": str(temporary)},
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)),
+        timeout=300,
+    )
+    assert done.returncode == 1
+    lines = done.stderr.decode().splitlines()
+    assert lines[0] == (
+        f"htsep: error: {clip}: the stem for standard output (made in {temporary}): "
+        "cannot write: File too large"
+    ), lines
+    assert done.stdout == b""
+    assert os.listdir(temporary) == []
+
+
 def test_pipes_refuse_what_cannot_go_to_one_stream(tmp_path, repo):
     from helpers import write_clip
 
