@@ -371,7 +371,8 @@ def separate(
         "--clip-mode",
         "rescale|clamp|none",
         OUTPUT,
-        "rescale: one gain for all stems when any clips; clamp: hard clip; none.",
+        "rescale: one gain for all stems written when any clips; clamp: clip at +-0.99 "
+        "(as demucs); none.",
     ),
     device: str | None = DEVICE_OPTION,
     jobs: int = JOBS_OPTION,

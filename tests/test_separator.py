@@ -482,3 +482,27 @@ def test_two_stems_complement_wins_over_a_source_of_that_name(tmp_path, method):
     written = torch.from_numpy(sf.read(target, dtype="float32")[0].T)
     assert torch.allclose(written, expected, atol=1e-6)
     assert not torch.allclose(written, plain[complement], atol=1e-2)
+
+
+def test_clamp_clips_at_099_and_rescale_takes_the_stems_written(repo, tmp_path):
+    """What the README says of the clip modes, against their formulas: clamp is +-0.99 (as
+    demucs); rescale divides by max(1.01 * peak, 1) with the peak of the stems written, so the
+    loudest stem written peaks at exactly 1 / 1.01."""
+    import soundfile as sf
+
+    clip = tmp_path / "loud.wav"
+    sf.write(clip, (40 * _mix(seconds=0.6)).numpy().T, 8000, subtype="FLOAT")
+    separator = htsep.Separator("aaaa0001", repo=repo, device="cpu", shifts=0)
+    plain = separator.separate_tensor(40 * _mix(seconds=0.6), 8000)
+    assert max(float(stem.abs().max()) for stem in plain.values()) > 1.5  # it does clip
+
+    def peak(name: str, **options) -> float:
+        target = tmp_path / f"{name}-{len(list(tmp_path.iterdir()))}.wav"
+        separator.separate_file_to(clip, {name: target}, bits=32, **options)
+        return float(np.abs(sf.read(target, dtype="float32")[0]).max())
+
+    for name in plain:
+        expected = min(float(plain[name].abs().max()), 0.99)
+        assert abs(peak(name, clip_mode="clamp") - expected) < 1e-6
+        if float(plain[name].abs().max()) > 1:
+            assert abs(peak(name, clip_mode="rescale") - 1 / 1.01) < 1e-6
