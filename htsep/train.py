@@ -50,7 +50,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 from safetensors import SafetensorError
 from torch.nn.parallel import DistributedDataParallel
 
@@ -232,9 +231,10 @@ def _config_file(
         names = ", ".join(NAMED_CONFIGS)
         raise UsageError(f"--config {path}: neither a named size ({names}) nor a file")
     try:
-        data = yaml.safe_load(path.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise UsageError(f"--config {path}: unreadable ({str(exc).splitlines()[0]})") from None
+        data = zoo.parse_yaml(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UsageError(f"--config {path}: unreadable ({reason})") from None
     if not isinstance(data, Mapping):
         raise UsageError(f"--config {path}: expected a mapping of options")
     data = {"sources": list(sources), "audio_channels": channels, **data}

@@ -39,6 +39,7 @@ import re
 import stat
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -252,12 +253,46 @@ def registry_models() -> list[ModelSpec]:
     return sorted(models, key=lambda spec: spec.name)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, refusing a mapping that gives a key twice (YAML would let
+    the last one win without a word: two ``models:`` lines, the first silently dropped)."""
+
+
+def _unique_keys(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # "<<": merged keys may be overridden
+            continue
+        key = loader.construct_object(key_node)
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        except TypeError:  # an unhashable key: construct_mapping names it
+            break
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_keys)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML as ``yaml.safe_load`` reads it, with no key given twice; ValueError with a
+    one-line reason for anything it cannot read (nesting too deep included)."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except (yaml.YAMLError, RecursionError, ValueError) as exc:
+        reason = " ".join(str(exc).replace(' in "<unicode string>",', " at").split())
+        raise ValueError(reason[:200] or type(exc).__name__) from None
+
+
 def _load_yaml(text: str, origin: str) -> Mapping[str, Any]:
     try:
-        data = yaml.safe_load(text)
-    except (yaml.YAMLError, RecursionError, ValueError) as exc:
-        problem = str(exc).replace("\n", " ")[:200] or type(exc).__name__
-        raise ModelNotFoundError(f"{origin}: not valid YAML ({problem})") from None
+        data = parse_yaml(text)
+    except ValueError as exc:
+        raise ModelNotFoundError(f"{origin}: not valid YAML ({exc})") from None
     if not isinstance(data, Mapping):
         raise ModelNotFoundError(f"{origin}: expected a mapping of keys, got {type(data).__name__}")
     return data
@@ -705,7 +740,20 @@ def _check_local(path: Path, checksum: str | None) -> Path:
 def _download_url(member: MemberSpec) -> str:
     mirror = os.environ.get("HTSEP_MIRROR")
     if mirror:
-        return f"{mirror.rstrip('/')}/{member.file_name}"
+        try:
+            parts = urllib.parse.urlsplit(mirror)
+            with_user = parts.username is not None or parts.password is not None
+        except ValueError:  # a malformed address: _stream names it when it is used
+            return f"{mirror.rstrip('/')}/{member.file_name}"
+        if with_user:  # never repeated in a message: it may hold a password
+            raise DownloadError(
+                "HTSEP_MIRROR holds a user name or password, which htsep does not send: "
+                "use a mirror address without them"
+            )
+        # The file name goes at the end of the path, before a query (a token), and a
+        # "#fragment", which is never sent, is dropped.
+        path = f"{parts.path.rstrip('/')}/{member.file_name}"
+        return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
     if member.url is None:
         raise _offline_error(f"no download address for '{member.signature}'", member.file_name)
     return member.url

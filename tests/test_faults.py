@@ -287,5 +287,6 @@ def test_an_interruption_right_after_a_file_is_made_leaves_nothing(
     result = htsep("--repo", str(repo), *MODEL, *extra, "-o", str(out), str(clip))
     assert result.exit_code == 130, result.output
     assert "interrupted" in result.output
-    assert out.exists() and _hidden(out) == []
+    # No hidden file or folder and no file (the track's empty folders may stay).
+    assert not out.exists() or _hidden(out) == []
     assert not any(p.is_file() for p in out.rglob("*"))

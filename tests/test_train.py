@@ -629,3 +629,22 @@ def test_a_run_removes_the_temporaries_a_killed_run_left(toy_dataset, toy_config
         assert live.exists()
     finally:
         live.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize(
+    "text,phrase",
+    [
+        ("channels: 4\nchannels: 8\n", "is given twice"),
+        ("[" * 5000 + "]" * 5000, "recursion"),
+    ],
+)
+def test_unreadable_config_files_are_one_line(toy_dataset, tmp_path, text, phrase):
+    """A key given twice was taken silently (the last won); YAML nested too deep for the
+    parser was a RecursionError traceback."""
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    args = ["train", str(toy_dataset), "--out", str(tmp_path / "run"), "--config", str(config)]
+    result = CliRunner().invoke(app, [*args, "--steps", "1", "-q"])
+    assert result.exit_code == 2, result.output
+    assert len(result.output.splitlines()) == 1 and phrase in result.output, result.output
+    assert not (tmp_path / "run").exists()

@@ -97,7 +97,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
             state.requests.append(self.path)
             if state.barrier is not None:
                 state.barrier.wait(timeout=10)
-            path = state.root / self.path.lstrip("/")
+            path = state.root / self.path.split("?")[0].lstrip("/")
             if not path.is_file():
                 self.send_error(404, "Not Found")
                 return
@@ -1023,3 +1023,40 @@ def test_a_full_cache_disk_is_the_caches_fault_not_the_networks(
     assert message.startswith(f"cannot use the download cache {zoo.cache_dir()} (No space left")
     assert "could not download" not in message
     assert cache_leftovers(zoo.cache_dir()) == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "models: [one]\nmodels: [one, one]\n",
+        "models: [one]\nweights: [[1, 1, 1, 1]]\nweights: [[0, 1, 1, 1]]\n",
+    ],
+)
+def test_a_key_given_twice_in_a_bag_is_refused(
+    one_member_repo: Path, tmp_path: Path, text: str
+) -> None:
+    """YAML lets the last of two keys win: the first models: or weights: line was dropped
+    without a word."""
+    repo = tmp_path / "repo"
+    shutil.copytree(one_member_repo, repo)
+    (repo / "bag.yaml").write_text(text)
+    with pytest.raises(ModelNotFoundError, match="not valid YAML .*is given twice at line [23]"):
+        find_model("bag", repo)
+    # Merge keys may still be overridden, as YAML means them to be.
+    assert zoo.parse_yaml("b: &b {x: 1}\nm: {<<: *b, x: 2}\n") == {"b": {"x": 1}, "m": {"x": 2}}
+
+
+def test_a_mirror_with_a_query_or_credentials(
+    mirror: Server, served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file name was appended after a mirror's ?query (and #fragment); a user:password in
+    the address failed name resolution and the error repeated the password."""
+    shutil.copy(served.path, mirror.root / served.path.name)
+    monkeypatch.setenv("HTSEP_MIRROR", f"{mirror.url}/?token=abc#part")
+    assert sha256(fetch(served.member, progress=False)) == sha256(served.path)
+    assert mirror.requests == [f"/{served.path.name}?token=abc"]
+    zoo.cache_dir().joinpath(served.path.name).unlink()
+    monkeypatch.setenv("HTSEP_MIRROR", mirror.url.replace("//", "//me:s3cret@") + "/")
+    with pytest.raises(DownloadError) as caught:
+        fetch(served.member, progress=False)
+    assert "user name or password" in str(caught.value) and "s3cret" not in str(caught.value)
