@@ -682,7 +682,9 @@ def _soundfile_for_reading(name: str) -> sf.SoundFile:
     file is opened through a descriptor instead, which leaves the format to libsndfile's look
     at the content (a WAV named .raw is read; headerless samples are not recognised)."""
     if _suffix(name) != ".raw":
-        return sf.SoundFile(os.fsencode(name))  # bytes: names need not be UTF-8
+        # bytes: names need not be UTF-8. libsndfile reads standard input for the name "-":
+        # a file of that name (given as ./-, which pathlib shortens) is read as ./-.
+        return sf.SoundFile(os.fsencode("./-" if name == "-" else name))
     # libsndfile closes the descriptor with the file, and also when it cannot open it.
     return sf.SoundFile(os.open(name, os.O_RDONLY), closefd=True)
 

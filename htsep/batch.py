@@ -182,6 +182,8 @@ def find_inputs(patterns: Sequence[str | os.PathLike[str]], exclude: Path) -> li
     seen: set[Path] = set()
 
     def add(path: Path, source: str, root: Path | None = None) -> None:
+        if source == "-":  # a file of that name, not standard input (whose name this is)
+            source = "./-"
         key = files.real_path(path)
         if key not in seen:
             seen.add(key)

@@ -817,3 +817,21 @@ def test_no_split_takes_what_fits_whatever_the_seed(run, tmp_path, seed):
     _assert_one_line_failure(run(*seeded, "--no-split", long), 1, "leave out --no-split")
     done = run("--no-split", "--shifts", "0", "--overwrite", tight)
     assert done.exit_code == 0, done.output
+
+
+def test_a_file_named_dash_is_read_as_a_file(run, tmp_path, monkeypatch):
+    """libsndfile reads standard input for the name "-", and pathlib turns "./-" into "-":
+    the file named "-" was never read (standard input was, or the run hung on a terminal)."""
+    monkeypatch.chdir(tmp_path)
+    write_clip(tmp_path / "clip.wav", 0.5)
+    (tmp_path / "clip.wav").rename(tmp_path / "-")
+    for number, given in enumerate(("./-", "[-]")):  # a path, and a pattern that matches it
+        out = tmp_path / f"out{number}"
+        done = subprocess.run(
+            [sys.executable, "-m", "htsep", "separate", "--repo", str(run.repo), *MODEL,
+             "--json", "-o", str(out), given],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        record = json.loads(done.stdout)
+        assert record["input"] == "./-" and record["duration"] == 0.5, record
