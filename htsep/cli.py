@@ -713,7 +713,7 @@ class _Report(BatchEvents):
         from tqdm import tqdm
 
         self.bar = tqdm(
-            total=round(seconds, 2),
+            total=seconds,
             unit="s",
             desc=printable(f"[{index + 1}/{self.total}] {track.label}"),
             leave=False,
@@ -723,7 +723,9 @@ class _Report(BatchEvents):
 
     def progress(self, index: int, seconds: float) -> None:
         if self.bar is not None:
-            self.bar.update(seconds)
+            # Never past the total: the sum of the parts may exceed it by a rounding, and tqdm
+            # prints a warning of its own ("clamping frac to range [0, 1]").
+            self.bar.update(max(min(seconds, self.bar.total - self.bar.n), 0))
 
     def separated(self, index: int) -> None:
         if self.bar is not None:

@@ -534,3 +534,20 @@ def test_muting_without_a_free_descriptor_lets_the_work_go_on():
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr == "not muted\nafter\n"
+
+
+def test_the_progress_bar_prints_no_warning_of_its_own(tmp_path, repo):
+    """The bar's total was the length rounded to 0.01 s while the progress added up to the
+    exact length: for most tracks tqdm printed "TqdmWarning: clamping frac to range [0, 1]"
+    and a line of its source on stderr."""
+    from helpers import write_clip
+
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 1.004)
+    done = subprocess.run(
+        [sys.executable, "-m", "htsep", str(clip), "--repo", str(repo), "-n", "aaaa0001",
+         "-o", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Warning" not in done.stderr and "frac" not in done.stderr, done.stderr
