@@ -1072,12 +1072,29 @@ _ROOT_FLAGS = ("-v", "--verbose")
 _ROOT_EAGER = ("--version", "--help")
 
 
+def _short_options_with_values() -> set[str]:
+    """The one-letter options of every command that take a value (-n, -o, -d, -j)."""
+    found: set[str] = set()
+    for command in typer.main.get_command(app).commands.values():  # type: ignore[attr-defined]
+        for param in command.params:
+            if getattr(param, "is_flag", True) is False:
+                found |= {name for name in param.opts if len(name) == 2}
+    return found
+
+
 def demucs_style(argv: list[str]) -> list[str]:
     """The arguments as Typer expects them, from habits of demucs users: a first argument that
     is not a command starts ``separate`` (``htsep song.mp3 -n htdemucs_ft``), and ``-v`` works
     after the command too (it is the root's option)."""
     args = list(argv)
     cut = args.index("--") if "--" in args else len(args)  # after "--" everything is an input
+    # "-o=DIR": demucs's argparse reads DIR, click "=DIR" (a folder named "=DIR").
+    shorts = _short_options_with_values()
+    spread: list[str] = []
+    for arg in args[:cut]:
+        option, equals, value = arg.partition("=")
+        spread += [option, value] if equals and option in shorts else [arg]
+    args, cut = spread + args[cut:], len(spread)
     verbose = [arg for arg in args[:cut] if arg in _ROOT_FLAGS]
     rest = [arg for arg in args[:cut] if arg not in _ROOT_FLAGS] + args[cut:]
     commands = {
@@ -1096,6 +1113,11 @@ def main() -> None:
     if 2 in standard_descriptors():  # no one to read messages: they go to /dev/null
         sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - lives as long as the process
     own_stderr()
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # MKL's loader would die in `import torch`, exit 2, no reason
+        _error("the current folder was removed: cd into a folder that exists and run again")
+        _exit(1)
     try:
         app(args=demucs_style(sys.argv[1:]), prog_name="htsep")
     except KeyboardInterrupt:  # pragma: no cover - interrupted outside a command

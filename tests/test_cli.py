@@ -95,6 +95,11 @@ def test_demucs_habits_and_verbose_after_the_command():
     assert demucs_style(["separate", "--", "-v"]) == ["separate", "--", "-v"]
     for args in (["models", "list"], ["eval", "d"], ["train", "d"], ["--version"], []):
         assert demucs_style(args) == args
+    # "-o=DIR" as demucs's argparse reads it (click made a folder named "=DIR"); flags with
+    # "=" and anything after "--" are left for click to refuse or take as they are.
+    assert demucs_style(["a.wav", "-o=stems", "-n=x=y", "-j=2", "-q=1", "--", "-o=b"]) == [
+        "separate", "a.wav", "-o", "stems", "-n", "x=y", "-j", "2", "-q=1", "--", "-o=b",
+    ]  # fmt: skip
 
 
 def test_a_first_argument_that_is_not_a_command_separates(tmp_path, repo):
@@ -551,3 +556,21 @@ def test_the_progress_bar_prints_no_warning_of_its_own(tmp_path, repo):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "Warning" not in done.stderr and "frac" not in done.stderr, done.stderr
+
+
+def test_a_removed_current_folder_is_one_line(tmp_path):
+    """In a folder removed under it, `import torch` died in MKL's loader ("Intel oneMKL FATAL
+    ERROR"), exit 2, the code of usage errors."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    code = (
+        "import os, sys; os.chdir(sys.argv[1]); os.rmdir(sys.argv[1]); "
+        "sys.argv = ['htsep', 'models']; from htsep.cli import main; main()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(gone)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1
+    assert done.stderr == (
+        "htsep: error: the current folder was removed: cd into a folder that exists and run again\n"
+    )
