@@ -293,9 +293,18 @@ def root(
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Log what happens."),
 ) -> None:
     """Separate music into stems (drums, bass, other, vocals, ...)."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="htsep: %(message)s"
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LogLine())
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
+
+
+class _LogLine(logging.Formatter):
+    """A log record as htsep's other lines: one line, names escaped as in error lines (a cache
+    folder or checkpoint name may hold a newline or an escape sequence), warnings marked."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        kind = "warning: " if record.levelno >= logging.WARNING else ""
+        return printable(f"htsep: {kind}{record.getMessage()}")
 
 
 # --- separate --------------------------------------------------------------------------------
@@ -864,6 +873,7 @@ class Split(str, Enum):
 
 @app.command("eval", cls=_Command)
 def eval_command(
+    ctx: typer.Context,
     dataset_arg: str = typer.Argument(
         ...,
         metavar="DATASET",
@@ -910,14 +920,20 @@ def eval_command(
     def report_track(index: int, track: DatasetTrack, scores: dict[str, float]) -> None:
         if not quiet:
             values = ", ".join(f"{source} {value:.2f}" for source, value in scores.items())
-            typer.echo(f"[{index + 1}/{len(chosen)}] {track.name}: {values}", err=True)
+            _say(f"[{index + 1}/{len(chosen)}] {track.name}: {values}")
 
     dataset = Path(dataset_arg)
     folder = dataset / split.value
     with _reported_errors("interrupted", "eval", name):
         if not dataset_arg.strip():
             raise UsageError("DATASET is an empty string (an unset variable in a script?)")
-        wanted = _comma_list(sources, "--sources") if sources is not None else None
+        if sys.stdout is None:  # closed (>&-): the scores would be lost
+            what = "--json" if json_output else "the score table"
+            raise UsageError(f"{what} writes to standard output, which is closed")
+        wanted = _eval_sources(sources) if sources is not None else None
+        if shifts == 0 and "seed" in _given_options(ctx):
+            _warn("--seed chooses the random shifts, and --shifts 0 makes none; ignored")
+            seed = 0
         if museval:
             import_museval()
         names, found = find_tracks(dataset, split.value, wanted)
@@ -942,10 +958,23 @@ def eval_command(
         record = {"model": report.model, "dataset": str(dataset), "split": split.value}
         typer.echo(json.dumps({**record, **report.as_dict()}))
         return
-    typer.echo(f"nSDR (dB) of {report.model} on {folder}\n{report.table()}")
+    model = printable(report.model)
+    typer.echo(f"nSDR (dB) of {model} on {printable(str(folder))}")
+    typer.echo(report.table(escape=printable))
     if report.sdr is not None:
-        typer.echo(f"\nSDR (dB, museval: median over 1 s frames) of {report.model}")
-        typer.echo(report.table(museval=True))
+        typer.echo(f"\nSDR (dB, museval: median over 1 s frames) of {model}")
+        typer.echo(report.table(museval=True, escape=printable))
+
+
+def _eval_sources(text: str) -> list[str]:
+    """--sources as a list; a bad value (a name twice, the mixture) is a UsageError."""
+    from htsep.data import requested_sources
+
+    names = _comma_list(text, "--sources")
+    try:
+        return requested_sources(names)
+    except UsageError as exc:
+        raise UsageError(f"--sources {text!r}: {exc}") from None
 
 
 def _comma_list(text: str, option: str) -> list[str]:

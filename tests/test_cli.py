@@ -574,3 +574,20 @@ def test_a_removed_current_folder_is_one_line(tmp_path):
     assert done.stderr == (
         "htsep: error: the current folder was removed: cd into a folder that exists and run again\n"
     )
+
+
+def test_log_lines_are_escaped_and_warnings_marked():
+    """A cache folder or checkpoint path with a newline or an escape sequence split the log
+    line (and coloured the terminal); warnings came without "warning:"."""
+    import logging
+
+    from htsep.cli import _LogLine
+
+    def line(level: int, message: str) -> str:
+        record = logging.LogRecord("htsep.zoo", level, __file__, 1, message, None, None)
+        return _LogLine().format(record)
+
+    assert line(logging.WARNING, "/tmp/ca\x1b[31m\nche/x.th: SHA-256 does not match") == (
+        "htsep: warning: /tmp/ca\\x1b[31m\\nche/x.th: SHA-256 does not match"
+    )
+    assert line(logging.INFO, "loaded a\u2028b") == "htsep: loaded a\\u2028b"
