@@ -688,9 +688,20 @@ class Batch:
         folders = {path.parent for paths in every.values() for path in paths.values()}
         for parent in sorted(folders) + [Path(tempfile.gettempdir())]:
             files.remove_stale(parent)
-        with _Run(self, found, plans) as running:
-            running.run()
+        try:
+            with _Run(self, found, plans) as running:
+                running.run()
+        except _EventFailed as failed:
+            raise failed.error.with_traceback(failed.error.__traceback__) from None
         return found
+
+
+class _EventFailed(BaseException):
+    """An exception of a BatchEvents method, carried through the batch untouched."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class _Run:
@@ -735,13 +746,18 @@ class _Run:
     def _separate(self, index: int) -> None:
         track = self.tracks[index]
         started = time.perf_counter()
+        scanned = None
         try:
             future = self.scans.pop(index, None)
             scanned = future.result() if future is not None else self._scan(index)
             assert scanned is not None
             pending = self._run_networks(index, scanned)
-        except Exception as exc:
-            failure = _track_failure(exc)
+        except BaseException as exc:
+            # Ours now (popped from self.scans): its descriptor and decoded temporary go,
+            # whatever stopped the track (a stem that appeared meanwhile, a callback).
+            if scanned is not None:
+                scanned.close()
+            failure = _track_failure(exc) if isinstance(exc, Exception) else None
             if failure is None:
                 raise
             self._collect()
@@ -762,9 +778,10 @@ class _Run:
         settings, plan = self.settings, self.plans[index]
         duration = scanned.frames / scanned.sample_rate
         scanned.fill_from(lambda: self._next_file(index))
-        self.events.started(index, self.tracks[index], duration)
+        self._tell(self.events.started, index, self.tracks[index], duration)
+        pending = None
         try:
-            return write_stems(
+            pending = write_stems(
                 self.separator,
                 scanned,
                 plan.paths,
@@ -778,8 +795,14 @@ class _Run:
                 mp3_preset=settings.mp3_preset,
                 progress=lambda done: self._progress(index, done * duration),
             )
+            return pending
         finally:
-            self.events.separated(index)
+            try:
+                self._tell(self.events.separated, index)
+            except BaseException:
+                if pending is not None:  # its staging folder would stay behind
+                    pending.discard()
+                raise
 
     def _next_file(self, index: int) -> ScannedFile | None:
         """The first pass of the track after ``index``, once done, if that track runs next
@@ -800,7 +823,7 @@ class _Run:
 
     def _progress(self, index: int, seconds: float) -> None:
         """Pass progress on; report the track encoded in the background once it is done."""
-        self.events.progress(index, seconds)
+        self._tell(self.events.progress, index, seconds)
         if self.encoding is not None and self.encoding[1] is not None and self.encoding[1].done():
             self._collect()
 
@@ -840,7 +863,17 @@ class _Run:
         track = self.tracks[index]
         if track.error is not None:
             track.status = "failed"
-        self.events.finished(index, track)
+        self._tell(self.events.finished, index, track)
+
+    @staticmethod
+    def _tell(event: Any, *args: Any) -> None:
+        """Call the caller's ``event``; what it raises stops the batch as it is (wrapped, so
+        that no track takes it for its own failure: an HtsepError raised in finished() for one
+        track failed the track being separated)."""
+        try:
+            event(*args)
+        except Exception as exc:
+            raise _EventFailed(exc) from exc
 
     def __enter__(self) -> _Run:
         return self

@@ -277,3 +277,85 @@ def test_a_bug_still_stops_the_batch(tmp_path, separator, monkeypatch):
         Batch(separator, tmp_path / "out", OutputSettings(), pipeline=False).run(
             [tmp_path / "in" / "one.wav"]
         )
+
+
+def _leftovers(*folders: Path) -> list[str]:
+    """Hidden files and folders (temporaries, staging folders, decoded inputs) below them."""
+    return sorted(str(p) for folder in folders for p in folder.rglob(".*"))
+
+
+def _ogg(path: Path, seconds: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    audio = (0.1 * rng.standard_normal((int(seconds * RATE), 2))).astype(np.float32)
+    sf.write(path, audio, RATE, format="OGG", subtype="VORBIS")
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+@pytest.mark.parametrize(
+    "event,error",
+    [
+        ("started", RuntimeError("boom")),
+        ("started", KeyboardInterrupt()),
+        ("separated", RuntimeError("boom")),
+        ("separated", KeyboardInterrupt()),
+        ("finished", UsageError("user says no")),
+    ],
+)
+def test_a_callback_that_raises_stops_the_batch_and_leaves_nothing(
+    tmp_path, separator, monkeypatch, pipeline, event, error
+):
+    """A BatchEvents method that raised left the decoded input of an Ogg track (descriptor and
+    temporary) or a staging folder of float stems; an HtsepError raised in finished() for one
+    track failed the track after it instead of reaching the caller."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    for name in ("a", "b"):
+        _ogg(tmp_path / "in" / f"{name}.ogg", 0.6, seed=len(name))
+
+    class Raising(BatchEvents):
+        def __getattribute__(self, name):
+            if name == event:
+
+                def raise_it(*args):
+                    raise error
+
+                return raise_it
+            return super().__getattribute__(name)
+
+    out = tmp_path / "out"
+    batch = Batch(separator, out, OutputSettings(), events=Raising(), pipeline=pipeline)
+    with pytest.raises(type(error)) as caught:
+        batch.run([tmp_path / "in" / "a.ogg", tmp_path / "in" / "b.ogg"])
+    assert caught.value is error
+    assert _leftovers(out, tmp_path / "tmp") == []
+
+
+def test_a_stem_that_appears_meanwhile_fails_its_track_and_drops_its_decoded_input(
+    tmp_path, separator, monkeypatch
+):
+    """The track failed with "exists already" (another process made the stem), but its input,
+    decoded into the temporary folder, stayed there (and open) for good."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    _clip(tmp_path / "in" / "a.wav", 0.6, seed=1)
+    _ogg(tmp_path / "in" / "b.ogg", 0.6, seed=2)
+    out = tmp_path / "out"
+
+    class SecondProcess(BatchEvents):
+        def started(self, index, track, seconds):
+            if index == 0:  # while a is separated, someone writes one of b's stems
+                (out / "aaaa0001" / "b").mkdir(parents=True)
+                (out / "aaaa0001" / "b" / "drums.wav").write_bytes(b"theirs")
+
+    tracks = Batch(separator, out, OutputSettings(), events=SecondProcess()).run(
+        [tmp_path / "in" / "a.wav", tmp_path / "in" / "b.ogg"]
+    )
+    assert [t.status for t in tracks] == ["ok", "failed"]
+    assert "exists already" in tracks[1].error
+    assert (out / "aaaa0001" / "b" / "drums.wav").read_bytes() == b"theirs"
+    assert _leftovers(out, tmp_path / "tmp") == []
