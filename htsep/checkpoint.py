@@ -21,7 +21,8 @@ import stat
 import struct
 import warnings
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save, save_file
 
 from htsep.errors import CheckpointError, HtsepError, UnsupportedOptionError, UsageError
 from htsep.files import atomic_output, make_folder
@@ -316,11 +317,35 @@ def _read_torch_package(path: Path) -> tuple[HTDemucsConfig, dict[str, torch.Ten
     return config, state, _demucs_translator(config)
 
 
+def _is_utf8(path: str | os.PathLike[str]) -> bool:
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+@contextmanager
+def _utf8_name(path: str | os.PathLike[str], flags: int) -> Iterator[str]:
+    """A name of ``path`` that safetensors, which takes UTF-8 names only, can open: the path
+    itself, or for a path that is not UTF-8 (file names are bytes) /dev/fd/N of a descriptor
+    opened here with ``flags``."""
+    if _is_utf8(path):
+        yield os.fsdecode(path)
+        return
+    handle = os.open(path, flags)
+    try:
+        yield f"/dev/fd/{handle}"
+    finally:
+        os.close(handle)
+
+
 def _read_safetensors(path: Path) -> tuple[HTDemucsConfig, dict[str, torch.Tensor], Callable]:
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        state = load_file(str(path))
+        with _utf8_name(path, os.O_RDONLY) as name:
+            with safe_open(name, framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            state = load_file(name)
     except _MALFORMED + (OSError,) as exc:
         raise CheckpointError(
             f"{path}: unreadable or truncated safetensors file ({_first_line(exc)})"
@@ -617,7 +642,10 @@ def save_model(
     try:
         make_folder(path.parent)
         with atomic_output(path) as temporary:
-            save_file(tensors, temporary, metadata=info)
+            if _is_utf8(temporary):
+                save_file(tensors, temporary, metadata=info)
+            else:  # safetensors takes UTF-8 names only: the bytes, written by us
+                temporary.write_bytes(save(tensors, metadata=info))
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot write it: {exc.strerror or exc}") from None
     return path

@@ -714,3 +714,21 @@ def test_two_names_for_one_tensor_are_refused(tmp_path, package):
     state["freq_encoders.0.conv.weight"] = torch.full_like(state["encoder.0.conv.weight"], 7.0)
     path = _write({**package, "state": state}, tmp_path / "twice.th")
     _refused(path, "encoder.0.conv.weight", "freq_encoders.0.conv.weight", "are both")
+
+
+def test_checkpoints_in_folders_whose_names_are_not_utf8(tmp_path):
+    """safetensors takes UTF-8 names only: a valid file under a folder named with a Latin-1
+    byte was "unreadable or truncated (... is not valid UTF-8)", and saving one (train --out)
+    was a UnicodeEncodeError traceback. File names are bytes."""
+    import os
+
+    folder = os.fsdecode(os.fsencode(str(tmp_path)) + b"/dossier\xe9")
+    os.mkdir(folder)
+    model = htsep.load_model("htsep-tiny")
+    target = os.path.join(folder, "copy.safetensors")
+    htsep.save_model(model, target, {"note": "latin-1 folder"})
+    again = htsep.load_model(target)
+    assert again.config == model.config
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor), name
+    assert sorted(os.listdir(folder)) == ["copy.safetensors"]
