@@ -20,6 +20,7 @@ import glob
 import os
 import re
 import string
+import sys
 import tempfile
 import threading
 import time
@@ -522,6 +523,14 @@ def output_paths(
         fields = dict(track=base, trackext=suffix, ext=settings.ext, folder=track.folder or ".")
         paths = {stem: below / template.format(stem=stem, **fields) for stem in names}
         for stem, path in paths.items():
+            try:
+                os.fsencode(path)
+            except UnicodeEncodeError:  # a stem or model name this file system cannot spell
+                encoding = sys.getfilesystemencoding()
+                raise UsageError(
+                    f"{str(path)!r} cannot be a file name here (the file system encoding is "
+                    f"{encoding}): run with a UTF-8 locale, e.g. LC_ALL=C.UTF-8"
+                ) from None
             # The sample values check_template tried are not every track's: {folder} is "."
             # for a file named directly and {trackext} empty for a name without one, so
             # ".{folder}" or "{trackext}/..." can still lead out of <out>/<model>.

@@ -835,3 +835,27 @@ def test_a_file_named_dash_is_read_as_a_file(run, tmp_path, monkeypatch):
         assert done.returncode == 0, done.stderr
         record = json.loads(done.stdout)
         assert record["input"] == "./-" and record["duration"] == 0.5, record
+
+
+def test_a_stem_name_the_file_system_encoding_cannot_spell_is_one_line(tmp_path):
+    """Under LC_ALL=C without UTF-8 mode file names are ASCII: a source named "chœur" was a
+    UnicodeEncodeError traceback from os.path.realpath."""
+    import dataclasses
+
+    import htsep
+    from htsep.model.htdemucs import HTDemucs
+
+    tiny = htsep.load_model("htsep-tiny")
+    config = dataclasses.replace(tiny.config, sources=("drums", "bass", "other", "ch\u0153ur"))
+    choir = HTDemucs(config)
+    choir.load_state_dict(tiny.state_dict())
+    htsep.save_model(choir, tmp_path / "choir.safetensors")
+    write_clip(tmp_path / "song.wav", 0.5, rate=44100)
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    done = subprocess.run(
+        [sys.executable, "-m", "htsep", "song.wav", "-n", "./choir.safetensors", "-q"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
+    assert "cannot be a file name here (the file system encoding is ascii)" in done.stderr
