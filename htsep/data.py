@@ -9,6 +9,9 @@ one-line ``DatasetError`` that names the tracks at fault; ``load_track`` decodes
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +20,8 @@ from pathlib import Path
 import torch
 
 from htsep.audio import AudioInfo, audio_info, read_audio
-from htsep.errors import AudioError, DatasetError
+from htsep.errors import AudioError, DatasetError, UsageError
+from htsep.files import broken_link
 
 MIXTURE = "mixture"
 MUSDB_SOURCES = ("drums", "bass", "other", "vocals")
@@ -47,13 +51,18 @@ def find_tracks(
 
     sources: the sources every track must have (other files are ignored); None: those the
     tracks have, which must then be the same in every track, in MUSDB order (drums, bass,
-    other, vocals) and then alphabetically.
+    other, vocals) and then alphabetically. A bad ``sources`` is a UsageError
+    (``requested_sources``), checked before the dataset is read.
     """
+    names = None if sources is None else requested_sources(sources)
     root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"{root}: no such dataset folder")
+    if not _is_folder(root, root):
+        problem = broken_link(root)
+        raise DatasetError(
+            f"{root}: is {problem}" if problem else f"{root}: no such dataset folder"
+        )
     folder = root / split
-    if not folder.is_dir():
+    if not _is_folder(folder, root):
         raise DatasetError(
             f"{root}: no {split}/ folder (expected {root}/{split}/<track>/mixture.wav)"
         )
@@ -61,10 +70,9 @@ def find_tracks(
     if not files:
         raise DatasetError(_no_tracks_message(folder))
     _check_mixtures(folder, files)
-    if sources is None:
+    if names is None:
         names = _common_sources(files)
     else:
-        names = _requested_sources(sources)
         _check_has_sources(files, names)
     tracks = [_describe(folder / name, files[name], names) for name in sorted(files)]
     _check_sample_rates(tracks)
@@ -95,19 +103,36 @@ def order_sources(names: set[str] | Sequence[str]) -> list[str]:
     return known + sorted(set(names) - set(MUSDB_SOURCES))
 
 
+def _is_folder(path: Path, blame: Path) -> bool:
+    """Whether ``path`` is a folder (False for nothing there, a link to nothing or a link
+    loop); DatasetError naming ``blame``, the folder whose permissions hide it, when that
+    cannot be known."""
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return False
+        raise DatasetError(f"{blame}: cannot read: {_reason(exc)}") from None
+
+
 def _track_folders(split: Path) -> list[Path]:
-    return sorted(
-        item for item in split.iterdir() if item.is_dir() and not item.name.startswith(".")
-    )
+    items = _listing(split)
+    return [item for item in items if not item.name.startswith(".") and _is_folder(item, split)]
+
+
+def _listing(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError as exc:
+        raise DatasetError(f"{folder}: cannot read: {_reason(exc)}") from None
 
 
 def _audio_files(track: Path) -> dict[str, Path]:
-    """The track's audio files by name without extension; a name given twice is an error."""
+    """The track's audio files by name without extension; a name given twice is an error.
+    Entries that are not regular files are kept: they are refused by name if used."""
     found: dict[str, Path] = {}
-    for item in sorted(track.iterdir()):
+    for item in _listing(track):
         if item.name.startswith(".") or item.suffix.lower() not in DATASET_EXTENSIONS:
-            continue
-        if not item.is_file():
             continue
         if item.stem in found:
             raise DatasetError(
@@ -157,14 +182,17 @@ def _common_sources(files: dict[str, dict[str, Path]]) -> list[str]:
     return order_sources(set(present))
 
 
-def _requested_sources(sources: Sequence[str]) -> list[str]:
+def requested_sources(sources: Sequence[str]) -> list[str]:
+    """``sources`` as a list; UsageError (a bad request, whatever the dataset holds) when it is
+    empty, names a source twice or names the mixture."""
     names = list(sources)
     if not names:
-        raise DatasetError("no sources requested")
-    if len(set(names)) != len(names):
-        raise DatasetError(f"sources given twice: {', '.join(names)}")
+        raise UsageError("no sources requested")
+    twice = [name for name in dict.fromkeys(names) if names.count(name) > 1]
+    if twice:
+        raise UsageError(f"{', '.join(twice)} given twice")
     if MIXTURE in names:
-        raise DatasetError(f"{MIXTURE!r} is the mixture, not a source")
+        raise UsageError(f"{MIXTURE!r} is the mixture, not a source")
     return names
 
 
@@ -215,6 +243,7 @@ def _check_sample_rates(tracks: list[Track]) -> None:
 
 
 def _info(path: Path) -> AudioInfo:
+    _check_regular(path)
     try:
         return audio_info(path)
     except AudioError as exc:  # its message starts with the path, which names the track
@@ -227,6 +256,35 @@ def _read(path: Path) -> torch.Tensor:
     except AudioError as exc:
         raise DatasetError(str(exc)) from None
     return audio
+
+
+def _check_regular(path: Path) -> None:
+    """DatasetError naming what ``path`` is when it is no regular file (or a link to one): a link
+    to nothing, a named pipe, a device, a folder; never opened, so a FIFO cannot block."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        problem = broken_link(path)
+        raise DatasetError(
+            f"{path}: is {problem}" if problem else f"{path}: cannot read: {_reason(exc)}"
+        ) from None
+    if not stat.S_ISREG(mode):
+        raise DatasetError(f"{path}: is {_kind(mode)}, not an audio file")
+
+
+def _kind(mode: int) -> str:
+    kinds = [
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ]
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
 
 
 def _names(names: list[str]) -> str:

@@ -131,18 +131,26 @@ class EvalReport:
             }
         return record
 
-    def table(self, museval: bool = False) -> str:
+    def table(self, museval: bool = False, escape: Callable[[str], str] = str) -> str:
         """The nSDR (``museval``: the SDR) as text: a row per track and a column per source
-        (dB, 2 decimals), then the mean and median rows."""
+        (dB, 2 decimals), then the mean and median rows. ``escape`` turns each track and source
+        name into what is printed (names come from files: a newline in one would split a row)."""
         scores, mean, median = self.nsdr, self.mean, self.median
         if museval:
             if self.sdr is None:
                 raise ValueError("no museval scores in this report")
             scores, mean, median = self.sdr, self.sdr_mean or {}, self.sdr_median or {}
-        rows = [*scores.items(), ("mean", mean), ("median", median)]
+        rows = [
+            *((escape(track), values) for track, values in scores.items()),
+            ("mean", mean),
+            ("median", median),
+        ]
         first = max(len(label) for label, _ in [("track", {}), *rows])
-        widths = {source: max(len(source), 7) for source in self.sources}
-        header = "  ".join([f"{'track':<{first}}", *(f"{s:>{widths[s]}}" for s in self.sources)])
+        shown = {source: escape(source) for source in self.sources}
+        widths = {source: max(len(shown[source]), 7) for source in self.sources}
+        header = "  ".join(
+            [f"{'track':<{first}}", *(f"{shown[s]:>{widths[s]}}" for s in self.sources)]
+        )
         lines = [header]
         for position, (label, values) in enumerate(rows):
             if position == len(scores):
@@ -194,6 +202,8 @@ def evaluate(
         import_museval()
     if not tracks:
         raise DatasetError("no tracks to evaluate")
+    for track in tracks:  # from the headers, before any track is separated
+        _check_channels(separator, track, track.channels)
     scores: Scores = {}
     framewise_scores: Scores = {}
     for index, track in enumerate(tracks):
@@ -219,11 +229,22 @@ def separate_track(
     separator: Separator, mixture: torch.Tensor, track: Track, sources: Sequence[str]
 ) -> torch.Tensor:
     """mixture (C, T) at the track's rate -> estimates (S, C, T) of ``sources``."""
+    _check_channels(separator, track, mixture.shape[0])
     try:
         stems = separator.separate_tensor(mixture, track.sample_rate, all_sources=True)
     except AudioError as exc:  # e.g. more channels than the model takes
         raise DatasetError(f"{track.mixture}: {exc}") from None
     return torch.stack([stems[source] for source in sources])
+
+
+def _check_channels(separator: Separator, track: Track, channels: int) -> None:
+    """DatasetError unless the model takes ``channels`` (its own count, or mono, which it
+    repeats). Said here rather than by the Separator, whose advice (--downmix) eval lacks."""
+    if channels not in (1, separator.audio_channels):
+        raise DatasetError(
+            f"{track.mixture}: {channels} audio channels, the model takes "
+            f"{separator.audio_channels}"
+        )
 
 
 def _aggregate(

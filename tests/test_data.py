@@ -1,6 +1,7 @@
 """Datasets in the MUSDB18-HQ layout: discovery, validation messages that name the track at
 fault, and decoding, on tiny WAV/FLAC files written per test."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import soundfile as sf
 import torch
 
 from htsep.data import Track, find_tracks, load_track
-from htsep.errors import DatasetError
+from htsep.errors import DatasetError, UsageError
 
 RATE = 8000
 FRAMES = 300
@@ -187,11 +188,80 @@ def test_unreadable_stem_names_its_file(tmp_path):
     assert message.startswith(f"{folder / 'drums.wav'}: ")
 
 
-def test_bad_requested_sources(tmp_path):
+@pytest.mark.parametrize(
+    ("sources", "expected"),
+    [
+        ([], "no sources requested"),
+        (["bass", "vocals", "bass"], "bass given twice"),
+        (["mixture"], "'mixture' is the mixture, not a source"),
+    ],
+)
+def test_bad_requested_sources_are_usage_errors(tmp_path, sources, expected):
+    """A bad request, not a bad dataset: refused before the dataset is read (none here)."""
+    with pytest.raises(UsageError) as caught:
+        find_tracks(tmp_path / "nowhere", "test", sources)
+    assert str(caught.value) == expected
+
+
+@pytest.mark.parametrize("unreadable", ["test", "test/a"])
+def test_a_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch, unreadable):
+    """As chmod 000 does for a user without root's capabilities: one line, not a traceback."""
     make_track(tmp_path, "a")
-    assert error(tmp_path, sources=[]) == "no sources requested"
-    assert error(tmp_path, sources=["bass", "bass"]) == "sources given twice: bass, bass"
-    assert error(tmp_path, sources=["mixture"]) == "'mixture' is the mixture, not a source"
+    listing = Path.iterdir
+
+    def iterdir(path):
+        if path == tmp_path / unreadable:
+            raise PermissionError(13, "Permission denied", str(path))
+        return listing(path)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    assert error(tmp_path) == f"{tmp_path / unreadable}: cannot read: Permission denied"
+
+
+def test_a_folder_whose_entries_cannot_be_examined_is_named(tmp_path, monkeypatch):
+    """A split folder that can be listed but not entered (chmod a-x): its entries cannot be
+    examined, and the folder is what to fix."""
+    make_track(tmp_path, "a")
+    examine = os.stat
+
+    def stat(path, *args, **kwargs):
+        if Path(path).parent == tmp_path / "test":
+            raise PermissionError(13, "Permission denied", str(path))
+        return examine(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    assert error(tmp_path) == f"{tmp_path / 'test'}: cannot read: Permission denied"
+
+
+def test_a_dataset_that_is_a_broken_link_is_named(tmp_path):
+    (tmp_path / "data").symlink_to("gone")
+    assert error(tmp_path / "data") == (
+        f"{tmp_path / 'data'}: is a symbolic link to gone, which does not exist"
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "what"),
+    [
+        (lambda path: path.symlink_to("gone.wav"), "is a symbolic link to gone.wav, which does "
+         "not exist"),
+        (lambda path: path.symlink_to(path), "is a symbolic link loop"),
+        (lambda path: os.mkfifo(path), "is a named pipe (FIFO), not an audio file"),
+        (lambda path: path.symlink_to(os.devnull), "is a character device, not an audio file"),
+        (lambda path: path.mkdir(), "is a folder, not an audio file"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("sources", [None, ["vocals"]])
+def test_a_source_that_is_no_regular_file_is_named(tmp_path, make, what, sources):
+    """Refused as what it is, never opened (a FIFO would block), never left out of the scores
+    (it was: the other sources were scored, or "no vocals in track a")."""
+    folder = make_track(tmp_path, "a")
+    (folder / "vocals.wav").unlink()
+    make(folder / "vocals.wav")
+    assert error(tmp_path, sources=sources) == f"{folder / 'vocals.wav'}: {what}"
+    # Not used, it is ignored like any other file.
+    sources, _ = find_tracks(tmp_path, "test", ["drums"])
+    assert sources == ["drums"]
 
 
 def test_load_track_rejects_an_unknown_source(tmp_path):

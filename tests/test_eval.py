@@ -3,6 +3,8 @@ dataset with the small random-weight model (4 sources, 8 kHz, stereo, 1.5 s segm
 
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import soundfile as sf
 import torch
 from typer.testing import CliRunner
 
-from htsep.cli import app
+from htsep.cli import app, printable
 from htsep.data import find_tracks, load_track
 from htsep.errors import DatasetError, UsageError
 from htsep.evaluate import EvalReport, baseline_nsdr, evaluate, museval_sdr, nsdr
@@ -254,6 +256,92 @@ def test_unknown_model_is_a_usage_error(dataset):
     assert result.exit_code == 2
     (line,) = result.stderr.splitlines()
     assert line.startswith("htsep: error: unknown model 'no_such_model'")
+
+
+def test_names_from_files_are_escaped_in_the_table_and_progress(tmp_path, small_checkpoint):
+    """A track named with a newline, an escape sequence and a byte that is not UTF-8 is one
+    row and one progress line, escaped as error lines are; --json keeps the name as it is."""
+    track = os.fsdecode(b"bad\nname\x1b[31m\xff")
+    root = write_dataset(tmp_path / "odd", {"a": (0.3, 2)}, sources=["drums", "vocals"])
+    (root / "test" / "a").rename(root / "test" / track)  # soundfile takes no such name
+    args = [str(root), "-n", str(small_checkpoint[0]), "--shifts", "0"]
+    result = htsep_eval(*args)
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\udcff" not in result.output
+    lines = result.stdout.splitlines()
+    assert lines[1].split() == ["track", "drums", "vocals"]
+    assert lines[2].startswith("bad\\nname\\x1b[31m\\xff  ")
+    assert [line.split()[0] for line in lines[4:]] == ["mean", "median"]
+    assert "[1/1] bad\\nname\\x1b[31m\\xff: drums " in result.stderr.splitlines()[-1]
+    record = json.loads(htsep_eval(*args, "--json", "-q").stdout)
+    assert list(record["tracks"]) == [track]
+    # The library's table leaves names to its caller's escape, source names too.
+    report = EvalReport(model="m", sources=["a\nb"], nsdr={"t\r": {"a\nb": 1.0}})
+    assert report.table(escape=printable).splitlines() == [
+        "track      a\\nb",
+        "t\\r        1.00",
+        "---------------",
+        "mean       1.00",
+        "median     1.00",
+    ]
+
+
+@pytest.mark.parametrize("json_output", [True, False])
+def test_a_closed_standard_output_is_a_usage_error(tmp_path, json_output):
+    """As for separate: the scores would be lost, so nothing is done (no model is loaded)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "htsep", "eval", str(tmp_path / "nowhere"), "-n", "no_such"]
+        + ["--json"] * json_output,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: os.close(1),
+    )
+    what = "--json" if json_output else "the score table"
+    assert (done.returncode, done.stderr) == (
+        2,
+        f"htsep: error: {what} writes to standard output, which is closed\n",
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("vocals,vocals", "--sources 'vocals,vocals': vocals given twice"),
+        ("bass,mixture", "--sources 'bass,mixture': 'mixture' is the mixture, not a source"),
+        (" , ", "--sources ' , ': expected comma-separated names"),
+    ],
+)
+def test_bad_sources_are_usage_errors(dataset, value, message):
+    result = htsep_eval(str(dataset), "-n", "no_such_model", "--sources", value)
+    assert (result.exit_code, result.stderr) == (2, f"htsep: error: {message}\n")
+
+
+def test_seed_without_shifts_is_ignored_with_a_warning(dataset, small_checkpoint):
+    args = [str(dataset), "-n", str(small_checkpoint[0]), "--shifts", "0", "--tracks", "mono song"]
+    plain = htsep_eval(*args, "--json", "-q")
+    seeded = htsep_eval(*args, "--json", "-q", "--seed", "5")
+    assert seeded.exit_code == 0, seeded.output
+    assert seeded.stderr == (
+        "htsep: warning: --seed chooses the random shifts, and --shifts 0 makes none; ignored\n"
+    )
+    assert seeded.stdout == plain.stdout
+    # A seed with shifts is no warning.
+    assert htsep_eval(*args, "--json", "-q", "--shifts", "1", "--seed", "5").stderr == ""
+
+
+def test_more_channels_than_the_model_takes_is_refused_before_any_work(tmp_path, small_checkpoint):
+    """eval has no --downmix: the message must not advise it. Checked from the headers before
+    the first track is separated (no progress line)."""
+    root = write_dataset(tmp_path / "surround", {"a": (0.3, 2), "b": (0.3, 3)})
+    result = htsep_eval(str(root), "-n", str(small_checkpoint[0]))
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines()[-1] == (
+        f"htsep: error: {root / 'test' / 'b' / 'mixture.wav'}: 3 audio channels, the model takes 2"
+    )
+    assert "[1/2]" not in result.stderr
 
 
 # --- museval (optional) --------------------------------------------------------------------------
