@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save, save_file
 
 from htsep.errors import CheckpointError, HtsepError, UnsupportedOptionError, UsageError
-from htsep.files import atomic_output, make_folder
+from htsep.files import atomic_output, kind_of, make_folder
 from htsep.model.config import (
     HTDemucsConfig,
     config_from_dict,
@@ -208,7 +208,7 @@ def _read_head(path: Path) -> bytes:
     if stat.S_ISDIR(status.st_mode):
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     if not stat.S_ISREG(status.st_mode):
-        raise CheckpointError(f"{path}: is {_kind(status.st_mode)}, not a checkpoint file")
+        raise CheckpointError(f"{path}: is {kind_of(status.st_mode)}, not a checkpoint file")
     try:
         # Non-blocking, and checked again once open: the name may have changed hands meanwhile.
         handle = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
@@ -222,16 +222,6 @@ def _read_head(path: Path) -> bytes:
         raise CheckpointError(f"{path}: cannot read ({_reason(exc)})") from exc
     finally:
         os.close(handle)
-
-
-def _kind(mode: int) -> str:
-    kinds = [
-        (stat.S_ISFIFO, "a named pipe (FIFO)"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ]
-    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 def _reason(exc: BaseException) -> str:

@@ -21,7 +21,7 @@ import torch
 
 from htsep.audio import AudioInfo, audio_info, read_audio
 from htsep.errors import AudioError, DatasetError, UsageError
-from htsep.files import broken_link
+from htsep.files import broken_link, kind_of
 
 MIXTURE = "mixture"
 MUSDB_SOURCES = ("drums", "bass", "other", "vocals")
@@ -269,18 +269,7 @@ def _check_regular(path: Path) -> None:
             f"{path}: is {problem}" if problem else f"{path}: cannot read: {_reason(exc)}"
         ) from None
     if not stat.S_ISREG(mode):
-        raise DatasetError(f"{path}: is {_kind(mode)}, not an audio file")
-
-
-def _kind(mode: int) -> str:
-    kinds = [
-        (stat.S_ISDIR, "a folder"),
-        (stat.S_ISFIFO, "a named pipe (FIFO)"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ]
-    return next((name for test, name in kinds if test(mode)), "not a regular file")
+        raise DatasetError(f"{path}: is {kind_of(mode)}, not an audio file")
 
 
 def _reason(exc: OSError) -> str:

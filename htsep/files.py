@@ -25,6 +25,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -478,3 +479,16 @@ def folder_lock(folder: str | os.PathLike[str]) -> Iterator[None]:
         yield
     finally:
         os.close(handle)  # closing the last descriptor releases the lock
+
+
+def kind_of(mode: int) -> str:
+    """What a file system entry that is not a regular file is (from its ``st_mode``), for
+    messages: "a folder", "a named pipe (FIFO)", ..."""
+    kinds = [
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ]
+    return next((name for test, name in kinds if test(mode)), "not a regular file")

@@ -175,18 +175,6 @@ def _is_regular(path: Path) -> bool:
     return status is not None and stat.S_ISREG(status.st_mode)
 
 
-def _what(status: os.stat_result) -> str:
-    """What a file system entry that is not a regular file is, for messages."""
-    kinds = [
-        (stat.S_ISDIR, "a folder"),
-        (stat.S_ISFIFO, "a named pipe (FIFO)"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ]
-    return next((name for test, name in kinds if test(status.st_mode)), "not a regular file")
-
-
 def _open_regular(path: Path) -> IO[bytes]:
     """``path`` open for reading, refused (IsADirectoryError or OSError) unless a regular file;
     never blocks on a FIFO."""
@@ -194,7 +182,7 @@ def _open_regular(path: Path) -> IO[bytes]:
     try:
         status = os.fstat(handle)
         if not stat.S_ISREG(status.st_mode):
-            raise OSError(f"{path}: is {_what(status)}, not a regular file")
+            raise OSError(f"{path}: is {files.kind_of(status.st_mode)}, not a regular file")
         return os.fdopen(handle, "rb")
     except BaseException:
         os.close(handle)
@@ -504,7 +492,9 @@ def _find_file(name: str) -> ModelSpec | None:
             f"{name}: is a folder, not a checkpoint file (pass a folder of checkpoints with --repo)"
         )
     if status is not None:
-        raise ModelNotFoundError(f"{name}: is {_what(status)}, not a checkpoint file")
+        raise ModelNotFoundError(
+            f"{name}: is {files.kind_of(status.st_mode)}, not a checkpoint file"
+        )
     raise ModelNotFoundError(f"{name}: no such checkpoint file")
 
 
@@ -687,8 +677,8 @@ def fetch(member: MemberSpec, *, progress: bool = True) -> Path:
     status = _status(ours)
     if status is not None and not stat.S_ISREG(status.st_mode):
         raise DownloadError(
-            f"{ours}: is {_what(status)} where the cache keeps the checkpoint; remove it, or "
-            "set HTSEP_CACHE to another folder"
+            f"{ours}: is {files.kind_of(status.st_mode)} where the cache keeps the checkpoint; "
+            "remove it, or set HTSEP_CACHE to another folder"
         )
     if status is not None:
         good, actual = _verified(ours, member.checksum)
@@ -723,7 +713,7 @@ def _check_local(path: Path, checksum: str | None) -> Path:
     if status is None:
         raise CheckpointError(f"{path}: no such checkpoint file")
     if not stat.S_ISREG(status.st_mode):
-        raise CheckpointError(f"{path}: is {_what(status)}, not a checkpoint file")
+        raise CheckpointError(f"{path}: is {files.kind_of(status.st_mode)}, not a checkpoint file")
     if checksum is not None:
         try:
             actual = _sha256(path)
