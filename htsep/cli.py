@@ -466,6 +466,11 @@ def _check_options(opts: dict[str, Any], given: set[str]) -> tuple[OutputSetting
     if sys.stdout is None and (opts["out"] == "-" or opts["json_lines"]):
         what = "-o -" if opts["out"] == "-" else "--json"
         raise UsageError(f"{what} writes to standard output, which is closed")
+    if opts["out"] == "-" and sys.stdout is not None and sys.stdout.isatty():
+        raise UsageError(
+            "-o - writes the stem's bytes to standard output, which is a terminal: "
+            "redirect it to a file or a program (> stem.wav, | player -)"
+        )
     for first, second in (("int24", "float32"), ("flac", "mp3")):
         if opts[first] and opts[second]:
             raise UsageError(f"--{first} and --{second} exclude each other")
@@ -852,9 +857,11 @@ def info(
     ),
 ) -> None:
     """Load a checkpoint and print what it contains."""
+    from htsep import zoo
     from htsep.checkpoint import load_model
 
     with _reported_errors("interrupted", "info", checkpoint):
+        zoo.find_model(checkpoint)  # as -n takes it: a missing file is a usage error (exit 2)
         model = load_model(checkpoint)
     params = sum(p.numel() for p in model.parameters())
     typer.echo(f"sources: {', '.join(model.sources)}")

@@ -44,14 +44,15 @@ def test_info_reads_a_demucs_checkpoint(small_checkpoint):
     assert "segment: 3/2 s (12000 samples)" in result.output
 
 
-def test_info_missing_file_is_one_line_and_nonzero(tmp_path):
+def test_info_missing_file_is_one_line_and_a_usage_error(tmp_path):
+    """As `separate -n ./x.th` says it (exit 2, the code of an unknown model); info said 1."""
     result = subprocess.run(
         [sys.executable, "-m", "htsep.cli", "info", str(tmp_path / "x.th")],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr == f"htsep: error: {tmp_path / 'x.th'}: no such checkpoint file\n"
     assert result.stdout == ""
 
@@ -591,3 +592,25 @@ def test_log_lines_are_escaped_and_warnings_marked():
         "htsep: warning: /tmp/ca\\x1b[31m\\nche/x.th: SHA-256 does not match"
     )
     assert line(logging.INFO, "loaded a\u2028b") == "htsep: loaded a\\u2028b"
+
+
+def test_stdout_to_a_terminal_is_refused(tmp_path, repo):
+    """-o - wrote a WAV's bytes onto the terminal (as gzip and others refuse to)."""
+    import pty
+
+    from helpers import write_clip
+
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 0.5)
+    controller, terminal = pty.openpty()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "htsep", str(clip), "--repo", str(repo), "-n", "aaaa0001",
+             "--stems", "vocals", "-o", "-"],
+            stdout=terminal, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert done.returncode == 2
+    assert done.stderr.startswith("htsep: error: -o - writes the stem's bytes to standard output")
