@@ -36,12 +36,10 @@ tracks, whatever the seed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -50,13 +48,29 @@ import numpy as np
 import soundfile as sf
 
 from htsep.errors import HtsepError
-from htsep.files import atomic_output
+from htsep.files import (
+    StagingFolder,
+    make_folder,
+    remove_empty,
+    remove_stale,
+    rename_no_replace,
+    sync_folder,
+)
 
 logger = logging.getLogger(__name__)
 
 SOURCES = ("drums", "bass", "other", "vocals")
 SPLITS = {"train": 0, "test": 1}
-MIN_SAMPLE_RATE = 8000
+# Below 8 kHz the cymbals and the voice's formants would not fit; above 384 kHz htsep reads no
+# audio.
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 384_000
+# A track is rendered whole in memory, about 120 bytes a frame (the four float64 stereo stems
+# and their 16-bit copies): at most five minutes (longer than most songs) at up to 48 kHz, or
+# as many frames at higher rates, about 1.7 GB.
+MAX_SECONDS = 300.0
+MAX_FRAMES = 300 * 48_000
+# Track folders are named with four digits (synth-0000 .. synth-9999), which sort in order.
+MAX_TRACKS = 10_000
 
 _STREAMS = {"song": 0, "drums": 1, "bass": 2, "other": 3, "vocals": 4}
 # Range of each source's gain in dB, relative to unit RMS.
@@ -179,9 +193,11 @@ def render_track(
         "other": _render_other,
         "vocals": _render_vocals,
     }
-    stems = {
-        name: gains[name] * _unit_rms(renderers[name](song, generator(name))) for name in SOURCES
-    }
+    stems = {}
+    for name in SOURCES:
+        stem = _unit_rms(renderers[name](song, generator(name)))
+        stem *= gains[name]  # in place: a track's memory is mostly its stems
+        stems[name] = stem
     return _quantize(stems)
 
 
@@ -193,18 +209,23 @@ def write_dataset(
     sample_rate: int = 44100,
     test_tracks: int | None = None,
 ) -> bool:
-    """Write ``out/{train,test}/synth-NNNN/{mixture,drums,bass,other,vocals}.wav``, and
-    ``out/synthetic.json`` (the recipe) last. -> False when ``out`` already holds the complete
-    set of this recipe (nothing is written: the same command gives the same bytes).
+    """Write ``out/{train,test}/synth-NNNN/{mixture,drums,bass,other,vocals}.wav`` and
+    ``out/synthetic.json`` (the recipe). -> False when ``out`` already holds the complete set of
+    this recipe (nothing is written: the same command gives the same bytes).
 
     ``tracks`` train tracks and ``test_tracks`` test tracks (default ``max(1, tracks // 4)``),
-    each ``seconds`` long, stereo 16-bit PCM at ``sample_rate``. Refuses (``OutputExistsError``,
-    before writing anything) when ``out/train`` or ``out/test`` exists. Every file is written
-    under a hidden temporary name in its folder and renamed when complete.
+    each ``seconds`` long, stereo 16-bit PCM at ``sample_rate``, rendered one track at a time.
+    Refuses (``OutputExistsError``, before writing anything) when ``out/train`` or ``out/test``
+    exists. The whole set is written in a hidden staging folder in ``out`` and renamed into
+    place once complete, the recipe last: a failure or an interruption (KeyboardInterrupt)
+    leaves ``out`` as it was, so the same call can simply be made again; what a killed process
+    left (``kill -9``) is removed by the next call (``files.remove_stale``).
     """
     test_tracks = default_test_tracks(tracks) if test_tracks is None else test_tracks
-    if tracks < 1 or test_tracks < 1:
-        raise ValueError(f"need at least one train and one test track, got {tracks}, {test_tracks}")
+    if not (1 <= tracks <= MAX_TRACKS and 1 <= test_tracks <= MAX_TRACKS):
+        raise ValueError(
+            f"need 1 to {MAX_TRACKS} train and test tracks, got {tracks} and {test_tracks}"
+        )
     _check_arguments(seed, 0, seconds, sample_rate)
     recipe = {
         "tracks": tracks,
@@ -218,21 +239,48 @@ def write_dataset(
     for split in SPLITS:
         if os.path.lexists(out / split):
             raise OutputExistsError(f"{out / split} already exists")
-    for split, count in (("train", tracks), ("test", test_tracks)):
+    made = make_folder(out)
+    try:
+        remove_stale(out)
+        staging = StagingFolder(out)
         try:
-            (out / split).mkdir(parents=True)
-        except FileExistsError:
-            raise OutputExistsError(f"{out / split} already exists") from None
-        for index in range(count):
-            folder = out / split / track_name(index)
-            folder.mkdir()
-            for name, audio in render_track(seed, split, index, seconds, sample_rate).items():
-                _write_wav(folder / f"{name}.wav", audio, sample_rate)
-            logger.info("wrote %s", folder)
-    # Written last: its presence says the set is complete, and with which recipe.
-    with atomic_output(out / RECIPE_FILE) as temporary:
-        temporary.write_text(json.dumps(recipe, sort_keys=True) + "\n")
+            for split, count in (("train", tracks), ("test", test_tracks)):
+                for index in range(count):
+                    folder = staging.path / split / track_name(index)
+                    folder.mkdir(parents=True)
+                    track = render_track(seed, split, index, seconds, sample_rate)
+                    for name, audio in track.items():
+                        sf.write(folder / f"{name}.wav", audio, sample_rate, "PCM_16", format="WAV")
+                    logger.info("wrote %s", out / split / folder.name)
+            (staging.path / RECIPE_FILE).write_text(json.dumps(recipe, sort_keys=True) + "\n")
+            _put_in_place(staging.path, out)
+        finally:
+            staging.cleanup()
+    except BaseException:
+        remove_empty(made)
+        raise
     return True
+
+
+def _put_in_place(staging: Path, out: Path) -> None:
+    """Move ``train``, ``test`` and the recipe from ``staging`` into ``out``, the recipe last (its
+    presence says the set is complete). On any failure, what was moved goes back to
+    ``staging``."""
+    moved: list[str] = []
+    try:
+        for split in SPLITS:
+            try:
+                rename_no_replace(staging / split, out / split)
+            except FileExistsError:  # made by another process since the check
+                raise OutputExistsError(f"{out / split} already exists") from None
+            moved.append(split)
+        # A recipe left without its set (train and test removed by hand) is replaced.
+        os.replace(staging / RECIPE_FILE, out / RECIPE_FILE)
+    except BaseException:
+        for name in moved:
+            os.rename(out / name, staging / name)
+        raise
+    sync_folder(out)
 
 
 RECIPE_FILE = "synthetic.json"
@@ -271,13 +319,20 @@ def _check_arguments(seed: int, index: int, seconds: float, sample_rate: int) ->
     """Frames of a track, after checking what ``render_track`` is given."""
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be >= 0, got {seed} and {index}")
-    if sample_rate < MIN_SAMPLE_RATE:
-        raise ValueError(f"sample rate must be >= {MIN_SAMPLE_RATE} Hz, got {sample_rate}")
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"seconds must be a positive number, got {seconds}")
+    if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+        raise ValueError(
+            f"sample rate must be {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz, got {sample_rate}"
+        )
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_SECONDS):
+        raise ValueError(f"seconds must be a number in (0, {MAX_SECONDS:g}], got {seconds}")
     frames = round(seconds * sample_rate)
     if frames < 1:
         raise ValueError(f"{seconds} seconds is less than one sample at {sample_rate} Hz")
+    if frames > MAX_FRAMES:
+        raise ValueError(
+            f"{seconds} seconds at {sample_rate} Hz is {frames} frames, more than a track may "
+            f"hold ({MAX_FRAMES})"
+        )
     return frames
 
 
@@ -300,23 +355,41 @@ def _plan_song(rng: np.random.Generator, frames: int, sample_rate: int) -> _Song
 
 
 def _unit_rms(stem: np.ndarray) -> np.ndarray:
+    """``stem`` divided by its RMS, in place (a silent stem is left as it is)."""
     rms = float(np.sqrt(np.mean(stem**2)))
-    return stem / rms if rms > 0 else stem
+    if rms > 0:
+        stem /= rms
+    return stem
 
 
 def _quantize(stems: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Float stems (T, C) -> int16 stems and their int16 sum, the peak of all at -1 dBFS."""
-    mixture = sum(stems.values(), np.zeros_like(stems[SOURCES[0]]))
-    # A stem can peak higher than the mixture where the others cancel it.
-    peak = max(float(np.max(np.abs(audio))) for audio in (mixture, *stems.values()))
-    scale = _PEAK * _FULL_SCALE / peak
-    integers = {name: np.rint(stems[name] * scale).astype(np.int32) for name in SOURCES}
-    total = sum(integers.values(), np.zeros_like(integers[SOURCES[0]]))
+    scale = _PEAK * _FULL_SCALE / _peak(stems)
+    result = {}
+    for name in SOURCES:
+        scaled = stems[name] * scale
+        # Every stem peaks at -1 dBFS or below: its rounded values fit 16 bits.
+        result[name] = np.rint(scaled, out=scaled).astype(np.int16)
+    total = np.zeros(result[SOURCES[0]].shape, np.int32)
+    for name in SOURCES:
+        total += result[name]
     # Rounding moves each stem by at most half a step: four steps of headroom cannot be used up.
     assert int(np.max(np.abs(total))) <= _FULL_SCALE, "the mixture overflows 16 bits"
-    result = {name: integers[name].astype(np.int16) for name in SOURCES}
     result["mixture"] = total.astype(np.int16)
     return result
+
+
+def _peak(stems: dict[str, np.ndarray], block: int = 1 << 16) -> float:
+    """The largest magnitude in the float stems (T, C) and in their sum, a block of frames at a
+    time: the sum of a whole track would be one more stem's worth of memory."""
+    frames = len(stems[SOURCES[0]])
+    peak = 0.0
+    for start in range(0, frames, block):
+        parts = [stems[name][start : start + block] for name in SOURCES]
+        mixture = sum(parts, np.zeros_like(parts[0]))
+        # A stem can peak higher than the mixture where the others cancel it.
+        peak = max(peak, *(float(np.max(np.abs(part))) for part in (mixture, *parts)))
+    return peak
 
 
 # Drums --------------------------------------------------------------------------------------------
@@ -746,28 +819,3 @@ def _add(out: np.ndarray, start: int, mono: np.ndarray, pan: float) -> None:
     piece = mono[: max(0, len(out) - start)]
     angle = (min(max(pan, -1.0), 1.0) + 1.0) * np.pi / 4
     out[start : start + len(piece)] += piece[:, None] * np.array([np.cos(angle), np.sin(angle)])
-
-
-# Files --------------------------------------------------------------------------------------------
-
-
-def _write_wav(path: Path, audio: np.ndarray, rate: int) -> None:
-    """Write int16 ``audio`` (T, C) as 16-bit PCM WAV under a hidden temporary name in the same
-    folder, renamed onto ``path`` when complete."""
-    for _ in range(100):
-        temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            # Unlike tempfile.mkstemp (mode 0600), the file gets the umask's usual permissions.
-            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
-        except FileExistsError:
-            continue
-    else:
-        raise FileExistsError(f"no free temporary name in {path.parent}")
-    try:
-        sf.write(temporary, audio, rate, subtype="PCM_16", format="WAV")
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise

@@ -10,18 +10,28 @@ the same bytes; test tracks never repeat train tracks. See ``htsep/synthetic.py`
 design. An existing ``OUT/train`` or ``OUT/test`` is an error (exit code 2) and is left as it is,
 unless it is the complete set this very command wrote before (``OUT/synthetic.json`` records
 the arguments): then nothing is written and the exit code is 0, so the command can be rerun.
+The set is written in a hidden folder inside OUT and moved into place once complete: a run that
+fails (exit code 1) or is interrupted (Ctrl-C: 130, SIGTERM: 143) leaves OUT as it was, so the
+same command can simply be run again.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import NoReturn
 
+from htsep import files
+from htsep.interrupts import Terminated, signals_as_interrupts
 from htsep.synthetic import (
+    MAX_FRAMES,
+    MAX_SAMPLE_RATE,
+    MAX_SECONDS,
+    MAX_TRACKS,
     MIN_SAMPLE_RATE,
     OutputExistsError,
     default_test_tracks,
@@ -40,38 +50,63 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog=PROG, description=__doc__.split("\n")[0])
-    parser.add_argument("out", type=Path, help="dataset folder (must hold no train/ or test/)")
-    parser.add_argument("--tracks", type=int, required=True, help="number of train tracks")
-    parser.add_argument("--seconds", type=float, required=True, help="length of every track")
-    parser.add_argument("--seed", type=int, required=True, help="seed (>= 0) of the whole set")
-    parser.add_argument("--sample-rate", type=int, default=44100, help="Hz (default 44100)")
+    parser.add_argument("out", help="dataset folder (must hold no train/ or test/)")
     parser.add_argument(
-        "--test-tracks", type=int, help="number of test tracks (default max(1, tracks // 4))"
+        "--tracks", type=int, required=True, help=f"number of train tracks (1 to {MAX_TRACKS})"
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        required=True,
+        help=f"length of every track: at most {MAX_SECONDS:g} s and {MAX_FRAMES} frames "
+        f"({MAX_FRAMES / MAX_SAMPLE_RATE:g} s at {MAX_SAMPLE_RATE} Hz), since a track is "
+        "rendered whole in memory, about 120 bytes a frame (1.7 GB at most)",
+    )
+    parser.add_argument("--seed", type=int, required=True, help="seed (>= 0) of the whole set")
+    parser.add_argument(
+        "--sample-rate",
+        type=int,
+        default=44100,
+        help=f"Hz, {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} (default 44100)",
+    )
+    parser.add_argument(
+        "--test-tracks",
+        type=int,
+        help=f"number of test tracks (1 to {MAX_TRACKS}, default max(1, tracks // 4))",
     )
     args = parser.parse_args(argv)
-    if args.tracks < 1:
-        parser.error(f"--tracks must be at least 1, got {args.tracks}")
-    if args.test_tracks is not None and args.test_tracks < 1:
-        parser.error(f"--test-tracks must be at least 1, got {args.test_tracks}")
-    if not (math.isfinite(args.seconds) and args.seconds > 0):
-        parser.error(f"--seconds must be a positive number, got {args.seconds}")
-    if args.seed < 0:
-        parser.error(f"--seed must be at least 0, got {args.seed}")
-    if args.sample_rate < MIN_SAMPLE_RATE:
-        parser.error(f"--sample-rate must be at least {MIN_SAMPLE_RATE}, got {args.sample_rate}")
-    if round(args.seconds * args.sample_rate) < 1:
-        parser.error(f"--seconds {args.seconds} is shorter than one sample")
+    _check(parser, args)
 
     started = time.perf_counter()
-    try:
-        written = write_dataset(
-            args.out, args.tracks, args.seconds, args.seed, args.sample_rate, args.test_tracks
-        )
-    except OutputExistsError as error:
-        parser.error(f"{error}: remove it or choose another folder")
-    except OSError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 1
+    with signals_as_interrupts():
+        try:
+            try:
+                written = write_dataset(
+                    Path(args.out),
+                    args.tracks,
+                    args.seconds,
+                    args.seed,
+                    args.sample_rate,
+                    args.test_tracks,
+                )
+            except BaseException:
+                # What an interruption left between a temporary's creation and its removal.
+                files.remove_unfinished()
+                raise
+        except OutputExistsError as error:
+            parser.error(f"{error}: remove it or choose another folder")
+        except OSError as error:
+            return _fail(str(error), 1)
+        except MemoryError:
+            return _fail(
+                f"out of memory rendering a track of {args.seconds:g} s at {args.sample_rate} Hz "
+                "(try fewer --seconds or a lower --sample-rate)",
+                1,
+            )
+        except KeyboardInterrupt as stop:
+            signum = stop.signum if isinstance(stop, Terminated) else signal.SIGINT
+            how = {signal.SIGINT: "interrupted", signal.SIGHUP: "hung up"}.get(signum, "terminated")
+            return _fail(f"{how}: nothing was written (run the command again)", 128 + signum)
     test_tracks = default_test_tracks(args.tracks) if args.test_tracks is None else args.test_tracks
     if not written:
         print(f"{args.out} already holds this dataset (same arguments); nothing written")
@@ -81,6 +116,46 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.sample_rate} Hz to {args.out} in {time.perf_counter() - started:.1f} s"
     )
     return 0
+
+
+def _check(parser: _Parser, args: argparse.Namespace) -> None:
+    """Refuse (exit code 2) arguments ``write_dataset`` would refuse, or could not carry out."""
+    if not args.out.strip():
+        parser.error("OUT is an empty string (an unset variable in a script?)")
+    for option, value in (("--tracks", args.tracks), ("--test-tracks", args.test_tracks)):
+        if value is not None and value < 1:
+            parser.error(f"{option} must be at least 1, got {value}")
+        if value is not None and value > MAX_TRACKS:
+            parser.error(f"{option} must be at most {MAX_TRACKS}, got {value}")
+    if not (math.isfinite(args.seconds) and args.seconds > 0):
+        parser.error(f"--seconds must be a positive number, got {args.seconds}")
+    if args.seconds > MAX_SECONDS:
+        parser.error(
+            f"--seconds must be at most {MAX_SECONDS:g} (a track is rendered whole in memory), "
+            f"got {args.seconds:g}"
+        )
+    if args.seed < 0:
+        parser.error(f"--seed must be at least 0, got {args.seed}")
+    if args.sample_rate < MIN_SAMPLE_RATE:
+        parser.error(f"--sample-rate must be at least {MIN_SAMPLE_RATE}, got {args.sample_rate}")
+    if args.sample_rate > MAX_SAMPLE_RATE:
+        parser.error(
+            f"--sample-rate must be at most {MAX_SAMPLE_RATE} (the highest rate htsep reads), "
+            f"got {args.sample_rate}"
+        )
+    frames = round(args.seconds * args.sample_rate)
+    if frames < 1:
+        parser.error(f"--seconds {args.seconds} is shorter than one sample")
+    if frames > MAX_FRAMES:
+        parser.error(
+            f"--seconds {args.seconds:g} at --sample-rate {args.sample_rate} is {frames} frames "
+            f"a track, more than {MAX_FRAMES} (a track is rendered whole in memory)"
+        )
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
+import htsep.synthetic
 from htsep.synthetic import SOURCES, OutputExistsError, render_track, write_dataset
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "make_synthetic_dataset.py"
@@ -167,6 +170,30 @@ def test_existing_output_is_refused_and_left_untouched(
         (["--seed", "-1"], "--seed must be at least 0, got -1"),
         (["--test-tracks", "0"], "--test-tracks must be at least 1, got 0"),
         (["--tracks", "two"], "argument --tracks: invalid int value: 'two'"),
+        # Bounds: a track is rendered whole in memory, and htsep reads at most 384 kHz.
+        (
+            ["--seconds", "1e308"],
+            "--seconds must be at most 300 (a track is rendered whole in memory), got 1e+308",
+        ),
+        (
+            ["--seconds", "100000"],
+            "--seconds must be at most 300 (a track is rendered whole in memory), got 100000",
+        ),
+        (
+            ["--seconds", "60", "--sample-rate", "384000"],
+            "--seconds 60 at --sample-rate 384000 is 23040000 frames a track, more than "
+            "14400000 (a track is rendered whole in memory)",
+        ),
+        (
+            ["--sample-rate", "400000"],
+            "--sample-rate must be at most 384000 (the highest rate htsep reads), got 400000",
+        ),
+        (
+            ["--sample-rate", "10000000000"],
+            "--sample-rate must be at most 384000 (the highest rate htsep reads), got 10000000000",
+        ),
+        (["--tracks", "10001"], "--tracks must be at most 10000, got 10001"),
+        (["--test-tracks", "10001"], "--test-tracks must be at most 10000, got 10001"),
     ],
 )
 def test_bad_arguments(
@@ -177,6 +204,134 @@ def test_bad_arguments(
     argv = [str(tmp_path / "out"), *[part for option in options.items() for part in option]]
     assert run_main(argv, capsys) == (2, "", f"make_synthetic_dataset: error: {message}\n")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_out_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An unset variable in a script: the set would land in the current folder.
+    monkeypatch.chdir(tmp_path)
+    for out in ("", " "):
+        argv = [out, "--tracks", "1", "--seconds", "0.1", "--seed", "0", "--sample-rate", "8000"]
+        assert run_main(argv, capsys) == (
+            2,
+            "",
+            "make_synthetic_dataset: error: OUT is an empty string "
+            "(an unset variable in a script?)\n",
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("failure", "outcome"),
+    [
+        (
+            MemoryError,
+            (
+                1,
+                "make_synthetic_dataset: error: out of memory rendering a track of 0.1 s at "
+                "8000 Hz (try fewer --seconds or a lower --sample-rate)\n",
+            ),
+        ),
+        (
+            KeyboardInterrupt,
+            (
+                130,
+                "make_synthetic_dataset: error: interrupted: nothing was written "
+                "(run the command again)\n",
+            ),
+        ),
+    ],
+    ids=["MemoryError", "KeyboardInterrupt"],
+)
+def test_a_failed_run_leaves_nothing_and_the_same_command_completes_the_set(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    failure: type[BaseException],
+    outcome: tuple[int, str],
+) -> None:
+    render = htsep.synthetic.render_track
+
+    def fail_at_the_third(seed: int, split: str, index: int, *args: float) -> object:
+        if index == 2:
+            raise failure()
+        return render(seed, split, index, *args)
+
+    out = tmp_path / "new" / "set"
+    argv = [str(out), "--tracks", "4", "--seconds", "0.1", "--seed", "2", "--sample-rate", "8000"]
+    with monkeypatch.context() as patch:
+        patch.setattr(htsep.synthetic, "render_track", fail_at_the_third)
+        code, stdout, stderr = run_main(argv, capsys)
+    assert (code, stderr) == outcome
+    # Nothing is left, not even the folders it made.
+    assert list(tmp_path.iterdir()) == []
+    # An existing folder is left as it was, with what it held.
+    out.mkdir(parents=True)
+    (out / "keep.txt").write_text("mine")
+    with monkeypatch.context() as patch:
+        patch.setattr(htsep.synthetic, "render_track", fail_at_the_third)
+        assert run_main(argv, capsys)[0] == outcome[0]
+    assert [path.name for path in out.iterdir()] == ["keep.txt"]
+    code, stdout, stderr = run_main(argv, capsys)
+    assert (code, stderr) == (0, "")
+    assert stdout.startswith("wrote 4 train and 1 test tracks of 0.1 s at 8000 Hz")
+    assert sorted(path.name for path in out.iterdir()) == [
+        "keep.txt",
+        "synthetic.json",
+        "test",
+        "train",
+    ]
+    assert len(list((out / "train").iterdir())) == 4
+
+
+@pytest.mark.parametrize(
+    ("signum", "how"),
+    [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated")],
+    ids=["SIGINT", "SIGTERM"],
+)
+def test_a_signal_leaves_nothing_and_the_same_command_completes_the_set(
+    tmp_path: Path, signum: int, how: str
+) -> None:
+    out = tmp_path / "demo"
+    argv = [out, "--tracks", "30", "--seconds", "2", "--seed", "1", "--sample-rate", "22050"]
+    command = [sys.executable, str(SCRIPT), *map(str, argv)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        # Two tracks written (wherever the writer keeps them) before the signal comes.
+        while not any(out.rglob("synth-0002")) and time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.005)
+        process.send_signal(signum)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert (process.returncode, stdout, stderr) == (
+        128 + signum,
+        "",
+        f"make_synthetic_dataset: error: {how}: nothing was written (run the command again)\n",
+    )
+    assert not out.exists()
+    result = run_script(*argv)
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in out.iterdir()) == ["synthetic.json", "test", "train"]
+    assert len(list((out / "train").iterdir())) == 30
+
+
+def test_what_a_killed_run_left_is_removed(tmp_path: Path) -> None:
+    # The staging folder of a process that no longer runs, as kill -9 leaves it.
+    dead = subprocess.run(
+        [sys.executable, "-c", "from htsep.files import owner_tag; print(owner_tag())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    left = tmp_path / f".htsep-{dead}.0123abcd" / "train" / "synth-0000"
+    left.mkdir(parents=True)
+    (left / "mixture.wav").write_bytes(b"RIFF")
+    assert write_dataset(tmp_path, tracks=1, seconds=0.1, seed=0, sample_rate=8000)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["synthetic.json", "test", "train"]
 
 
 def test_missing_arguments_in_a_real_process(tmp_path: Path) -> None:
@@ -228,8 +383,16 @@ def test_short_tracks_have_every_source() -> None:
 def test_render_track_refuses_bad_arguments() -> None:
     with pytest.raises(ValueError, match="split must be one of"):
         render_track(0, "valid", 0, 1.0, 8000)
-    with pytest.raises(ValueError, match="sample rate must be >= 8000"):
+    with pytest.raises(ValueError, match="sample rate must be 8000 to 384000 Hz, got 4000"):
         render_track(0, "train", 0, 1.0, 4000)
+    with pytest.raises(ValueError, match="sample rate must be 8000 to 384000 Hz, got 400000"):
+        render_track(0, "train", 0, 1.0, 400_000)
+    with pytest.raises(ValueError, match=r"seconds must be a number in \(0, 300\], got 1e\+308"):
+        render_track(0, "train", 0, 1e308, 8000)
+    with pytest.raises(ValueError, match="is 23040000 frames, more than a track may hold"):
+        render_track(0, "train", 0, 60.0, 384_000)
+    with pytest.raises(ValueError, match="need 1 to 10000 train and test tracks"):
+        write_dataset(Path("unused"), tracks=10_001, seconds=0.1, seed=0, sample_rate=8000)
     with pytest.raises(ValueError, match="seed and index must be >= 0"):
         render_track(-1, "train", 0, 1.0, 8000)
 
