@@ -59,6 +59,9 @@ MAX_BATCH_SIZE = 1024
 # Seconds: every chunk costs a whole network call, however short.
 MIN_SEGMENT = Fraction(zoo.MIN_SEGMENT_SECONDS)
 MAX_SEED = 2**63 - 1
+# Chunks over one sample (1 / (1 - overlap)) beyond which --overlap is warned about: at 0.99999,
+# one network call per sample step, hours for a second of audio.
+_MANY_CHUNKS = 20
 # Sample rates accepted for tensors and files, as for the resampler's bounds.
 MIN_RATE, MAX_RATE = 1000, 384000
 # separate_tensor holds the whole track (and its stems) in memory; beyond this it must stream.
@@ -328,10 +331,19 @@ class Separator:
         if settings.split:
             # Chunks are cut every (1 - overlap) x chunk samples, rounded down.
             chunk = min(segment_samples(model, segment) for model, _ in self.bag.members)
-            if int((1 - settings.overlap) * chunk) < 1:
+            step = int((1 - settings.overlap) * chunk)
+            if step < 1:
                 raise UsageError(
                     f"--overlap {show_number(settings.overlap)} leaves no step between chunks "
                     f"of {chunk} samples; use a smaller overlap"
+                )
+            if chunk / step > _MANY_CHUNKS:  # allowed, as by demucs, but rarely meant
+                logger.warning(
+                    "--overlap %s puts every sample through about %d chunks, %d times the "
+                    "network calls of the default 0.25",
+                    show_number(settings.overlap),
+                    round(chunk / step),
+                    round(chunk / step / 1.3333),
                 )
         self.options = ChunkOptions(
             segment=segment,

@@ -859,3 +859,25 @@ def test_a_stem_name_the_file_system_encoding_cannot_spell_is_one_line(tmp_path)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
     assert "cannot be a file name here (the file system encoding is ascii)" in done.stderr
+
+
+def test_an_overlap_that_multiplies_the_work_is_warned_about(run, tmp_path):
+    """--overlap 0.99999 is within demucs's range but puts every sample through one chunk per
+    sample step: hours for a second of audio, without a word."""
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 0.3)
+
+    def separate(overlap: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "htsep", str(clip), "--repo", str(run.repo), *MODEL,
+             "--shifts", "0", "--overlap", overlap, "-o", str(tmp_path / overlap)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    assert separate("0.99") == (
+        "htsep: warning: --overlap 0.99 puts every sample through about 100 chunks, 75 times "
+        "the network calls of the default 0.25\n"
+    )
+    assert separate("0.9") == ""
