@@ -90,6 +90,37 @@ class _Group(TyperGroup):
             raise _OneLineUsageError(exc.format_message(), exc.ctx) from None
 
 
+_PLAIN_NUMBER = {
+    int: re.compile(r"[+-]?[0-9]+"),
+    float: re.compile(
+        r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(nan|inf|infinity)", re.I
+    ),
+}
+
+
+def _plain_numbers(command: TyperCommand, args: list[str]) -> str | None:
+    """What is wrong with a number option's value that Python's int() or float() would take
+    but a script did not mean ("1_0" is 10; digits of other scripts, spaces), or None."""
+    kinds: dict[str, type] = {}
+    for param in command.params:
+        annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+        kind = next((k for k in _PLAIN_NUMBER if annotation in (k, k | None)), None)
+        if kind is not None:
+            kinds.update(dict.fromkeys(getattr(param, "opts", ()), kind))
+    for index, arg in enumerate(args):
+        if arg == "--":
+            break
+        name, equals, value = arg.partition("=")
+        if not equals:
+            name, value = arg, args[index + 1] if index + 1 < len(args) else ""
+            if name not in kinds or not value:
+                continue
+        if name in kinds and not _PLAIN_NUMBER[kinds[name]].fullmatch(value):
+            what = "whole number" if kinds[name] is int else "number"
+            return f"{name} {value!r}: not a plain {what} (ASCII digits)"
+    return None
+
+
 class _Command(TyperCommand):
     """click's plain help, with the options in panels (their ``rich_help_panel``) and no
     Python types: a flag shows no value, an option its metavar, an argument its metavar.
@@ -97,6 +128,9 @@ class _Command(TyperCommand):
     name, type) and leaves descriptions about 20 characters at 80 columns."""
 
     def parse_args(self, ctx: ClickContext, args: list[str]) -> list[str]:
+        problem = _plain_numbers(self, args)
+        if problem is not None:
+            raise _OneLineUsageError(problem, ctx)
         return _one_line_usage_errors(super().parse_args, ctx, args)
 
     def collect_usage_pieces(self, ctx: ClickContext) -> list[str]:
