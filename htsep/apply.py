@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -132,26 +133,54 @@ def full_float32(enabled: bool = True) -> Iterator[None]:
     """CUDA convolutions and matrix products in IEEE float32 inside the block: torch lets cuDNN
     round convolution inputs to TF32 (10-bit mantissas) by default, and a user may have allowed
     it for matrix products, which is not fp32 the way the reference computes it. The settings
-    are restored on the way out (they are process-wide: one separation at a time)."""
+    are process-wide: blocks in several threads share them, the first to enter saves the
+    host's settings and the last to leave puts them back."""
     if not enabled:
         yield
         return
-    cudnn: Any = torch.backends.cudnn
-    matmul: Any = torch.backends.cuda.matmul
-    settings: list[tuple[Any, str, object]]
-    if hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
-        # torch >= 2.9: the per-backend precision API (mixing it with allow_tf32 is an error).
-        settings = [(cudnn.conv, "fp32_precision", "ieee"), (matmul, "fp32_precision", "ieee")]
-    else:
-        settings = [(cudnn, "allow_tf32", False), (matmul, "allow_tf32", False)]
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in settings]
+    _FULL_FLOAT32.enter()
     try:
-        for owner, name, value in settings:
-            setattr(owner, name, value)
         yield
     finally:
-        for owner, name, value in saved:
-            setattr(owner, name, value)
+        _FULL_FLOAT32.leave()
+
+
+class _Float32Settings:
+    """The TF32 switches, set to IEEE while any ``full_float32`` block runs."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.depth = 0  # blocks inside, in every thread
+        self.saved: list[tuple[Any, str, object]] = []
+
+    @staticmethod
+    def wanted() -> list[tuple[Any, str, object]]:
+        cudnn: Any = torch.backends.cudnn
+        matmul: Any = torch.backends.cuda.matmul
+        if hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+            # torch >= 2.9: the per-backend precision API (mixing it with allow_tf32 is an error).
+            return [(cudnn.conv, "fp32_precision", "ieee"), (matmul, "fp32_precision", "ieee")]
+        return [(cudnn, "allow_tf32", False), (matmul, "allow_tf32", False)]
+
+    def enter(self) -> None:
+        with self.lock:
+            if self.depth == 0:
+                settings = self.wanted()
+                self.saved = [(owner, name, getattr(owner, name)) for owner, name, _ in settings]
+                for owner, name, value in settings:
+                    setattr(owner, name, value)
+            self.depth += 1
+
+    def leave(self) -> None:
+        with self.lock:
+            self.depth -= 1
+            if self.depth == 0:
+                for owner, name, value in self.saved:
+                    setattr(owner, name, value)
+                self.saved = []
+
+
+_FULL_FLOAT32 = _Float32Settings()
 
 
 class OutOfDeviceMemory(HtsepError):
@@ -248,7 +277,14 @@ class NetworkRunner:
     def _call(
         self, model: SeparationModel, windows: list[torch.Tensor]
     ) -> tuple[torch.Tensor, Any]:
-        network = model if self.slot is None else self.slot.get(model)
+        if self.slot is None:
+            return self._issue(model, windows)
+        with self.slot.turn(model) as network:
+            return self._issue(network, windows)
+
+    def _issue(
+        self, network: SeparationModel, windows: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, Any]:
         rows = sum(window.shape[0] for window in windows)  # the estimates kept
         padding = self.batch_size - len(windows) if self.full_calls else 0
         if padding > 0:
@@ -370,7 +406,7 @@ class ChunkStream:
         self.base = 0  # window position of the accumulators' first sample
         self.sum: torch.Tensor | None = None  # (B, S, C, chunk) weighted estimates
         self.spare: torch.Tensor | None = None  # the other buffer the unfinished tail moves to
-        self.total = torch.zeros(self.chunk)
+        self.total = torch.zeros(self.chunk, dtype=torch.float32)
         self.filled = 0  # leading samples of the accumulators that hold sums (the rest: none)
         self.ready: list[torch.Tensor] = []
         self.ready_length = 0
@@ -563,7 +599,7 @@ class SeparationStream:
         total = None
         self.runs = len(members) * max(shifts, 1)
         for member, (model, weights) in enumerate(members):
-            weight = torch.tensor([float(w) for w in weights])
+            weight = torch.tensor([float(w) for w in weights], dtype=torch.float32)
             total = weight if total is None else total + weight
             max_shift = int(0.5 * model.sample_rate)
             if not options.split:

@@ -19,6 +19,7 @@ import pickle
 import re
 import stat
 import struct
+import threading
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -260,6 +261,26 @@ def _inflated_size(path: Path) -> int | None:
     return declared if declared > 2 * size + (1 << 20) else None
 
 
+# torch.load takes its allow-list from a process-wide registry only, and the warnings filters
+# are process-wide too: loads in several threads take turns through this lock, or one thread's
+# exit would drop the other's allowed globals and leave the host's warnings silenced.
+_UNPICKLING = threading.Lock()
+
+
+@contextmanager
+def _unpickling_allowed(allowed: list[Any]) -> Iterator[None]:
+    """``allowed`` registered with torch's weights-only unpickler, and warnings off, for one
+    load at a time. Entries the host registered itself stay registered afterwards. Warnings
+    torch gives about a file's contents (a sparse tensor's invariants, ...) would reach the
+    terminal before htsep's one line about it."""
+    with _UNPICKLING:
+        registered = torch.serialization.get_safe_globals()
+        added = [entry for entry in allowed if entry not in registered]
+        with torch.serialization.safe_globals(added), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+
+
 def _read_torch_package(path: Path) -> tuple[HTDemucsConfig, dict[str, torch.Tensor], Callable]:
     inflated = _inflated_size(path)
     if inflated is not None:
@@ -268,10 +289,7 @@ def _read_torch_package(path: Path) -> tuple[HTDemucsConfig, dict[str, torch.Ten
             f"from a file of {path.stat().st_size} (torch.save writes them uncompressed)"
         )
     try:
-        # Warnings torch gives about a file's contents (a sparse tensor's invariants, ...) would
-        # reach the terminal before htsep's one line about it.
-        with torch.serialization.safe_globals(_allowed_globals()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _unpickling_allowed(_allowed_globals()):
             package = torch.load(path, map_location="cpu", weights_only=True)
     except _UnsafeValue as exc:
         raise CheckpointError(f"{path}: refusing to load: the file holds {exc}") from None

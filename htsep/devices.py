@@ -4,9 +4,12 @@ turns on it (``DeviceSlot``), and how this process's malloc hands freed memory b
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import functools
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,6 +38,19 @@ def out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(
         phrase in str(exc) for phrase in ("can't allocate memory", "could not create a primitive")
     )
+
+
+@contextlib.contextmanager
+def own_arithmetic(device: torch.device | str) -> Iterator[None]:
+    """Autocast off on the CPU and on ``device`` inside the block: a host program's autocast
+    (``torch.autocast("cpu", dtype=torch.bfloat16)`` around a call) would otherwise run the
+    resampling and the networks' float32 work in 16 bits. Autocast is per thread, so this
+    touches no other thread; htsep's own reduced precisions turn it back on inside."""
+    kinds = dict.fromkeys(("cpu", torch.device(device).type))
+    with contextlib.ExitStack() as stack:
+        for kind in kinds:
+            stack.enter_context(torch.autocast(kind, enabled=False))
+        yield
 
 
 def default_device() -> str:
@@ -98,7 +114,12 @@ class DeviceSlot:
     copies to a CUDA device); the slot keeps one device copy and loads the weights of the
     member whose turn it is into it (a member of another configuration gets a new copy).
 
-    ``get(model)`` -> the network to call for ``model``. ``loads`` counts weight loads.
+    ``turn(model)`` -> the network to call for ``model``, for one call; ``get(model)`` is the
+    same without the turn, for a single thread. ``loads`` counts weight loads.
+
+    Threads sharing a slot (one ``Separator`` used by several threads) take turns: another
+    member's weights are never loaded while a call on the copy is being issued, and on CUDA
+    the load waits, on the device, for the last call issued to finish with the copy.
     """
 
     def __init__(self, device: torch.device | str) -> None:
@@ -106,6 +127,20 @@ class DeviceSlot:
         self.copy: torch.nn.Module | None = None
         self.current: object | None = None
         self.loads = 0
+        self.lock = threading.RLock()
+        self._used: Any = None  # CUDA event recorded after the last call issued on the copy
+
+    @contextlib.contextmanager
+    def turn(self, model: ModelT) -> Iterator[ModelT]:
+        """The network for ``model`` while the block issues one call on it; other threads
+        wait for their turn until the block ends."""
+        with self.lock:
+            network = self.get(model)
+            yield network
+            if self.device.type == "cuda":
+                used = torch.cuda.Event()
+                used.record(torch.cuda.current_stream(self.device))
+                self._used = used
 
     def get(self, model: ModelT) -> ModelT:
         if model is self.current:
@@ -115,6 +150,8 @@ class DeviceSlot:
             raise TypeError("a device slot holds torch modules")
         if self.device.type == "cuda":
             _pin(model)
+            if self._used is not None:  # a call issued from another stream may still run
+                torch.cuda.current_stream(self.device).wait_event(self._used)
         if self.copy is None or getattr(self.copy, "config", None) != getattr(
             model, "config", object()
         ):

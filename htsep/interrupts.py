@@ -34,12 +34,16 @@ _STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
-def signals_as_interrupts() -> Iterator[None]:
+def signals_as_interrupts(*, deaf_after: bool = False) -> Iterator[None]:
     """SIGINT, SIGTERM and SIGHUP stop the work with KeyboardInterrupt (Terminated for the
-    latter two); once one came, later ones are ignored, so that a second Ctrl-C cannot cut the
-    cleanup short and leave temporary files behind (kill -9 still stops at once; a later run
-    removes what it left). A signal that was ignored when this began stays ignored. Outside the
-    main thread, where handlers cannot be set, it does nothing."""
+    latter two); once one came, later ones are ignored until the block ends, so that a second
+    Ctrl-C cannot cut the cleanup short and leave temporary files behind (kill -9 still stops
+    at once; a later run removes what it left). The handlers that were set before are put
+    back when the block ends, so a host program's own handlers (Jupyter's Ctrl-C) work again;
+    ``deaf_after``: once a signal came they are not, and the process stays deaf to these
+    signals until it exits (the command line, whose exit still removes temporary folders). A
+    signal that was ignored when this began stays ignored. Outside the main thread, where
+    handlers cannot be set, it does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -56,6 +60,7 @@ def signals_as_interrupts() -> Iterator[None]:
     try:
         yield
     finally:
-        if not stopped:  # once stopping, the process stays deaf to them until it exits
+        if not (stopped and deaf_after):
             for sig, handler in previous.items():
-                signal.signal(sig, handler)
+                # None: a handler set outside Python, which cannot be put back; the default.
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)

@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 import torchaudio.functional as AF
 
+from htsep.devices import own_arithmetic
 from htsep.errors import UsageError
 
 Reader = Callable[[int, int], torch.Tensor]  # (start, length) -> (..., length), zeros outside
@@ -90,7 +91,8 @@ class ResampledSignal:
         out = probe.new_zeros(*probe.shape[:-1], length)
         if lo >= hi:
             return out
-        converted = self._polyphase(lo, hi) if self.polyphase else self._direct(lo, hi)
+        with own_arithmetic(out.device):  # a caller's autocast would convolve in 16 bits
+            converted = self._polyphase(lo, hi) if self.polyphase else self._direct(lo, hi)
         out[..., lo - start : hi - start] = converted
         return out
 

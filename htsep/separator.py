@@ -39,6 +39,7 @@ from htsep.devices import (
     auto_batch_size,
     bf16_arithmetic,
     keep_freed_memory,
+    own_arithmetic,
     parse_device,
 )
 from htsep.errors import AudioError, HtsepError, UsageError
@@ -67,6 +68,8 @@ MIN_RATE, MAX_RATE = 1000, 384000
 # separate_tensor holds the whole track (and its stems) in memory; beyond this it must stream.
 MAX_TENSOR_SECONDS = 6 * 3600
 MAX_CHANNELS = 64
+# How errors name the downmix option for Python callers (the command line's is --downmix).
+API_DOWNMIX = "downmix=True"
 
 
 def _integer(value: Any, what: str, low: int, high: int) -> int:
@@ -243,9 +246,12 @@ class Bag:
         assert first_error is not None
         raise first_error
 
-    def to_model_layout(self, audio: torch.Tensor, downmix: bool) -> torch.Tensor:
+    def to_model_layout(
+        self, audio: torch.Tensor, downmix: bool, option: str = "--downmix"
+    ) -> torch.Tensor:
         """audio (C, T) -> (audio_channels, T): mono is repeated, ``downmix`` mixes more
-        channels than the model takes down to mono first."""
+        channels than the model takes down to mono first. ``option``: how the error names
+        the downmix option (the command line's flag, or the Python keyword)."""
         channels = audio.shape[0]
         if downmix and channels > self.audio_channels:
             audio = audio.mean(0, keepdim=True)
@@ -256,7 +262,7 @@ class Bag:
             return audio.expand(self.audio_channels, -1)
         raise AudioError(
             f"{channels} audio channels, the model takes {self.audio_channels}; "
-            "pass --downmix to mix them down to mono first"
+            f"pass {option} to mix them down to mono first"
         )
 
 
@@ -385,14 +391,21 @@ class Separator:
         _check_progress(progress)
         rate = self.sample_rate if sample_rate is None else check_sample_rate(sample_rate)
         audio = _as_audio_tensor(audio, max_frames=MAX_TENSOR_SECONDS * rate)
+        channels, length = audio.shape
+        if not downmix and channels not in (1, self.audio_channels) and channels > length:
+            raise AudioError(
+                f"{channels} audio channels of {length} samples, the model takes "
+                f"{self.audio_channels}: pass (channels, time) audio if it is (time, channels), "
+                f"or {API_DOWNMIX} to mix the channels down to mono"
+            )
         # The file path's engine over the tensor: one block of the whole length.
-        scanned = ScannedFile(self, _TensorReader(audio, rate), downmix=downmix)
-        length = audio.shape[-1]
+        scanned = ScannedFile(self, _TensorReader(audio, rate), downmix=downmix, option=API_DOWNMIX)
         with StreamedTrack(
             self, scanned, progress=progress, all_sources=all_sources, block=length
         ) as track:
             ((_, stems),) = list(track)
-        return {name: stem.contiguous() for name, stem in stems.items()}
+        del track, scanned  # the model-rate stems they hold, before the copies below
+        return {name: _own_storage(stem) for name, stem in stems.items()}
 
     def separate_file(
         self,
@@ -431,7 +444,10 @@ class Separator:
         returned track yields (mix, stems) blocks in order, equal to ``separate_file``'s output
         sliced (up to float rounding)."""
         _check_progress(progress)
-        scanned = path if isinstance(path, ScannedFile) else ScannedFile.open(self, path, downmix)
+        if isinstance(path, ScannedFile):
+            scanned = path
+        else:
+            scanned = ScannedFile.open(self, path, downmix, option=API_DOWNMIX)
         try:
             return StreamedTrack(
                 self, scanned, progress=progress, all_sources=all_sources, block=block
@@ -500,20 +516,27 @@ def write_stems(
     outputs, since the gain depends on the whole track; ``finish()`` then applies the gain
     and encodes the final files. It needs no network, so it may run in another thread.
     """
-    _flag(overwrite, "overwrite")
-    _flag(downmix, "downmix")
-    _check_progress(progress)
-    targets = _check_outputs(separator, outputs, two_stems, other_method, keep)
-    source = path.name if isinstance(path, ScannedFile) else _file_path(path)
-    for name, target in targets.items():
-        if source and _same_file(target, source):
-            raise UsageError(f"output of {name!r}, {target}, is the input file")
-    if not overwrite:
-        _refuse_existing(targets, keep)
-    if clip_mode not in ("rescale", "clamp", "none"):
-        raise UsageError(f"clip mode {clip_mode!r}: use rescale, clamp or none")
-    mp3_bitrate = _integer(mp3_bitrate, "mp3_bitrate", 8, 320)
-    mp3_preset = _integer(mp3_preset, "mp3_preset", 2, 7)
+    try:
+        _flag(overwrite, "overwrite")
+        _flag(downmix, "downmix")
+        _check_progress(progress)
+        targets = _check_outputs(separator, outputs, two_stems, other_method, keep)
+        source = path.name if isinstance(path, ScannedFile) else _file_path(path)
+        for name, target in targets.items():
+            if source and _same_file(target, source):
+                raise UsageError(f"output of {name!r}, {target}, is the input file")
+        if not overwrite:
+            _refuse_existing(targets, keep)
+        if clip_mode not in ("rescale", "clamp", "none"):
+            raise UsageError(f"clip mode {clip_mode!r}: use rescale, clamp or none")
+        mp3_bitrate = _integer(mp3_bitrate, "mp3_bitrate", 8, 320)
+        mp3_preset = _integer(mp3_preset, "mp3_preset", 2, 7)
+    except BaseException:
+        # A file scanned for this call is this call's to close, whatever happens (its reader
+        # may hold a decoded temporary of the input).
+        if isinstance(path, ScannedFile):
+            path.close()
+        raise
     settings: dict[str, Any] = dict(bits=bits, mp3_bitrate=mp3_bitrate, mp3_preset=mp3_preset)
     track = separator.stream_file(
         path,
@@ -527,7 +550,9 @@ def write_stems(
         written = {name: target for name, target in targets.items() if name not in keep}
         if clip_mode != "rescale":
             _write_blocks(track, written, two_stems, clip_mode, settings, overwrite=overwrite)
-            return PendingOutputs(track.sample_rate, track.frames)
+            done = PendingOutputs(track.sample_rate, track.frames)
+            done.placed.extend(written.values())
+            return done
         staging = _staging_folder(next(iter(targets.values())))
         try:
             staged = {name: staging.path / f"{name}.wav" for name in targets}
@@ -571,9 +596,7 @@ def _check_outputs(
         )
     targets: dict[str, Path] = {}
     for name, target in outputs.items():
-        if not isinstance(target, (str, os.PathLike)) or not os.fspath(target):
-            raise UsageError(f"output of {name!r} must be a file path, not {target!r}")
-        targets[name] = Path(target)
+        targets[name] = Path(file_name(target, f"{name!r} output file"))
     paths = [os.path.abspath(target) for target in targets.values()]
     if len(set(paths)) != len(paths):
         raise UsageError("two stems are to be written to the same file")
@@ -621,6 +644,9 @@ class PendingOutputs:
 
     def __init__(self, sample_rate: int, frames: int) -> None:
         self.sample_rate, self.frames = sample_rate, frames
+        # The final files put in place so far, in order (a track that fails part of the way
+        # through has written these).
+        self.placed: list[Path] = []
         self._staging: files.StagingFolder | None = None
         self._work: tuple[dict[str, Path], dict[str, Path], float, dict[str, Any]] | None = None
         self._overwrite = False
@@ -663,6 +689,7 @@ class PendingOutputs:
                         writer.write(
                             reader.read(start, min(BLOCK_FRAMES, reader.frames - start)) * gain
                         )
+                self.placed.append(target)
         finally:
             self.discard()
 
@@ -738,7 +765,7 @@ class _StemBuffer:
     def __init__(self, take: Callable[[int], torch.Tensor], length: int, shape: tuple[int, ...]):
         self.take, self.length = take, length
         self.start = 0  # position of buffer[..., 0]
-        self.buffer = torch.zeros(*shape, 0)
+        self.buffer = torch.zeros(*shape, 0, dtype=torch.float32)
 
     def read(self, start: int, length: int) -> torch.Tensor:
         out = self.buffer.new_zeros(*self.buffer.shape[:-1], length)
@@ -784,7 +811,12 @@ class ScannedFile:
     networks' stream over it (``separation``)."""
 
     def __init__(
-        self, separator: Separator, reader: AudioReader | _TensorReader, *, downmix: bool
+        self,
+        separator: Separator,
+        reader: AudioReader | _TensorReader,
+        *,
+        downmix: bool,
+        option: str = "--downmix",
     ) -> None:
         self.separator = separator
         self.reader = reader
@@ -798,24 +830,25 @@ class ScannedFile:
         channels = reader.channels
         bag = separator.bag
         try:
-            layout = bag.to_model_layout(torch.zeros(channels, 1), downmix)
+            layout = bag.to_model_layout(torch.zeros(channels, 1), downmix, option)
         except AudioError as exc:
             raise AudioError(f"{self.name}: {exc}" if self.name else str(exc)) from None
         self.downmix = layout.shape[0] != channels and channels != 1
         self.out_channels = 1 if (self.downmix or channels == 1) else channels
 
         def model_layout(start: int, length: int) -> torch.Tensor:
-            return bag.to_model_layout(reader.read(start, length), downmix)
+            return bag.to_model_layout(reader.read(start, length), downmix, option)
 
         self.source = ResampledSignal(model_layout, self.frames, rate, separator.sample_rate)
-        self.mean, self.std = mix_statistics(self.source.read, self.source.length, BLOCK_FRAMES)
+        with own_arithmetic(separator.device):
+            self.mean, self.std = mix_statistics(self.source.read, self.source.length, BLOCK_FRAMES)
         self._separation: SeparationStream | None = None
         self.streamed = False  # a StreamedTrack took it: its separation is consumed once
 
     def normalized(self, start: int, length: int) -> torch.Tensor:
         """The model-rate mix normalized, as the networks take it: (x - mean) / std inside the
         track, zeros outside it (as the in-memory path pads). -> (1, C, length)"""
-        out = torch.zeros(self.separator.audio_channels, length)
+        out = torch.zeros(self.separator.audio_channels, length, dtype=torch.float32)
         lo, hi = max(start, 0), min(start + length, self.source.length)
         if lo < hi:
             out[:, lo - start : hi - start] = (self.source.read(lo, hi - lo) - self.mean) / self.std
@@ -851,15 +884,21 @@ class ScannedFile:
 
     @classmethod
     def open(
-        cls, separator: Separator, path: str | os.PathLike[str], downmix: bool = False
+        cls,
+        separator: Separator,
+        path: str | os.PathLike[str],
+        downmix: bool = False,
+        *,
+        option: str = "--downmix",
     ) -> ScannedFile:
         """The first pass over ``path``: decode (ffmpeg formats to a temporary file), count the
         frames, check every sample and compute the mixture statistics. Touches no network, so
-        it may run in another thread while a track is separated."""
+        it may run in another thread while a track is separated. ``option``: how a channel
+        count error names the downmix option."""
         _flag(downmix, "downmix")
         reader = AudioReader(_file_path(path))
         try:
-            return cls(separator, reader, downmix=downmix)
+            return cls(separator, reader, downmix=downmix, option=option)
         except BaseException:
             reader.close()
             raise
@@ -913,12 +952,14 @@ class StreamedTrack:
         sources = self.separator.sources
         for start in range(0, self.frames, self.block):
             count = min(self.block, self.frames - start)
-            stems = self.stems.read(start, count)  # (S, C, count)
-            if self.out_channels == 1:
-                stems = stems.mean(1, keepdim=True)
-            mix = self.reader.read(start, count)
-            if self.downmix:
-                mix = mix.mean(0, keepdim=True)
+            # Not across the yield: the caller's code between blocks keeps its own autocast.
+            with own_arithmetic(self.separator.device):
+                stems = self.stems.read(start, count)  # (S, C, count)
+                if self.out_channels == 1:
+                    stems = stems.mean(1, keepdim=True)
+                mix = self.reader.read(start, count)
+                if self.downmix:
+                    mix = mix.mean(0, keepdim=True)
             yield mix, {name: stems[sources.index(name)] for name in self.names}
         # A file rewritten in place since the first pass gave other samples than the statistics
         # and the frame count were computed from.
@@ -957,8 +998,14 @@ def _as_audio_tensor(audio: Any, max_frames: int | None = None) -> torch.Tensor:
         raise AudioError(
             f"expected a (channels, time) tensor or numpy array, not {type(audio).__name__}"
         )
+    if audio.is_nested:
+        raise AudioError("expected a dense tensor of samples, not a nested one")
     if audio.layout != torch.strided:
         raise AudioError(f"expected a dense tensor of samples, not a {audio.layout} one")
+    if audio.is_quantized:
+        raise AudioError(
+            f"cannot separate quantized samples ({audio.dtype}): dequantize them first"
+        )
     if audio.device.type == "meta":
         raise AudioError("expected a tensor holding samples, not one on the meta device")
     if audio.dim() != 2:
@@ -1006,6 +1053,14 @@ def _flag(value: Any, name: str) -> bool:
 def _check_progress(progress: Any) -> None:
     if progress is not None and not callable(progress):
         raise UsageError(f"progress must be a function or None, not {progress!r}")
+
+
+def _own_storage(stem: torch.Tensor) -> torch.Tensor:
+    """``stem`` contiguous and alone in its memory: a stem sliced from the tensor of every
+    source would keep all of them alive as long as it is kept (or saved)."""
+    if stem.is_contiguous() and stem.untyped_storage().nbytes() == stem.nbytes:
+        return stem
+    return stem.clone(memory_format=torch.contiguous_format)
 
 
 def _file_path(path: Any) -> str:

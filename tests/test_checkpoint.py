@@ -5,6 +5,7 @@ import os
 import shutil
 import threading
 import time
+import warnings
 import zipfile
 from fractions import Fraction
 from pathlib import Path
@@ -732,3 +733,40 @@ def test_checkpoints_in_folders_whose_names_are_not_utf8(tmp_path):
     for name, tensor in model.state_dict().items():
         assert torch.equal(again.state_dict()[name], tensor), name
     assert sorted(os.listdir(folder)) == ["copy.safetensors"]
+
+
+def test_loads_in_two_threads_leave_the_hosts_settings_alone(small_checkpoint):
+    """torch.load's allow-list and the warnings filters are process-wide: two threads loading
+    at once must neither refuse each other's numpy metrics nor leave warnings silenced."""
+    th_path, _, _ = small_checkpoint
+    filters = list(warnings.filters)
+    errors: list[BaseException] = []
+
+    def load_many() -> None:
+        for _ in range(30):
+            try:
+                htsep.load_model(th_path)
+            except BaseException as exc:  # noqa: BLE001 - collected and reported below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=load_many) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert warnings.filters == filters
+
+
+def test_a_load_keeps_the_hosts_own_allowed_globals(small_checkpoint):
+    """A global the host allowed itself, which htsep allows too, stays allowed after a load."""
+    th_path, _, _ = small_checkpoint
+    mine = type(np.dtype("f8"))
+    saved = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals([mine])
+    try:
+        htsep.load_model(th_path)
+        assert mine in torch.serialization.get_safe_globals()
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(saved)

@@ -254,3 +254,15 @@ def test_bad_rates(rate):
 def test_unknown_method():
     with pytest.raises(ValueError, match="unknown resampling method 'fast'"):
         resample(torch.zeros(10), 44099, MODEL_RATE, method="fast")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", ["polyphase", "direct"])
+def test_a_callers_autocast_does_not_reach_the_conversion(method):
+    """Under a host program's torch.autocast("cpu", bfloat16) the convolutions ran in 16 bits
+    (1.7e-3 off on the stems at 48 kHz)."""
+    x = torch.randn(2, 4800, generator=torch.Generator().manual_seed(9))
+    plain = resample(x, 48000, 44100, method)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = resample(x, 48000, 44100, method)
+    assert inside.dtype == torch.float32
+    assert torch.equal(inside, plain)

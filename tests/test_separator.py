@@ -37,7 +37,7 @@ def test_separate_tensor_contract(repo):
     stems = separator.separate_tensor(mono, 22050)
     assert list(stems) == ["vocals"] and stems["vocals"].shape == mono.shape
     assert torch.equal(mono, before)
-    with pytest.raises(AudioError, match="--downmix"):
+    with pytest.raises(AudioError, match="pass downmix=True"):
         separator.separate_tensor(_mix(channels=3), 8000)
     with pytest.raises(AudioError, match="NaN"):
         separator.separate_tensor(torch.full((2, 100), float("nan")), 8000)

@@ -45,7 +45,8 @@ def sin_embedding_2d(
     """
     half = dim // 2
     # exp(-k * log(p) / half) rather than p ** (-k / half): the reference's float32 rounding.
-    freqs = torch.exp(torch.arange(0.0, half, 2, device=device) * -(math.log(max_period) / half))
+    steps = torch.arange(0.0, half, 2, device=device, dtype=torch.float32)
+    freqs = torch.exp(steps * -(math.log(max_period) / half))
     time_phase = torch.arange(frames, device=device, dtype=torch.float32)[:, None] * freqs
     row_phase = torch.arange(rows, device=device, dtype=torch.float32)[:, None] * freqs
 
