@@ -15,6 +15,7 @@ resumable with ``skip_existing``, a bad file failing only its own track):
 
 from __future__ import annotations
 
+import base64
 import errno
 import glob
 import os
@@ -137,6 +138,9 @@ class Track:
     seconds: float | None = None
     name: str | None = None  # the track's name when not its file's (stdin)
     folder: str = ""  # its folder below the folder argument it was found under ("" if named)
+    # Later inputs that reached the same file (a.wav and ./a.wav, a link to it, its folder):
+    # it is separated once, where it was first reached.
+    aliases: list[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -150,9 +154,11 @@ class Track:
         return (self.duration / self.seconds) if self.seconds and self.duration else None
 
     def record(self, model: str) -> dict[str, Any]:
-        """The track as one JSON object (``--json``)."""
+        """The track as one JSON object (``--json``). A path that is not UTF-8 (its undecodable
+        bytes are lone surrogates in JSON, which most readers turn into U+FFFD) comes with its
+        exact bytes in base64 too: ``input_bytes``, ``outputs_bytes``."""
         speed = self.speed
-        return {
+        record: dict[str, Any] = {
             "input": self.source,
             "outputs": self.outputs,
             "model": model,
@@ -163,6 +169,36 @@ class Track:
             "status": self.status,
             "error": self.error,
         }
+        if not _utf8(self.source):
+            record["input_bytes"] = _base64_path(self.source)
+        if not all(map(_utf8, self.outputs)):
+            record["outputs_bytes"] = [_base64_path(output) for output in self.outputs]
+        return record
+
+    def records(self, model: str) -> list[dict[str, Any]]:
+        """``record``, then one for each alias (the same but for ``input`` and ``same_as``,
+        the input that named the file first), so that every input has its record."""
+        first = self.record(model)
+        out = [first]
+        for alias in self.aliases:
+            record = {key: value for key, value in first.items() if key != "input_bytes"}
+            record["input"], record["same_as"] = alias, self.source
+            if not _utf8(alias):
+                record["input_bytes"] = _base64_path(alias)
+            out.append(record)
+        return out
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # surrogate-escaped bytes of a file name
+        return False
+    return True
+
+
+def _base64_path(text: str) -> str:
+    return base64.b64encode(os.fsencode(text)).decode("ascii")
 
 
 # --- inputs ----------------------------------------------------------------------------------
@@ -170,7 +206,8 @@ class Track:
 
 def find_inputs(patterns: Sequence[str | os.PathLike[str]], exclude: Path) -> list[Track]:
     """Files as given, folders searched recursively for audio, glob patterns expanded; in a
-    stable order, without duplicates. Files found under a folder or pattern are never taken
+    stable order, each file once (another input that reaches it is one of its track's
+    ``aliases``). Files found under a folder or pattern are never taken
     from ``exclude`` (the tree htsep writes, ``<out>/<model>``); files named directly are.
     An input that names nothing is a track with an error, so that the batch reports it."""
     from htsep.audio import AUDIO_EXTENSIONS, file_name
@@ -180,16 +217,18 @@ def find_inputs(patterns: Sequence[str | os.PathLike[str]], exclude: Path) -> li
     patterns = [file_name(pattern, "input") for pattern in patterns]
     exclude = files.real_path(exclude)
     tracks: list[Track] = []
-    seen: set[Path] = set()
+    seen: dict[Path, Track] = {}
 
     def add(path: Path, source: str, root: Path | None = None) -> None:
         if source == "-":  # a file of that name, not standard input (whose name this is)
             source = "./-"
         key = files.real_path(path)
-        if key not in seen:
-            seen.add(key)
-            relative = "" if root is None else path.parent.relative_to(root).as_posix()
-            tracks.append(Track(source, path, folder="" if relative == "." else relative))
+        if key in seen:
+            seen[key].aliases.append(source)
+            return
+        relative = "" if root is None else path.parent.relative_to(root).as_posix()
+        seen[key] = Track(source, path, folder="" if relative == "." else relative)
+        tracks.append(seen[key])
 
     def audio_under(folder: Path) -> list[Path]:
         found = []
@@ -543,14 +582,37 @@ def output_paths(
             key = Path(os.path.abspath(path))
             if key in owners:
                 other = owners[key]
+                shown = str(path).replace(_ANY_STEM, "{stem}")
                 raise UsageError(
-                    f"--filename {template!r}: {path} would be written for both "
+                    f"--filename {template!r}: {shown} would be written for both "
                     f"{other} and {track.source}"
-                    + ("" if other != track.source else f" (stem {stem})")
+                    + (_clash_hint(other, track) if other != track.source else f" (stem {stem})")
                 )
             owners[key] = track.source
         paths_of[index] = paths
     return paths_of
+
+
+# A stem name no file name holds: paths made with it are equal for two tracks exactly when
+# they are equal for every stem name put in its place.
+_ANY_STEM = "\0"
+
+
+def check_track_clashes(tracks: list[Track], settings: OutputSettings, folder: Path) -> None:
+    """Two tracks that would write one file, or a template that leads out of ``folder``, as a
+    UsageError, before the model is known (nor loaded or downloaded). Every input counts, also
+    those another --shard takes: a clash is one whatever slice a process runs."""
+    output_paths(tracks, settings, [_ANY_STEM], folder)
+
+
+def _clash_hint(other: str, track: Track) -> str:
+    """Why two inputs can share their stems' paths, when it is that they share a name."""
+    if track.folder or track.path is None or Path(other).name != track.path.name:
+        return ""
+    return (
+        " (files of one name from different folders: name the folder that holds them "
+        "instead, and its subfolders are kept below <out>/<model>)"
+    )
 
 
 def plan_outputs(
@@ -630,7 +692,17 @@ def _track_failure(exc: Exception) -> HtsepError | None:
         return HtsepError("out of memory (use a shorter --segment, or free memory)")
     if isinstance(exc, OSError) and exc.errno in _EXHAUSTED:
         return HtsepError(_EXHAUSTED[exc.errno])
+    if isinstance(exc, FileNotFoundError) and _no_current_folder():
+        return HtsepError("the current folder was removed: relative paths lead nowhere now")
     return None
+
+
+def _no_current_folder() -> bool:
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return True
+    return False
 
 
 class Batch:
@@ -683,6 +755,8 @@ class Batch:
     def run(self, tracks: Sequence[Track | str | os.PathLike[str]]) -> list[Track]:
         """Separate ``tracks`` (Track objects, or paths, folders and patterns to find them);
         -> the tracks with their status, outputs and errors."""
+        if isinstance(tracks, bytes):
+            raise UsageError("expected an input path (str or os.PathLike), not bytes")
         if isinstance(tracks, (str, os.PathLike, Track)):  # one input, not its letters
             tracks = [tracks]
         found: list[Track] = []
@@ -850,6 +924,11 @@ class _Run:
             if failure is None:
                 raise
             self._fail(index, failure)
+            # The stems that are complete all the same (kept from a run cut short, or put in
+            # place before the failure): --skip-existing keeps them.
+            plan = self.plans[index]
+            done = {*pending.placed, *(plan.paths[stem] for stem in plan.keep)}
+            track.outputs = [str(path) for path in plan.paths.values() if path in done]
         else:
             track.seconds = finished - started
             track.status = "ok"

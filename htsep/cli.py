@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -37,6 +38,8 @@ from htsep.batch import (
     OutputSettings,
     Shard,
     Track,
+    check_template,
+    check_track_clashes,
     find_inputs,
     output_folder,
     parse_shard,
@@ -276,7 +279,7 @@ def _message(exc: HtsepError, command: str | None, model: str | None) -> str:
 
 @contextlib.contextmanager
 def _reported_errors(
-    interrupted: str, command: str | None = None, model: str | None = None
+    interrupted: str, command: str | None = None, model: str | None = None, *, heavy: bool = True
 ) -> Iterator[None]:
     """Map a command's failures to one ``htsep: error:`` line and its exit code: 2 for usage
     errors and unknown models, 1 for other failures, 130 (with ``interrupted``) for Ctrl-C.
@@ -285,9 +288,11 @@ def _reported_errors(
     before the exit: an interruption can land between a file's creation and the code that
     would have removed it. SIGTERM counts as Ctrl-C throughout (``signals_as_interrupts``), in
     every command: a download stopped by ``kill`` leaves no ``.part`` file either."""
-    with signals_as_interrupts():
+    with signals_as_interrupts(deaf_after=True):
         try:
             try:
+                if heavy:
+                    _import_torch()
                 yield
             except BaseException:
                 from htsep import files
@@ -307,6 +312,26 @@ def _reported_errors(
                 raise typer.Exit(128 + exc.signum) from None
             _error(interrupted)
             raise typer.Exit(130) from None
+
+
+_STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _import_torch() -> None:
+    """Import torch (and torchaudio) with Ctrl-C, SIGTERM and SIGHUP held back until it is
+    done: a KeyboardInterrupt raised inside torch's C++ initialisation aborts the process
+    (SIGABRT, a page of C++ errors) instead of stopping it. A signal that came meanwhile is
+    delivered when the import ends, and stops the command as usual."""
+    if "torch" in sys.modules or threading.current_thread() is not threading.main_thread():
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPPING)
+    try:
+        import torch  # noqa: F401
+
+        with contextlib.suppress(ImportError):
+            import torchaudio  # noqa: F401
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _print_version(value: bool) -> None:
@@ -628,6 +653,9 @@ def _separate(**opts: Any) -> int:
     output, settings = _check_options(opts, opts.pop("given"))
     if opts["shard"]:
         opts["shard"], opts["device"] = _shard(opts["shard"], opts["device"])
+    if opts["out"] == "-" and "-" in opts["inputs"] and sys.stdin is not None:
+        with contextlib.suppress(OSError):
+            _refuse_stdout_input("-", os.fstat(0))
     with contextlib.ExitStack() as cleanup:
         if "-" in opts["inputs"]:
             spooled = _spool_stdin()
@@ -639,6 +667,21 @@ def _separate(**opts: Any) -> int:
             cleanup.callback(staging.cleanup)
             opts["out"], opts["stdout"] = str(staging.path), True
         return _separate_tracks(opts, output, settings)
+
+
+def _refuse_stdout_input(source: str, input_stat: os.stat_result | None) -> None:
+    """-o - with standard output redirected into the input file itself (``>> song.wav``,
+    ``1<> song.wav``): the stem would overwrite or extend the track. Refused, as cat does."""
+    from htsep.errors import AudioError
+
+    try:
+        out = os.fstat(sys.stdout.fileno()) if sys.stdout is not None else None
+    except (OSError, ValueError):
+        return
+    if out is None or input_stat is None or not stat.S_ISREG(out.st_mode):
+        return
+    if (out.st_dev, out.st_ino) == (input_stat.st_dev, input_stat.st_ino):
+        raise AudioError(f"{source}: standard output is this file; the stem would overwrite it")
 
 
 def _shard(text: str, device: str | None) -> tuple[Shard, str | None]:
@@ -674,13 +717,25 @@ def _separate_tracks(opts: dict[str, Any], output: OutputSettings, settings: Any
     from htsep.separator import Separator
 
     quiet, to_stdout = opts["quiet"], opts.get("stdout", False)
-    folder = output_folder(opts["out"], zoo.find_model(opts["name"], repo=opts["repo"]).name)
+    spec = zoo.find_model(opts["name"], repo=opts["repo"])
+    folder = output_folder(opts["out"], spec.name)
     tracks = find_inputs(opts["inputs"], exclude=folder)
     for track in tracks:
         if track.path is not None and track.path == opts.get("stdin"):
             track.source, track.name = "-", "stdin"
     if to_stdout and len(tracks) != 1:
         raise UsageError(f"-o - writes one track to standard output, not {len(tracks)}")
+    if to_stdout and tracks[0].path is not None and tracks[0].source != "-":
+        with contextlib.suppress(OSError):
+            _refuse_stdout_input(tracks[0].source, os.stat(tracks[0].path))
+    _warn_aliases(tracks)
+    # Usage errors of the plan, before the model is loaded (or downloaded) and over every
+    # input, not only this process's --shard.
+    if not to_stdout:
+        check_track_clashes(tracks, output, folder)
+        stems = _stem_count(spec.sources, output, settings.stems)
+        if stems is not None:
+            check_template(output.template, output.ext, stems)
     if opts["shard"]:
         shard, total = opts["shard"], len(tracks)
         tracks = take_shard(tracks, shard.index, shard.count)
@@ -698,18 +753,27 @@ def _separate_tracks(opts: dict[str, Any], output: OutputSettings, settings: Any
             track.status = "failed"
             _error(track.error or "")
             if opts["json_lines"]:
-                typer.echo(json.dumps(track.record(folder.name)))
+                _echo_records(track, folder.name)
+        _say(f"htsep: 0 separated, 0 skipped, {len(tracks)} failed (0.0 s)")
         return 1
     if opts["jobs"]:
         torch.set_num_threads(opts["jobs"])
-    separator = Separator(
-        opts["name"],
-        repo=opts["repo"],
-        device=opts["device"],
-        **dataclasses.asdict(settings),
-        progress=not quiet,
-        keep_memory=opts["keep_memory"],
-    )
+    try:
+        separator = Separator(
+            opts["name"],
+            repo=opts["repo"],
+            device=opts["device"],
+            **dataclasses.asdict(settings),
+            progress=not quiet,
+            keep_memory=opts["keep_memory"],
+        )
+    except HtsepError as exc:
+        if opts["json_lines"] and not isinstance(exc, UsageError):
+            for track in tracks:  # every input fails with the model, each with its record
+                track.status = "failed"
+                track.error = track.error or f"{track.source}: no model to separate it: {exc}"
+                _echo_records(track, folder.name)
+        raise
     report = _Report(
         len(tracks),
         separator.name,
@@ -731,7 +795,12 @@ def _separate_tracks(opts: dict[str, Any], output: OutputSettings, settings: Any
         _say(f"htsep: {separator.name} ({networks} network{'s' if networks > 1 else ''}) "
              f"on {separator.device}; {where}")  # fmt: skip
     started = time.perf_counter()
-    batch.run(tracks)
+    try:
+        batch.run(tracks)
+    except KeyboardInterrupt:
+        if opts["json_lines"]:
+            _interrupted_records(tracks, separator.name)
+        raise
     if to_stdout and tracks[0].status == "ok":
         _copy_to_stdout(Path(tracks[0].outputs[0]))
     failed = sum(t.status == "failed" for t in tracks)
@@ -740,6 +809,44 @@ def _separate_tracks(opts: dict[str, Any], output: OutputSettings, settings: Any
         _say(f"htsep: {len(tracks) - failed - skipped} separated, {skipped} skipped, "
              f"{failed} failed ({time.perf_counter() - started:.1f} s)")  # fmt: skip
     return 1 if failed or not tracks else 0
+
+
+def _interrupted_records(tracks: list[Track], model: str) -> None:
+    """On Ctrl-C or a signal, the records of the tracks that did not end (status
+    interrupted), so that every input still has one; a stdout that fails now is let go."""
+    try:
+        for track in tracks:
+            if track.status == "pending":
+                track.status = "interrupted"
+                _echo_records(track, model)
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _warn_aliases(tracks: list[Track]) -> None:
+    """One warning per input that reached a file named before (a few, then their count)."""
+    pairs = [(alias, track.source) for track in tracks for alias in track.aliases]
+    for alias, first in pairs[:3]:
+        _warn(f"{alias}: the same file as {first}; separated once")
+    if len(pairs) > 3:
+        _warn(f"{len(pairs) - 3} more inputs reach files named before; each is separated once")
+
+
+def _echo_records(track: Track, model: str) -> None:
+    for record in track.records(model):
+        typer.echo(json.dumps(record))
+
+
+def _stem_count(
+    sources: tuple[str, ...] | None, output: OutputSettings, stems: list[str] | None
+) -> int | None:
+    """How many stems each track gets, where that is known before the model is loaded."""
+    if output.two_stems is not None:
+        return 1 if output.other_method == OtherMethod.none else 2
+    if stems:
+        return len(set(stems))
+    return None if sources is None else len(sources)
 
 
 class _Report(BatchEvents):
@@ -794,7 +901,8 @@ class _Report(BatchEvents):
                 err=True,
             )
         if self.json_lines:
-            self._line(json.dumps(track.record(self.model)), err=False)
+            for record in track.records(self.model):
+                self._line(json.dumps(record), err=False)
 
     def _line(self, line: str, err: bool) -> None:
         """Through tqdm while a bar is on screen, so that the bar is redrawn below the line."""
@@ -802,7 +910,9 @@ class _Report(BatchEvents):
         if self.bar is None:
             typer.echo(line, err=err)
         else:
-            self.bar.write(line, file=sys.stderr if err else sys.stdout)
+            stream = sys.stderr if err else sys.stdout
+            self.bar.write(line, file=stream)
+            stream.flush()  # a reader of --json sees each record as its track ends
 
 
 def _copy_to_stdout(path: Path) -> None:
@@ -866,7 +976,7 @@ def models_download(
     from htsep import zoo
 
     failed = False
-    with _reported_errors("interrupted (nothing half-downloaded is left)", "models"):
+    with _reported_errors("interrupted (nothing half-downloaded is left)", "models", heavy=False):
         # Every name first: an unknown one is a usage error before any download.
         specs = [(name, zoo.find_model(name)) for name in names]
         for name, spec in specs:
@@ -1242,6 +1352,11 @@ def _exit(code: int | str | None) -> NoReturn:
     temporary folders), then stdout and stderr are flushed; a failed flush (a closed pipe)
     makes the status 1 as Python's own exit would. Where threads of ours still run, or torch
     was never imported (--help), Python exits the usual way."""
+    # The work is done and reported: a signal now would only interrupt the exit itself
+    # (torch's atexit handlers, a traceback of theirs).
+    if threading.current_thread() is threading.main_thread():
+        for sig in _STOPPING:
+            signal.signal(sig, signal.SIG_IGN)
     others = [t for t in threading.enumerate() if t is not threading.main_thread()]
     if "torch" not in sys.modules or any(not t.daemon for t in others):
         sys.exit(code)

@@ -1,0 +1,301 @@
+"""`htsep separate` as shell scripts drive it: every input gets its --json record (duplicates,
+interruptions, a model that cannot be loaded, names that are not UTF-8), records reach a
+reader as each track ends, and the plan's usage errors come before the model and cover every
+--shard. The command runs in this process (CliRunner) unless a real process is needed."""
+
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+from helpers import htsep, write_clip
+
+from htsep import batch, cli
+
+
+def _records(result) -> list[dict]:
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def _run(repo, out, *args):
+    return htsep("--repo", str(repo), "-n", "aaaa0001", "-o", str(out), *args)
+
+
+# --- usage errors of the plan: before the model, over every shard ----------------------------
+
+
+@pytest.mark.parametrize("shard", ["1/2", "2/2"])
+def test_two_inputs_of_one_track_folder_are_refused_in_every_shard(tmp_path, repo, shard):
+    # Sorted, the folder lists a.flac, a.wav, b.wav: shard 1/2 takes a.flac and b.wav, shard
+    # 2/2 a.wav alone, and each used to see no clash in its own slice.
+    for name in ("a.flac", "a.wav", "b.wav"):
+        write_clip(tmp_path / "album" / name, 0.3, subtype="PCM_16")
+    out = tmp_path / "out"
+    result = _run(repo, out, "--skip-existing", "--shard", shard, "--json", str(tmp_path / "album"))
+    assert result.exit_code == 2, result.output
+    assert "would be written for both" in result.stderr
+    assert result.stdout == "" and not out.exists()
+
+
+def test_a_clash_is_a_usage_error_before_a_model_is_downloaded(tmp_path):
+    # htdemucs is not cached and the mirror unreachable (conftest): loading it would fail
+    # with exit 1, so exit 2 shows the plan was checked first.
+    for name in ("a.flac", "a.wav"):
+        write_clip(tmp_path / "album" / name, 0.3, subtype="PCM_16")
+    result = htsep("-n", "htdemucs", "-o", str(tmp_path / "out"), str(tmp_path / "album"))
+    assert result.exit_code == 2, result.output
+    assert "/a/{stem}.wav would be written for both" in result.stderr
+    assert "download" not in result.stderr
+    clip = write_clip(tmp_path / "x.wav", 0.3)
+    assert clip.size
+    result = htsep("-n", "htdemucs", "--filename", "x.{ext}", str(tmp_path / "x.wav"))
+    assert result.exit_code == 2 and "4 stems would go to one file" in result.stderr
+
+
+def test_files_of_one_name_from_a_pattern_are_told_to_name_their_folder(tmp_path, repo):
+    write_clip(tmp_path / "music" / "A" / "01.wav", 0.3)
+    write_clip(tmp_path / "music" / "B" / "01.wav", 0.3, seed=1)
+    result = _run(repo, tmp_path / "out", str(tmp_path / "music" / "**" / "*.wav"))
+    assert result.exit_code == 2
+    assert "name the folder that holds them instead" in result.stderr
+    result = _run(repo, tmp_path / "out", "-q", "--stems", "vocals", str(tmp_path / "music"))
+    assert result.exit_code == 0, result.output
+    assert sorted(
+        p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.wav")
+    ) == [
+        "aaaa0001/A/01/vocals.wav",
+        "aaaa0001/B/01/vocals.wav",
+    ]
+
+
+# --- a record for every input ------------------------------------------------------------------
+
+
+def test_inputs_reaching_one_file_each_get_a_record(tmp_path, repo, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_clip(tmp_path / "a.wav", 0.3)
+    os.symlink("a.wav", tmp_path / "link.wav")
+    os.link(tmp_path / "a.wav", tmp_path / "hard.wav")  # another name: a track of its own
+    args = ["-q", "--stems", "vocals", "--json", "a.wav", "./a.wav", "link.wav", "hard.wav"]
+    result = _run(repo, "out", *args)
+    assert result.exit_code == 0, result.output
+    records = _records(result)
+    assert [r["input"] for r in records] == ["a.wav", "./a.wav", "link.wav", "hard.wav"]
+    assert [r["outputs"] for r in records] == [["out/aaaa0001/a/vocals.wav"]] * 3 + [
+        ["out/aaaa0001/hard/vocals.wav"]
+    ]
+    assert all(r["status"] == "ok" for r in records)
+    assert [r.get("same_as") for r in records] == [None, "a.wav", "a.wav", None]
+    warnings = [line for line in result.stderr.splitlines() if "separated once" in line]
+    assert warnings == [
+        "htsep: warning: ./a.wav: the same file as a.wav; separated once",
+        "htsep: warning: link.wav: the same file as a.wav; separated once",
+    ]
+    assert len(list((tmp_path / "out").rglob("*.wav"))) == 2
+
+
+def test_when_no_input_names_a_file_the_run_still_ends_with_its_summary(tmp_path, repo):
+    result = _run(repo, tmp_path / "out", str(tmp_path / "nothere.wav"), str(tmp_path / "gone.wav"))
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1] == "htsep: 0 separated, 0 skipped, 2 failed (0.0 s)"
+
+
+def test_a_model_that_cannot_be_loaded_fails_every_input_with_a_record(tmp_path, repo):
+    write_clip(tmp_path / "a.wav", 0.3)
+    write_clip(tmp_path / "b.wav", 0.3, seed=1)
+    args = ["--repo", str(repo), "-n", "onehot", "-q", "--json", "-o", str(tmp_path / "out")]
+    result = htsep(*args, str(tmp_path / "a.wav"), str(tmp_path / "b.wav"), str(tmp_path / "c.wav"))
+    assert result.exit_code == 1
+    records = _records(result)
+    assert [Path(r["input"]).name for r in records] == ["a.wav", "b.wav", "c.wav"]
+    assert [r["status"] for r in records] == ["failed"] * 3
+    assert "no model to separate it" in records[0]["error"] and "dead0003" in records[0]["error"]
+    assert records[2]["error"].endswith("c.wav: no such file or folder")
+
+
+def test_an_interrupted_batch_gives_the_unfinished_tracks_their_records(
+    tmp_path, repo, monkeypatch
+):
+    for index in range(3):
+        write_clip(tmp_path / f"t{index}.wav", 0.3, seed=index)
+    separate = batch._Run._separate
+
+    def interrupted_at_the_second(run, index):
+        if index == 1:
+            raise KeyboardInterrupt
+        return separate(run, index)
+
+    monkeypatch.setattr(batch._Run, "_separate", interrupted_at_the_second)
+    inputs = [str(tmp_path / f"t{index}.wav") for index in range(3)]
+    result = _run(repo, tmp_path / "out", "-q", "--no-pipeline", "--json", *inputs)
+    assert result.exit_code == 130
+    assert [(Path(r["input"]).name, r["status"]) for r in _records(result)] == [
+        ("t0.wav", "ok"),
+        ("t1.wav", "interrupted"),
+        ("t2.wav", "interrupted"),
+    ]
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="macOS file names must be UTF-8")
+def test_a_name_that_is_not_utf8_has_its_bytes_in_the_record(tmp_path, repo):
+    folder = os.fsencode(tmp_path)
+    name = folder + b"/caf\xe9.wav"
+    write_clip(tmp_path / "clip.wav", 0.3)
+    os.rename(tmp_path / "clip.wav", name)
+    out = os.fsdecode(folder + b"/out\xff")
+    result = _run(repo, out, "-q", "--stems", "vocals", "--json", os.fsdecode(name))
+    assert result.exit_code == 0, result.output
+    (record,) = _records(result)
+    assert base64.b64decode(record["input_bytes"]) == name
+    (written,) = [base64.b64decode(value) for value in record["outputs_bytes"]]
+    assert written == folder + b"/out\xff/aaaa0001/caf\xe9/vocals.wav"
+    assert os.path.isfile(written)
+    # Names that are UTF-8 have no such fields.
+    plain = tmp_path / "plain.wav"
+    write_clip(plain, 0.3)
+    result = _run(repo, tmp_path / "out2", "-q", "--stems", "vocals", "--json", str(plain))
+    assert result.exit_code == 0 and not {"input_bytes", "outputs_bytes"} & set(_records(result)[0])
+
+
+def test_a_failed_tracks_record_lists_the_stems_it_completed(tmp_path, repo):
+    # A file where the third stem's folder belongs: drums and bass are put in place, then
+    # the track fails; its record names those two, which are complete and stay.
+    out = tmp_path / "out"
+    (out / "aaaa0001").mkdir(parents=True)
+    (out / "aaaa0001" / "other").write_text("in the way")
+    write_clip(tmp_path / "a.wav", 0.3)
+    args = ["-q", "--json", "--filename", "{stem}/{track}.{ext}", str(tmp_path / "a.wav")]
+    result = _run(repo, out, *args)
+    assert result.exit_code == 1
+    (record,) = _records(result)
+    assert record["status"] == "failed" and "other" in record["error"]
+    assert record["outputs"] == [
+        str(out / "aaaa0001" / stem / "a.wav") for stem in ("drums", "bass")
+    ]
+    for output in record["outputs"]:
+        assert sf.info(output).frames == 2400
+
+
+def test_a_batch_refuses_a_bytes_input_rather_than_its_numbers(tmp_path, repo):
+    from htsep import Separator
+    from htsep.errors import UsageError
+
+    runner = batch.Batch(Separator("aaaa0001", repo=repo), tmp_path / "out")
+    with pytest.raises(UsageError, match="not bytes"):
+        runner.run(os.fsencode(tmp_path / "a.wav"))
+
+
+def test_records_are_flushed_while_a_progress_bar_is_on_screen(monkeypatch):
+    class Raw(io.RawIOBase):
+        def __init__(self):
+            self.data = b""
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            self.data += bytes(b)
+            return len(b)
+
+    raw = Raw()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BufferedWriter(raw)))
+    report = cli._Report(2, "m", quiet=False, json_lines=True)
+    track = batch.Track(
+        "a.wav", Path("a.wav"), status="ok", outputs=["o.wav"], seconds=1.0, duration=1.0
+    )
+    report.started(0, track, 1.0)
+    report.started(1, track, 1.0)  # a bar on screen while the first track's record is written
+    report.finished(0, track)
+    report.bar.close()
+    assert json.loads(raw.data.decode().splitlines()[-1])["input"] == "a.wav"
+
+
+# --- -o - and the current folder -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["append", "read-write", "stdin"])
+def test_stdout_into_the_input_itself_is_refused(tmp_path, how):
+    song = tmp_path / "s.wav"
+    write_clip(song, 0.3, rate=44100)
+    before = song.read_bytes()
+    command = [sys.executable, "-m", "htsep", "separate", "-q", "-n", "htsep-tiny", "-o", "-"]
+    command += ["--stems", "vocals"]
+    with open(song, "ab" if how == "append" else "r+b") as target:
+        if how == "stdin":
+            with open(song, "rb") as source:
+                done = subprocess.run(
+                    [*command, "-"], stdin=source, stdout=target, stderr=subprocess.PIPE, text=True
+                )
+        else:
+            done = subprocess.run(
+                [*command, str(song)], stdout=target, stderr=subprocess.PIPE, text=True
+            )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().endswith("standard output is this file; the stem would overwrite it")
+    assert song.read_bytes() == before
+
+
+def test_the_current_folder_removed_mid_batch_fails_tracks_in_one_line(tmp_path, repo, monkeypatch):
+    # Relative names, and the folder they lead from removed once the second track is open:
+    # its outputs, then the third track, fail in one line each; the batch goes on.
+    work = tmp_path / "work"
+    for index in range(3):
+        write_clip(work / f"t{index}.wav", 0.3, seed=index)
+    monkeypatch.chdir(work)
+
+    class RemoveFolder(batch.BatchEvents):
+        def started(self, index, track, seconds):
+            if index == 1:
+                for item in sorted(work.rglob("*"), reverse=True):
+                    item.rmdir() if item.is_dir() else item.unlink()
+                work.rmdir()
+
+    from htsep import Separator
+
+    separator = Separator("aaaa0001", repo=repo, stems=["vocals"])
+    runner = batch.Batch(separator, "out", pipeline=False, events=RemoveFolder())
+    try:
+        tracks = runner.run(["t0.wav", "t1.wav", "t2.wav"])
+    finally:
+        os.chdir(tmp_path)
+    assert [t.status for t in tracks] == ["ok", "failed", "failed"]
+    assert (
+        tracks[1].error == "t1.wav: the current folder was removed: relative paths lead nowhere now"
+    )
+    assert tracks[2].error.startswith("t2.wav: ") and "\n" not in tracks[2].error
+
+
+# --- signals ------------------------------------------------------------------------------------
+
+
+def test_a_signal_during_the_import_of_torch_waits_for_it_to_end():
+    # In a fresh interpreter with no other thread: the handler records whether torch had
+    # finished importing when a SIGINT, sent 0.2 s into the import (a second or more), reached
+    # Python; without the hold it lands inside torch's own import.
+    script = """
+import signal, sys, time
+from htsep import cli
+seen = []
+signal.signal(signal.SIGINT, lambda *_: seen.append("torch.nn" in sys.modules))
+assert "torch" not in sys.modules
+print("importing", flush=True)
+cli._import_torch()
+time.sleep(0.5)
+print(seen, flush=True)
+"""
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert child.stdout.readline() == "importing\n"
+    time.sleep(0.2)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err
+    assert out.strip() == "[True]"
