@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import errno
 import glob
+import itertools
 import os
 import re
 import string
@@ -263,8 +264,12 @@ def find_inputs(patterns: Sequence[str | os.PathLike[str]], exclude: Path) -> li
             below = [(f, m) for m in matches if m.is_dir() for f in audio_under(m)]
             if not named and not below:
                 tracks.append(Track(pattern, None, error=f"{pattern}: no files match this pattern"))
+            # Like a folder argument, a pattern keeps the layout below its part before the
+            # first wildcard: "music/**/*.m4a" writes music/A/01.m4a as A/01, as "music" does
+            # (two 01.m4a of different folders would otherwise share one track folder).
+            fixed = Path(*itertools.takewhile(lambda part: not glob.has_magic(part), path.parts))
             for file in named:
-                add(file, str(file))
+                add(file, str(file), root=fixed)
             for file, root in below:
                 add(file, str(file), root=root)
         else:

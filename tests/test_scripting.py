@@ -59,20 +59,29 @@ def test_a_clash_is_a_usage_error_before_a_model_is_downloaded(tmp_path):
     assert result.exit_code == 2 and "4 stems would go to one file" in result.stderr
 
 
-def test_files_of_one_name_from_a_pattern_are_told_to_name_their_folder(tmp_path, repo):
+def test_a_pattern_keeps_the_layout_below_its_fixed_part(tmp_path, repo):
+    # As the folder argument does; named one by one, two 01.wav share a track folder, and the
+    # refusal says what to do.
     write_clip(tmp_path / "music" / "A" / "01.wav", 0.3)
     write_clip(tmp_path / "music" / "B" / "01.wav", 0.3, seed=1)
-    result = _run(repo, tmp_path / "out", str(tmp_path / "music" / "**" / "*.wav"))
+    write_clip(tmp_path / "music" / "B" / "C" / "02.wav", 0.3, seed=2)
+    out = tmp_path / "out"
+    for args, layout in [
+        ([str(tmp_path / "music" / "**" / "*.wav")], ["A/01", "B/01", "B/C/02"]),
+        ([str(tmp_path / "music" / "*" / "01.wav")], ["A/01", "B/01"]),
+        ([str(tmp_path / "mus*" / "A" / "01.wav")], ["music/A/01"]),
+        ([str(tmp_path / "music")], ["A/01", "B/01", "B/C/02"]),
+    ]:
+        result = _run(repo, out, "-q", "--overwrite", "--stems", "vocals", "--json", *args)
+        assert result.exit_code == 0, result.output
+        found = [
+            Path(r["outputs"][0]).parent.relative_to(out / "aaaa0001") for r in _records(result)
+        ]
+        assert [p.as_posix() for p in found] == layout
+    named = [str(tmp_path / "music" / folder / "01.wav") for folder in ("A", "B")]
+    result = _run(repo, out, *named)
     assert result.exit_code == 2
     assert "name the folder that holds them instead" in result.stderr
-    result = _run(repo, tmp_path / "out", "-q", "--stems", "vocals", str(tmp_path / "music"))
-    assert result.exit_code == 0, result.output
-    assert sorted(
-        p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.wav")
-    ) == [
-        "aaaa0001/A/01/vocals.wav",
-        "aaaa0001/B/01/vocals.wav",
-    ]
 
 
 # --- a record for every input ------------------------------------------------------------------
