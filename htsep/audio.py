@@ -19,6 +19,10 @@ Hostile or damaged input, by class:
 - An input that changes while it is read (truncated, rewritten in place) fails: ``AudioReader``
   checks the open file's size and times on every read and in ``check_unchanged``. A file
   replaced by a rename is not a change: the reader keeps reading the file it opened.
+- ffmpeg recognises files by content: it may use only demuxers of containers that hold their
+  own audio (no playlist or script that names other files) and only local files, and it reads
+  the descriptor htsep holds. A decode shorter than the length its container states is refused
+  (ffmpeg decodes a cut file as far as it goes). ``stop_decoders`` kills the running tools.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ import logging
 import os
 import re
 import shutil
+import signal
 import stat
 import struct
 import subprocess
 import tempfile
+import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +53,7 @@ import torch
 from soundfile import _ffi, _snd
 
 from htsep.errors import AudioError, UsageError
-from htsep.files import create_temporary, make_folder, place
+from htsep.files import create_temporary, make_folder, place, remove_empty
 from htsep.quiet import native_stderr_muted
 
 logger = logging.getLogger(__name__)
@@ -142,6 +148,8 @@ def file_name(path: Any, what: str = "audio file") -> str:
     article = "an" if what[0] in "aeiou" else "a"
     if not isinstance(name, str):
         kind = type(path).__name__
+        if isinstance(name, bytes) and not isinstance(path, bytes):
+            kind = f"{kind}, whose __fspath__ gives bytes"
         raise UsageError(f"expected {article} {what} path (str or os.PathLike), not {kind}")
     if not name:
         raise UsageError(f"expected {article} {what} path, got an empty string")
@@ -151,13 +159,15 @@ def file_name(path: Any, what: str = "audio file") -> str:
 
 
 def audio_info(path: str | os.PathLike[str]) -> AudioInfo:
-    """Sample rate, channel count and length of an audio file, without decoding it."""
+    """Sample rate, channel count and length of an audio file, without decoding it (ffmpeg
+    decodes one whose header states no length, to count its samples without keeping them)."""
     name = file_name(path)
-    with _open_input(name):
+    begun = _decodes_begun()
+    with _open_input(name) as held:
         # libsndfile goes first for every extension: it also reads CAF and Ogg Opus without ffmpeg.
         info = _soundfile_info(name)
-    if info is None:
-        info = _ffmpeg_info(name, _ffmpeg_tools(name))
+        if info is None:
+            info = _ffmpeg_info(name, held, begun)
     if info.frames <= 0:
         raise AudioError(f"{name}: contains no audio")
     return info
@@ -169,10 +179,11 @@ def read_audio(path: str | os.PathLike[str]) -> tuple[torch.Tensor, int]:
     Mono files give (1, T). Integer samples are scaled to [-1, 1); float files keep their values.
     """
     name = file_name(path)
-    with _open_input(name):
+    begun = _decodes_begun()
+    with _open_input(name) as held:
         decoded = _soundfile_read(name)
-    if decoded is None:
-        decoded = _ffmpeg_read(name, _ffmpeg_tools(name))
+        if decoded is None:
+            decoded = _ffmpeg_read(name, held, begun)
     frames, sample_rate = decoded  # frames: (T, C)
     if frames.shape[0] == 0:
         raise AudioError(f"{name}: contains no audio")
@@ -275,16 +286,17 @@ class AudioWriter:
         self.sample_rate = sample_rate
         self._temporary: str | None = None
         self._handle: sf.SoundFile | None = None
+        self._made: list[Path] = []  # folders made for the file, removed with it if empty
 
     def __enter__(self) -> AudioWriter:
         try:
-            make_folder(self.target.parent)
+            self._made = make_folder(self.target.parent)
         except OSError as exc:
             raise AudioError(
                 f"{self.name}: cannot create folder {self.target.parent}: {_reason(exc)}"
             ) from None
-        self._temporary = _create_temporary(self.name, self.target)
         try:
+            self._temporary = _create_temporary(self.name, self.target)
             self._handle = sf.SoundFile(
                 os.fsencode(self._temporary), "w", self.sample_rate, self.channels, **self.settings
             )
@@ -350,6 +362,8 @@ class AudioWriter:
             with contextlib.suppress(OSError):
                 os.unlink(self._temporary)
             self._temporary = None
+        remove_empty(self._made)
+        self._made = []
 
 
 def _write_failure(path: str) -> str | None:
@@ -396,11 +410,12 @@ class AudioReader:
         self.block_frames = block_frames
         self._decoded: str | None = None
         self._handle: sf.SoundFile | None = None
+        begun = _decodes_begun()
         self._input: _Input | None = _open_input(self.name)
         try:
             handle = _open_soundfile(self.name)
             if handle is None:
-                handle = self._decode_with_ffmpeg()
+                handle = self._decode_with_ffmpeg(begun)
             elif not _random_access(handle):
                 handle = self._decode_front_to_back(handle)
             else:
@@ -418,16 +433,39 @@ class AudioReader:
             self.close()
             raise AudioError(f"{self.name}: contains no audio")
 
-    def _decode_with_ffmpeg(self) -> sf.SoundFile:
+    def _decode_with_ffmpeg(self, begun: int) -> sf.SoundFile:
+        """Decode into a float WAV temporary. A decode that fills the temporary folder is named
+        as such, whether ffmpeg fails, is killed (SIGXFSZ) or exits 0 with a header it could
+        not finish."""
+        assert self._input is not None
         ffmpeg, ffprobe = _ffmpeg_tools(self.name)
-        stream = _probe(self.name, ffprobe)
+        source = _ffmpeg_source(self.name, self._input)
+        stream = _probe(self.name, ffprobe, source, begun)
         self._decoded = decoded = _decoding_temporary(self.name)
-        _run_tool(self.name, [
-            ffmpeg, "-nostdin", "-y", "-v", "error", "-i", f"file:{self.name}", "-map", "0:a:0",
-            "-acodec", "pcm_f32le", "-ac", str(stream["channels"]),
-            "-ar", str(stream["sample_rate"]), "-rf64", "auto", "-f", "wav", decoded,
-        ])  # fmt: skip
-        return self._open_decoded()
+        command = [*_decode_command(ffmpeg, source, stream), "-rf64", "auto", "-f", "wav", decoded]
+        where = os.path.dirname(decoded)
+        try:
+            stderr = _run_tool(self.name, command, begun, source)
+        except DecodingStopped:
+            raise
+        except AudioError:
+            reason = _write_failure(decoded)
+            if reason is None:
+                raise
+            raise AudioError(f"{self.name}: cannot decode it into {where}: {reason}") from None
+        written = _write_error(stderr)
+        if written is not None or not _wav_finished(decoded):
+            reason = _write_failure(decoded) or written or "ffmpeg left it unfinished"
+            raise AudioError(f"{self.name}: cannot decode it into {where}: {reason}")
+        _warn(self.name, "ffmpeg", stderr, source)
+        _check_source(self._input, source)
+        handle = self._open_decoded()
+        try:
+            _check_length(self.name, stream, handle.frames)
+        except BaseException:
+            handle.close()
+            raise
+        return handle
 
     def _decode_front_to_back(self, handle: sf.SoundFile) -> sf.SoundFile:
         """Decode an encoding libsndfile cannot seek in exactly into a float temporary, block by
@@ -1099,15 +1137,176 @@ _HEADER_CHECKS = {
 
 def _starts_like_audio(name: str) -> bool:
     """Whether the file begins with the signature of a format libsndfile reads, so that its
-    failure to open it means damage rather than some other kind of file."""
+    failure to open it means damage rather than some other kind of file. An ID3v2 tag may
+    precede MP3 and also formats libsndfile does not read (ADTS AAC): what follows it decides."""
     with open(name, "rb") as handle:
         head = handle.read(32)
-    mpeg_sync = len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0
+        offset = 0
+        for _ in range(8):  # tags may be stacked; more than a few is no file a writer made
+            if not (head.startswith(b"ID3") and len(head) >= 10):
+                break
+            syncsafe = head[6:10]
+            offset += 10 + (syncsafe[0] << 21 | syncsafe[1] << 14 | syncsafe[2] << 7 | syncsafe[3])
+            offset += 10 if head[5] & 0x10 else 0  # a footer
+            handle.seek(offset)
+            head = handle.read(32)
+            if not head:  # a tag and nothing after it: a cut file
+                return True
     sds_dump = len(head) >= 4 and head[:2] == b"\xf0\x7e" and head[3] == 0x01  # MIDI sample dump
-    return head.startswith(_AUDIO_SIGNATURES) or mpeg_sync or sds_dump
+    return head.startswith(_AUDIO_SIGNATURES) or _mpeg_audio_sync(head) or sds_dump
+
+
+def _mpeg_audio_sync(head: bytes) -> bool:
+    """Whether ``head`` begins with an MPEG audio frame header (layer I, II or III): 11 sync
+    bits, a version that is not the reserved one, a layer that is not 00 (which marks ADTS, the
+    AAC stream ffmpeg reads), a bitrate that is not "bad" and a sample rate that is not
+    reserved."""
+    if len(head) < 3 or head[0] != 0xFF or head[1] & 0xE0 != 0xE0:
+        return False
+    version, layer = head[1] >> 3 & 3, head[1] >> 1 & 3
+    return version != 1 and layer != 0 and head[2] >> 4 != 0xF and head[2] >> 2 & 3 != 3
 
 
 # Decoding through ffmpeg -------------------------------------------------------------------------
+
+# The demuxers ffmpeg may read an input with (its -format_whitelist, which a demuxer passes when
+# one of its names is listed: "mov" is "mov,mp4,m4a,3gp,3g2,mj2"): containers and streams that
+# hold their own audio. ffmpeg recognises a file by its content, whatever its name, and some of
+# its demuxers read the files a file names: an HLS playlist or an ffconcat script named song.m4a
+# would have htsep separate other local files. With "file" the only protocol, nothing else is.
+_FFMPEG_DEMUXERS = (
+    "aac", "ac3", "aiff", "amr", "amrnb", "amrwb", "ape", "asf", "au", "avi", "caf", "dsf", "dts",
+    "dtshd", "eac3", "flac", "flv", "loas", "matroska", "mlp", "mov", "mp3", "mpc", "mpc8",
+    "mpeg", "mpegts", "ogg", "shn", "tak", "truehd", "tta", "w64", "wav", "wv", "xwma",
+)  # fmt: skip
+_FFMPEG_INPUT_OPTIONS = (
+    "-protocol_whitelist", "file", "-format_whitelist", ",".join(_FFMPEG_DEMUXERS),
+)  # fmt: skip
+# Demuxers that read what a file refers to (playlists, manifests, scripts, session
+# descriptions): named as such when the whitelist turns them away, and refused if an ffmpeg
+# that ignored it probed one.
+_REFERRING_DEMUXERS = frozenset(
+    {"hls", "applehttp", "concat", "dash", "webm_dash_manifest", "imf", "sdp", "rtsp", "rtp",
+     "sap"}
+)  # fmt: skip
+_REFERS = "a playlist or script that refers to other files; not read"
+_NOT_ON_WHITELIST = re.compile(r"^\[([^\]@]+?) @ 0x[0-9a-fA-F]+\] Format not on whitelist")
+
+# Containers whose header states the length of the audio (not estimated from the bitrate, as
+# ffmpeg does for raw AAC, MP3 or AC-3 streams, AVI and MPEG-TS): a decode shorter than that
+# length by more than the tolerance below is a truncated or damaged file, which ffmpeg decodes
+# as far as it goes with at most a warning.
+_STATED_LENGTH_DEMUXERS = frozenset(
+    {"mov", "matroska", "caf", "asf", "wv", "tta", "flv", "flac", "wav", "w64", "aiff"}
+)
+# How much shorter than the stated length a whole file may decode, in frames, plus 1/1000 of
+# that length. Measured with ffmpeg 5.1 on whole files of 2 and 30 s: WMA in ASF decodes up to
+# 1996 frames fewer than stated (44.1 kHz), ALAC in CAF up to 1912 (a partial last packet of
+# 4096), Opus in WebM 384, Vorbis or AC-3 in Matroska up to 26 (its durations are whole
+# milliseconds); AAC in MP4 decodes a frame more. A couple of codec frames (4096) is above all
+# of them; the 1/1000 covers durations rounded to a container's time base. A cut file misses
+# far more (an M4A cut to 14%: 478208 of 1323000 frames).
+_SHORTFALL_FRAMES = 4096
+# Decoding errors in ffmpeg's messages that are about writing the decoded temporary (a full
+# disk, a file size limit): ffmpeg 5.1 may still exit 0 after "Error writing trailer".
+_WRITE_ERROR = re.compile(
+    r"Error writing trailer|av_interleaved_write_frame\(\)|Error closing file"
+    r"|No space left on device|File too large|Disk quota exceeded"
+)
+# The sample rates htsep reads (separator.MIN_RATE..MAX_RATE), refused before decoding.
+_MIN_RATE, _MAX_RATE = 1000, 384000
+_PIPE_BLOCK = 1 << 16
+
+
+class DecodingStopped(AudioError):
+    """An ffmpeg decode ended by ``stop_decoders``: the work it was for is stopping."""
+
+
+# ffmpeg and ffprobe processes running now (-> whether stop_decoders killed it), and how many
+# times stop_decoders was called: a decode that began before a call starts no tool after it.
+_TOOLS_LOCK = threading.RLock()  # re-entered by a signal handler that calls stop_decoders
+_RUNNING: dict[subprocess.Popen[bytes], bool] = {}
+_stops = 0
+
+
+def stop_decoders() -> None:
+    """Kill (SIGKILL) every ffmpeg and ffprobe that htsep runs, in any thread, and stop the
+    decodes they serve: each raises DecodingStopped (an AudioError) in its own thread as soon
+    as its tool is gone, and one that began before this call starts no tool afterwards.
+    Decodes that begin later run as usual. Safe from any thread and from a signal handler; it
+    returns at once, without waiting for those threads. It stops the decodes of every batch in
+    the process."""
+    global _stops
+    with _TOOLS_LOCK:
+        _stops += 1
+        for process in _RUNNING:
+            _RUNNING[process] = True
+            _kill(process)
+
+
+def _decodes_begun() -> int:
+    """The mark a decode takes when it begins, for ``_run_tool`` to compare."""
+    return _stops
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the tool and anything it started (it leads a process group of its own). The
+    process is never reaped while registered, so its pid cannot belong to another yet."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if hasattr(os, "killpg"):
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.kill()
+
+
+def _wait_for_exit(process: subprocess.Popen[bytes]) -> None:
+    """Wait until the tool exits without reaping it (so that ``_kill`` stays safe)."""
+    if hasattr(os, "waitid"):
+        with contextlib.suppress(ChildProcessError):
+            os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)
+    else:
+        process.wait()
+
+
+class _Errors(threading.Thread):
+    """Collects a tool's standard error while its standard output is read (either pipe could
+    fill while the other waits): the first and the last 64 KiB."""
+
+    def __init__(self, pipe: Any) -> None:
+        super().__init__(name="htsep-ffmpeg-errors", daemon=True)
+        self.pipe, self.head, self.tail = pipe, bytearray(), bytearray()
+        self.start()
+
+    def run(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            while block := self.pipe.read1(_PIPE_BLOCK):
+                room = _PIPE_BLOCK - len(self.head)
+                if room > 0:
+                    self.head += block[:room]
+                    block = block[room:]
+                self.tail += block
+                del self.tail[:-_PIPE_BLOCK]
+
+    def text(self) -> str:
+        self.join()
+        return (self.head + self.tail).decode("utf-8", "replace").strip()
+
+
+@dataclass(frozen=True)
+class _Source:
+    """How ffmpeg and ffprobe are given the input: a URL, and the descriptors it needs."""
+
+    url: str
+    fds: tuple[int, ...]
+
+
+def _ffmpeg_source(name: str, held: _Input) -> _Source:
+    """The descriptor htsep holds, as /dev/fd/N where the system has those, so that both tools
+    read the file htsep checked even if another is renamed over its name meanwhile (libsndfile's
+    path checks the same with ``check_same_path``); else the name, checked after decoding."""
+    if held.fd is not None and os.name == "posix" and os.path.isdir("/dev/fd"):
+        return _Source(f"file:/dev/fd/{held.fd}", (held.fd,))
+    return _Source(f"file:{name}", ())
 
 
 def _ffmpeg_tools(name: str) -> tuple[str, str]:
@@ -1125,79 +1324,249 @@ def _ffmpeg_tools(name: str) -> tuple[str, str]:
     )
 
 
-def _run_tool(name: str, command: list[str]) -> bytes:
-    """Run ffmpeg or ffprobe; -> stdout. A failure becomes the first line of its stderr."""
+def _run_tool(
+    name: str,
+    command: list[str],
+    begun: int,
+    source: _Source,
+    consume: Callable[[bytes], Any] | None = None,
+) -> str:
+    """Run ffmpeg or ffprobe on the input; its standard output goes block by block to
+    ``consume`` (None: nowhere). -> its standard error. A failure becomes the first line of its
+    stderr; a tool killed by ``stop_decoders``, or started after it stopped the decode that
+    began at ``begun``, raises DecodingStopped. Whatever stops the caller meanwhile (Ctrl-C, an
+    error in ``consume``) kills the tool before it goes on."""
+    tool = Path(command[0]).name
+    # Everything from the start on is inside the try, so that an interruption anywhere after
+    # the tool started still ends it.
+    started: list[subprocess.Popen[bytes]] = []
+    errors: _Errors | None = None
     try:
-        done = subprocess.run(command, capture_output=True, stdin=subprocess.DEVNULL, check=False)
-    except OSError as exc:
-        raise AudioError(f"{name}: cannot run {command[0]}: {_reason(exc)}") from None
-    stderr = done.stderr.decode("utf-8", "replace").strip()
-    if done.returncode != 0:
-        tool = Path(command[0]).name
-        first = stderr.splitlines()[0] if stderr else f"exit status {done.returncode}"
-        # ffmpeg starts its messages with the input's URL or its demuxer's address; the path
-        # already leads ours.
-        first = _FFMPEG_CONTEXT.sub("", first.removeprefix(f"file:{name}: "))
-        raise AudioError(f"{name}: {tool} cannot read it: {first}")
+        with _TOOLS_LOCK:
+            if begun != _stops:
+                raise DecodingStopped(f"{name}: decoding stopped")
+            for fd in source.fds:  # where /dev/fd/N shares the descriptor's offset (BSD, macOS)
+                os.lseek(fd, 0, os.SEEK_SET)
+            try:
+                started.append(
+                    subprocess.Popen(
+                        command,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL if consume is None else subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        pass_fds=source.fds,
+                        start_new_session=os.name == "posix",  # a group of its own, for _kill
+                    )
+                )
+            except OSError as exc:
+                raise AudioError(f"{name}: cannot run {command[0]}: {_reason(exc)}") from None
+            _RUNNING[started[0]] = False
+        process = started[0]
+        errors = _Errors(process.stderr)
+        if consume is not None:
+            assert process.stdout is not None
+            while block := os.read(process.stdout.fileno(), _PIPE_BLOCK):
+                consume(block)
+        _wait_for_exit(process)
+    finally:
+        if started:
+            process = started[0]
+            with _TOOLS_LOCK:
+                stopped = _RUNNING.pop(process, False)
+                if process.poll() is None:  # the caller was stopped: the tool goes first
+                    _kill(process)
+            process.wait()
+            stderr = errors.text() if errors is not None else ""
+            for pipe in (process.stdout, process.stderr):
+                if pipe is not None:
+                    pipe.close()
+    if stopped:
+        raise DecodingStopped(f"{name}: decoding stopped")
+    if process.returncode != 0:
+        code = process.returncode
+        first = stderr.splitlines()[0] if stderr else None
+        refused = _NOT_ON_WHITELIST.match(first or "")
+        if refused is not None:
+            demuxer = refused.group(1)
+            if demuxer in _REFERRING_DEMUXERS:
+                raise AudioError(f"{name}: {_REFERS}")
+            raise AudioError(
+                f"{name}: not a recognised audio file (ffmpeg takes it for {demuxer}, which "
+                "htsep does not read)"
+            )
+        if code < 0:
+            first = f"killed by signal {-code}"
+        elif first is None:
+            first = f"exit status {code}"
+        raise AudioError(f"{name}: {tool} cannot read it: {_tool_line(first, source)}")
+    return stderr
+
+
+def _tool_line(line: str, source: _Source) -> str:
+    """A line of ffmpeg's, without the input's URL or the "[demuxer @ 0x...] " that it starts
+    with: the path already leads ours."""
+    return _FFMPEG_CONTEXT.sub("", line.removeprefix(f"{source.url}: "))
+
+
+def _warn(name: str, tool: str, stderr: str, source: _Source) -> None:
+    """ffmpeg's first message about a file it read, as a warning."""
     if stderr:
-        logger.warning("%s: %s: %s", name, Path(command[0]).name, stderr.splitlines()[0])
-    return done.stdout
+        logger.warning("%s: %s: %s", name, tool, _tool_line(stderr.splitlines()[0], source))
 
 
-def _probe(name: str, ffprobe: str) -> dict[str, Any]:
-    """ffprobe's description of the first audio stream, with the container's duration."""
-    out = _run_tool(
-        name,
-        [
-            ffprobe, "-v", "error", "-select_streams", "a:0",
-            "-show_entries", "stream=sample_rate,channels,duration:format=duration",
-            "-of", "json", f"file:{name}",
-        ],
-    )  # fmt: skip
+@dataclass(frozen=True)
+class _Stream:
+    """The audio stream ffmpeg decodes: ``index`` among the file's streams; ``frames`` the
+    length the file states or ffmpeg estimates (None without one); ``stated`` whether that
+    length is the container's own, which a whole file decodes to."""
+
+    index: int
+    sample_rate: int
+    channels: int
+    frames: int | None
+    stated: bool
+
+
+def _probe(name: str, ffprobe: str, source: _Source, begun: int) -> _Stream:
+    """ffprobe's description of the audio stream to read: the one marked default, if any, else
+    the first. Refused before decoding: no audio, more channels than htsep reads, a sample rate
+    outside the range it reads, a playlist that an ffmpeg ignoring the whitelist probed."""
+    command = [
+        ffprobe, "-v", "error", *_FFMPEG_INPUT_OPTIONS, "-select_streams", "a",
+        "-show_entries",
+        "stream=index,sample_rate,channels,duration:stream_disposition=default"
+        ":format=format_name,duration,nb_streams",
+        "-of", "json", source.url,
+    ]  # fmt: skip
+    out = bytearray()
+    _warn(name, "ffprobe", _run_tool(name, command, begun, source, out.extend), source)
     try:
         probed = json.loads(out)
+        demuxers = set(str((probed.get("format") or {}).get("format_name", "")).split(","))
+        if demuxers & _REFERRING_DEMUXERS:
+            raise AudioError(f"{name}: {_REFERS}")
         streams = probed.get("streams") or []
         if not streams:
             raise AudioError(f"{name}: has no audio stream")
-        stream = dict(streams[0])
-        stream["sample_rate"] = int(stream["sample_rate"])
-        stream["channels"] = int(stream["channels"])
+        chosen = next(
+            (s for s in streams if (s.get("disposition") or {}).get("default") == 1), streams[0]
+        )
+        index, rate = int(chosen["index"]), int(chosen["sample_rate"])
+        channels = int(chosen["channels"])
     except (ValueError, KeyError, TypeError, AttributeError):
         raise AudioError(f"{name}: ffprobe gave no sample rate and channel count") from None
-    if stream["sample_rate"] <= 0 or stream["channels"] <= 0:
+    if rate <= 0 or channels <= 0:
         raise AudioError(f"{name}: ffprobe gave no sample rate and channel count")
-    stream["format_duration"] = (probed.get("format") or {}).get("duration")
-    return stream
+    if channels > _MAX_CHANNELS:
+        raise AudioError(f"{name}: has more than {_MAX_CHANNELS} channels ({channels})")
+    if not _MIN_RATE <= rate <= _MAX_RATE:
+        raise AudioError(f"{name}: sample rate {rate} Hz is outside {_MIN_RATE}..{_MAX_RATE} Hz")
+    # The stream's own duration, else the file's (Matroska states only that one), which is the
+    # stream's only when it is the file's one stream.
+    container = probed.get("format") or {}
+    own = _frames_of(chosen.get("duration"), rate)
+    frames = own if own is not None else _frames_of(container.get("duration"), rate)
+    alone = own is not None or str(container.get("nb_streams")) == "1"
+    stated = frames is not None and alone and bool(demuxers & _STATED_LENGTH_DEMUXERS)
+    return _Stream(index, rate, channels, frames, stated)
 
 
-def _ffmpeg_info(name: str, tools: tuple[str, str]) -> AudioInfo:
-    stream = _probe(name, tools[1])
-    rate, channels = stream["sample_rate"], stream["channels"]
-    for duration in (stream.get("duration"), stream.get("format_duration")):
-        with contextlib.suppress(ValueError, OverflowError):  # absent, "N/A" or nonsense
-            return AudioInfo(rate, channels, round(float(str(duration)) * rate))
-    frames, _ = _ffmpeg_read(name, tools)  # no duration in the header: count by decoding
-    return AudioInfo(rate, channels, frames.shape[0])
+def _frames_of(duration: Any, rate: int) -> int | None:
+    """ffprobe's duration in seconds as frames; None where it is absent, "N/A" or nonsense."""
+    try:
+        return round(float(str(duration)) * rate)
+    except (ValueError, OverflowError):
+        return None
 
 
-def _ffmpeg_read(name: str, tools: tuple[str, str]) -> tuple[np.ndarray, int]:
+def _decode_command(ffmpeg: str, source: _Source, stream: _Stream) -> list[str]:
+    """ffmpeg reading the chosen stream as float32 samples, output options and file to add.
+    -ac/-ar restate the probed layout: if the stream changed layout midway, ffmpeg must convert
+    rather than change the meaning of the bytes (raw output has no header)."""
+    return [
+        ffmpeg, "-nostdin", "-y", "-v", "error", *_FFMPEG_INPUT_OPTIONS, "-i", source.url,
+        "-map", f"0:{stream.index}", "-acodec", "pcm_f32le", "-ac", str(stream.channels),
+        "-ar", str(stream.sample_rate),
+    ]  # fmt: skip
+
+
+def _check_source(held: _Input, source: _Source) -> None:
+    """After a decode: the input is the file htsep opened (the tools read it by name where
+    they could not be given the descriptor), and unchanged."""
+    if not source.fds:
+        held.check_same_path()
+    held.check_unchanged()
+
+
+def _check_length(name: str, stream: _Stream, frames: int) -> None:
+    """A decode shorter than the length the container states is a cut or damaged file."""
+    if not stream.stated or stream.frames is None:
+        return
+    if frames < stream.frames - (_SHORTFALL_FRAMES + stream.frames // 1000):
+        raise AudioError(
+            f"{name}: truncated or corrupt audio ({frames} of the {stream.frames} frames its "
+            "header states could be decoded)"
+        )
+
+
+def _ffmpeg_info(name: str, held: _Input, begun: int) -> AudioInfo:
+    ffmpeg, ffprobe = _ffmpeg_tools(name)
+    source = _ffmpeg_source(name, held)
+    stream = _probe(name, ffprobe, source, begun)
+    if stream.frames is not None:
+        return AudioInfo(stream.sample_rate, stream.channels, stream.frames)
+    # No length in the header: count the decoded samples as they come, holding none.
+    size = 0
+
+    def count(block: bytes) -> None:
+        nonlocal size
+        size += len(block)
+
+    command = [*_decode_command(ffmpeg, source, stream), "-f", "f32le", "-"]
+    _warn(name, "ffmpeg", _run_tool(name, command, begun, source, count), source)
+    _check_source(held, source)
+    frames = size // (4 * stream.channels)
+    _check_length(name, stream, frames)
+    return AudioInfo(stream.sample_rate, stream.channels, frames)
+
+
+def _ffmpeg_read(name: str, held: _Input, begun: int) -> tuple[np.ndarray, int]:
     """-> (frames (T, C) float32, sample rate), decoded by ffmpeg to raw little-endian floats."""
-    ffmpeg, ffprobe = tools
-    stream = _probe(name, ffprobe)
-    rate, channels = stream["sample_rate"], stream["channels"]
-    # -ac/-ar restate the probed layout: raw output has no header, so if the stream changed
-    # layout midway ffmpeg must convert rather than change the meaning of the bytes.
-    raw = _run_tool(
-        name,
-        [
-            ffmpeg, "-nostdin", "-v", "error", "-i", f"file:{name}", "-map", "0:a:0",
-            "-f", "f32le", "-acodec", "pcm_f32le", "-ac", str(channels), "-ar", str(rate), "-",
-        ],
-    )  # fmt: skip
-    samples = np.frombuffer(raw, dtype="<f4")
-    usable = samples.size - samples.size % channels
-    frames = samples[:usable].reshape(-1, channels)  # (T, C), interleaved as decoded
-    return frames.astype(np.float32), rate
+    ffmpeg, ffprobe = _ffmpeg_tools(name)
+    source = _ffmpeg_source(name, held)
+    stream = _probe(name, ffprobe, source, begun)
+    raw = bytearray()  # grown in place: the samples are never held twice
+    command = [*_decode_command(ffmpeg, source, stream), "-f", "f32le", "-"]
+    _warn(name, "ffmpeg", _run_tool(name, command, begun, source, raw.extend), source)
+    usable = len(raw) // (4 * stream.channels) * stream.channels
+    samples = np.frombuffer(raw, dtype="<f4", count=usable)
+    frames = samples.reshape(-1, stream.channels)  # (T, C), interleaved as decoded
+    _check_source(held, source)
+    _check_length(name, stream, frames.shape[0])
+    return frames.astype(np.float32, copy=False), stream.sample_rate  # a copy on big-endian only
+
+
+def _wav_finished(path: str) -> bool:
+    """Whether ffmpeg finished writing the decoded WAV: it fills in the header's sizes last
+    (placeholders until then), making it RF64 then if it outgrew 4 GiB."""
+    with open(path, "rb") as file:
+        head = file.read(48)
+        size = os.fstat(file.fileno()).st_size
+    if len(head) < 12 or head[8:12] != b"WAVE":
+        return False
+    if head[:4] == b"RIFF":
+        return struct.unpack("<I", head[4:8])[0] + 8 == size
+    if head[:4] == b"RF64" and head[12:16] == b"ds64" and len(head) >= 28:
+        return struct.unpack("<Q", head[20:28])[0] + 8 == size
+    return False
+
+
+def _write_error(stderr: str) -> str | None:
+    """The reason in ffmpeg's message about writing its output, if it has one."""
+    for line in stderr.splitlines():
+        if _WRITE_ERROR.search(line):
+            return line.rsplit(": ", 1)[-1].strip().rstrip(".") or line
+    return None
 
 
 # Writing -----------------------------------------------------------------------------------------

@@ -638,21 +638,28 @@ def test_unknown_extension_without_ffmpeg_is_not_audio(tmp_path, monkeypatch):
     assert_audio_error(excinfo, path, "not a recognised audio file")
 
 
+# Both stand-ins check that they are given the input htsep opened (as /dev/fd/N where there is
+# one) and the whitelists that keep ffmpeg to that one file.
 FAKE_FFPROBE = """#!{python}
-import json, sys
+import json, os, sys
 args = sys.argv[1:]
-assert args[args.index("-of") + 1] == "json" and args[-1] == "file:" + {path!r}, args
+url = args[-1]
+assert args[args.index("-of") + 1] == "json" and url.startswith("file:"), args
+assert os.path.samefile(url[len("file:"):], {path!r}), args
+assert args[args.index("-protocol_whitelist") + 1] == "file", args
 print(json.dumps({probe}, indent=4))
 """
 
 FAKE_FFMPEG = """#!{python}
-import sys
+import os, sys
 args = sys.argv[1:]
-assert args[args.index("-i") + 1] == "file:" + {path!r}, args
+url = args[args.index("-i") + 1]
+assert url.startswith("file:") and os.path.samefile(url[len("file:"):], {path!r}), args
+assert "mov" in args[args.index("-format_whitelist") + 1].split(","), args
 assert args[args.index("-f") + 1] == "f32le" and args[-1] == "-", args
 error = {error!r}
 if error is not None:
-    sys.stderr.write(error + "\\nsecond line that must not reach the message\\n")
+    sys.stderr.write(error.replace("URL", url) + "\\nsecond line, not for the message\\n")
     sys.exit(1)
 with open({raw!r}, "rb") as raw:
     sys.stdout.buffer.write(raw.read())
@@ -687,7 +694,7 @@ def test_ffmpeg_output_is_parsed_into_channels_first(tmp_path, monkeypatch):
     path.write_bytes(b"not something libsndfile knows")
     probe = {
         "programs": [],
-        "streams": [{"sample_rate": "22050", "channels": 2, "duration": "0.045306"}],
+        "streams": [{"index": 0, "sample_rate": "22050", "channels": 2, "duration": "0.045306"}],
         "format": {"duration": "0.045306"},
     }
     raw = signal.T.astype("<f4").tobytes()  # (T, C) interleaved, as ffmpeg writes it
@@ -701,15 +708,15 @@ def test_ffmpeg_output_is_parsed_into_channels_first(tmp_path, monkeypatch):
 @pytest.mark.skipif(not POSIX, reason="the stand-in tools are shebang scripts")
 @pytest.mark.parametrize(
     "first_line",
-    ["file:{path}: Invalid data found when processing input",
+    ["URL: Invalid data found when processing input",
      "[mov,mp4,m4a,3gp,3g2,mj2 @ 0x55ab471137c0] Invalid data found when processing input"],
 )  # fmt: skip
 def test_ffmpeg_failure_gives_its_first_line(tmp_path, monkeypatch, first_line):
     """ffmpeg's first line, less the input's URL or the demuxer's address it starts with."""
     path = tmp_path / "broken.opus"
     path.write_bytes(b"garbage")
-    probe = {"streams": [{"sample_rate": "48000", "channels": 1}], "format": {}}
-    _fake_ffmpeg(tmp_path, monkeypatch, path, probe, b"", error=first_line.format(path=path))
+    probe = {"streams": [{"index": 0, "sample_rate": "48000", "channels": 1}], "format": {}}
+    _fake_ffmpeg(tmp_path, monkeypatch, path, probe, b"", error=first_line)
     with pytest.raises(AudioError) as excinfo:
         read_audio(path)
     message = str(excinfo.value)
