@@ -974,6 +974,13 @@ class _Run:
     def __exit__(self, *exc: object) -> None:
         """On an interruption or error: stop the background work, drop what it left."""
         self.stop.set()
+        if isinstance(exc[1], BaseException) and not isinstance(exc[1], Exception):
+            # Ctrl-C or a signal: a decode in the background (an ffmpeg that reads a slow or
+            # endless input) is stopped rather than waited for. Not on an error: that would
+            # stop the decodes of other batches of this process too.
+            from htsep.audio import stop_decoders
+
+            stop_decoders()
         for executor in (self.decoder, self.encoder):
             if executor is not None:
                 executor.shutdown(wait=True, cancel_futures=True)

@@ -549,7 +549,13 @@ def write_stems(
             AudioWriter(target, track.sample_rate, track.out_channels, **settings)
         written = {name: target for name, target in targets.items() if name not in keep}
         if clip_mode != "rescale":
-            _write_blocks(track, written, two_stems, clip_mode, settings, overwrite=overwrite)
+            made = _make_folders(written.values())
+            try:
+                _write_blocks(track, written, two_stems, clip_mode, settings, overwrite=overwrite)
+            except BaseException:
+                for chain in made:  # the folders of a track that failed, if left empty
+                    files.remove_empty(chain)
+                raise
             done = PendingOutputs(track.sample_rate, track.frames)
             done.placed.extend(written.values())
             return done
@@ -612,6 +618,21 @@ def _refuse_existing(targets: dict[str, Path], keep: Collection[str]) -> None:
     for name, target in targets.items():
         if name not in keep and os.path.lexists(target):
             raise AudioError(f"{target}: exists already; not replaced")
+
+
+def _make_folders(targets: Collection[Path]) -> list[list[Path]]:
+    """The folders of ``targets``, made -> the folders made, per target (``make_folder``)."""
+    made = []
+    for target in targets:
+        try:
+            made.append(files.make_folder(target.parent))
+        except OSError as exc:
+            for chain in made:
+                files.remove_empty(chain)
+            raise AudioError(
+                f"{target}: cannot create folder {target.parent}: {exc.strerror or exc}"
+            ) from None
+    return made
 
 
 def _staging_folder(first: Path) -> files.StagingFolder:

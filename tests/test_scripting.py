@@ -308,3 +308,55 @@ print(seen, flush=True)
     out, err = child.communicate(timeout=120)
     assert child.returncode == 0, err
     assert out.strip() == "[True]"
+
+
+# --- folders made for a failed track ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("clip_mode", "template", "fail_at"),
+    [
+        ("none", "{track}/{stem}.{ext}", 2),  # stems written side by side, block by block
+        ("clamp", "{track}/{stem}.{ext}", 2),
+        ("rescale", "{stem}/{track}.{ext}", 2),  # the second final file, one folder each
+    ],
+)
+def test_a_failed_track_leaves_no_empty_folder(
+    tmp_path, repo, monkeypatch, clip_mode, template, fail_at
+):
+    from htsep import audio
+    from htsep.errors import AudioError
+
+    write = audio.AudioWriter.write
+    calls = []
+
+    def failing(writer, block):
+        if writer.target.suffix == ".wav" and "htsep-" not in str(writer.target.parent):
+            calls.append(writer.target)
+            if len(calls) == fail_at:
+                raise AudioError(f"{writer.name}: cannot write: File too large")
+        return write(writer, block)
+
+    monkeypatch.setattr(audio.AudioWriter, "write", failing)
+    write_clip(tmp_path / "a.wav", 0.3)
+    out = tmp_path / "out"
+    args = ["--clip-mode", clip_mode, "--filename", template, str(tmp_path / "a.wav")]
+    result = _run(repo, out, "-q", *args)
+    assert result.exit_code == 1 and "File too large" in result.stderr
+    left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) if out.exists() else []
+    if clip_mode == "rescale":  # the stem put in place before the failure stays, as it should
+        assert left == ["aaaa0001", "aaaa0001/drums", "aaaa0001/drums/a.wav"]
+    else:
+        assert left == []
+
+
+def test_a_path_object_whose_fspath_gives_bytes_is_named_so(tmp_path):
+    from htsep.audio import file_name
+    from htsep.errors import UsageError
+
+    class Raw:
+        def __fspath__(self):
+            return b"/x.wav"
+
+    with pytest.raises(UsageError, match="Raw, whose __fspath__ gives bytes"):
+        file_name(Raw())
