@@ -1,3 +1,4 @@
+import signal
 import sys
 from pathlib import Path
 
@@ -18,6 +19,37 @@ def small_checkpoint(tmp_path_factory):
     th_path, oracle = reference.write_th(model, folder, "small")
     st_path = reference.write_safetensors(model, folder, "small")
     return th_path, st_path, oracle
+
+
+STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_signals_at_their_defaults():
+    """Child processes inherit an ignored signal, and htsep keeps a signal ignored at start
+    ignored (nohup): a suite started under nohup, or as a background job of a script (SIGINT
+    ignored), would see its children run through the signals its tests send them."""
+    saved = {sig: signal.getsignal(sig) for sig in STOPPING}
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if saved[signal.SIGINT] is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+@pytest.fixture(autouse=True)
+def _no_signal_handler_leaks(_stop_signals_at_their_defaults):
+    """A test that leaves a stop signal ignored or handled in this process changes every later
+    test's child processes; it fails here, and the handlers are put back."""
+    before = {sig: signal.getsignal(sig) for sig in STOPPING}
+    yield
+    after = {sig: signal.getsignal(sig) for sig in STOPPING}
+    changed = [signal.Signals(sig).name for sig in STOPPING if after[sig] is not before[sig]]
+    for sig, handler in before.items():
+        signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+    assert not changed, f"the test left these signals' handlers changed: {', '.join(changed)}"
 
 
 @pytest.fixture(autouse=True)
