@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import re
+import select
 import shutil
 import signal
 import stat
@@ -79,6 +80,8 @@ _PCM_BITS = {"PCM_16": 16, "PCM_24": 24}
 # libsndfile's SFC_SET_ADD_PEAK_CHUNK: float WAVs get a PEAK chunk stamped with the time of
 # writing, so that two runs would never give the same bytes.
 _SET_ADD_PEAK_CHUNK = 0x1050
+# libsndfile's SFE_SYSTEM, "System error": the OS refused a read or write (sf_strerror says why).
+_SFE_SYSTEM = 2
 
 # The sample rates of MPEG-1, MPEG-2 and MPEG-2.5 layer III, with the bitrate range (kbps) of
 # each version: libsndfile maps its compression level linearly onto that range.
@@ -344,11 +347,14 @@ class AudioWriter:
 
     def _fail(self, exc: BaseException) -> None:
         """Remove the temporary; for a write error, raise the AudioError that explains it."""
-        # libsndfile reports a full disk (or a file size limit) as "System error": repeat the
-        # failed write with the OS to learn its reason before the temporary goes.
+        # libsndfile reports a full disk (or a file size limit) as "System error" and keeps the
+        # OS's reason with the handle. Where the handle is gone (its closing failed), repeat the
+        # failed write with the OS before the temporary goes, though on ext4 that can succeed.
         reason = None
-        if _is_write_error(exc) and self._temporary is not None:
-            reason = _write_failure(self._temporary)
+        if _is_write_error(exc):
+            reason = _system_error(self._handle)
+            if reason is None and self._temporary is not None:
+                reason = _write_failure(self._temporary)
         self._discard()
         if _is_write_error(exc):
             raise AudioError(f"{self.name}: cannot write: {reason or _reason(exc)}") from None
@@ -364,6 +370,16 @@ class AudioWriter:
             self._temporary = None
         remove_empty(self._made)
         self._made = []
+
+
+def _system_error(handle: sf.SoundFile | None) -> str | None:
+    """The OS's reason for the last error of an open libsndfile handle, if that error was the
+    OS's ("System error : No space left on device.")."""
+    if handle is None or handle.closed or _snd.sf_error(handle._file) != _SFE_SYSTEM:
+        return None
+    text = _ffi.string(_snd.sf_strerror(handle._file)).decode("utf-8", "replace")
+    reason = _reason(RuntimeError(text.partition(":")[2]))
+    return reason or None
 
 
 def _write_failure(path: str) -> str | None:
@@ -1216,6 +1232,12 @@ _WRITE_ERROR = re.compile(
 # The sample rates htsep reads (separator.MIN_RATE..MAX_RATE), refused before decoding.
 _MIN_RATE, _MAX_RATE = 1000, 384000
 _PIPE_BLOCK = 1 << 16
+# Seconds to wait for the end of a tool's stderr once the tool and its group are gone.
+_ERRORS_PATIENCE = 5.0
+# How often, in ms, a read from a silent tool checks whether the tool has exited.
+_EXIT_CHECK_MS = 250
+# Matroska's DURATION tag: hours, minutes and seconds with a fraction.
+_CLOCK = re.compile(r"(\d+):([0-5]\d):(\d\d(?:\.\d+)?)")
 
 
 class DecodingStopped(AudioError):
@@ -1259,6 +1281,32 @@ def _kill(process: subprocess.Popen[bytes]) -> None:
             process.kill()
 
 
+def _pump(process: subprocess.Popen[bytes], consume: Callable[[bytes], Any]) -> None:
+    """Pass the tool's standard output to ``consume`` until the tool is done with it. A process
+    the tool left running holds the pipe open after the tool exits: once the tool has exited
+    (all it wrote is in the pipe by then) its group is killed and the rest drained."""
+    assert process.stdout is not None
+    fd = process.stdout.fileno()
+    if not hasattr(os, "waitid") or not hasattr(select, "poll"):
+        while block := os.read(fd, _PIPE_BLOCK):
+            consume(block)
+        return
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    exited = False
+    while True:
+        if poller.poll(0 if exited else _EXIT_CHECK_MS):
+            if not (block := os.read(fd, _PIPE_BLOCK)):
+                return
+            consume(block)
+        elif exited:
+            return  # drained; only a process outside the group still holds the pipe
+        elif os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG):
+            with _TOOLS_LOCK:
+                _kill(process)  # not reaped yet, so the pid is still the tool's
+            exited = True
+
+
 def _wait_for_exit(process: subprocess.Popen[bytes]) -> None:
     """Wait until the tool exits without reaping it (so that ``_kill`` stays safe)."""
     if hasattr(os, "waitid"):
@@ -1278,7 +1326,7 @@ class _Errors(threading.Thread):
         self.start()
 
     def run(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError), self.pipe:
             while block := self.pipe.read1(_PIPE_BLOCK):
                 room = _PIPE_BLOCK - len(self.head)
                 if room > 0:
@@ -1288,7 +1336,9 @@ class _Errors(threading.Thread):
                 del self.tail[:-_PIPE_BLOCK]
 
     def text(self) -> str:
-        self.join()
+        """What the tool wrote, once the pipe ends. A process that left the tool's group can
+        hold the pipe open after the tool is gone: the text so far, after a while."""
+        self.join(_ERRORS_PATIENCE)
         return (self.head + self.tail).decode("utf-8", "replace").strip()
 
 
@@ -1364,21 +1414,20 @@ def _run_tool(
         process = started[0]
         errors = _Errors(process.stderr)
         if consume is not None:
-            assert process.stdout is not None
-            while block := os.read(process.stdout.fileno(), _PIPE_BLOCK):
-                consume(block)
+            _pump(process, consume)
         _wait_for_exit(process)
     finally:
         if started:
             process = started[0]
             with _TOOLS_LOCK:
                 stopped = _RUNNING.pop(process, False)
-                if process.poll() is None:  # the caller was stopped: the tool goes first
-                    _kill(process)
+                # Before it is reaped, while its pid is still its own: the tool if the caller
+                # was stopped, and whatever it left running, which would hold its stderr open.
+                _kill(process)
             process.wait()
             stderr = errors.text() if errors is not None else ""
-            for pipe in (process.stdout, process.stderr):
-                if pipe is not None:
+            for pipe in (process.stdout, None if errors is not None else process.stderr):
+                if pipe is not None:  # the reader closes stderr when it ends
                     pipe.close()
     if stopped:
         raise DecodingStopped(f"{name}: decoding stopped")
@@ -1432,10 +1481,9 @@ def _probe(name: str, ffprobe: str, source: _Source, begun: int) -> _Stream:
     the first. Refused before decoding: no audio, more channels than htsep reads, a sample rate
     outside the range it reads, a playlist that an ffmpeg ignoring the whitelist probed."""
     command = [
-        ffprobe, "-v", "error", *_FFMPEG_INPUT_OPTIONS, "-select_streams", "a",
-        "-show_entries",
-        "stream=index,sample_rate,channels,duration:stream_disposition=default"
-        ":format=format_name,duration,nb_streams",
+        ffprobe, "-v", "error", *_FFMPEG_INPUT_OPTIONS, "-show_entries",
+        "stream=index,codec_type,sample_rate,channels,duration:stream_tags"
+        ":stream_disposition=default,attached_pic:format=format_name,duration,nb_streams",
         "-of", "json", source.url,
     ]  # fmt: skip
     out = bytearray()
@@ -1445,7 +1493,8 @@ def _probe(name: str, ffprobe: str, source: _Source, begun: int) -> _Stream:
         demuxers = set(str((probed.get("format") or {}).get("format_name", "")).split(","))
         if demuxers & _REFERRING_DEMUXERS:
             raise AudioError(f"{name}: {_REFERS}")
-        streams = probed.get("streams") or []
+        every = probed.get("streams") or []
+        streams = [s for s in every if s.get("codec_type") == "audio"]
         if not streams:
             raise AudioError(f"{name}: has no audio stream")
         chosen = next(
@@ -1461,14 +1510,39 @@ def _probe(name: str, ffprobe: str, source: _Source, begun: int) -> _Stream:
         raise AudioError(f"{name}: has more than {_MAX_CHANNELS} channels ({channels})")
     if not _MIN_RATE <= rate <= _MAX_RATE:
         raise AudioError(f"{name}: sample rate {rate} Hz is outside {_MIN_RATE}..{_MAX_RATE} Hz")
-    # The stream's own duration, else the file's (Matroska states only that one), which is the
-    # stream's only when it is the file's one stream.
+    # The stream's own duration; else, in Matroska, its DURATION tag (ffmpeg and mkvmerge write
+    # one for each track); else the file's, which is the stream's only when no other stream
+    # has a timeline (a cover picture or an attached file has none).
     container = probed.get("format") or {}
     own = _frames_of(chosen.get("duration"), rate)
+    if own is None and "matroska" in demuxers:
+        own = _frames_of(_matroska_duration(chosen.get("tags")), rate)
     frames = own if own is not None else _frames_of(container.get("duration"), rate)
-    alone = own is not None or str(container.get("nb_streams")) == "1"
+    timed = [s for s in every if isinstance(s, dict) and not _untimed(s)]
+    alone = own is not None or len(timed) == 1
     stated = frames is not None and alone and bool(demuxers & _STATED_LENGTH_DEMUXERS)
     return _Stream(index, rate, channels, frames, stated)
+
+
+def _untimed(stream: dict[str, Any]) -> bool:
+    """Whether a stream has no timeline of its own: an attached file or a cover picture."""
+    disposition = stream.get("disposition") or {}
+    return stream.get("codec_type") == "attachment" or disposition.get("attached_pic") == 1
+
+
+def _matroska_duration(tags: Any) -> float | None:
+    """A Matroska track's DURATION tag ("HH:MM:SS.nnnnnnnnn"; ffmpeg names it DURATION-eng
+    where the tag has a language) in seconds; None without a readable one."""
+    if not isinstance(tags, dict):
+        return None
+    for key, value in tags.items():
+        if str(key).upper().split("-")[0] != "DURATION":
+            continue
+        found = _CLOCK.fullmatch(str(value).strip())
+        if found is not None:
+            hours, minutes, seconds = found.groups()
+            return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    return None
 
 
 def _frames_of(duration: Any, rate: int) -> int | None:

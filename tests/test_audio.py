@@ -1,6 +1,7 @@
 """htsep.audio: round trips per format, one-line errors for every bad file, atomic writes, and
 decoding through ffmpeg (real when installed, a stand-in that speaks its output format always)."""
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -694,7 +695,15 @@ def test_ffmpeg_output_is_parsed_into_channels_first(tmp_path, monkeypatch):
     path.write_bytes(b"not something libsndfile knows")
     probe = {
         "programs": [],
-        "streams": [{"index": 0, "sample_rate": "22050", "channels": 2, "duration": "0.045306"}],
+        "streams": [
+            {
+                "index": 0,
+                "codec_type": "audio",
+                "sample_rate": "22050",
+                "channels": 2,
+                "duration": "0.045306",
+            }
+        ],
         "format": {"duration": "0.045306"},
     }
     raw = signal.T.astype("<f4").tobytes()  # (T, C) interleaved, as ffmpeg writes it
@@ -715,7 +724,8 @@ def test_ffmpeg_failure_gives_its_first_line(tmp_path, monkeypatch, first_line):
     """ffmpeg's first line, less the input's URL or the demuxer's address it starts with."""
     path = tmp_path / "broken.opus"
     path.write_bytes(b"garbage")
-    probe = {"streams": [{"index": 0, "sample_rate": "48000", "channels": 1}], "format": {}}
+    stream = {"index": 0, "codec_type": "audio", "sample_rate": "48000", "channels": 1}
+    probe = {"streams": [stream], "format": {}}
     _fake_ffmpeg(tmp_path, monkeypatch, path, probe, b"", error=first_line)
     with pytest.raises(AudioError) as excinfo:
         read_audio(path)
@@ -1027,6 +1037,32 @@ def test_full_disk_is_named_not_system_error(tmp_path, monkeypatch):
     with pytest.raises(AudioError) as excinfo:
         write_audio(path, noise(2, 1000), RATE, label="out/drums.wav")
     assert str(excinfo.value) == "out/drums.wav: cannot write: No space left on device"
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full") or not os.path.isdir("/proc/self/fd"),
+                    reason="/dev/full and /proc/self/fd")  # fmt: skip
+@pytest.mark.parametrize("suffix", [".wav", ".flac"])
+def test_full_disk_is_named_where_a_second_write_would_succeed(tmp_path, suffix):
+    """A real failed write: after a first block, libsndfile's descriptor is turned into
+    /dev/full (every write fails with ENOSPC) while the temporary's name still takes writes,
+    as a full ext4 may after the failed allocation. The reason is libsndfile's own."""
+    path = tmp_path / f"drums{suffix}"
+    label = f"out/drums{suffix}"
+    with (
+        pytest.raises(AudioError) as excinfo,
+        audio.AudioWriter(path, RATE, 2, label=label) as writer,
+    ):
+        writer.write(noise(2, 10_000))
+        (temporary,) = tmp_path.iterdir()
+        for fd in map(int, os.listdir("/proc/self/fd")):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{fd}") == str(temporary):
+                    full = os.open("/dev/full", os.O_WRONLY)
+                    os.dup2(full, fd)
+                    os.close(full)
+        writer.write(noise(2, 100_000))
+    assert str(excinfo.value) == f"out/drums{suffix}: cannot write: No space left on device"
     assert os.listdir(tmp_path) == []
 
 

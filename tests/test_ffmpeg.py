@@ -34,6 +34,8 @@ real = pytest.mark.skipif(FFMPEG is None or FFPROBE is None, reason="ffmpeg is n
 fake = pytest.mark.skipif(not POSIX, reason="the stand-in tools are shebang scripts")
 # Long enough for any machine to start a process; only a hang reaches it.
 PATIENCE = 60.0
+# ffprobe's description of a stereo audio stream, for the stand-in ffprobes.
+STEREO = {"index": 0, "codec_type": "audio", "sample_rate": "44100", "channels": 2}
 
 
 def tone(channels: int, frames: int, hz: float = 440.0, level: float = 0.5) -> torch.Tensor:
@@ -163,8 +165,7 @@ def test_a_probed_playlist_is_refused_even_if_ffmpeg_ignored_the_whitelist(tmp_p
     path = tmp_path / "x.m4a"
     path.write_text("#EXTM3U\n")
     marker = tmp_path / "ffmpeg-ran"
-    probe = {"streams": [{"index": 0, "sample_rate": "44100", "channels": 2}],
-             "format": {"format_name": "hls", "duration": "2.0"}}  # fmt: skip
+    probe = {"streams": [STEREO], "format": {"format_name": "hls", "duration": "2.0"}}
     put_on_path(monkeypatch, tmp_path / "bin", {
         "ffprobe": f"#!/bin/sh\necho '{json.dumps(probe)}'\n",
         "ffmpeg": f"#!/bin/sh\ntouch '{marker}'\n",
@@ -351,7 +352,7 @@ def test_ctrl_c_in_the_main_thread_kills_the_tool(tmp_path, monkeypatch):
 def test_a_killed_tool_names_the_signal(tmp_path, monkeypatch):
     path = tmp_path / "song.m4a"
     path.write_bytes(b"not something libsndfile knows")
-    probe = {"streams": [{"index": 0, "sample_rate": "44100", "channels": 2}], "format": {}}
+    probe = {"streams": [STEREO], "format": {}}
     put_on_path(monkeypatch, tmp_path / "bin", {
         "ffprobe": f"#!/bin/sh\necho '{json.dumps(probe)}'\n",
         "ffmpeg": "#!/bin/sh\nkill -9 $$\n",
@@ -359,6 +360,59 @@ def test_a_killed_tool_names_the_signal(tmp_path, monkeypatch):
     with pytest.raises(AudioError) as excinfo:
         read_audio(path)
     assert str(excinfo.value) == f"{path}: ffmpeg cannot read it: killed by signal 9"
+
+
+# Wrappers around the real tools that leave a child behind holding their stdout and stderr.
+LINGERING_TOOL = """#!/bin/sh
+sleep 300 &
+echo "$!" >> '{pids}'
+exec '{tool}' "$@"
+"""
+
+
+@real
+@fake
+@pytest.mark.parametrize("function", [read_audio, AudioReader, audio_info])
+def test_a_child_the_tool_leaves_running_is_not_waited_for(tmp_path, monkeypatch, function):
+    """A tool that exits while a child of its own still holds its pipes: htsep takes what the
+    tool wrote, and the child goes with the tool's process group."""
+    path = _m4a(tmp_path)
+    expected = torch.from_numpy(ffmpeg_decode(path, 2).T.copy())
+    pids = tmp_path / "pids"
+    put_on_path(monkeypatch, tmp_path / "bin", {
+        "ffprobe": LINGERING_TOOL.format(pids=pids, tool=FFPROBE),
+        "ffmpeg": LINGERING_TOOL.format(pids=pids, tool=FFMPEG),
+    })  # fmt: skip
+    results: list[object] = []
+
+    def decode() -> None:
+        try:
+            got = function(path)
+            results.append(reader_whole(path) if isinstance(got, AudioReader) else got)
+            if isinstance(got, AudioReader):
+                got.close()
+        except BaseException as exc:
+            results.append(exc)
+
+    worker = threading.Thread(target=decode, name="htsep-decode", daemon=True)
+    worker.start()
+    worker.join(PATIENCE)  # far below the children's 300 s
+    children = [int(pid) for pid in pids.read_text().split()] if pids.exists() else []
+    try:
+        assert not worker.is_alive(), "htsep waited for the tool's child"
+        deadline = time.monotonic() + PATIENCE  # SIGKILL takes effect soon, not at once
+        while not all(gone(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert children and all(gone(pid) for pid in children)
+    finally:
+        _kill_all(*children)
+    assert len(results) == 1
+    if function is audio_info:
+        assert results[0] == audio.AudioInfo(RATE, 2, RATE // 2)  # the length the M4A states
+    elif function is read_audio:
+        assert torch.equal(results[0][0], expected)
+    else:
+        assert torch.equal(results[0], expected)
 
 
 # 4. Cut containers ------------------------------------------------------------------------------
@@ -388,6 +442,68 @@ def test_cut_containers_are_refused_whole_ones_read(tmp_path, suffix, options):
     cut.write_bytes(data[: len(data) * 6 // 10])
     # What ffmpeg alone makes of it: a short decode and exit status 0.
     assert 0 < ffmpeg_decode(cut, 2).shape[0] < frames * 0.7
+    for function in (read_audio, AudioReader):
+        with pytest.raises(AudioError) as excinfo:
+            function(cut)
+        message = str(excinfo.value)
+        assert message.startswith(f"{cut}: truncated or corrupt audio (") and "\n" not in message
+
+
+def _matroska_with(tmp_path: Path, kind: str, suffix: str, codec: str, frames: int) -> Path:
+    """A Matroska or WebM file whose audio stream is not the file's only stream: a cover
+    picture (an attached_pic stream), an attached file, or a second audio stream."""
+    source = source_wav(tmp_path, frames)
+    path = tmp_path / f"whole{suffix}"
+    if kind == "two audio streams":
+        extra = ["-i", str(source), "-map", "0", "-map", "1"]
+    else:
+        attached = tmp_path / ("cover.png" if kind == "cover picture" else "notes.txt")
+        if kind == "cover picture":
+            ffmpeg("-f", "lavfi", "-i", "color=c=red:s=8x8", "-frames:v", "1", attached)
+        else:
+            attached.write_text("liner notes\n")
+        mimetype = "image/png" if kind == "cover picture" else "text/plain"
+        extra = ["-attach", str(attached), "-metadata:s:t", f"mimetype={mimetype}"]
+    return encode(source, path, *extra, "-c:a", codec)
+
+
+@real
+@pytest.mark.parametrize(("kind", "suffix", "codec"), [
+    ("cover picture", ".mka", "libopus"),
+    ("attached file", ".mka", "flac"),
+    ("two audio streams", ".mka", "flac"),
+    ("two audio streams", ".webm", "libopus"),
+])  # fmt: skip
+def test_cut_matroska_with_more_streams_is_refused(tmp_path, kind, suffix, codec):
+    """Matroska states a length for the whole file only, which is the audio's only where no
+    other stream has a timeline; each track's DURATION tag states the audio's own."""
+    frames = 4 * RATE
+    path = _matroska_with(tmp_path, kind, suffix, codec, frames)
+    probed = json.loads(
+        subprocess.run(
+            [
+                FFPROBE or "ffprobe",
+                "-v",
+                "error",
+                "-show_entries",
+                "format=nb_streams",
+                "-of",
+                "json",
+                str(path),
+            ],
+            capture_output=True,
+            check=True,
+            timeout=120,
+        ).stdout
+    )
+    assert probed["format"]["nb_streams"] == 2  # fmt: skip
+    got, rate = read_audio(path)
+    assert abs(got.shape[1] * RATE / rate - frames) <= 2048, got.shape
+    assert torch.equal(got, torch.from_numpy(ffmpeg_decode(path, 2).T.copy()))
+    data = path.read_bytes()
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(data[: len(data) // 2])
+    assert 0 < ffmpeg_decode(cut, 2).shape[0] < frames * 0.6
     for function in (read_audio, AudioReader):
         with pytest.raises(AudioError) as excinfo:
             function(cut)
@@ -444,7 +560,7 @@ def test_a_trailer_that_could_not_be_written_is_a_full_disk(tmp_path, monkeypatc
     path = tmp_path / "song.m4a"
     path.write_bytes(b"not something libsndfile knows")
     temporary = private_temporary_folder(tmp_path, monkeypatch)
-    probe = {"streams": [{"index": 0, "sample_rate": "44100", "channels": 2}], "format": {}}
+    probe = {"streams": [STEREO], "format": {}}
     put_on_path(monkeypatch, tmp_path / "bin", {
         "ffprobe": f"#!/bin/sh\necho '{json.dumps(probe)}'\n",
         "ffmpeg": FULL_DISK_FFMPEG.format(python=sys.executable),
@@ -550,7 +666,7 @@ def _probed(tmp_path: Path, monkeypatch, stream: dict) -> tuple[Path, Path]:
     path = tmp_path / "song.mka"
     path.write_bytes(b"not something libsndfile knows")
     marker = tmp_path / "ffmpeg-ran"
-    probe = {"streams": [{"index": 0, **stream}], "format": {}}
+    probe = {"streams": [{"index": 0, "codec_type": "audio", **stream}], "format": {}}
     put_on_path(monkeypatch, tmp_path / "bin", {
         "ffprobe": f"#!/bin/sh\necho '{json.dumps(probe)}'\n",
         "ffmpeg": f"#!/bin/sh\ntouch '{marker}'\n",
