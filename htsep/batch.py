@@ -21,6 +21,7 @@ import glob
 import itertools
 import os
 import re
+import stat
 import string
 import sys
 import tempfile
@@ -492,8 +493,8 @@ def output_folder(out: str | os.PathLike[str], model: str) -> Path:
 
 def check_template(template: str, ext: str, stems: int) -> None:
     """A --filename template: plain {track}, {trackext}, {stem}, {ext} and {folder} fields
-    only, a relative path that stays inside <out>/<model>, ending in the format's extension,
-    and naming {stem} when more than one stem is written."""
+    only, a relative path that stays inside <out>/<model> with no "." or ".." part, ending
+    in the format's extension, and naming {stem} when more than one stem is written."""
     what = f"--filename {template!r}"
     if not isinstance(template, str) or not template.strip():
         raise UsageError("--filename is empty")
@@ -515,12 +516,23 @@ def check_template(template: str, ext: str, stems: int) -> None:
     relative = Path(sample)
     if relative.is_absolute() or os.path.normpath(sample).split(os.sep)[0] == "..":
         raise UsageError(f"{what}: must be a relative path inside <out>/<model>")
+    if any(part in (".", "..") for part in _components(sample)):
+        # Resolved by the file system, not by text: "x/../" after a symlinked folder x leads
+        # wherever x points, out of <out>/<model>.
+        raise UsageError(f"{what}: '.' and '..' cannot be parts of the path")
     if relative.suffix.lower() != f".{ext}":
         raise UsageError(
             f"{what}: must end with .{{ext}} (here .{ext}), e.g. {{track}}/{{stem}}.{{ext}}"
         )
     if stems > 1 and "stem" not in _template_fields(template):
         raise UsageError(f"{what}: {stems} stems would go to one file; add {{stem}}")
+
+
+def _components(path: str) -> list[str]:
+    """The parts of ``path`` as written ("a/./b" -> a, ., b; pathlib would drop the ".")."""
+    for sep in {os.sep, os.altsep} - {None, "/"}:
+        path = path.replace(sep, "/")  # type: ignore[arg-type]
+    return path.split("/")
 
 
 def _template_fields(template: str) -> list[str]:
@@ -566,6 +578,22 @@ def output_paths(
         below = folder if "folder" in _template_fields(template) else folder / track.folder
         fields = dict(track=base, trackext=suffix, ext=settings.ext, folder=track.folder or ".")
         paths = {stem: below / template.format(stem=stem, **fields) for stem in names}
+        for stem in names:
+            # A whole part "{folder}" is "." for a file named directly (harmless); any other
+            # "." or ".." a track's values make (".{folder}", "{trackext}." with no
+            # extension) is refused as check_template refuses one in the template's text.
+            parts = [
+                part
+                for piece in _components(template)
+                if piece != "{folder}"
+                for part in _components(piece.format(stem=stem, **fields))
+            ]
+            if any(part in (".", "..") for part in parts):
+                shown = str(paths[stem]).replace(_ANY_STEM, "{stem}")
+                raise UsageError(
+                    f"--filename {template!r}: for {track.source} it gives {shown!r}, "
+                    "with '.' or '..' as a part of the path"
+                )
         for stem, path in paths.items():
             try:
                 os.fsencode(path)
@@ -624,9 +652,10 @@ def plan_outputs(
     tracks: list[Track], settings: OutputSettings, names: list[str], folder: Path
 ) -> dict[int, OutputPlan]:
     """The stem files of every track, before any work (``output_paths``). A track whose
-    outputs would replace an input fails; with skip_existing a finished track is skipped and
-    an unfinished one keeps its finished stems; without overwrite an existing stem fails its
-    track. -> {track index: plan}"""
+    outputs would replace an input fails, and so does one with a stem name too long for its
+    file system or something other than a file (a folder, a FIFO) at a stem path; with
+    skip_existing a finished track is skipped and an unfinished one keeps its finished stems;
+    without overwrite an existing stem fails its track. -> {track index: plan}"""
     paths_of = output_paths(tracks, settings, names, folder)
     inputs = {files.real_path(t.path) for t in tracks if t.path is not None}
     plans: dict[int, OutputPlan] = {}
@@ -638,7 +667,12 @@ def plan_outputs(
         if clash is not None:
             track.error = f"{track.source}: output {clash} would overwrite an input file"
             continue
-        existing = [stem for stem, path in paths.items() if os.path.lexists(path)]
+        problem = next(filter(None, map(_not_a_stem_file, paths.values())), None)
+        if problem is not None:
+            track.error = f"{track.source}: {problem}"
+            continue
+        # A symbolic link to a stem file counts as that file (kept, or replaced by a file).
+        existing = [stem for stem, path in paths.items() if os.path.isfile(path)]
         if settings.skip_existing and len(existing) == len(paths):
             track.status = "skipped"
             track.outputs = [str(p) for p in paths.values()]
@@ -652,6 +686,36 @@ def plan_outputs(
         keep = frozenset() if settings.overwrite else frozenset(existing)
         plans[index] = OutputPlan(paths, keep)
     return plans
+
+
+def _not_a_stem_file(path: Path) -> str | None:
+    """Why ``path`` can never hold a stem, found before the networks run: a name longer than
+    its file system allows, or something other than a regular file there (a folder, a named
+    pipe, a link to nothing), which neither --skip-existing nor --overwrite can take as a
+    stem. None when it is a regular file, a link to one, or nothing yet."""
+    folder = next(parent for parent in path.parents if os.path.isdir(parent))
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for part in path.parts[len(folder.parts) :]:  # those to be made (existing ones fit)
+        size = len(os.fsencode(part))
+        if 0 < limit < size:
+            return (
+                f"{path}: a name of {size} bytes in this path is longer than the file "
+                f"system allows ({limit} bytes)"
+            )
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        broken = files.broken_link(path)  # None when it is no link
+        return f"{path} is {broken}, where a stem file goes" if broken else None
+    if stat.S_ISREG(mode):
+        return None
+    kind = files.kind_of(mode)
+    if os.path.islink(path):
+        kind = f"a symbolic link to {kind}"
+    return f"{path} is {kind}, where a stem file goes (move it away)"
 
 
 # --- running ---------------------------------------------------------------------------------

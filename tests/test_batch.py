@@ -4,6 +4,10 @@ and guarantees, settings checked when they are made, reports through events in i
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -359,3 +363,133 @@ def test_a_stem_that_appears_meanwhile_fails_its_track_and_drops_its_decoded_inp
     assert "exists already" in tracks[1].error
     assert (out / "aaaa0001" / "b" / "drums.wav").read_bytes() == b"theirs"
     assert _leftovers(out, tmp_path / "tmp") == []
+
+
+def _at_stem_path(kind: str, path: Path, tmp_path: Path) -> str:
+    """Put ``kind`` at ``path``; -> the words its message must hold."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "folder":
+        path.mkdir()
+        return "is a folder"
+    if kind == "fifo":
+        os.mkfifo(path)
+        return "is a named pipe (FIFO)"
+    if kind == "dangling link":
+        path.symlink_to(tmp_path / "nowhere")
+        return "which does not exist"
+    (tmp_path / "target").mkdir()
+    path.symlink_to(tmp_path / "target")
+    return "is a symbolic link to a folder"
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "dangling link", "link to folder"])
+@pytest.mark.parametrize("mode", ["default", "skip_existing", "overwrite"])
+def test_what_is_no_file_at_a_stem_path_fails_its_track_when_planned(tmp_path, kind, mode):
+    """Neither a finished stem (--skip-existing took a folder or FIFO for one) nor something
+    --overwrite can replace (a folder failed only after the networks ran)."""
+    _clip(tmp_path / "a.wav", 0.1, seed=1)
+    _clip(tmp_path / "b.wav", 0.1, seed=2)
+    folder = tmp_path / "o" / "m"
+    words = _at_stem_path(kind, folder / "a" / "x.wav", tmp_path)
+    (folder / "a" / "y.wav").write_bytes(b"a finished stem")  # so a's stems all "exist"
+    settings = OutputSettings(**({} if mode == "default" else {mode: True}))
+    tracks = find_inputs([str(tmp_path / "a.wav"), str(tmp_path / "b.wav")], exclude=folder)
+    plans = plan_outputs(tracks, settings, ["x", "y"], folder)
+    assert list(plans) == [1] and tracks[0].status == "pending"
+    assert tracks[0].error.startswith(f"{tracks[0].source}: {folder / 'a' / 'x.wav'} ")
+    assert words in tracks[0].error and "\n" not in tracks[0].error
+    assert (folder / "a" / "y.wav").read_bytes() == b"a finished stem"
+
+
+def test_a_link_to_a_stem_file_still_counts_as_that_stem(tmp_path):
+    _clip(tmp_path / "a.wav", 0.1, seed=1)
+    folder = tmp_path / "o" / "m"
+    (folder / "a").mkdir(parents=True)
+    (tmp_path / "kept.wav").write_bytes(b"stem")
+    (folder / "a" / "x.wav").symlink_to(tmp_path / "kept.wav")
+    (folder / "a" / "y.wav").write_bytes(b"stem")
+    tracks = find_inputs([str(tmp_path / "a.wav")], exclude=folder)
+    settings = OutputSettings(skip_existing=True)
+    assert plan_outputs(tracks, settings, ["x", "y"], folder) == {}
+    assert tracks[0].status == "skipped"
+    (folder / "a" / "y.wav").unlink()
+    tracks = find_inputs([str(tmp_path / "a.wav")], exclude=folder)
+    assert plan_outputs(tracks, settings, ["x", "y"], folder)[0].keep == {"x"}
+
+
+def test_a_folder_at_a_stem_path_fails_before_the_networks_run(tmp_path, separator):
+    _clip(tmp_path / "a.wav", 0.6, seed=1)
+    out = tmp_path / "out"
+    (out / "aaaa0001" / "a" / "bass.wav").mkdir(parents=True)
+    events = Recorder()
+    settings = OutputSettings(overwrite=True)
+    tracks = Batch(separator, out, settings, events=events).run([tmp_path / "a.wav"])
+    assert tracks[0].status == "failed" and "bass.wav is a folder" in tracks[0].error
+    assert events.calls == [("finished", 0, "failed")]
+    assert sorted(p.name for p in (out / "aaaa0001" / "a").iterdir()) == ["bass.wav"]
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["{track}/{stem}/../{stem}.{ext}", "{track}/./{stem}.{ext}", "./{track}-{stem}.{ext}"],
+)
+def test_dot_parts_in_the_template_are_refused(template):
+    with pytest.raises(UsageError, match="'.' and '..' cannot be parts of the path"):
+        OutputSettings(template=template)
+
+
+def test_dot_dot_after_a_linked_folder_cannot_write_outside(tmp_path):
+    """The '..' is the file system's: after a link to elsewhere/sub it is elsewhere, which a
+    textual normpath took for <out>/<model>/a."""
+    _clip(tmp_path / "a.wav", 0.1, seed=1)
+    folder = tmp_path / "o" / "m"
+    (folder / "a").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "sub").mkdir(parents=True)
+    (folder / "a" / "x").symlink_to(tmp_path / "elsewhere" / "sub")
+    tracks = find_inputs([str(tmp_path / "a.wav")], exclude=folder)
+    with pytest.raises(UsageError, match="cannot be parts of the path"):
+        plan_outputs(
+            tracks, OutputSettings(template="{track}/{stem}/../{stem}.{ext}"), ["x"], folder
+        )
+    # a track's own values: no extension makes "{trackext}." the part "."
+    (tmp_path / "noext").write_bytes((tmp_path / "a.wav").read_bytes())
+    tracks = find_inputs([str(tmp_path / "noext")], exclude=folder)
+    settings = OutputSettings(template="{track}/{trackext}./{stem}.{ext}")
+    with pytest.raises(UsageError, match=r"it gives .*'\.' or '\.\.' as a part"):
+        plan_outputs(tracks, settings, ["x"], folder)
+    # {folder} itself is "." for a file named directly, and stays allowed
+    settings = OutputSettings(template="{folder}/{track}-{stem}.{ext}")
+    assert plan_outputs(tracks, settings, ["x"], folder)[0].paths == {"x": folder / "noext-x.wav"}
+
+
+def test_dot_dot_template_is_a_usage_error_on_the_command_line(tmp_path):
+    _clip(tmp_path / "a.wav", 0.1, seed=1)
+    template = "{track}/{stem}/../{stem}.{ext}"
+    command = ["separate", "-n", "htsep-tiny", "-q", "a.wav", "-o", "o", "--filename", template]
+    result = subprocess.run(
+        [sys.executable, "-m", "htsep", *command], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 2 and not (tmp_path / "o").exists()
+    assert result.stderr.count("\n") == 1 and "cannot be parts of the path" in result.stderr
+
+
+def test_a_stem_name_too_long_for_the_file_system_fails_when_planned(tmp_path):
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    name = "x" * (limit - len("-x.wav") + 1)  # the stem file's name is one byte too long
+    _clip(tmp_path / "in.wav", 0.1, seed=1)
+    folder = tmp_path / "o" / "m"
+    folder.mkdir(parents=True)
+    with pytest.raises(OSError) as caught:  # the oracle: the file system refuses that name
+        (folder / f"{name}-x.wav").write_bytes(b"")
+    assert caught.value.errno == errno.ENAMETOOLONG
+    tracks = find_inputs([str(tmp_path / "in.wav")], exclude=folder)
+    tracks[0].name = name
+    settings = OutputSettings(template="{track}-{stem}.{ext}")
+    assert plan_outputs(tracks, settings, ["x", "y"], folder) == {}
+    assert (
+        f"a name of {limit + 1} bytes" in tracks[0].error and f"({limit} bytes)" in tracks[0].error
+    )
+    # one byte shorter fits, and is planned
+    tracks = find_inputs([str(tmp_path / "in.wav")], exclude=folder)
+    tracks[0].name = name[:-1]
+    assert list(plan_outputs(tracks, settings, ["x", "y"], folder)) == [0]
