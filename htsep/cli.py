@@ -736,6 +736,7 @@ def _separate_tracks(opts: dict[str, Any], output: OutputSettings, settings: Any
         stems = _stem_count(spec.sources, output, settings.stems)
         if stems is not None:
             check_template(output.template, output.ext, stems)
+        _check_out_folder(folder, tracks, json_lines=opts["json_lines"])
     if opts["shard"]:
         shard, total = opts["shard"], len(tracks)
         tracks = take_shard(tracks, shard.index, shard.count)
@@ -801,14 +802,30 @@ def _separate_tracks(opts: dict[str, Any], output: OutputSettings, settings: Any
         if opts["json_lines"]:
             _interrupted_records(tracks, separator.name)
         raise
-    if to_stdout and tracks[0].status == "ok":
-        _copy_to_stdout(Path(tracks[0].outputs[0]))
     failed = sum(t.status == "failed" for t in tracks)
     skipped = sum(t.status == "skipped" for t in tracks)
     if not quiet or failed:
         _say(f"htsep: {len(tracks) - failed - skipped} separated, {skipped} skipped, "
              f"{failed} failed ({time.perf_counter() - started:.1f} s)")  # fmt: skip
     return 1 if failed or not tracks else 0
+
+
+def _check_out_folder(folder: Path, tracks: list[Track], *, json_lines: bool) -> None:
+    """An <out> that cannot be made (a part of it is a file, a named pipe, a link to
+    nothing) fails the command before the model is loaded or downloaded, not each track
+    after it; with --json every input still gets its record."""
+    from htsep import files
+
+    blocker = files.in_the_way(folder)
+    if blocker is None:
+        return
+    message = f"cannot create the output folder {folder}: {blocker}"
+    if json_lines:
+        for track in tracks:
+            track.status = "failed"
+            track.error = track.error or f"{track.source}: {message}"
+            _echo_records(track, folder.name)
+    raise HtsepError(message)
 
 
 def _interrupted_records(tracks: list[Track], model: str) -> None:
@@ -888,6 +905,12 @@ class _Report(BatchEvents):
             self.bar = None
 
     def finished(self, index: int, track: Track) -> None:
+        if track.status == "ok" and self.staging is not None:
+            # -o -: the track is done only once its stem is on standard output.
+            try:
+                _copy_to_stdout(Path(track.outputs[0]))
+            except HtsepError as exc:
+                track.status, track.error = "failed", f"{track.source}: {exc}"
         if track.status == "failed":
             error = track.error or ""
             if self.staging is not None:
@@ -895,9 +918,10 @@ class _Report(BatchEvents):
                 error = re.sub(re.escape(self.staging) + r"[^:]*", lambda _: where, error)
             self._line(f"htsep: error: {error}", err=True)
         elif track.status == "ok" and not self.quiet:
+            stems = len(track.outputs)
             self._line(
-                f"[{index + 1}/{self.total}] {track.label}: {len(track.outputs)} stems in "
-                f"{track.seconds:.1f} s ({track.speed:.2f}x real time)",
+                f"[{index + 1}/{self.total}] {track.label}: {stems} stem{'s' if stems != 1 else ''}"
+                f" in {track.seconds:.1f} s ({track.speed:.2f}x real time)",
                 err=True,
             )
         if self.json_lines:

@@ -405,7 +405,7 @@ def make_folder(folder: str | os.PathLike[str]) -> list[Path]:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        blocker = _in_the_way(path) if exc.errno in _BLOCKED else None
+        blocker = in_the_way(path) if exc.errno in _BLOCKED else None
         if blocker is None:
             raise
         raise OSError(exc.errno, blocker) from None
@@ -428,17 +428,34 @@ def real_path(path: str | os.PathLike[str]) -> Path:
     return Path(os.path.realpath(path))
 
 
-def _in_the_way(path: Path) -> str | None:
-    """Why the first existing part of ``path`` that is not a folder blocks making it."""
+def in_the_way(path: str | os.PathLike[str]) -> str | None:
+    """Why the first existing part of ``path`` that is not a folder blocks making it ("x is a
+    file, not a folder", "x is a named pipe (FIFO), not a folder", ...), or None when nothing
+    does: a command can say so before its long work, not when it first writes."""
+    path = Path(path)
     for part in [*reversed(path.parents), path]:
         if os.path.isdir(part):
             continue
-        if not os.path.lexists(part):
+        try:
+            mode = os.lstat(part).st_mode
+        except OSError:  # missing (or not to be seen): making it tells the rest
             return None
-        if not os.path.islink(part):
-            return f"{part} is a file, not a folder"
-        return f"{part} is {broken_link(part) or 'a symbolic link to a file, not to a folder'}"
+        if not stat.S_ISLNK(mode):
+            return f"{part} is {_entry(mode)}, not a folder"
+        broken = broken_link(part)
+        if broken is not None:
+            return f"{part} is {broken}"
+        try:
+            target = _entry(os.stat(part).st_mode)
+        except OSError:
+            target = "something else"
+        return f"{part} is a symbolic link to {target}, not to a folder"
     return None
+
+
+def _entry(mode: int) -> str:
+    """What the entry of ``mode`` is, for messages: a regular file is "a file"."""
+    return "a file" if stat.S_ISREG(mode) else kind_of(mode)
 
 
 def broken_link(path: str | os.PathLike[str]) -> str | None:

@@ -156,7 +156,9 @@ def test_unwritable_output_folder(tmp_path, repo):
     blocker = tmp_path / "file-not-folder"
     blocker.write_text("x")
     result = htsep("--repo", str(repo), *MODEL, "-o", str(blocker / "out"), str(clip))
-    _assert_one_line_failure(result, 1, "song.wav")
+    # Said once, before the model is loaded, naming the part in the way (not per track).
+    _assert_one_line_failure(result, 1, f"{blocker} is a file, not a folder")
+    assert "cannot create the output folder" in result.stderr
     assert blocker.read_text() == "x"
 
 
@@ -325,13 +327,31 @@ def test_an_output_folder_in_the_way_is_named(tmp_path, repo, kind, phrase):
 def test_a_failure_line_names_its_track_when_the_message_starts_like_it(
     tmp_path, repo, monkeypatch
 ):
-    """An error about "song.wav/x/..." lost its "song.wav: " prefix: the name of the file read
-    was taken off the message when the message only began with the same characters."""
+    """An error about "aaaa0001/aaaa000/..." lost its "aaaa000: " prefix: the name of the file
+    read was taken off the message when the message only began with the same characters."""
+    monkeypatch.chdir(tmp_path)
+    write_clip(tmp_path / "x.wav", 0.5)
+    (tmp_path / "x.wav").rename(tmp_path / "aaaa000")  # no extension: read by its content
+    (tmp_path / "aaaa0001").mkdir()
+    (tmp_path / "aaaa0001" / "aaaa000").write_text("x")  # where the track's folder would go
+    result = htsep("--repo", str(repo), *MODEL, "-o", ".", "aaaa000")
+    _assert_one_line_failure(result, 1, "aaaa000 is a file, not a folder")
+    assert _errors(result)[0].startswith("htsep: error: aaaa000: aaaa0001/"), result.stderr
+    assert (tmp_path / "aaaa0001" / "aaaa000").read_text() == "x"
+
+
+def test_an_output_folder_under_an_input_file_is_refused_before_the_model(
+    tmp_path, repo, monkeypatch
+):
+    """-o song.wav/x: said once, naming the file in the way, before any track is run."""
     monkeypatch.chdir(tmp_path)
     write_clip(tmp_path / "song.wav", 0.5)
     result = htsep("--repo", str(repo), *MODEL, "-o", "song.wav/x", "song.wav")
     _assert_one_line_failure(result, 1, "song.wav is a file, not a folder")
-    assert _errors(result)[0].startswith("htsep: error: song.wav: song.wav/x/"), result.stderr
+    assert _errors(result)[0].startswith(
+        "htsep: error: cannot create the output folder song.wav/x/"
+    )
+    assert "[1/1]" not in result.stderr
 
 
 @pytest.mark.parametrize("kind", ["loop", "dangling"])
@@ -554,16 +574,16 @@ def test_a_line_break_in_a_file_name_keeps_the_error_on_one_line(run, tmp_path, 
 
 
 @pytest.mark.parametrize(
-    "name,template",
+    "name,template,phrase",
     [
         # {folder} is "." for a file named directly: ".{folder}" is "..".
-        ("song.wav", ".{folder}/{stem}.{ext}"),
-        ("song.wav", "x/.{folder}/.{folder}/{stem}.{ext}"),
+        ("song.wav", ".{folder}/{stem}.{ext}", "with '.' or '..' as a part of the path"),
+        ("song.wav", "x/.{folder}/.{folder}/{stem}.{ext}", "with '.' or '..' as a part"),
         # {trackext} is empty for a name without an extension: the path turns absolute.
-        ("song", "{trackext}ESCAPE/{stem}.{ext}"),
+        ("song", "{trackext}ESCAPE/{stem}.{ext}", "outside <out>/<model>"),
     ],
 )
-def test_template_values_cannot_lead_out_of_the_model_folder(run, tmp_path, name, template):
+def test_template_values_cannot_lead_out_of_the_model_folder(run, tmp_path, name, template, phrase):
     """check_template tries sample values; the tracks' own values are checked when the batch
     is planned, before any work."""
     clip = tmp_path / "in" / name
@@ -571,7 +591,7 @@ def test_template_values_cannot_lead_out_of_the_model_folder(run, tmp_path, name
     (tmp_path / "in" / "x.wav").rename(clip)
     template = template.replace("ESCAPE", str(tmp_path / "escaped"))
     result = run("--stems", "vocals", "--filename", template, clip)
-    _assert_one_line_failure(result, 2, "outside <out>/<model>")
+    _assert_one_line_failure(result, 2, phrase)
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == [clip]
 
 

@@ -448,7 +448,9 @@ def test_a_reader_that_leaves_early_is_an_error_even_unbuffered(tmp_path, repo, 
     process.stdout.close()
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=300) == 1
-    assert stderr == "htsep: error: standard output was closed before the stem was written\n"
+    error, summary = stderr.splitlines()
+    assert error == f"htsep: error: {clip}: standard output was closed before the stem was written"
+    assert re.fullmatch(r"htsep: 0 separated, 0 skipped, 1 failed \([0-9.]+ s\)", summary)
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
@@ -469,9 +471,70 @@ def test_a_full_standard_output_is_one_line(tmp_path, repo, unbuffered):
             timeout=300,
         )
     assert done.returncode == 1
-    assert done.stderr == (
-        "htsep: error: cannot write the stem to standard output: No space left on device\n"
+    error, summary = done.stderr.splitlines()
+    assert error == (
+        f"htsep: error: {clip}: cannot write the stem to standard output: No space left on device"
     )
+    assert re.fullmatch(r"htsep: 0 separated, 0 skipped, 1 failed \([0-9.]+ s\)", summary)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+def test_a_failed_copy_to_stdout_fails_the_track_not_after_its_success(tmp_path):
+    """The stem was copied after the track was reported done: a full disk behind `-o - >`
+    printed "1 stems in ..." and then an error without the track's name or the summary."""
+    from helpers import write_clip
+
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 0.5)
+    command = [sys.executable, "-m", "htsep", str(clip), "-n", "htsep-tiny", "--stems", "drums"]
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run(
+            [*command, "-o", "-"], stdout=full, stderr=subprocess.PIPE, text=True, timeout=300
+        )
+    assert done.returncode == 1
+    error = f"htsep: error: {clip}: cannot write the stem to standard output: No space left on"
+    assert f"{error} device\n" in done.stderr
+    assert re.search(r"\nhtsep: 0 separated, 0 skipped, 1 failed \([0-9.]+ s\)\n$", done.stderr)
+    assert " stem in " not in done.stderr and " stems in " not in done.stderr
+    with open(tmp_path / "drums.wav", "wb") as target:
+        done = subprocess.run(
+            [*command, "-o", "-"], stdout=target, stderr=subprocess.PIPE, text=True, timeout=300
+        )
+    assert done.returncode == 0, done.stderr
+    assert "[1/1] song.wav: 1 stem in " in done.stderr  # one stem, not "1 stems"
+    assert (tmp_path / "drums.wav").read_bytes()[:4] == b"RIFF"
+
+
+@pytest.mark.parametrize("kind", ["file", "fifo", "link"])
+def test_an_output_folder_in_the_way_fails_before_the_model_is_downloaded(tmp_path, kind):
+    """-o naming a file was found only when the first stem was written, after htdemucs was
+    downloaded: offline, the download error came instead (HTSEP_MIRROR is unreachable here)."""
+    from helpers import write_clip
+
+    clip = tmp_path / "song.wav"
+    write_clip(clip, 0.5)
+    blocker = tmp_path / "blocker"
+    if kind == "fifo":
+        os.mkfifo(blocker)
+    else:
+        blocker.write_bytes(b"mine")
+    out = blocker
+    if kind == "link":
+        out = tmp_path / "link"
+        out.symlink_to(blocker)
+    result = runner.invoke(app, ["separate", "-q", str(clip), "-o", str(out / "sub")])
+    assert result.exit_code == 1, result.output
+    what = {
+        "file": "is a file, not a folder",
+        "fifo": "is a named pipe (FIFO), not a folder",
+        "link": "is a symbolic link to a file, not to a folder",
+    }[kind]
+    assert result.stderr == (
+        f"htsep: error: cannot create the output folder {out / 'sub' / 'htdemucs'}: {out} {what}\n"
+    )
+    assert not (tmp_path / "htsep-cache").exists() or not any((tmp_path / "htsep-cache").rglob("*"))
+    if kind != "fifo":
+        assert blocker.read_bytes() == b"mine"
 
 
 def test_a_closed_standard_input_is_named_closed(tmp_path, repo):
