@@ -8,6 +8,7 @@ stems = separator.separate_file("song.wav")       # {"drums": (C, T), ...} at th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -209,6 +210,9 @@ class Bag:
                     f"{_layout(model)} audio, member {self.spec.members[running[0]].signature} "
                     f"{_layout(first)}"
                 )
+        if spec.segment is not None:
+            for model, _ in self.members:
+                _apply_bag_segment(model, spec.segment)
         self.segment = min(model.segment for model, _ in self.members)
 
     def model(self, index: int) -> HTDemucs:
@@ -327,8 +331,6 @@ class Separator:
         self.slot = None if self.device.type == "cpu" else DeviceSlot(self.device)
         limit = self.bag.segment
         segment = settings.segment
-        if segment is None and self.spec.segment is not None and self.spec.segment <= limit:
-            segment = self.spec.segment  # a bag's own segment, as demucs applies it
         if segment is not None and segment > limit:
             raise UsageError(
                 f"--segment {show_number(float(segment))} is longer than the model's "
@@ -548,7 +550,27 @@ def write_stems(
         for target in targets.values():  # a bad format or rate fails before the networks
             AudioWriter(target, track.sample_rate, track.out_channels, **settings)
         written = {name: target for name, target in targets.items() if name not in keep}
+        # A set that replaces existing files is placed all at once (``_Replacement``); new
+        # files go in place one by one, and a track cut short keeps those it finished.
+        replacing = overwrite and any(os.path.lexists(target) for target in written.values())
         if clip_mode != "rescale":
+            done = PendingOutputs(track.sample_rate, track.frames)
+            if replacing:
+                replacement = _Replacement(written)
+                try:
+                    _write_blocks(
+                        track,
+                        replacement.held,
+                        two_stems,
+                        clip_mode,
+                        settings,
+                        overwrite=True,
+                        labels={name: str(target) for name, target in written.items()},
+                    )
+                    replacement.place(done.placed)
+                finally:
+                    replacement.cleanup()
+                return done
             made = _make_folders(written.values())
             try:
                 _write_blocks(track, written, two_stems, clip_mode, settings, overwrite=overwrite)
@@ -556,7 +578,6 @@ def write_stems(
                 for chain in made:  # the folders of a track that failed, if left empty
                     files.remove_empty(chain)
                 raise
-            done = PendingOutputs(track.sample_rate, track.frames)
             done.placed.extend(written.values())
             return done
         staging = _staging_folder(next(iter(targets.values())))
@@ -571,7 +592,13 @@ def write_stems(
             raise
         pending = PendingOutputs(track.sample_rate, track.frames)
         pending.stage(
-            staging, staged, written, 1 / max(1.01 * peak, 1.0), settings, overwrite=overwrite
+            staging,
+            staged,
+            written,
+            1 / max(1.01 * peak, 1.0),
+            settings,
+            overwrite=overwrite,
+            replacing=replacing,
         )
         return pending
 
@@ -670,7 +697,7 @@ class PendingOutputs:
         self.placed: list[Path] = []
         self._staging: files.StagingFolder | None = None
         self._work: tuple[dict[str, Path], dict[str, Path], float, dict[str, Any]] | None = None
-        self._overwrite = False
+        self._overwrite = self._replacing = False
 
     def stage(
         self,
@@ -681,26 +708,34 @@ class PendingOutputs:
         settings: dict[str, Any],
         *,
         overwrite: bool,
+        replacing: bool = False,
     ) -> None:
+        """``replacing``: the outputs replace existing files, and are placed all at once."""
         self._staging, self._work = staging, (staged, outputs, gain, settings)
-        self._overwrite = overwrite
+        self._overwrite, self._replacing = overwrite, replacing
 
     def finish(self, stop: threading.Event | None = None) -> None:
         """Write the final files (scaled by the track's gain), atomically, then drop the
-        staging folder. ``stop`` set: stop between blocks, leave no final file of this call
+        staging folder. New files go in place one by one; files that replace an existing set
+        are all encoded first, then put in place together, so that a failure leaves the old
+        set whole. ``stop`` set: stop between blocks, leave no final file of this call
         half-written, and raise EncodingStopped."""
+        replacement = None
         try:
             if self._work is None:
                 return
             staged, outputs, gain, settings = self._work
+            if self._replacing:
+                replacement = _Replacement(outputs)
             for name, target in outputs.items():
                 with (
                     AudioReader(staged[name]) as reader,
                     AudioWriter(
-                        target,
+                        target if replacement is None else replacement.held[name],
                         self.sample_rate,
                         reader.channels,
                         replace=self._overwrite,
+                        label=str(target),
                         **settings,
                     ) as writer,
                 ):
@@ -710,8 +745,13 @@ class PendingOutputs:
                         writer.write(
                             reader.read(start, min(BLOCK_FRAMES, reader.frames - start)) * gain
                         )
-                self.placed.append(target)
+                if replacement is None:
+                    self.placed.append(target)
+            if replacement is not None:
+                replacement.place(self.placed)
         finally:
+            if replacement is not None:
+                replacement.cleanup()
             self.discard()
 
     def discard(self) -> None:
@@ -720,6 +760,41 @@ class PendingOutputs:
         if self._staging is not None:
             self._staging.cleanup()
             self._staging = None
+
+
+class _Replacement:
+    """Final files that replace an existing set, held back until every one is complete: each
+    is encoded into a hidden staging folder beside its target, and only then are they all
+    renamed into place (a rename takes no space). A disk that fills at the second stem thus
+    leaves the old set whole, not new and old stems mixed (which --skip-existing would take
+    for a finished track)."""
+
+    def __init__(self, targets: dict[str, Path]) -> None:
+        self.targets = targets
+        self.held: dict[str, Path] = {}
+        self._folders: dict[str, files.StagingFolder] = {}
+        try:
+            for name, target in targets.items():
+                parent = os.path.abspath(target.parent)
+                if parent not in self._folders:  # one per folder: a rename stays in its file system
+                    self._folders[parent] = _staging_folder(target)
+                self.held[name] = self._folders[parent].path / target.name
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def place(self, placed: list[Path]) -> None:
+        """Rename every held file onto its target, appending each to ``placed``."""
+        for name, target in self.targets.items():
+            try:
+                files.place(self.held[name], target, replace=True)
+            except OSError as exc:
+                raise AudioError(f"{target}: cannot put in place: {exc.strerror or exc}") from None
+            placed.append(target)
+
+    def cleanup(self) -> None:
+        for folder in self._folders.values():
+            folder.cleanup()
 
 
 def _write_blocks(
@@ -994,6 +1069,14 @@ class StreamedTrack:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _apply_bag_segment(model: HTDemucs, segment: Fraction) -> None:
+    """A bag's own segment, as demucs applies it: a member whose segment is at least as long
+    takes the bag's, both as its chunk length and as the length each chunk is zero-padded to
+    in the network (with or without --segment); a shorter member keeps its own."""
+    if segment < model.segment:
+        model.config = dataclasses.replace(model.config, segment=segment)
 
 
 def _layout(model: HTDemucs) -> str:

@@ -1,15 +1,19 @@
 """End to end: the `htsep separate` command against the `demucs` command on the same
 checkpoint files, plus the smoke test and the batch behaviour."""
 
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+import yaml
 from helpers import RATE, htsep, write_clip
 
 import reference
@@ -19,15 +23,13 @@ def read(path: Path) -> tuple[np.ndarray, int]:
     return sf.read(path, dtype="float32", always_2d=True)
 
 
-@pytest.mark.parametrize("name", ["aaaa0001", "mixbag"])
-def test_same_stems_as_demucs(tmp_path, repo, name):
-    """`htsep` and `demucs` with the same repo and `--shifts 0 --float32` give the same stems
-    within 1e-6 of full scale (as the README says): a single model and a weighted bag, on a
-    multi-chunk clip."""
+def _same_stems_as_demucs(tmp_path: Path, repo: Path, name: str, *options: str) -> None:
+    """`htsep` and `demucs` with the same repo, ``options`` and `--shifts 0 --float32` give
+    the same stems within 1e-6 of full scale, on a multi-chunk clip."""
     clip = tmp_path / "clip.wav"
     write_clip(clip, 4.3)
     demucs_out, htsep_out = tmp_path / "demucs", tmp_path / "htsep"
-    common = ["--repo", str(repo), "-n", name, "--shifts", "0", "--float32"]
+    common = ["--repo", str(repo), "-n", name, "--shifts", "0", "--float32", *options]
     done = subprocess.run(
         [sys.executable, "-m", "demucs", *common, "-o", str(demucs_out), str(clip)],
         capture_output=True,
@@ -43,6 +45,32 @@ def test_same_stems_as_demucs(tmp_path, repo, name):
         assert rate == ref_rate == RATE and ours.shape == ref.shape
         assert 0 < np.abs(ref).max() < 0.99  # nothing clipped: the comparison is exact
         assert np.abs(ours - ref).max() <= 1e-6, (stem, np.abs(ours - ref).max())
+
+
+@pytest.mark.parametrize("name", ["aaaa0001", "mixbag"])
+def test_same_stems_as_demucs(tmp_path, repo, name):
+    """The same stems as demucs (as the README says): a single model and a weighted bag."""
+    _same_stems_as_demucs(tmp_path, repo, name)
+
+
+@pytest.mark.parametrize("options", [(), ("--segment", "1")], ids=["own", "segment-1"])
+def test_bag_segment_same_stems_as_demucs(tmp_path, repo, options):
+    """A bag whose own `segment` (1.2 s) is shorter than its members' (1.5 s): demucs gives
+    each member that segment, so every chunk is zero-padded to 1.2 s in the network, not to
+    the member's 1.5 s, also when --segment sets a shorter chunk."""
+    bag_repo = tmp_path / "repo"
+    shutil.copytree(repo, bag_repo)
+    (bag_repo / "segbag.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "models": ["aaaa0001", "bbbb0002"],
+                "weights": [[1.0, 0.5, 0.25, 1.0], [0.5, 1.0, 1.0, 0.25]],
+                "segment": 1.2,
+            }
+        )
+    )
+    assert reference.SMALL["segment"] == Fraction(3, 2)  # longer than the bag's
+    _same_stems_as_demucs(tmp_path, bag_repo, "segbag", *options)
 
 
 def test_smoke_short_clip(tmp_path, repo):
@@ -255,6 +283,56 @@ def test_existing_outputs_skip_and_overwrite(tmp_path, repo):
     assert vocals.read_bytes() == b"my own edit"
     assert htsep(*args, "--overwrite", str(clip)).exit_code == 0
     assert sf.info(vocals).frames == 4000
+
+
+@pytest.mark.parametrize(
+    ("clip_mode", "failing"), [("rescale", "write"), ("clamp", "close")], ids=["write", "close"]
+)
+@pytest.mark.parametrize("existing", [True, False], ids=["replacing", "fresh"])
+def test_a_full_disk_at_the_second_stem_never_mixes_old_and_new_stems(
+    tmp_path, repo, monkeypatch, clip_mode, failing, existing
+):
+    """--overwrite over an existing set, the disk full at the second stem (as its blocks are
+    written, or as its file is closed): the old set stays whole, bytes unchanged, and no
+    hidden file is left; else --skip-existing would take a mix of old and new stems for a
+    finished track. Fresh outputs keep the stems finished before the failure."""
+    clip = tmp_path / "song.wav"
+    out = tmp_path / "out"
+    args = ["--repo", str(repo), "-n", "aaaa0001", "-o", str(out), "-q", "--clip-mode", clip_mode]
+    folder = out / "aaaa0001" / "song"
+    old = {}
+    if existing:
+        write_clip(clip, 0.5, seed=1)
+        assert htsep(*args, str(clip)).exit_code == 0
+        old = {path.name: path.read_bytes() for path in folder.iterdir()}
+        assert sorted(old) == sorted(f"{stem}.wav" for stem in reference.SOURCES_4)
+    write_clip(clip, 0.5, seed=2)  # other samples: new stems differ from the old ones
+
+    real = getattr(sf.SoundFile, failing)
+
+    def full_disk(self, *rest):
+        # The temporary of bass.wav, the second stem (not its staged float copy).
+        if not self.closed and self.subtype != "FLOAT" and ".bass.wav." in os.fsdecode(self.name):
+            if failing == "close":
+                real(self, *rest)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, *rest)
+
+    monkeypatch.setattr(sf.SoundFile, failing, full_disk)
+    result = htsep(*args, "--overwrite", str(clip))
+    assert result.exit_code == 1
+    assert "No space left on device" in result.stderr
+    assert not [path for path in out.rglob(".*")]  # no temporary or staging folder left
+    left = {path.name: path.read_bytes() for path in folder.iterdir()}
+    if existing:
+        assert left == old
+    else:  # drums (and, when closing in reverse, other and vocals) were put in place
+        assert "bass.wav" not in left and left
+        monkeypatch.setattr(sf.SoundFile, failing, real)
+        assert htsep(*args, "--skip-existing", str(clip)).exit_code == 0
+        done = {path.name: path.read_bytes() for path in folder.iterdir()}
+        assert sorted(done) == sorted(f"{stem}.wav" for stem in reference.SOURCES_4)
+        assert {name: done[name] for name in left} == left  # kept, not written again
 
 
 def test_shard_slices_cover_the_inputs_once(tmp_path, repo):
