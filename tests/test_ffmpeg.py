@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
+from helpers import htsep as htsep_command
 
 from htsep import audio
 from htsep.audio import AudioReader, audio_info, read_audio, write_audio
@@ -215,6 +217,31 @@ def test_adts_aac_decodes(tmp_path, name, options):
     middle = got[:, frames // 4 : 3 * frames // 4]
     rms = middle.square().mean(dim=1).sqrt() * 2**0.5
     assert torch.allclose(rms, torch.tensor([0.5, 0.25]), rtol=0.05)
+
+
+@real
+def test_aac_in_mp4_reads_as_ffmpeg_decodes_it_with_its_start_aligned(tmp_path, repo):
+    """As the README says: an M4A reads at the length ffmpeg decodes (the encoder's padding at
+    the end kept, past the stated duration), and the encoder's priming is skipped, so a sound
+    that starts at frame N of the source starts at frame N of what htsep reads."""
+    frames, onset = RATE, 10_000
+    wave = tone(2, frames)
+    wave[:, :onset] = 0
+    write_audio(tmp_path / "source.wav", wave, RATE, bits=16)
+    path = encode(tmp_path / "source.wav", tmp_path / "x.m4a", "-c:a", "aac", "-b:a", "192k")
+    info = audio_info(path)
+    expected = torch.from_numpy(ffmpeg_decode(path, 2).T.copy())
+    got, rate = read_audio(path)
+    assert rate == RATE and torch.equal(got, expected)
+    assert info.frames == frames < got.shape[1] <= frames + 2048  # the stated length, exceeded
+    heard = int(torch.nonzero(got[0].abs() > 0.05)[0])
+    assert abs(heard - onset) <= 32, heard  # the priming (1024 frames) is not in front
+    # And the stems have that length too (the 8 kHz test model: resampled there and back).
+    out = tmp_path / "out"
+    done = htsep_command("--repo", str(repo), "-n", "aaaa0001", "-q", "-o", str(out), str(path))
+    assert done.exit_code == 0, done.output
+    stems = sorted((out / "aaaa0001" / "x").iterdir())
+    assert len(stems) == 4 and all(sf.info(stem).frames == got.shape[1] for stem in stems)
 
 
 def test_mpeg_sync_needs_a_layer(tmp_path):
