@@ -7,8 +7,8 @@ like demucs's ``--repo`` (``<sig>-<sha8>.th``, ``<sig>.th``, ``<sig>.safetensors
 
 Where files live (environment variables):
 
-- ``HTSEP_CACHE``: our download cache (default ``$XDG_CACHE_HOME/htsep``, else
-  ``~/.cache/htsep``). Files are named ``<sig>-<checksum>.th`` like demucs's.
+- ``HTSEP_CACHE``: our download cache (default ``$XDG_CACHE_HOME/htsep`` where that is an
+  absolute path, else ``~/.cache/htsep``). Files are named ``<sig>-<checksum>.th`` like demucs's.
 - ``TORCH_HOME``: demucs's (torch.hub's) cache, ``$TORCH_HOME/hub/checkpoints`` (default
   ``$XDG_CACHE_HOME/torch``, else ``~/.cache/torch``). A verified file there is used in place,
   so a machine that already ran demucs downloads nothing; it is never modified.
@@ -151,9 +151,13 @@ def expand_user(path: str) -> Path:
         return Path(path)
 
 
-def _user_cache_home() -> Path:
-    configured = os.environ.get("XDG_CACHE_HOME")
-    if configured:
+def _user_cache_home(*, relative: bool = False) -> Path:
+    """``$XDG_CACHE_HOME``, else ``~/.cache``. A relative value is ignored, as the XDG base
+    directory specification asks (a script run from a music folder must not fill it with a
+    cache), unless ``relative``: torch.hub takes it as it is, relative to the current folder,
+    and demucs's files are looked for where torch put them."""
+    configured = _configured("XDG_CACHE_HOME")
+    if configured and (relative or os.path.isabs(configured)):
         return Path(configured)
     try:
         return Path.home() / ".cache"
@@ -220,7 +224,7 @@ def torch_hub_dir() -> Path:
     Computed like ``torch.hub.get_dir`` without importing torch.
     """
     configured = _configured("TORCH_HOME")
-    home = expand_user(configured) if configured else _user_cache_home() / "torch"
+    home = expand_user(configured or str(_user_cache_home(relative=True) / "torch"))
     return home / "hub" / "checkpoints"
 
 

@@ -164,6 +164,25 @@ def test_cache_folders_follow_the_environment(
     assert zoo.torch_hub_dir() == tmp_path / "home" / ".cache" / "torch" / "hub" / "checkpoints"
 
 
+@pytest.mark.parametrize("xdg", ["relative/cache", "~/tilde-cache", ".", "/abs/cache"])
+def test_a_relative_xdg_cache_home_is_ignored_for_ours_and_followed_like_torch_for_demucs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, xdg: str
+) -> None:
+    """The XDG specification: a relative $XDG_CACHE_HOME is invalid, so htsep's cache does not
+    land in whatever folder a script runs from; demucs's files are still looked for where
+    torch.hub puts them (torch takes the value as it is: the oracle here)."""
+    import torch.hub
+
+    monkeypatch.delenv("HTSEP_CACHE")
+    monkeypatch.delenv("TORCH_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    monkeypatch.chdir(tmp_path)
+    ours = Path(xdg) / "htsep" if xdg.startswith("/") else tmp_path / "home" / ".cache" / "htsep"
+    assert zoo.cache_dir() == ours
+    assert zoo.torch_hub_dir() == Path(torch.hub.get_dir()) / "checkpoints"
+
+
 # --- the shipped registry ----------------------------------------------------------------------
 
 
