@@ -1307,8 +1307,30 @@ def demucs_style(argv: list[str]) -> list[str]:
     }
     commands |= {group.name or "" for group in app.registered_groups}
     if rest and rest[0] not in commands and rest[0] not in _ROOT_EAGER:
-        rest = ["separate", *rest]
+        command = _command_after_options(rest[: cut - len(verbose)], commands)
+        if command is not None:  # `htsep -q separate song.wav`: options before the command
+            rest = [rest[command], *rest[:command], *rest[command + 1 :]]
+        else:
+            rest = ["separate", *rest]
     return verbose[:1] + rest
+
+
+def _command_after_options(args: list[str], commands: set[str]) -> int | None:
+    """The index of a command name written after options (`htsep -q separate song.wav`), or
+    None: the first argument that is neither an option nor an option's value, when it names a
+    command and no file or folder of that name is here (then it is an input, as before)."""
+    valued: set[str] = set()
+    for param in typer.main.get_command(app).commands["separate"].params:  # type: ignore[attr-defined]
+        if getattr(param, "is_flag", True) is False:
+            valued |= set(param.opts)
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg.startswith("-") and arg != "-":
+            index += 2 if arg in valued else 1
+            continue
+        return index if arg in commands and not os.path.lexists(arg) else None
+    return None
 
 
 def main() -> None:

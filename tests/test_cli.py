@@ -103,6 +103,42 @@ def test_demucs_habits_and_verbose_after_the_command():
     ]  # fmt: skip
 
 
+def test_options_before_the_command_go_to_it(tmp_path, monkeypatch):
+    """`htsep -q separate song.wav` separated a file named "separate" (and failed on it): a
+    command name after options is the command, unless a file of that name is here or it is an
+    option's value."""
+    from htsep.cli import demucs_style
+
+    monkeypatch.chdir(tmp_path)
+    assert demucs_style(["-q", "separate", "a.wav"]) == ["separate", "-q", "a.wav"]
+    assert demucs_style(["-n", "htsep-tiny", "-v", "separate", "a.wav"]) == [
+        "-v", "separate", "-n", "htsep-tiny", "a.wav",
+    ]  # fmt: skip
+    assert demucs_style(["--json", "info", "x.th"]) == ["info", "--json", "x.th"]
+    # An option's value, an input before it, after "--", or a file here: inputs, as before.
+    for args in (["-o", "separate", "a.wav"], ["a.wav", "separate"], ["-q", "--", "separate"]):
+        assert demucs_style(args) == ["separate", *args]
+    (tmp_path / "separate").write_bytes(b"")
+    assert demucs_style(["-q", "separate"]) == ["separate", "-q", "separate"]
+
+
+def test_options_before_the_command_separate(tmp_path, repo):
+    from helpers import write_clip
+
+    write_clip(tmp_path / "song.wav", 0.5)
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "htsep", "-q", "separate", "--repo", str(repo), "-n", "aaaa0001"]
+        + ["-o", str(out), str(tmp_path / "song.wav")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert len(list((out / "aaaa0001" / "song").iterdir())) == 4
+
+
 def test_a_first_argument_that_is_not_a_command_separates(tmp_path, repo):
     from helpers import write_clip
 
