@@ -179,7 +179,8 @@ class Track:
 
     def records(self, model: str) -> list[dict[str, Any]]:
         """``record``, then one for each alias (the same but for ``input`` and ``same_as``,
-        the input that named the file first), so that every input has its record."""
+        the input that named the file first, with ``same_as_bytes`` when that is not UTF-8),
+        so that every input has its record."""
         first = self.record(model)
         out = [first]
         for alias in self.aliases:
@@ -187,6 +188,8 @@ class Track:
             record["input"], record["same_as"] = alias, self.source
             if not _utf8(alias):
                 record["input_bytes"] = _base64_path(alias)
+            if not _utf8(self.source):
+                record["same_as_bytes"] = _base64_path(self.source)
             out.append(record)
         return out
 
@@ -258,7 +261,7 @@ def find_inputs(patterns: Sequence[str | os.PathLike[str]], exclude: Path) -> li
         elif path.exists():
             add(path, pattern)
         elif glob.has_magic(pattern):
-            matches = [Path(m) for m in sorted(glob.glob(pattern, recursive=True))]
+            matches = [Path(m) for m in sorted(expand_pattern(pattern))]
             named = [
                 m for m in matches if m.is_file() and not files.real_path(m).is_relative_to(exclude)
             ]
@@ -269,10 +272,11 @@ def find_inputs(patterns: Sequence[str | os.PathLike[str]], exclude: Path) -> li
             # first wildcard: "music/**/*.m4a" writes music/A/01.m4a as A/01, as "music" does
             # (two 01.m4a of different folders would otherwise share one track folder).
             fixed = Path(*itertools.takewhile(lambda part: not glob.has_magic(part), path.parts))
-            for file in named:
-                add(file, str(file), root=fixed)
-            for file, root in below:
-                add(file, str(file), root=root)
+            taken = set()  # "music/**" gives music/A/01.wav, and again in music/ and music/A/
+            for file, root in [(file, fixed) for file in named] + below:
+                if file not in taken:
+                    taken.add(file)
+                    add(file, str(file), root=root)
         else:
             problem = files.broken_link(path) or "no such file or folder"
             tracks.append(Track(pattern, None, error=f"{pattern}: {problem}"))
@@ -291,12 +295,62 @@ def find_inputs(patterns: Sequence[str | os.PathLike[str]], exclude: Path) -> li
     return tracks
 
 
+def expand_pattern(pattern: str) -> set[str]:
+    """``glob.glob(pattern, recursive=True)``, except that ``**`` does not descend into links
+    to folders, as a folder argument is not searched through them: glob's ``**`` followed
+    them, so a link to a folder above it gave every file again 40 levels deep (until the
+    path was too long), and two such links ran for hours. A pattern's other parts, and its
+    part before ``**``, follow links as glob does; hidden names match only a part that
+    starts with a dot, as in glob."""
+    parts = pattern.split("/")
+    if "**" not in parts:
+        return set(glob.glob(pattern))
+    at = parts.index("**")
+    head, rest = "/".join(parts[:at]), "/".join(parts[at + 1 :])
+    if at and not head:  # "/**/...": the root folder
+        head = "/"
+    found: set[str] = set()
+    for base in glob.glob(head) if head else [""]:
+        if base and not os.path.isdir(base):
+            continue
+        for folder in _folders_below(base):
+            if rest:
+                found |= expand_pattern(os.path.join(glob.escape(folder), rest))
+            else:  # a final "**": the folders and the files in them, as glob gives them
+                if folder:
+                    found.add(os.path.join(folder, ""))
+                with os.scandir(folder or ".") as entries:
+                    found |= {os.path.join(folder, e.name) for e in entries if _plain_file(e)}
+    return found
+
+
+def _folders_below(base: str) -> list[str]:
+    """``base`` and every folder below it, not hidden and not through a link to a folder
+    (``os.walk`` does not follow them); named relative to ``base`` as given ("" is the current
+    folder, whose subfolders are then named without "./")."""
+    found = []
+    for root, subfolders, _ in os.walk(base or ".", followlinks=False):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        found.append(root if base else os.path.relpath(root))
+    return ["" if folder == "." and not base else folder for folder in found]
+
+
+def _plain_file(entry: os.DirEntry[str]) -> bool:
+    """A file that is not hidden (or a link to one), as a final ``**`` matches it."""
+    try:
+        return not entry.name.startswith(".") and entry.is_file()
+    except OSError:
+        return False
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """'K/N' -> (K, N), 1 <= K <= N, in plain ASCII digits (int() would also take "1_0",
     " 2" and other scripts' digits)."""
-    match = re.fullmatch(r"([0-9]{1,9})/([0-9]{1,9})", text)
+    match = re.fullmatch(r"([0-9]+)/([0-9]+)", text)
     if match is None:
         raise UsageError(f"--shard {text!r}: expected K/N (e.g. 1/4) or auto")
+    if any(len(number.lstrip("0")) > 9 for number in match.groups()):
+        raise UsageError(f"--shard {text!r}: too large (at most 999999999 slices)")
     index, count = int(match[1]), int(match[2])
     if count < 1 or not 1 <= index <= count:
         raise UsageError(f"--shard {text!r}: need 1 <= K <= N")

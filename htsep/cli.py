@@ -711,10 +711,7 @@ def _spool_stdin() -> Path:
 
 
 def _separate_tracks(opts: dict[str, Any], output: OutputSettings, settings: Any) -> int:
-    import torch
-
     from htsep import zoo
-    from htsep.separator import Separator
 
     quiet, to_stdout = opts["quiet"], opts.get("stdout", False)
     spec = zoo.find_model(opts["name"], repo=opts["repo"])
@@ -728,7 +725,6 @@ def _separate_tracks(opts: dict[str, Any], output: OutputSettings, settings: Any
     if to_stdout and tracks[0].path is not None and tracks[0].source != "-":
         with contextlib.suppress(OSError):
             _refuse_stdout_input(tracks[0].source, os.stat(tracks[0].path))
-    _warn_aliases(tracks)
     # Usage errors of the plan, before the model is loaded (or downloaded) and over every
     # input, not only this process's --shard.
     if not to_stdout:
@@ -736,10 +732,14 @@ def _separate_tracks(opts: dict[str, Any], output: OutputSettings, settings: Any
         stems = _stem_count(spec.sources, output, settings.stems)
         if stems is not None:
             check_template(output.template, output.ext, stems)
+    total = len(tracks)
+    if opts["shard"]:  # from here on, the records and warnings of this process's inputs only
+        tracks = take_shard(tracks, opts["shard"].index, opts["shard"].count)
+    _warn_aliases(tracks)
+    if not to_stdout:
         _check_out_folder(folder, tracks, json_lines=opts["json_lines"])
     if opts["shard"]:
-        shard, total = opts["shard"], len(tracks)
-        tracks = take_shard(tracks, shard.index, shard.count)
+        shard = opts["shard"]
         why = f" ({shard.origin})" if shard.origin else ""
         taken = f"shard {shard.index}/{shard.count}{why}"
         if not tracks:
@@ -757,6 +757,30 @@ def _separate_tracks(opts: dict[str, Any], output: OutputSettings, settings: Any
                 _echo_records(track, folder.name)
         _say(f"htsep: 0 separated, 0 skipped, {len(tracks)} failed (0.0 s)")
         return 1
+    reported: set[int] = set()  # the tracks whose records are out
+    try:
+        return _run_tracks(opts, tracks, output, settings, folder, reported)
+    except KeyboardInterrupt:
+        if opts["json_lines"]:
+            _interrupted_records(tracks, folder.name, reported)
+        raise
+
+
+def _run_tracks(
+    opts: dict[str, Any],
+    tracks: list[Track],
+    output: OutputSettings,
+    settings: Any,
+    folder: Path,
+    reported: set[int],
+) -> int:
+    """Load the model and separate ``tracks``; ``reported`` gets the index of each track
+    whose --json records are written."""
+    import torch
+
+    from htsep.separator import Separator
+
+    quiet, to_stdout = opts["quiet"], opts.get("stdout", False)
     if opts["jobs"]:
         torch.set_num_threads(opts["jobs"])
     try:
@@ -781,6 +805,7 @@ def _separate_tracks(opts: dict[str, Any], output: OutputSettings, settings: Any
         quiet=quiet,
         json_lines=opts["json_lines"],
         staging=opts["out"] if to_stdout else None,
+        reported=reported,
     )
     batch = Batch(separator, opts["out"], output, pipeline=opts["pipeline"], events=report)
     if to_stdout and len(batch.names) != 1:
@@ -796,12 +821,7 @@ def _separate_tracks(opts: dict[str, Any], output: OutputSettings, settings: Any
         _say(f"htsep: {separator.name} ({networks} network{'s' if networks > 1 else ''}) "
              f"on {separator.device}; {where}")  # fmt: skip
     started = time.perf_counter()
-    try:
-        batch.run(tracks)
-    except KeyboardInterrupt:
-        if opts["json_lines"]:
-            _interrupted_records(tracks, separator.name)
-        raise
+    batch.run(tracks)
     failed = sum(t.status == "failed" for t in tracks)
     skipped = sum(t.status == "skipped" for t in tracks)
     if not quiet or failed:
@@ -828,14 +848,18 @@ def _check_out_folder(folder: Path, tracks: list[Track], *, json_lines: bool) ->
     raise HtsepError(message)
 
 
-def _interrupted_records(tracks: list[Track], model: str) -> None:
-    """On Ctrl-C or a signal, the records of the tracks that did not end (status
-    interrupted), so that every input still has one; a stdout that fails now is let go."""
+def _interrupted_records(tracks: list[Track], model: str, reported: set[int]) -> None:
+    """On Ctrl-C or a signal, the records of the tracks not reported yet, so that every input
+    still has one: interrupted for those that did not end, skipped or failed for those whose
+    fate the plan had settled (outputs there already, no such file); a stdout that fails now
+    is let go."""
     try:
-        for track in tracks:
+        for index, track in enumerate(tracks):
+            if index in reported:
+                continue
             if track.status == "pending":
-                track.status = "interrupted"
-                _echo_records(track, model)
+                track.status = "interrupted" if track.error is None else "failed"
+            _echo_records(track, model)
         sys.stdout.flush()
     except (OSError, ValueError):
         pass
@@ -871,9 +895,18 @@ class _Report(BatchEvents):
     on stderr, JSON records on stdout)."""
 
     def __init__(
-        self, total: int, model: str, *, quiet: bool, json_lines: bool, staging: str | None = None
+        self,
+        total: int,
+        model: str,
+        *,
+        quiet: bool,
+        json_lines: bool,
+        staging: str | None = None,
+        reported: set[int] | None = None,
     ) -> None:
         self.total, self.model, self.quiet, self.json_lines = total, model, quiet, json_lines
+        # The tracks whose records are written: on an interruption, the others get theirs.
+        self.reported = reported if reported is not None else set()
         self.bar: Any = None  # the tqdm progress bar on screen
         # -o -: the hidden folder the stem is made in, gone once the command ends; errors
         # name the temporary folder instead (where a full disk would be).
@@ -927,6 +960,7 @@ class _Report(BatchEvents):
         if self.json_lines:
             for record in track.records(self.model):
                 self._line(json.dumps(record), err=False)
+        self.reported.add(index)
 
     def _line(self, line: str, err: bool) -> None:
         """Through tqdm while a bar is on screen, so that the bar is redrawn below the line."""

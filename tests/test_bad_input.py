@@ -181,6 +181,7 @@ def test_unknown_model_suggests_names(tmp_path):
         (["--shard", "0/4"], "--shard"),
         (["--shard", "\u0661/\u0662"], "--shard"),  # int() takes Arabic-Indic digits
         (["--shard", "1_0/2_0"], "--shard"),  # and underscores
+        (["--shard", "1/10000000000"], "too large"),  # it is K/N, just too many slices
         (["--shifts", "1_0"], "not a plain whole number"),  # int() reads 10
         (["--overlap", "\u0661.5"], "not a plain number"),
         (["--int24", "--float32"], "exclude each other"),

@@ -493,3 +493,61 @@ def test_a_stem_name_too_long_for_the_file_system_fails_when_planned(tmp_path):
     tracks = find_inputs([str(tmp_path / "in.wav")], exclude=folder)
     tracks[0].name = name[:-1]
     assert list(plan_outputs(tracks, settings, ["x", "y"], folder)) == [0]
+
+
+def test_a_pattern_does_not_run_through_links_to_folders_above(tmp_path):
+    # glob's "**" followed links to folders: a link to a parent gave each file 41 times
+    # (every level until the path was too long; two such links did not end in hours). "**"
+    # now goes through folders as a folder argument does, never through a link to one.
+    for name in ("music/A/01.wav", "music/top.wav", "other/x.wav", "music/.hidden/h.wav"):
+        _clip(tmp_path / name, 0.1, seed=0)
+    os.symlink("..", tmp_path / "music" / "A" / "up")
+    os.symlink("../../other", tmp_path / "music" / "A" / "other")
+    music = tmp_path / "music"
+    expected = [music / "A" / "01.wav", music / "top.wav"]
+    as_folder = find_inputs([music], exclude=tmp_path / "out")
+    assert [t.path for t in as_folder] == expected
+    for pattern, folders in [
+        ("music/**/*.wav", ["A", ""]),
+        ("mus*/**/*.wav", ["music/A", "music"]),
+        ("music/**", ["A", ""]),
+        ("music/**/**/*.wav", ["A", ""]),
+    ]:
+        tracks = find_inputs([str(tmp_path / pattern)], exclude=tmp_path / "out")
+        assert [t.path for t in tracks] == expected, pattern
+        assert [t.folder for t in tracks] == folders and not any(t.aliases for t in tracks)
+    # A link named before the "**" is followed, as a folder argument that is a link is.
+    os.symlink("music", tmp_path / "linked")
+    tracks = find_inputs([str(tmp_path / "linked" / "**" / "*.wav")], exclude=tmp_path / "out")
+    assert [t.path for t in tracks] == [
+        tmp_path / "linked" / "A" / "01.wav",
+        tmp_path / "linked" / "top.wav",
+    ]
+
+
+def test_a_pattern_from_the_current_folder_names_files_as_glob_does(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _clip(tmp_path / "a.wav", 0.1, seed=0)
+    _clip(tmp_path / "sub" / "b.wav", 0.1, seed=0)
+    os.symlink(".", tmp_path / "sub" / "loop")
+    tracks = find_inputs(["**/*.wav"], exclude=Path("out"))
+    assert [(t.source, t.folder, t.aliases) for t in tracks] == [
+        ("a.wav", "", []),
+        ("sub/b.wav", "sub", []),
+    ]
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="macOS file names must be UTF-8")
+def test_an_alias_of_a_name_that_is_not_utf8_has_the_bytes_of_both(tmp_path, monkeypatch):
+    import base64
+
+    monkeypatch.chdir(tmp_path)
+    name = b"caf\xe9.wav"
+    _clip(tmp_path / "clip.wav", 0.1, seed=0)
+    os.rename(tmp_path / "clip.wav", name)
+    os.symlink(name, b"l\xff.wav")
+    (track,) = find_inputs([os.fsdecode(name), os.fsdecode(b"l\xff.wav")], exclude=Path("out"))
+    first, alias = track.records("m")
+    assert base64.b64decode(first["input_bytes"]) == name and "same_as_bytes" not in first
+    assert base64.b64decode(alias["input_bytes"]) == b"l\xff.wav"
+    assert base64.b64decode(alias["same_as_bytes"]) == name

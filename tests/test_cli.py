@@ -1,3 +1,4 @@
+import json
 import os
 import re
 import subprocess
@@ -713,3 +714,72 @@ def test_stdout_to_a_terminal_is_refused(tmp_path, repo):
         os.close(controller)
     assert done.returncode == 2
     assert done.stderr.startswith("htsep: error: -o - writes the stem's bytes to standard output")
+
+
+def _json_records(result) -> list[tuple[str, str]]:
+    return [
+        (os.path.basename(r["input"]), r["status"])
+        for r in map(json.loads, result.stdout.splitlines())
+    ]
+
+
+def test_an_interruption_leaves_every_input_its_record(tmp_path, repo, monkeypatch):
+    # Interrupted at the first track: the second, whose stems are there (skipped), and the
+    # third, which names nothing (failed), had their fate settled by the plan but had no
+    # record yet; they used to get none, or "interrupted".
+    from helpers import htsep as separate
+    from helpers import write_clip
+
+    from htsep import batch, separator
+
+    write_clip(tmp_path / "t0.wav", 0.3)
+    write_clip(tmp_path / "t1.wav", 0.3, seed=1)
+    out = tmp_path / "out"
+    for stem in ("drums", "bass", "other", "vocals"):
+        write_clip(out / "aaaa0001" / "t1" / f"{stem}.wav", 0.3)
+    inputs = [str(tmp_path / name) for name in ("t0.wav", "t1.wav", "gone.wav")]
+    args = ["--repo", str(repo), "-n", "aaaa0001", "-o", str(out), "-q", "--json"]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(batch._Run, "_separate", interrupted)
+        result = separate(*args, "--skip-existing", "--no-pipeline", *inputs)
+    assert result.exit_code == 130
+    assert _json_records(result) == [
+        ("t0.wav", "interrupted"),
+        ("t1.wav", "skipped"),
+        ("gone.wav", "failed"),
+    ]
+    # Interrupted while the model loads (a download): every input gets its record too.
+    with monkeypatch.context() as patch:
+        patch.setattr(separator.Separator, "__init__", interrupted)
+        result = separate(*args, "--skip-existing", *inputs)
+    assert result.exit_code == 130
+    assert _json_records(result) == [
+        ("t0.wav", "interrupted"),
+        ("t1.wav", "interrupted"),
+        ("gone.wav", "failed"),
+    ]
+
+
+def test_shards_give_each_input_one_record_when_the_output_folder_cannot_be_made(tmp_path, repo):
+    # Every process of a job used to print the records of every input, its slice's or not:
+    # four shards, four records per input.
+    from helpers import htsep as separate
+    from helpers import write_clip
+
+    names = [f"t{index}.wav" for index in range(3)]
+    for index, name in enumerate(names):
+        write_clip(tmp_path / "album" / name, 0.3, seed=index)
+    (tmp_path / "out").write_text("a file where the output folder goes")
+    seen = []
+    for shard in ("1/4", "2/4", "3/4", "4/4"):
+        args = ["--repo", str(repo), "-n", "aaaa0001", "-o", str(tmp_path / "out"), "--json"]
+        result = separate(*args, "--shard", shard, str(tmp_path / "album"))
+        assert result.exit_code == 1, result.output
+        assert "cannot create the output folder" in result.stderr
+        assert {status for _, status in _json_records(result)} <= {"failed"}
+        seen += [name for name, _ in _json_records(result)]
+    assert sorted(seen) == names
