@@ -869,7 +869,10 @@ def _warn_aliases(tracks: list[Track]) -> None:
     """One warning per input that reached a file named before (a few, then their count)."""
     pairs = [(alias, track.source) for track in tracks for alias in track.aliases]
     for alias, first in pairs[:3]:
-        _warn(f"{alias}: the same file as {first}; separated once")
+        if alias == first:  # `album album/CD1`: two arguments whose searches overlap
+            _warn(f"{alias}: reached again by another folder or pattern; separated once")
+        else:
+            _warn(f"{alias}: the same file as {first}; separated once")
     if len(pairs) > 3:
         _warn(f"{len(pairs) - 3} more inputs reach files named before; each is separated once")
 

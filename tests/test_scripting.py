@@ -110,6 +110,23 @@ def test_inputs_reaching_one_file_each_get_a_record(tmp_path, repo, monkeypatch)
     assert len(list((tmp_path / "out").rglob("*.wav"))) == 2
 
 
+def test_a_file_two_folder_arguments_reach_is_separated_once_and_said_so(tmp_path, repo):
+    """`album album/CD1`: the warning said "x: the same file as x"; it says how it came."""
+    write_clip(tmp_path / "album" / "CD1" / "01.wav", 0.3)
+    album = tmp_path / "album"
+    result = _run(repo, tmp_path / "out", "-q", "--json", str(album), str(album / "CD1"))
+    assert result.exit_code == 0, result.output
+    file = str(album / "CD1" / "01.wav")
+    assert [(r["input"], r.get("same_as")) for r in _records(result)] == [
+        (file, None),
+        (file, file),
+    ]
+    assert [line for line in result.stderr.splitlines() if "separated once" in line] == [
+        f"htsep: warning: {file}: reached again by another folder or pattern; separated once"
+    ]
+    assert len(list((tmp_path / "out").rglob("*.wav"))) == 4
+
+
 def test_when_no_input_names_a_file_the_run_still_ends_with_its_summary(tmp_path, repo):
     result = _run(repo, tmp_path / "out", str(tmp_path / "nothere.wav"), str(tmp_path / "gone.wav"))
     assert result.exit_code == 1
