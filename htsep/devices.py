@@ -79,24 +79,41 @@ def parse_device(name: str | None) -> torch.device:
     return device
 
 
+def cpu_flags() -> set[str] | None:
+    """This CPU's feature flags as Linux lists them in /proc/cpuinfo (x86 "flags", Arm
+    "Features"); None where they cannot be read (not Linux)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    flags: set[str] = set()
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return flags or None
+
+
 @functools.cache
 def bf16_arithmetic() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (x86: AVX512-BF16 or AMX-BF16; Arm:
     BF16). Elsewhere torch emulates it: a 2048x2048 bf16 product on an AVX2-only EPYC ran at
     under 1 GFLOP/s against 170 in float32. Where the CPU's flags cannot be read (not Linux),
     True: torch is left to decide."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return True
-    flags: set[str] = set()
-    for line in lines:
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            flags.update(value.split())
-    if not flags:
-        return True
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    flags = cpu_flags()
+    return flags is None or bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+@functools.cache
+def amx_bf16() -> bool:
+    """Whether this CPU has AMX tiles for bfloat16 (Intel Xeon since Sapphire Rapids), which
+    torch's own bfloat16 CPU kernels (its fused attention among them) multiply with. Where the
+    flags cannot be read, torch's own answer (False if this torch cannot tell)."""
+    flags = cpu_flags()
+    if flags is None:
+        probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        return bool(probe()) if probe is not None else False
+    return "amx_bf16" in flags
 
 
 def auto_batch_size(device: torch.device, precision: str = "fp32") -> int:

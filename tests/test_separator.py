@@ -97,17 +97,18 @@ def test_bf16_is_refused_in_one_line_where_the_cpu_would_emulate_it(repo, monkey
 
 
 @pytest.mark.parametrize(
-    ("cpuinfo", "expected"),
+    ("cpuinfo", "expected", "amx"),
     [
-        ("flags\t\t: fpu sse avx2 fma avx512f\n", False),  # AVX-512 without BF16
-        ("flags\t\t: fpu avx2 avx512f avx512_bf16\n", True),  # Zen 4, Cooper Lake
-        ("flags\t\t: fpu avx2 amx_bf16 amx_tile\n", True),  # Sapphire Rapids
-        ("Features\t: fp asimd bf16 i8mm\n", True),  # Arm v8.6
-        ("Features\t: fp asimd\n", False),
-        ("processor\t: 0\n", True),  # no flags to read: torch decides
+        ("flags\t\t: fpu sse avx2 fma avx512f\n", False, False),  # AVX-512 without BF16
+        ("flags\t\t: fpu avx2 avx512f avx512_bf16\n", True, False),  # Zen 4, Cooper Lake
+        ("flags\t\t: fpu avx2 avx512_bf16 amx_bf16 amx_tile\n", True, True),  # Sapphire Rapids
+        ("flags\t\t: fpu avx2 amx_tile amx_int8\n", False, False),  # tiles without BF16
+        ("Features\t: fp asimd bf16 i8mm\n", True, False),  # Arm v8.6
+        ("Features\t: fp asimd\n", False, False),
+        ("processor\t: 0\n", True, None),  # no flags to read: torch decides
     ],
 )
-def test_bf16_arithmetic_reads_the_cpu_flags(tmp_path, monkeypatch, cpuinfo, expected):
+def test_bf16_arithmetic_reads_the_cpu_flags(tmp_path, monkeypatch, cpuinfo, expected, amx):
     from htsep import devices
 
     (tmp_path / "cpuinfo").write_text(cpuinfo)
@@ -115,11 +116,17 @@ def test_bf16_arithmetic_reads_the_cpu_flags(tmp_path, monkeypatch, cpuinfo, exp
     monkeypatch.setattr(
         devices, "Path", lambda p: real_path(tmp_path / "cpuinfo") if p == "/proc/cpuinfo" else p
     )
+    if amx is None:  # torch's own probe answers; here one that says yes
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+        amx = True
     devices.bf16_arithmetic.cache_clear()
+    devices.amx_bf16.cache_clear()
     try:
         assert devices.bf16_arithmetic() is expected
+        assert devices.amx_bf16() is amx
     finally:
         devices.bf16_arithmetic.cache_clear()
+        devices.amx_bf16.cache_clear()
 
 
 # --- the API checks its inputs --------------------------------------------------------------------

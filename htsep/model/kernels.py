@@ -26,6 +26,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from htsep.devices import amx_bf16
 from htsep.errors import UsageError
 
 # Overrides the choice of ``cpu_products`` ("onednn" or "blas"), for benchmarks and tests.
@@ -147,13 +148,16 @@ def attention(
 
     q: (B, H, N, D), k, v: (B, H, M, D) -> (B, N, H, D).
 
-    bfloat16 on the oneDNN path runs both products per head and per block of queries, through
-    oneDNN's bfloat16 kernels (1.2-1.5x torch's fused CPU kernel on a Zen 4 EPYC, which keeps
-    the scores in float32 where these are rounded to bfloat16 before the softmax, whose sums
-    are float32). Elsewhere torch's fused attention runs: in float32 it was 10-15% faster than
-    the blocks on that CPU (torch 2.14) and 8% faster than blocks through MKL on an AVX2 EPYC.
+    bfloat16 on the oneDNN path, on a CPU without AMX, runs both products per head and per
+    block of queries through oneDNN's bfloat16 kernels (1.2-1.5x torch's fused CPU kernel on a
+    Zen 4 EPYC, which keeps the scores in float32 where these are rounded to bfloat16 before
+    the softmax, whose sums are float32). Elsewhere torch's fused attention runs: in float32 it
+    was 10-15% faster than the blocks on that CPU (torch 2.14) and 8% faster than blocks
+    through MKL on an AVX2 EPYC; in bfloat16 on a CPU with AMX tiles it multiplies with them,
+    and inside the released network's forward pass it took 0.17-0.24 s against the blocks'
+    0.37-0.43 s (an Intel Xeon with AMX-BF16, torch 2.14).
     """
-    if dropout or q.dtype != torch.bfloat16 or fast_path(q) != "onednn":
+    if dropout or q.dtype != torch.bfloat16 or fast_path(q) != "onednn" or amx_bf16():
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=1.0)
         return out.transpose(1, 2)
     batch, heads, queries, dim = q.shape

@@ -116,12 +116,20 @@ def test_transformer_inference_path_matches_autograd_path(products):
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("amx", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,heads,queries,keys", [(1, 2, 7, 5), (2, 3, 1100, 37)])
-def test_attention_matches_float64(products, dtype, batch, heads, queries, keys):
-    """Every path (bfloat16 on oneDNN: blocks of queries, 1100 spans three) against the
-    attention computed in float64 from the same inputs: float32 to its rounding, bfloat16 to
-    its own (scores rounded before the softmax: about 1% of the output's scale)."""
+def test_attention_matches_float64(products, monkeypatch, amx, dtype, batch, heads, queries, keys):
+    """Every path (bfloat16 on oneDNN without AMX: blocks of queries, 1100 spans three; with
+    AMX, torch's fused kernel) against the attention computed in float64 from the same inputs:
+    float32 to its rounding, bfloat16 to its own (scores rounded before the softmax: about 1%
+    of the output's scale)."""
+    monkeypatch.setattr(kernels, "amx_bf16", lambda: amx)
+    blocks = []
+    real_softmax = torch.softmax
+    monkeypatch.setattr(
+        torch, "softmax", lambda *a, **kw: blocks.append(1) or real_softmax(*a, **kw)
+    )
     gen = torch.Generator().manual_seed(1)
     q = (torch.randn(batch, heads, queries, 16, generator=gen) / 4).to(dtype)
     k = torch.randn(batch, heads, keys, 16, generator=gen).to(dtype)
@@ -136,3 +144,6 @@ def test_attention_matches_float64(products, dtype, batch, heads, queries, keys)
         assert error < 1e-6, error
     else:
         assert 1e-4 < error < 1e-2, error  # really rounded to bfloat16, no more than that
+    # The blocks ran exactly where chosen: one softmax per head and block of 512 queries.
+    chosen = dtype == torch.bfloat16 and products == "onednn" and not amx
+    assert len(blocks) == (batch * heads * -(-queries // 512) if chosen else 0)
