@@ -195,7 +195,10 @@ def bench_commands(args: argparse.Namespace, work: Path) -> None:
         # The same command from another checkout (e.g. a git worktree of an older commit),
         # found before the installed htsep on the module path.
         baseline_env = dict(env, PYTHONPATH=str(args.baseline.resolve()))
-        variants["baseline"] = ([sys.executable, "-m", "htsep", *htsep_args[1:]], baseline_env)
+        baseline_args = [sys.executable, "-m", "htsep", *htsep_args[1:]]
+        variants["baseline"] = (baseline_args, baseline_env)
+        if "htsep bf16" in variants:
+            variants["baseline bf16"] = ([*baseline_args, "--precision", "bf16"], baseline_env)
     forward = ForwardTimer(checkpoint, args.threads)
     # The arithmetic floor of each clip (every product at the rate of a large one), with the
     # FLOP count taken on demucs's network (htsep's inference paths add small products).
@@ -274,11 +277,13 @@ def report(
             out[name] / SIGNATURE / clip.stem, out["demucs"] / SIGNATURE / clip.stem
         )
         print(f"{name}: max |stem difference| from demucs {difference:.2e}, SNR {snr:.1f} dB")
-    ours = statistics.median(times["htsep"])
-    if "htsep bf16" in times:
-        ratios = [b / a for a, b in zip(times["htsep"], times["htsep bf16"], strict=True)]
-        print(f"htsep bf16 / htsep fp32: {statistics.median(times['htsep bf16']) / ours:.3f} "
-              f"(median of the runs' own ratios {statistics.median(ratios):.3f})")  # fmt: skip
+    for name in ("htsep", "baseline"):
+        if f"{name} bf16" in times:
+            full, reduced = times[name], times[f"{name} bf16"]
+            ratios = [b / a for a, b in zip(full, reduced, strict=True)]
+            print(f"{name} bf16 / {name} fp32: "
+                  f"{statistics.median(reduced) / statistics.median(full):.3f} "
+                  f"(median of the runs' own ratios {statistics.median(ratios):.3f})")  # fmt: skip
     for name, runs in inside.items():
         # The issue's overhead counts the first pass's extra time (oneDNN primitives made,
         # first touches) as start-up: the share outside the network when every call costs
@@ -297,6 +302,7 @@ def report(
             + ", ".join(f"{a:.1%}/{b:.1%}" for a, b in zip(shares, steady_shares, strict=True))
             + ")"
         )
+    ours = statistics.median(times["htsep"])
     print(
         f"cross-check: {chunks} chunks x {forward:.2f} s (one forward, timed alone here) = "
         f"{chunks * forward:.2f} s; htsep's run less that: {ours - chunks * forward:.2f} s, "
