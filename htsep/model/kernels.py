@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +135,55 @@ def linear_add(
     if path == "blas":
         return _matrix(x, weight, bias).add_(residual)
     return residual + F.linear(x, weight, bias)
+
+
+# In bfloat16 on AMX CPUs, convolutions with kernels longer than this along an axis, on fewer
+# input channels than that, run through float32 (``convolution``).
+_AMX_SAFE_TAPS = 3
+_AMX_SAFE_CHANNELS = 32
+
+
+def convolution(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int | tuple[int, ...] = 1,
+    padding: int | tuple[int, ...] = 0,
+    dilation: int | tuple[int, ...] = 1,
+) -> torch.Tensor:
+    """``F.conv1d`` or ``F.conv2d`` (by the weight's dimensions), except that in bfloat16 on a
+    CPU with AMX tiles a kernel of more than 3 taps along an axis on fewer than 32 input
+    channels runs in float32, its output rounded to bfloat16. oneDNN 3.12's AMX bfloat16
+    convolution (torch 2.14, an Emerald Rapids Xeon) returned wrong values, errors as large as
+    the output itself, for some such shapes: 8-tap kernels on 8 to 24 input channels
+    (htsep-tiny's encoders: 12 and 24), along time and along frequency alike, 4- and 16-tap
+    ones on 16 and 24 channels, 16-tap ones on 4 and 6 (10% of 640 shapes each). None did
+    without AMX (ONEDNN_MAX_CPU_ISA below it), in thousands of shapes with 1 to 3 taps per
+    axis, or in 2,520 shapes of 4 to 16 taps on 28 to 192 input channels (the released models'
+    encoders have 48 and more, past their first, which this routes too).
+
+    x: (B, I, T) or (B, I, F, T) -> (B, O, ...)
+    """
+    run = F.conv2d if weight.dim() == 4 else F.conv1d
+    if (
+        x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and max(weight.shape[2:]) > _AMX_SAFE_TAPS
+        and weight.shape[1] < _AMX_SAFE_CHANNELS
+        and amx_bf16()
+    ):
+        wide = None if bias is None else bias.float()
+        out = run(x.float(), weight.float(), wide, stride, padding, dilation)
+        return out.to(torch.bfloat16)
+    return run(x, weight, bias, stride, padding, dilation)
+
+
+def conv(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for an ``nn.Conv1d`` or ``nn.Conv2d`` (zero padding, one group), through
+    ``convolution``."""
+    layer = cast(torch.nn.Conv1d, module)
+    padding = cast(tuple[int, ...], layer.padding)
+    return convolution(x, layer.weight, layer.bias, layer.stride, padding, layer.dilation)
 
 
 # Queries per block in ``attention``: a block's scores (rows x keys floats) stay in cache.

@@ -349,7 +349,7 @@ def _conv_glu(
     each half of the weights. Elsewhere one conv was as fast or faster (a Zen 4 EPYC, torch
     2.14)."""
     conv = cast(nn.Conv1d, conv)
-    run = F.conv2d if isinstance(conv, nn.Conv2d) else F.conv1d
+    run = kernels.convolution
     half = conv.out_channels // 2
     bias = conv.bias
     options = {"padding": padding.get("padding", conv.padding)}
@@ -445,7 +445,7 @@ class EncoderLayer(nn.Module):
                 return self._bands(x, rows, band)
         if not self.freq and x.shape[-1] % self.stride:
             x = F.pad(x, (0, self.stride - x.shape[-1] % self.stride))
-        y = _gelu_fresh(_apply(self.norm, self.conv(_conv_input(x, self.freq))))
+        y = _gelu_fresh(_apply(self.norm, kernels.conv(self.conv, _conv_input(x, self.freq))))
         if self.dconv is not None:
             y = self.dconv(y, overwrite=True)
         if self.rewrite is not None:
@@ -455,7 +455,7 @@ class EncoderLayer(nn.Module):
                 return spans
             if self.rewrite_norm is None and kernels.fast_path(y) is not None:
                 return _conv_glu(self.rewrite, _conv_input(y, self.freq))
-            y = self.rewrite(_conv_input(y, self.freq))
+            y = kernels.conv(self.rewrite, _conv_input(y, self.freq))
             y = _glu_compact(_apply(self.rewrite_norm, y))
         return y
 
@@ -475,7 +475,9 @@ class EncoderLayer(nn.Module):
             piece = _row_range(
                 x, first * self.stride - pad, (last - 1) * self.stride - pad + kernel
             )
-            y = F.conv2d(_conv_input(piece, True), conv.weight, conv.bias, stride=(self.stride, 1))
+            y = kernels.convolution(
+                _conv_input(piece, True), conv.weight, conv.bias, stride=(self.stride, 1)
+            )
             y = _gelu_fresh(y)
             if self.dconv is not None:
                 y = self.dconv(y, overwrite=True)
@@ -551,7 +553,7 @@ class DecoderLayer(nn.Module):
             elif self.rewrite_norm is None and kernels.fast_path(y) is not None:
                 y = _conv_glu(self.rewrite, _conv_input(y, self.freq))
             else:
-                y = self.rewrite(_conv_input(y, self.freq))
+                y = kernels.conv(self.rewrite, _conv_input(y, self.freq))
                 y = _glu_fresh(_apply(self.rewrite_norm, y))
         if self.dconv is not None:
             y = self.dconv(y, overwrite=True)

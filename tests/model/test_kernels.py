@@ -147,3 +147,68 @@ def test_attention_matches_float64(products, monkeypatch, amx, dtype, batch, hea
     # The blocks ran exactly where chosen: one softmax per head and block of 512 queries.
     chosen = dtype == torch.bfloat16 and products == "onednn" and not amx
     assert len(blocks) == (batch * heads * -(-queries // 512) if chosen else 0)
+
+
+# Shapes of the class oneDNN 3.12's AMX bfloat16 convolution got wrong (``kernels.convolution``):
+# (input channels, output channels, taps, stride, padding, time, frequency rows or None for 1-D).
+_LONG_KERNELS = [
+    (12, 24, 8, 4, 2, 3000, None),  # htsep-tiny's second waveform encoder
+    (8, 8, 8, 1, 0, 1000, None),
+    (16, 24, 4, 4, 0, 5000, None),
+    (24, 24, 16, 4, 0, 5000, None),
+    (8, 12, 8, 4, 2, 130, 256),  # along frequency, many frames
+    (12, 24, 8, 4, 2, 65, 512),  # htsep-tiny's second spectral encoder
+    (4, 8, 16, 1, 0, 9000, None),
+    (4, 8, 16, 1, 0, 562, 336),
+    (48, 96, 8, 4, 2, 2000, None),  # the released model's, unaffected
+]
+
+
+def _long_kernel_operands(cin, cout, taps, time, rows):
+    gen = torch.Generator().manual_seed(3)
+    if rows is None:
+        x = torch.randn(1, cin, time, generator=gen)
+        weight = torch.randn(cout, cin, taps, generator=gen)
+    else:
+        x = torch.randn(1, cin, rows, time, generator=gen)
+        x = x.contiguous(memory_format=torch.channels_last)  # the CPU's spectral layout
+        weight = torch.randn(cout, cin, taps, 1, generator=gen)
+    bias = torch.randn(cout, generator=gen)
+    return x.bfloat16(), (weight / (cin * taps) ** 0.5).bfloat16(), bias.bfloat16()
+
+
+@pytest.mark.parametrize("cin,cout,taps,stride,padding,time,rows", _LONG_KERNELS)
+def test_bf16_convolution_matches_float64_on_this_cpu(cin, cout, taps, stride, padding, time, rows):
+    """On whatever CPU runs the tests (with AMX: the float32 route), bfloat16 convolutions
+    against float64 from the same bfloat16 operands: within bfloat16's rounding of the output
+    (the wrong AMX results were off by about the output's own size)."""
+    x, weight, bias = _long_kernel_operands(cin, cout, taps, time, rows)
+    options = (
+        {"stride": stride, "padding": padding}
+        if rows is None
+        else {"stride": (stride, 1), "padding": (padding, 0)}
+    )
+    run = F.conv1d if rows is None else F.conv2d
+    expected = run(x.double(), weight.double(), bias.double(), **options)
+    with torch.inference_mode():
+        ours = kernels.convolution(x, weight, bias, **options)
+    assert ours.dtype == torch.bfloat16 and ours.shape == expected.shape
+    error = (ours.double() - expected).norm() / expected.norm()
+    assert error < 1e-2, error
+
+
+@pytest.mark.parametrize("amx", [False, True])
+@pytest.mark.parametrize("taps", [1, 3, 4, 8])
+@pytest.mark.parametrize("cin", [12, 31, 32])
+def test_bf16_convolution_route(monkeypatch, amx, taps, cin):
+    """More than 3 taps on fewer than 32 input channels, bfloat16, a CPU with AMX: float32
+    operands, the output rounded once; anything else: the bfloat16 convolution itself."""
+    monkeypatch.setattr(kernels, "amx_bf16", lambda: amx)
+    x, weight, bias = _long_kernel_operands(cin, 24, taps, 400, None)
+    with torch.inference_mode():
+        ours = kernels.convolution(x, weight, bias, stride=2, padding=1)
+        wide = F.conv1d(x.float(), weight.float(), bias.float(), stride=2, padding=1)
+        plain = F.conv1d(x, weight, bias, stride=2, padding=1)
+        floats = kernels.convolution(x.float(), weight.float(), bias.float(), stride=2, padding=1)
+    assert torch.equal(ours, wide.bfloat16() if amx and taps > 3 and cin < 32 else plain)
+    assert torch.equal(floats, wide)  # float32 is never rerouted
