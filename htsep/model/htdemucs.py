@@ -181,11 +181,15 @@ class HTDemucs(nn.Module):
             return self.transformer(x, xt)
         rows = x.shape[2]
         flat = rearrange(x, "b c f n -> b c (f n)")
-        x = rearrange(self.bottleneck["freq_in"](flat), "b c (f n) -> b c f n", f=rows)
-        x, xt = self.transformer(x, self.bottleneck["time_in"](xt))
+        x = rearrange(
+            kernels.conv(self.bottleneck["freq_in"], flat), "b c (f n) -> b c f n", f=rows
+        )
+        x, xt = self.transformer(x, kernels.conv(self.bottleneck["time_in"], xt))
         flat = rearrange(x, "b c f n -> b c (f n)")
-        x = rearrange(self.bottleneck["freq_out"](flat), "b c (f n) -> b c f n", f=rows)
-        return x, self.bottleneck["time_out"](xt)
+        x = rearrange(
+            kernels.conv(self.bottleneck["freq_out"], flat), "b c (f n) -> b c f n", f=rows
+        )
+        return x, kernels.conv(self.bottleneck["time_out"], xt)
 
     def forward(self, mix: torch.Tensor) -> torch.Tensor:
         """mix: (B, C, T) -> stems (B, S, C, T)."""

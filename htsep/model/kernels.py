@@ -151,7 +151,8 @@ def convolution(
     padding: int | tuple[int, ...] = 0,
     dilation: int | tuple[int, ...] = 1,
 ) -> torch.Tensor:
-    """``F.conv1d`` or ``F.conv2d`` (by the weight's dimensions), except that in bfloat16 on a
+    """``F.conv1d`` or ``F.conv2d`` (by the weight's dimensions). A bfloat16 1-tap ``conv1d``
+    in CPU inference is a matrix product (``_pointwise``). In bfloat16 on a
     CPU with AMX tiles a kernel of more than 3 taps along an axis on fewer than 32 input
     channels runs in float32, its output rounded to bfloat16. oneDNN 3.12's AMX bfloat16
     convolution (torch 2.14, an Emerald Rapids Xeon) returned wrong values, errors as large as
@@ -166,6 +167,16 @@ def convolution(
     """
     run = F.conv2d if weight.dim() == 4 else F.conv1d
     if (
+        weight.dim() == 3
+        and weight.shape[2] == 1
+        and stride in (1, (1,))
+        and padding in (0, (0,))
+        and x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and overwritable(x)
+    ):
+        return _pointwise(x, weight, bias)
+    if (
         x.dtype == torch.bfloat16
         and x.device.type == "cpu"
         and max(weight.shape[2:]) > _AMX_SAFE_TAPS
@@ -176,6 +187,25 @@ def convolution(
         out = run(x.float(), weight.float(), wide, stride, padding, dilation)
         return out.to(torch.bfloat16)
     return run(x, weight, bias, stride, padding, dilation)
+
+
+def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 1-tap ``F.conv1d`` as one matrix product per batch item, (O, I) x (I, T), in CPU
+    inference: in bfloat16 on (B, I, T) tensors, torch's convolution reordered them to and
+    from channels-last around oneDNN's kernel and took 9-20 ms on the released model's
+    waveform rewrite convs (48-96 channels in, 21,499-85,995 steps) where the product took
+    1.2-2.2 ms (an Intel Xeon with AMX, torch 2.14).
+
+    x: (B, I, T), weight: (O, I, 1) -> (B, O, T)
+    """
+    matrix = weight[:, :, 0]
+    out = x.new_empty(x.shape[0], weight.shape[0], x.shape[2])
+    for item in range(x.shape[0]):
+        if bias is None:
+            torch.mm(matrix, x[item], out=out[item])
+        else:
+            torch.addmm(bias[:, None], matrix, x[item], out=out[item])
+    return out
 
 
 def conv(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -212,3 +212,33 @@ def test_bf16_convolution_route(monkeypatch, amx, taps, cin):
         floats = kernels.convolution(x.float(), weight.float(), bias.float(), stride=2, padding=1)
     assert torch.equal(ours, wide.bfloat16() if amx and taps > 3 and cin < 32 else plain)
     assert torch.equal(floats, wide)  # float32 is never rerouted
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_pointwise_convolution_is_a_product(bias):
+    """A bfloat16 1-tap conv1d in inference: one product per batch item (on a strided span of
+    time too, as the rewrite convs take them), within bfloat16's rounding of float64; with
+    autograd recording, torch's own convolution."""
+    gen = torch.Generator().manual_seed(4)
+    whole = torch.randn(2, 48, 700, generator=gen).bfloat16()
+    x = whole[..., 100:400]  # a span: rows strided by 700
+    weight = (torch.randn(96, 48, 1, generator=gen) / 7).bfloat16()
+    b = torch.randn(96, generator=gen).bfloat16() if bias else None
+    expected = F.conv1d(x.double(), weight.double(), None if b is None else b.double())
+    with torch.inference_mode():
+        ours = kernels.convolution(x, weight, b, padding=0)
+        products = torch.stack(
+            [
+                torch.mm(weight[:, :, 0], x[item])
+                if b is None
+                else torch.addmm(b[:, None], weight[:, :, 0], x[item])
+                for item in range(2)
+            ]
+        )
+    assert ours.shape == expected.shape and ours.dtype == torch.bfloat16
+    assert ((ours.double() - expected).norm() / expected.norm()) < 1e-2
+    assert torch.equal(ours, products)  # the products themselves, bit for bit
+    leaf = x.detach().requires_grad_()
+    recorded = kernels.convolution(leaf, weight, b)
+    assert recorded.requires_grad
+    assert torch.equal(recorded.detach(), F.conv1d(x, weight, b))
