@@ -151,9 +151,10 @@ def convolution(
     padding: int | tuple[int, ...] = 0,
     dilation: int | tuple[int, ...] = 1,
 ) -> torch.Tensor:
-    """``F.conv1d`` or ``F.conv2d`` (by the weight's dimensions). A bfloat16 1-tap ``conv1d``
-    in CPU inference is a matrix product (``_pointwise``). In bfloat16 on a
-    CPU with AMX tiles a kernel of more than 3 taps along an axis on fewer than 32 input
+    """``F.conv1d`` or ``F.conv2d`` (by the weight's dimensions). On a CPU with AMX tiles, a
+    bfloat16 1-tap ``conv1d`` in inference is a matrix product (``_pointwise``; with oneDNN
+    held below AMX the product was no faster, so other CPUs keep the convolution). In bfloat16
+    on a CPU with AMX tiles a kernel of more than 3 taps along an axis on fewer than 32 input
     channels runs in float32, its output rounded to bfloat16. oneDNN 3.12's AMX bfloat16
     convolution (torch 2.14, an Emerald Rapids Xeon) returned wrong values, errors as large as
     the output itself, for some such shapes: 8-tap kernels on 8 to 24 input channels
@@ -174,6 +175,7 @@ def convolution(
         and x.dtype == torch.bfloat16
         and x.device.type == "cpu"
         and overwritable(x)
+        and amx_bf16()
     ):
         return _pointwise(x, weight, bias)
     if (
@@ -191,7 +193,7 @@ def convolution(
 
 def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A 1-tap ``F.conv1d`` as one matrix product per batch item, (O, I) x (I, T), in CPU
-    inference: in bfloat16 on (B, I, T) tensors, torch's convolution reordered them to and
+    inference with AMX: in bfloat16 on (B, I, T) tensors, torch's convolution reordered them to and
     from channels-last around oneDNN's kernel and took 9-20 ms on the released model's
     waveform rewrite convs (48-96 channels in, 21,499-85,995 steps) where the product took
     1.2-2.2 ms (an Intel Xeon with AMX, torch 2.14).

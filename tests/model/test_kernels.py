@@ -215,10 +215,11 @@ def test_bf16_convolution_route(monkeypatch, amx, taps, cin):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_bf16_pointwise_convolution_is_a_product(bias):
-    """A bfloat16 1-tap conv1d in inference: one product per batch item (on a strided span of
-    time too, as the rewrite convs take them), within bfloat16's rounding of float64; with
-    autograd recording, torch's own convolution."""
+def test_bf16_pointwise_convolution_is_a_product(monkeypatch, bias):
+    """A bfloat16 1-tap conv1d in inference on a CPU with AMX: one product per batch item (on
+    a strided span of time too, as the rewrite convs take them), within bfloat16's rounding of
+    float64; with autograd recording, or without AMX, torch's own convolution."""
+    monkeypatch.setattr(kernels, "amx_bf16", lambda: True)
     gen = torch.Generator().manual_seed(4)
     whole = torch.randn(2, 48, 700, generator=gen).bfloat16()
     x = whole[..., 100:400]  # a span: rows strided by 700
@@ -242,3 +243,6 @@ def test_bf16_pointwise_convolution_is_a_product(bias):
     recorded = kernels.convolution(leaf, weight, b)
     assert recorded.requires_grad
     assert torch.equal(recorded.detach(), F.conv1d(x, weight, b))
+    monkeypatch.setattr(kernels, "amx_bf16", lambda: False)
+    with torch.inference_mode():
+        assert torch.equal(kernels.convolution(x, weight, b), F.conv1d(x, weight, b))
