@@ -193,8 +193,8 @@ def convolution(
 
 def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A 1-tap ``F.conv1d`` as one matrix product per batch item, (O, I) x (I, T), in CPU
-    inference with AMX: in bfloat16 on (B, I, T) tensors, torch's convolution reordered them to and
-    from channels-last around oneDNN's kernel and took 9-20 ms on the released model's
+    inference with AMX: in bfloat16 on (B, I, T) tensors, torch's convolution reordered them
+    to and from channels-last around oneDNN's kernel and took 9-20 ms on the released model's
     waveform rewrite convs (48-96 channels in, 21,499-85,995 steps) where the product took
     1.2-2.2 ms (an Intel Xeon with AMX, torch 2.14).
 
