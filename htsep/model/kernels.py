@@ -167,24 +167,17 @@ def convolution(
     x: (B, I, T) or (B, I, F, T) -> (B, O, ...)
     """
     run = F.conv2d if weight.dim() == 4 else F.conv1d
+    amx = x.dtype == torch.bfloat16 and x.device.type == "cpu" and amx_bf16()
     if (
-        weight.dim() == 3
+        amx
+        and weight.dim() == 3
         and weight.shape[2] == 1
         and stride in (1, (1,))
         and padding in (0, (0,))
-        and x.dtype == torch.bfloat16
-        and x.device.type == "cpu"
         and overwritable(x)
-        and amx_bf16()
     ):
         return _pointwise(x, weight, bias)
-    if (
-        x.dtype == torch.bfloat16
-        and x.device.type == "cpu"
-        and max(weight.shape[2:]) > _AMX_SAFE_TAPS
-        and weight.shape[1] < _AMX_SAFE_CHANNELS
-        and amx_bf16()
-    ):
+    if amx and max(weight.shape[2:]) > _AMX_SAFE_TAPS and weight.shape[1] < _AMX_SAFE_CHANNELS:
         wide = None if bias is None else bias.float()
         out = run(x.float(), weight.float(), wide, stride, padding, dilation)
         return out.to(torch.bfloat16)

@@ -246,3 +246,38 @@ def test_bf16_pointwise_convolution_is_a_product(monkeypatch, bias):
     monkeypatch.setattr(kernels, "amx_bf16", lambda: False)
     with torch.inference_mode():
         assert torch.equal(kernels.convolution(x, weight, b), F.conv1d(x, weight, b))
+
+
+@pytest.mark.parametrize("inference", [True, False])
+def test_no_long_bf16_convolution_escapes_the_route(monkeypatch, inference):
+    """htsep-tiny's bfloat16 copy on a CPU taken for one with AMX, whole and in bands: every
+    convolution of more than 3 taps on fewer than 32 input channels, wherever in the network
+    it is called, gets float32 operands (a site calling torch's convolution directly would hand
+    it bfloat16 ones, which oneDNN's AMX kernels got wrong)."""
+    from htsep.model import layers
+    from htsep.model.config import tiny_config
+    from htsep.model.htdemucs import HTDemucs, bfloat16_copy
+
+    monkeypatch.setattr(kernels, "amx_bf16", lambda: True)
+    monkeypatch.setattr(layers, "_BAND_BYTES", 1 << 16)  # many bands at this size
+    seen = []
+
+    def recording(real):
+        def conv(x, weight, *args, **kwargs):
+            if max(weight.shape[2:]) > 3 and weight.shape[1] < 32:
+                seen.append(x.dtype)
+            return real(x, weight, *args, **kwargs)
+
+        return conv
+
+    monkeypatch.setattr(F, "conv1d", recording(F.conv1d))
+    monkeypatch.setattr(F, "conv2d", recording(F.conv2d))
+    torch.manual_seed(0)
+    model = bfloat16_copy(HTDemucs(tiny_config(["a", "b"], 8000, 2)).eval())
+    mix = torch.randn(1, 2, 8000)
+    if inference:
+        with torch.inference_mode():
+            model(mix)
+    else:  # autograd recording: the plain formulation of each layer
+        model(mix)
+    assert seen and set(seen) == {torch.float32}, seen
