@@ -557,12 +557,17 @@ class DecoderLayer(nn.Module):
                 y = _glu_fresh(_apply(self.rewrite_norm, y))
         if self.dconv is not None:
             y = self.dconv(y, overwrite=True)
-        z = _apply(self.norm, self.conv_transpose(_conv_input(y, self.freq)))
+        if self.freq:
+            z = self.conv_transpose(_conv_input(y, True))
+        else:
+            conv1d = cast(nn.ConvTranspose1d, self.conv_transpose)
+            z = kernels.transposed_convolution(y, conv1d.weight, conv1d.bias, conv1d.stride[0])
+        z = _apply(self.norm, z)
         if self.freq:
             z = z[..., self.pad : z.shape[-2] - self.pad, :]
         else:
             z = z[..., self.pad : self.pad + length]
-        return z if self.last else F.gelu(z)
+        return z if self.last else _gelu_fresh(z)
 
     def _bands(
         self, x: torch.Tensor, skip: torch.Tensor, band: int, reuse: bool = False

@@ -281,3 +281,71 @@ def test_no_long_bf16_convolution_escapes_the_route(monkeypatch, inference):
     else:  # autograd recording: the plain formulation of each layer
         model(mix)
     assert seen and set(seen) == {torch.float32}, seen
+
+
+# (input channels, output channels, kernel, stride, steps, batch): the released waveform
+# decoders' shape, htsep-tiny's, and kernels of one to three strides.
+_TRANSPOSED = [
+    (48, 8, 8, 4, 3000, 1),
+    (24, 12, 8, 4, 517, 2),
+    (6, 5, 12, 4, 77, 3),
+    (4, 3, 4, 4, 10, 1),
+    (3, 2, 6, 3, 5, 2),
+]
+
+
+def _transposed_operands(cin, cout, kernel, steps, batch, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cin, steps, generator=gen)
+    weight = torch.randn(cin, cout, kernel, generator=gen) / (cin * kernel) ** 0.5
+    return x, weight, torch.randn(cout, generator=gen)
+
+
+@pytest.mark.parametrize("cin,cout,kernel,stride,steps,batch", _TRANSPOSED)
+@pytest.mark.parametrize("bias", [True, False])
+def test_transposed_convolution_matches_float64(
+    monkeypatch, cin, cout, kernel, stride, steps, batch, bias
+):
+    """The phased form of a transposed convolution (kernel a multiple of the stride, CPU
+    inference) against torch's in float64: float32 to its rounding, bfloat16 to its; torch's
+    transposed kernel is not called for either."""
+    x, weight, b = _transposed_operands(cin, cout, kernel, steps, batch)
+    b = b if bias else None
+    expected = F.conv_transpose1d(
+        x.double(), weight.double(), None if b is None else b.double(), stride
+    )
+    calls = []
+    plain = F.conv_transpose1d
+    monkeypatch.setattr(F, "conv_transpose1d", lambda *a, **k: calls.append(1) or plain(*a, **k))
+    monkeypatch.setattr(kernels, "amx_bf16", lambda: False)
+    with torch.inference_mode():
+        ours = kernels.transposed_convolution(x, weight, b, stride)
+        half = kernels.transposed_convolution(
+            x.bfloat16(), weight.bfloat16(), None if b is None else b.bfloat16(), stride
+        )
+    assert not calls
+    assert ours.shape == expected.shape and ours.dtype == torch.float32 and ours.is_contiguous()
+    assert (ours.double() - expected).abs().max() < 1e-5 * expected.abs().max()
+    assert half.shape == expected.shape and half.dtype == torch.bfloat16
+    assert (half.double() - expected).norm() < 1e-2 * expected.norm()
+
+
+def test_transposed_convolution_falls_back_to_torch(monkeypatch):
+    """torch's own transposed convolution, bit for bit: with autograd recording (gradients
+    flow), a kernel that is not a multiple of the stride, and bfloat16 on a CPU with AMX."""
+    x, weight, b = _transposed_operands(6, 4, 8, 50, 2)
+    leaf = x.clone().requires_grad_()
+    recorded = kernels.transposed_convolution(leaf, weight, b, 4)
+    assert torch.equal(recorded.detach(), F.conv_transpose1d(x, weight, b, 4))
+    recorded.sum().backward()
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+    odd = weight[:, :, :7]
+    with torch.inference_mode():
+        assert torch.equal(
+            kernels.transposed_convolution(x, odd, b, 4), F.conv_transpose1d(x, odd, b, 4)
+        )
+        monkeypatch.setattr(kernels, "amx_bf16", lambda: True)
+        x16, w16, b16 = x.bfloat16(), weight.bfloat16(), b.bfloat16()
+        assert torch.equal(
+            kernels.transposed_convolution(x16, w16, b16, 4), F.conv_transpose1d(x16, w16, b16, 4)
+        )
