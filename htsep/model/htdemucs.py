@@ -214,7 +214,9 @@ class HTDemucs(nn.Module):
         x, mean, std = _standardize(x, (1, 2, 3))
         xt, mean_t, std_t = _standardize(mix, (1, 2))
         dtype = self.compute_dtype
-        x, xt = x.to(dtype), xt.to(dtype)
+        x = x.to(dtype)
+        # In CPU inference the waveform branch runs time-major (``kernels.is_time_major``).
+        xt = kernels.time_major(xt, dtype) if kernels.fast_path(xt) is not None else xt.to(dtype)
 
         skips, skips_t, lengths_t = [], [], []
         for index, (encode, encode_t) in enumerate(
@@ -245,7 +247,10 @@ class HTDemucs(nn.Module):
 
         sources = len(self.config.sources)
         wide = torch.promote_types(dtype, torch.float32)
-        xt = _destandardize(xt.to(wide), mean_t, std_t)
+        # One copy into a dense (B, S C, T) tensor (the waveform branch ran time-major).
+        if xt.dtype != wide or not xt.is_contiguous():
+            xt = torch.empty(xt.shape, dtype=wide, device=xt.device).copy_(xt)
+        xt = _destandardize(xt, mean_t, std_t)
         out = rearrange(xt, "b (s c) t -> b s c t", s=sources)[..., :length]
         out = out if kernels.overwritable(out) else out.clone()
         if x.dtype == wide:

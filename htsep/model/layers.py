@@ -246,6 +246,11 @@ class DConv(nn.Module):
             for branch in self.branches:
                 x = x + branch(x)
             return x
+        if kernels.fast_path(x) is not None and kernels.is_time_major(x):
+            # Time-major rows are (N, T, C) views, as a channels-last spectral layer's are.
+            out = x if inplace else _empty_like_layout(x, x.shape[1])
+            self._chunks(x.transpose(1, 2), out.transpose(1, 2), DConvBranch.add_to_time_major)
+            return out
         out = x if inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
         self._chunks(x, out, DConvBranch.add_to)
         return out
@@ -382,14 +387,30 @@ def _rewrite_glu_spans(conv: nn.Module, y: torch.Tensor) -> torch.Tensor | None:
     if step >= frames:
         return None
     context = _padding(conv)
-    out = y.new_empty(batch, conv.out_channels // 2, frames)
+    out = _empty_like_layout(y, conv.out_channels // 2)
     for start in range(0, frames, step):
         end = min(frames, start + step)
         piece = y[..., max(0, start - context) : end + context]
         if start < context or end + context > frames:
-            piece = F.pad(piece, (max(0, context - start), max(0, end + context - frames)))
+            piece = _pad_time(piece, max(0, context - start), max(0, end + context - frames))
         _conv_glu(conv, piece, out[..., start:end], padding=0)
     return out
+
+
+def _pad_time(x: torch.Tensor, left: int, right: int) -> torch.Tensor:
+    """x (B, C, T) with zeros added before and after along T, in x's layout (``F.pad`` makes
+    a (B, C, T) tensor time-major from a time-major one only in its (B, C, 1, T) form)."""
+    if kernels.is_time_major(x):
+        return F.pad(x.unsqueeze(2), (left, right)).squeeze(2)
+    return F.pad(x, (left, right))
+
+
+def _empty_like_layout(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """An uninitialised (B, channels, T) tensor for x (B, C, T), time-major if x is."""
+    batch, _, frames = x.shape
+    if kernels.is_time_major(x):
+        return x.new_empty(batch, frames, channels).transpose(1, 2)
+    return x.new_empty(batch, channels, frames)
 
 
 def _group_norm(groups: int, channels: int, enabled: bool) -> nn.Module | None:
@@ -444,7 +465,7 @@ class EncoderLayer(nn.Module):
             if band is not None:
                 return self._bands(x, rows, band)
         if not self.freq and x.shape[-1] % self.stride:
-            x = F.pad(x, (0, self.stride - x.shape[-1] % self.stride))
+            x = _pad_time(x, 0, self.stride - x.shape[-1] % self.stride)
         y = _gelu_fresh(_apply(self.norm, kernels.conv(self.conv, _conv_input(x, self.freq))))
         if self.dconv is not None:
             y = self.dconv(y, overwrite=True)

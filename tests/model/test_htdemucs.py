@@ -3,6 +3,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from htsep.errors import InputLengthError
 from htsep.model import ConvConfig, HTDemucs, HTDemucsConfig, STFTConfig, TransformerConfig, layers
@@ -125,6 +126,29 @@ def test_inference_path_matches_autograd_path():
         fast = model(mix)
     assert torch.equal(mix, before)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item())
+
+
+@pytest.mark.parametrize("reduced", [False, True])
+def test_waveform_branch_runs_time_major_in_cpu_inference(reduced, monkeypatch):
+    """In CPU inference the waveform branch is stored time-major from the first encoder to the
+    last decoder: none of its convolutions or transposed ones reaches torch's (B, C, T) kernels,
+    where oneDNN reorders or runs slower; the output is (B, S, C, T) in the usual order."""
+    model = _tiny_with_spread_vectors()
+    if reduced:
+        model = bfloat16_copy(model)
+    calls = []
+    for name in ("conv1d", "conv_transpose1d"):
+        plain = getattr(F, name)
+        monkeypatch.setattr(
+            F, name, lambda *a, plain=plain, name=name, **k: calls.append(name) or plain(*a, **k)
+        )
+    mix = torch.randn(1, 2, 3001)
+    with torch.inference_mode():
+        out = model(mix)
+    assert not calls and out.shape == (1, 3, 2, 3001)
+    assert out.stride()[1:] == (2 * out.stride(2), out.stride(2), 1)
+    model(mix)  # the plain path, with autograd recording, still takes them
+    assert "conv1d" in calls and "conv_transpose1d" in calls
 
 
 def _snr(reference: torch.Tensor, estimate: torch.Tensor) -> float:

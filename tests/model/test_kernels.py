@@ -349,3 +349,114 @@ def test_transposed_convolution_falls_back_to_torch(monkeypatch):
         assert torch.equal(
             kernels.transposed_convolution(x16, w16, b16, 4), F.conv_transpose1d(x16, w16, b16, 4)
         )
+
+
+def test_time_major_layout():
+    """A (B, C, T) tensor is time-major when its C values per step are adjacent and its steps
+    C apart (a transposed (B, T, C) tensor, or a span of time cut from one); ``time_major``
+    makes one, cast if asked, with the same values, or gives x back where it already is."""
+    plain = torch.randn(2, 5, 7)
+    stored = kernels.time_major(plain)
+    assert not kernels.is_time_major(plain) and kernels.is_time_major(stored)
+    assert stored.stride() == (35, 1, 5) and torch.equal(stored, plain)
+    assert kernels.time_major(stored) is stored
+    assert kernels.is_time_major(stored[..., 2:5])  # a span: items 35 apart, steps 5
+    assert not kernels.is_time_major(stored[:, :3])  # steps 5 apart for 3 channels
+    half = kernels.time_major(plain, torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and kernels.is_time_major(half)
+    assert torch.equal(half, plain.bfloat16())
+    for coincide in (torch.randn(2, 1, 7), torch.randn(2, 5, 1)):  # both layouts at once
+        assert not kernels.is_time_major(coincide) and kernels.time_major(coincide) is coincide
+    assert not kernels.is_time_major(torch.randn(2, 5, 7, 3))
+
+
+# (input channels, output channels, taps, stride, padding, dilation, steps, batch): the
+# released waveform encoders' and DConvs' shapes (shortened), htsep-tiny's, odd ones.
+_TIME_MAJOR_CONVS = [
+    (2, 48, 8, 4, 2, 1, 4001, 1),
+    (48, 96, 1, 1, 0, 1, 900, 1),
+    (48, 6, 3, 1, 2, 2, 900, 2),
+    (12, 24, 8, 4, 2, 1, 203, 3),
+    (24, 48, 3, 1, 1, 1, 57, 2),
+    (5, 7, 4, 3, 0, 1, 31, 2),
+]
+
+
+@pytest.mark.parametrize("amx", [None, True])
+@pytest.mark.parametrize("cin,cout,taps,stride,padding,dilation,steps,batch", _TIME_MAJOR_CONVS)
+def test_time_major_convolution_matches_float64(
+    monkeypatch, amx, cin, cout, taps, stride, padding, dilation, steps, batch
+):
+    """A conv1d on a time-major x in CPU inference runs as a channels-last conv2d (never as
+    torch's conv1d) and returns a time-major result: against float64, float32 to its rounding
+    and bfloat16 to its own; with AMX (this CPU's answer, then AMX assumed), bfloat16 kernels
+    of more than 3 taps on fewer than 32 input channels still go through float32 (on a CPU
+    with AMX, (12, 24, 8, 4) gave wrong values without that route)."""
+    gen = torch.Generator().manual_seed(taps * 31 + cin)
+    x = torch.randn(batch, cin, steps, generator=gen)
+    weight = torch.randn(cout, cin, taps, generator=gen) / (cin * taps) ** 0.5
+    bias = torch.randn(cout, generator=gen)
+    expected = F.conv1d(x.double(), weight.double(), bias.double(), stride, padding, dilation)
+    amx = kernels.amx_bf16() if amx is None else amx
+    monkeypatch.setattr(kernels, "amx_bf16", lambda: amx)
+    conv1d, conv2d = F.conv1d, F.conv2d
+    seen = []
+    monkeypatch.setattr(F, "conv1d", lambda *a, **k: seen.append("conv1d") or conv1d(*a, **k))
+    monkeypatch.setattr(F, "conv2d", lambda x, *a, **k: seen.append(x.dtype) or conv2d(x, *a, **k))
+    with torch.inference_mode():
+        ours = kernels.convolution(kernels.time_major(x), weight, bias, stride, padding, dilation)
+        half = kernels.convolution(
+            kernels.time_major(x, torch.bfloat16),
+            weight.bfloat16(),
+            bias.bfloat16(),
+            (stride,),
+            (padding,),
+            (dilation,),
+        )
+    routed = amx and taps > 3 and cin < 32
+    assert seen == [torch.float32, torch.float32 if routed else torch.bfloat16]
+    for result, dtype in ((ours, torch.float32), (half, torch.bfloat16)):
+        assert result.shape == expected.shape and result.dtype == dtype
+        assert kernels.is_time_major(result)
+    assert (ours.double() - expected).abs().max() < 1e-5 * expected.abs().max()
+    assert (half.double() - expected).norm() < 1e-2 * expected.norm()
+
+
+@pytest.mark.parametrize("amx", [None, True])
+@pytest.mark.parametrize(
+    "cin,cout,kernel,stride,steps,batch",
+    [*_TRANSPOSED, (96, 64, 8, 4, 300, 2), (80, 70, 6, 4, 9, 1), (16, 64, 8, 4, 40, 1)],
+)
+def test_time_major_transposed_convolution_matches_float64(
+    monkeypatch, amx, cin, cout, kernel, stride, steps, batch
+):
+    """A transposed conv on a time-major x in CPU inference: the phased form below 64 output
+    channels, torch's channels-last kernel from 64 on (and where the kernel is no multiple
+    of the stride; with AMX in float32 for more than 3 taps on fewer than 32 input channels);
+    never torch's conv_transpose1d; a time-major result, equal to float64's to the rounding of
+    each dtype."""
+    x, weight, b = _transposed_operands(cin, cout, kernel, steps, batch)
+    expected = F.conv_transpose1d(x.double(), weight.double(), b.double(), stride)
+    amx = kernels.amx_bf16() if amx is None else amx
+    monkeypatch.setattr(kernels, "amx_bf16", lambda: amx)
+    calls = []
+    transposed1d, transposed2d = F.conv_transpose1d, F.conv_transpose2d
+    monkeypatch.setattr(
+        F, "conv_transpose1d", lambda *a, **k: calls.append("1d") or transposed1d(*a, **k)
+    )
+    monkeypatch.setattr(
+        F, "conv_transpose2d", lambda x, *a, **k: calls.append(x.dtype) or transposed2d(x, *a, **k)
+    )
+    with torch.inference_mode():
+        ours = kernels.transposed_convolution(kernels.time_major(x), weight, b, stride)
+        half = kernels.transposed_convolution(
+            kernels.time_major(x, torch.bfloat16), weight.bfloat16(), b.bfloat16(), stride
+        )
+    phased = cout < 64 and kernel % stride == 0
+    routed = amx and kernel > 3 and cin < 32  # bfloat16 through float32 (``convolution``)
+    assert calls == ([] if phased else [torch.float32, torch.float32 if routed else torch.bfloat16])
+    for result, dtype in ((ours, torch.float32), (half, torch.bfloat16)):
+        assert result.shape == expected.shape and result.dtype == dtype
+        assert kernels.is_time_major(result)
+    assert (ours.double() - expected).abs().max() < 1e-5 * expected.abs().max()
+    assert (half.double() - expected).norm() < 1e-2 * expected.norm()

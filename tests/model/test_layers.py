@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from demucs.demucs import DConv as ReferenceDConv
 
-from htsep.model import layers
+from htsep.model import kernels, layers
 from htsep.model.layers import DConv
 
 
@@ -67,7 +67,11 @@ def test_dconv_matches_reference_on_every_row(grad, chunk, layout, monkeypatch):
     assert bool(calls) == (layout != "contiguous" and not grad)
     if calls:
         assert rows_out.is_contiguous(memory_format=torch.channels_last)
-        assert sum(shape[0] for shape in calls) == 2 * 6  # every row, once per branch
+        # Every row, once per branch; a (B, C, T) slice of a channels-last tensor is
+        # time-major (``kernels.is_time_major``) and runs so too: its 2 rows, once per branch
+        # (not in the half, whose time steps lie 2C apart).
+        sliced = 2 * 2 if layout == "channels-last" else 0
+        assert sum(shape[0] for shape in calls) == 2 * 6 + sliced
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -235,10 +239,13 @@ def test_spectral_bands_are_skipped_where_the_layer_needs_whole_rows(monkeypatch
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("time_major", [False, True])
 @pytest.mark.parametrize("context", [0, 1, 3])
-def test_waveform_rewrite_in_spans_equals_the_whole_conv(context, monkeypatch):
+def test_waveform_rewrite_in_spans_equals_the_whole_conv(context, time_major, monkeypatch):
     """Waveform layers make their rewrite conv and GLU a span of time at a time in CPU
-    inference, each span reading ``context`` samples past its edges: equal to the whole conv."""
+    inference, each span reading ``context`` samples past its edges: equal to the whole conv.
+    On time-major input (the network's CPU layout) every step stays time-major, the padding
+    of odd lengths and the DConv included."""
     monkeypatch.setattr(layers, "_BAND_BYTES", 2 * 8 * 4 * 7)  # 7 samples per span
     spans = _count_calls(monkeypatch, layers, "_rewrite_glu_spans")
     torch.manual_seed(0)
@@ -246,14 +253,17 @@ def test_waveform_rewrite_in_spans_equals_the_whole_conv(context, monkeypatch):
     common = dict(freq=False, kernel_size=8, stride=4, norm=False, norm_groups=1, dconv=dconv)
     encoder = layers.EncoderLayer(4, 8, rewrite=True, context=context, **common)
     decoder = layers.DecoderLayer(8, 4, last=False, rewrite=True, context=context, **common)
-    x = torch.randn(2, 4, 160)
+    x = torch.randn(2, 4, 158)  # padded to 160 by the encoder
     expected = encoder(x).detach()
     skip = torch.randn_like(expected)
     expected_out = decoder(expected, skip, 157).detach()
+    if time_major:
+        x, skip = kernels.time_major(x), kernels.time_major(skip)
     with torch.inference_mode():
         encoded = encoder(x)
         decoded = decoder(encoded, skip, 157)
     assert len(spans) == 2
+    assert kernels.is_time_major(encoded) == kernels.is_time_major(decoded) == time_major
     torch.testing.assert_close(encoded, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(decoded, expected_out, rtol=1e-5, atol=1e-6)
 
