@@ -107,7 +107,7 @@ class DConvBranch(nn.Module):
             padding=(0, padding),
             dilation=(1, dilation),
         )
-        hidden = _gelu_fresh(F.group_norm(hidden, 1, norm.weight, norm.bias, norm.eps))
+        hidden = _gelu_fresh(_norm_time_major(hidden, norm))
         hidden = hidden.permute(0, 2, 3, 1).flatten(1, 2)  # (N, T, H), a view in channels-last
         norm_weight = _scale_first_half(self.norm_out.weight, self.scale)
         norm_bias = _scale_first_half(self.norm_out.bias, self.scale)
@@ -170,6 +170,36 @@ class DConvBranch(nn.Module):
         weights = scale[:, :, None] * affine  # (N, 2C, H+1)
         weights[:, :, width] += norm_bias.double() - scale * mean[:, None]
         return weights.to(hidden.dtype), augmented
+
+
+def _norm_time_major(hidden: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """``norm`` (one group) of a fresh channels-last (N, H, 1, T) tensor, written over it.
+
+    torch's channels-last GroupNorm is slow on few channels: 7.3 ms in bfloat16 and 3.2 ms in
+    float32 on (1, 6, 1, 86000), the released waveform branch's first DConvs, and 0.7 ms in
+    bfloat16 on (130, 6, 1, 336) (an Intel Xeon with AMX). Here each row's statistics come
+    from its values as one flat block (sums in float64), and the normalisation with the affine
+    is one multiply-add, x * (w / std) + (b - mean w / std), computed in float32 and rounded
+    once. Where float32 has 8 rows or more torch's kernel was as fast and stays."""
+    rows, channels, _, frames = hidden.shape
+    if (
+        norm.num_groups != 1
+        or (hidden.dtype == torch.float32 and rows >= 8)
+        or not hidden.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return F.group_norm(hidden, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    steps = hidden.permute(0, 2, 3, 1).view(rows, frames, channels)  # (N, T, H)
+    flat = steps.view(rows, frames * channels)
+    mean = flat.sum(1, dtype=torch.float64) / flat.shape[1]
+    square = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).square() / flat.shape[1]
+    gain = (square - mean.square()).clamp_(min=0).add_(norm.eps).rsqrt_()  # (N,)
+    weight = gain[:, None] if norm.weight is None else gain[:, None] * norm.weight.double()
+    shift = -mean[:, None] * weight
+    if norm.bias is not None:
+        shift += norm.bias.double()
+    # (N, 1, H) float32 operands: the product and sum in float32 whatever hidden's dtype.
+    torch.addcmul(shift.float()[:, None], steps, weight.float()[:, None], out=steps)
+    return hidden
 
 
 # Rows of a DConv run together in inference: their widest intermediate (2C x T floats per row)
