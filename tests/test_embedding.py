@@ -7,6 +7,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -304,3 +305,119 @@ def test_a_time_channels_array_names_the_python_option(vocals_only):
     assert "--downmix" not in str(caught.value) and "(time, channels)" in str(caught.value)
     with pytest.raises(AudioError, match=r"3 audio channels.*pass downmix=True"):
         vocals_only.separate_tensor(_mix(0.3, channels=3))
+
+
+# --- final files -----------------------------------------------------------------------------
+
+
+def _staged(repo, tmp_path, name):
+    """A 3-s clip separated into four staged stems (clip mode rescale): the pending outputs and
+    their targets."""
+    clip = tmp_path / "clip.wav"
+    if not clip.exists():
+        sf.write(clip, _mix(3.0).numpy().T, RATE)
+    separator = htsep.Separator("aaaa0001", repo=repo, device="cpu", shifts=0, progress=False)
+    targets = {stem: tmp_path / name / f"{stem}.wav" for stem in separator.stems}
+    return write_stems(separator, clip, targets), targets
+
+
+def _left_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_final_files_encoded_at_once_equal_one_after_another(repo, tmp_path, monkeypatch):
+    """Two final files at a time, in two threads, give the bytes that one after another give;
+    every file is placed and the staging folder goes."""
+    from htsep import separator as separator_module
+    from htsep.audio import AudioWriter
+
+    threads = set()
+    write = AudioWriter.write
+    monkeypatch.setattr(
+        AudioWriter,
+        "write",
+        lambda self, audio: threads.add(threading.current_thread().name) or write(self, audio),
+    )
+    results = {}
+    for workers in (1, 2):
+        monkeypatch.setattr(separator_module, "FINISH_WORKERS", workers)
+        pending, targets = _staged(repo, tmp_path, f"w{workers}")
+        threads.clear()
+        pending.finish()
+        assert sorted(pending.placed) == sorted(targets.values())
+        assert _left_in(tmp_path / f"w{workers}") == sorted(f"{s}.wav" for s in targets)
+        results[workers] = {stem: path.read_bytes() for stem, path in targets.items()}
+        finishers = {name for name in threads if name.startswith("htsep-finish")}
+        assert len(finishers) == (2 if workers == 2 else 0), threads
+    assert results[1] == results[2]
+
+
+def test_a_failed_final_file_lets_the_running_one_finish_and_starts_no_other(
+    repo, tmp_path, monkeypatch
+):
+    """Four stems two at a time; the first fails (a full disk, say) while the second is being
+    encoded: the second is finished and placed, the other two never start, the failure is
+    raised, and nothing half-written or hidden is left."""
+    from htsep import separator as separator_module
+    from htsep.audio import AudioWriter
+
+    monkeypatch.setattr(separator_module, "FINISH_WORKERS", 2)
+    monkeypatch.setattr(separator_module, "BLOCK_FRAMES", 1000)  # 24 blocks per stem
+    pending, targets = _staged(repo, tmp_path, "out")
+    first, second, *rest = targets
+    second_started = threading.Event()
+    write = AudioWriter.write
+
+    def failing(self, audio):
+        if self.name == str(targets[second]):
+            second_started.set()
+        if self.name == str(targets[first]):
+            assert second_started.wait(30)
+            raise AudioError(f"{self.name}: No space left on device")
+        return write(self, audio)
+
+    monkeypatch.setattr(AudioWriter, "write", failing)
+    with pytest.raises(AudioError, match="No space left"):
+        pending.finish()
+    assert pending.placed == [targets[second]]
+    assert _left_in(tmp_path / "out") == [f"{second}.wav"]
+    assert sf.info(targets[second]).frames == 3 * RATE
+
+
+def test_an_interrupted_finish_stops_every_file_and_leaves_none_half_written(
+    repo, tmp_path, monkeypatch
+):
+    """Ctrl-C in the thread that waits for the two encoding threads: both stop at their next
+    block, no final or hidden file is left, and the interruption is raised once they have."""
+    import concurrent.futures
+
+    from htsep import separator as separator_module
+    from htsep.audio import AudioWriter
+
+    monkeypatch.setattr(separator_module, "FINISH_WORKERS", 2)
+    monkeypatch.setattr(separator_module, "BLOCK_FRAMES", 1000)
+    pending, targets = _staged(repo, tmp_path, "out")
+    writing = {name: threading.Event() for name in targets}
+    released = threading.Event()
+    write = AudioWriter.write
+
+    def slow(self, audio):
+        for name, target in targets.items():
+            if self.name == str(target):
+                writing[name].set()
+        assert released.wait(30)
+        time.sleep(0.02)  # 24 blocks outlast the moment between the release and the halt
+        return write(self, audio)
+
+    def interrupted(futures, *args, **kwargs):
+        assert all(writing[name].wait(30) for name in list(targets)[:2])
+        released.set()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(AudioWriter, "write", slow)
+    monkeypatch.setattr(concurrent.futures, "wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pending.finish()
+    assert pending.placed == [] and _left_in(tmp_path / "out") == []
+    assert not any(writing[name].is_set() for name in list(targets)[2:])  # never started
+    assert not [t for t in threading.enumerate() if t.name.startswith("htsep-finish")]
