@@ -920,8 +920,13 @@ class _Run:
         # The track being encoded: index, future (None without the pipeline), pending, start.
         self.encoding: tuple[int, Future[float] | None, PendingOutputs, float] | None = None
         self.stop = threading.Event()
-        self.decoder = ThreadPoolExecutor(1, "htsep-decode") if batch.pipeline else None
-        self.encoder = ThreadPoolExecutor(1, "htsep-encode") if batch.pipeline else None
+        from htsep.devices import serial_torch_thread  # torch is loaded by now
+
+        # torch's CPU operators run serially on these threads (``serial_torch_thread``).
+        self.decoder = self.encoder = None
+        if batch.pipeline:
+            self.decoder = ThreadPoolExecutor(1, "htsep-decode", serial_torch_thread)
+            self.encoder = ThreadPoolExecutor(1, "htsep-encode", serial_torch_thread)
 
     def run(self) -> None:
         self._plan(0)

@@ -42,6 +42,7 @@ from htsep.devices import (
     keep_freed_memory,
     own_arithmetic,
     parse_device,
+    serial_torch_thread,
 )
 from htsep.errors import AudioError, HtsepError, UsageError
 from htsep.model.config import show_number
@@ -812,7 +813,9 @@ def _run_all(
             failed.set()
             raise
 
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="htsep-finish")
+    pool = ThreadPoolExecutor(
+        workers, thread_name_prefix="htsep-finish", initializer=serial_torch_thread
+    )
     futures = []
     try:
         futures = [pool.submit(guarded, *item) for item in items]

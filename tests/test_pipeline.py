@@ -216,3 +216,74 @@ def test_a_failed_background_encoding_fails_only_its_track(tmp_path, repo, monke
     assert result.stderr.count("htsep: error:") == 1
     assert sorted(p.parent.name for p in out.rglob("*.wav")) == ["a"] * 4 + ["c"] * 4
     assert not [p for p in out.rglob(".*")]
+
+
+def test_helper_threads_run_torch_operators_serially(tmp_path, repo, monkeypatch):
+    """The batch's decoding and encoding threads and the final-file workers all start with
+    ``serial_torch_thread`` (each would otherwise get OpenMP workers of its own, which slow
+    the network calls of the main thread)."""
+    import htsep.devices as devices_module
+
+    seen = set()
+    serial = devices_module.serial_torch_thread
+
+    def recording():
+        seen.add(threading.current_thread().name.rsplit("_", 1)[0])
+        serial()
+
+    monkeypatch.setattr(devices_module, "serial_torch_thread", recording)
+    monkeypatch.setattr(separator_module, "serial_torch_thread", recording)
+    clips = _batch(tmp_path)
+    result = htsep("--repo", str(repo), "-n", "aaaa0001", "-o", str(tmp_path / "out"), "-q",
+                   *map(str, clips))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert seen == {"htsep-decode", "htsep-encode", "htsep-finish"}
+
+
+_OPENMP_WORKERS = """
+import os, threading, torch
+from htsep.devices import serial_torch_thread
+
+torch.set_num_threads(2)
+x = torch.randn(4_000_000)
+(x * 2).sum()  # the main thread's own team of OpenMP workers
+
+
+def tasks():
+    return len(os.listdir("/proc/self/task"))
+
+
+def helper(serial, out):
+    if serial:
+        serial_torch_thread()
+    out.append(torch.get_num_threads())
+    (x * 2).sum()
+    out.append(tasks())  # with this thread alive
+
+
+before = tasks()
+for serial in (True, False):
+    out = []
+    thread = threading.Thread(target=helper, args=(serial, out))
+    thread.start()
+    thread.join()
+    print(serial, out[0], out[1] - before, torch.get_num_threads())
+"""
+
+
+def test_a_serial_helper_thread_gets_no_openmp_workers():
+    """torch's CPU operators on a thread that called ``serial_torch_thread`` run on it alone:
+    it reports one thread, its parallel operator adds no OpenMP worker to the process (a
+    plain helper thread's adds one), and the main thread keeps its two."""
+    import subprocess
+    import sys
+
+    from htsep.devices import _openmp
+
+    if _openmp() is None:
+        pytest.skip("torch runs no OpenMP runtime here: no per-thread setting to make")
+    done = subprocess.run(
+        [sys.executable, "-c", _OPENMP_WORKERS], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["True 1 1 2", "False 2 2 2"], done.stdout
