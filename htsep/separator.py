@@ -715,15 +715,15 @@ class PendingOutputs:
         self._staging, self._work = staging, (staged, outputs, gain, settings)
         self._overwrite, self._replacing = overwrite, replacing
 
-    def finish(self, stop: threading.Event | None = None) -> None:
+    def finish(self, stop: threading.Event | None = None, workers: int | None = None) -> None:
         """Write the final files (scaled by the track's gain), atomically, then drop the
-        staging folder. Up to ``FINISH_WORKERS`` files are encoded at once (reading, scaling
-        and encoding run outside the GIL). New files go in place one by one as each is done;
-        files that replace an existing set are all encoded first, then put in place together,
-        so that a failure leaves the old set whole. After a failure no further file starts,
-        those being encoded are finished, and the failure is raised. ``stop`` set (or Ctrl-C
-        in the calling thread): stop between blocks, leave no final file of this call
-        half-written, and raise EncodingStopped (or the interruption)."""
+        staging folder. Up to ``workers`` (default ``FINISH_WORKERS``) files are encoded at
+        once (reading, scaling and encoding run outside the GIL). New files go in place one by
+        one as each is done; files that replace an existing set are all encoded first, then
+        put in place together, so that a failure leaves the old set whole. After a failure no
+        further file starts, those being encoded are finished, and the failure is raised.
+        ``stop`` set (or Ctrl-C in the calling thread): stop between blocks, leave no final
+        file of this call half-written, and raise EncodingStopped (or the interruption)."""
         replacement = None
         try:
             if self._work is None:
@@ -756,7 +756,7 @@ class PendingOutputs:
                 if replacement is None:
                     self.placed.append(target)
 
-            _run_all(encode, list(outputs.items()), halt)
+            _run_all(encode, list(outputs.items()), halt, workers)
             if replacement is not None:
                 replacement.place(self.placed)
         finally:
@@ -788,14 +788,18 @@ class _EventUnion:
 
 
 def _run_all(
-    work: Callable[[str, Path], None], items: list[tuple[str, Path]], halt: threading.Event
+    work: Callable[[str, Path], None],
+    items: list[tuple[str, Path]],
+    halt: threading.Event,
+    workers: int | None = None,
 ) -> None:
-    """``work(*item)`` for every item, up to ``FINISH_WORKERS`` at once (in this thread where
-    that is one). After a failure no further item starts, those running finish, and the
-    first failure is raised, as one after another the items before it would have finished.
+    """``work(*item)`` for every item, up to ``workers`` (default ``FINISH_WORKERS``) at once
+    (in this thread where that is one). After a failure no further item starts, those running
+    finish, and the first failure is raised, as one after another the items before it would
+    have finished.
     An exception in this thread while it waits (Ctrl-C) sets ``halt``, which ``work``
     watches, and waits for the running items to stop before it goes on."""
-    workers = min(FINISH_WORKERS, len(items))
+    workers = min(FINISH_WORKERS if workers is None else workers, len(items))
     if workers <= 1:
         for item in items:
             work(*item)
