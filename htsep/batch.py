@@ -978,12 +978,7 @@ class _Run:
         track.sample_rate = pending.sample_rate
         track.duration = pending.frames / pending.sample_rate
         self._collect()
-        # Encoding beside the next track's networks takes one core, not both: the networks'
-        # OpenMP workers stall whenever one of them waits for a core.
-        last = index == len(self.tracks) - 1
-        encoded = None
-        if self.encoder is not None:
-            encoded = self.encoder.submit(self._encode, pending, None if last else 1)
+        encoded = None if self.encoder is None else self.encoder.submit(self._encode, pending)
         self.encoding = (index, encoded, pending, started)
         if encoded is None:
             self._collect()
@@ -1033,8 +1028,8 @@ class _Run:
         except Exception:
             return None
 
-    def _encode(self, pending: PendingOutputs, workers: int | None = None) -> float:
-        pending.finish(self.stop, workers)
+    def _encode(self, pending: PendingOutputs) -> float:
+        pending.finish(self.stop)
         return time.perf_counter()
 
     def _progress(self, index: int, seconds: float) -> None:

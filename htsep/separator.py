@@ -42,7 +42,6 @@ from htsep.devices import (
     keep_freed_memory,
     own_arithmetic,
     parse_device,
-    serial_torch_thread,
 )
 from htsep.errors import AudioError, HtsepError, UsageError
 from htsep.model.config import show_number
@@ -715,15 +714,12 @@ class PendingOutputs:
         self._staging, self._work = staging, (staged, outputs, gain, settings)
         self._overwrite, self._replacing = overwrite, replacing
 
-    def finish(self, stop: threading.Event | None = None, workers: int | None = None) -> None:
+    def finish(self, stop: threading.Event | None = None) -> None:
         """Write the final files (scaled by the track's gain), atomically, then drop the
-        staging folder. Up to ``workers`` (default ``FINISH_WORKERS``) files are encoded at
-        once (reading, scaling and encoding run outside the GIL). New files go in place one by
-        one as each is done; files that replace an existing set are all encoded first, then
-        put in place together, so that a failure leaves the old set whole. After a failure no
-        further file starts, those being encoded are finished, and the failure is raised.
-        ``stop`` set (or Ctrl-C in the calling thread): stop between blocks, leave no final
-        file of this call half-written, and raise EncodingStopped (or the interruption)."""
+        staging folder. New files go in place one by one; files that replace an existing set
+        are all encoded first, then put in place together, so that a failure leaves the old
+        set whole. ``stop`` set: stop between blocks, leave no final file of this call
+        half-written, and raise EncodingStopped."""
         replacement = None
         try:
             if self._work is None:
@@ -731,15 +727,11 @@ class PendingOutputs:
             staged, outputs, gain, settings = self._work
             if self._replacing:
                 replacement = _Replacement(outputs)
-            held = {} if replacement is None else replacement.held
-            halt = threading.Event()  # set when the calling thread is interrupted
-            stopping = _EventUnion(stop, halt)
-
-            def encode(name: str, target: Path) -> None:
+            for name, target in outputs.items():
                 with (
                     AudioReader(staged[name]) as reader,
                     AudioWriter(
-                        held.get(name, target),
+                        target if replacement is None else replacement.held[name],
                         self.sample_rate,
                         reader.channels,
                         replace=self._overwrite,
@@ -748,15 +740,13 @@ class PendingOutputs:
                     ) as writer,
                 ):
                     for start in range(0, reader.frames, BLOCK_FRAMES):
-                        if stopping.is_set():
+                        if stop is not None and stop.is_set():
                             raise EncodingStopped(f"{target}: stopped before it was complete")
                         writer.write(
                             reader.read(start, min(BLOCK_FRAMES, reader.frames - start)) * gain
                         )
                 if replacement is None:
                     self.placed.append(target)
-
-            _run_all(encode, list(outputs.items()), halt, workers)
             if replacement is not None:
                 replacement.place(self.placed)
         finally:
@@ -770,68 +760,6 @@ class PendingOutputs:
         if self._staging is not None:
             self._staging.cleanup()
             self._staging = None
-
-
-# Final files encoded at once by ``PendingOutputs.finish``: with two, a 3-minute track's four
-# stems took 0.48 s against 0.91 s one after another (16-bit WAV, an Intel Xeon with 2 cores).
-FINISH_WORKERS = min(2, os.cpu_count() or 1)
-
-
-class _EventUnion:
-    """Set when any of its events is set (None entries are never set)."""
-
-    def __init__(self, *events: threading.Event | None) -> None:
-        self.events = [event for event in events if event is not None]
-
-    def is_set(self) -> bool:
-        return any(event.is_set() for event in self.events)
-
-
-def _run_all(
-    work: Callable[[str, Path], None],
-    items: list[tuple[str, Path]],
-    halt: threading.Event,
-    workers: int | None = None,
-) -> None:
-    """``work(*item)`` for every item, up to ``workers`` (default ``FINISH_WORKERS``) at once
-    (in this thread where that is one). After a failure no further item starts, those running
-    finish, and the first failure is raised, as one after another the items before it would
-    have finished.
-    An exception in this thread while it waits (Ctrl-C) sets ``halt``, which ``work``
-    watches, and waits for the running items to stop before it goes on."""
-    workers = min(FINISH_WORKERS if workers is None else workers, len(items))
-    if workers <= 1:
-        for item in items:
-            work(*item)
-        return
-    from concurrent.futures import ThreadPoolExecutor, wait
-
-    failed = threading.Event()
-
-    def guarded(name: str, target: Path) -> None:
-        if failed.is_set() or halt.is_set():
-            return  # not started
-        try:
-            work(name, target)
-        except BaseException:
-            failed.set()
-            raise
-
-    pool = ThreadPoolExecutor(
-        workers, thread_name_prefix="htsep-finish", initializer=serial_torch_thread
-    )
-    futures = []
-    try:
-        futures = [pool.submit(guarded, *item) for item in items]
-        wait(futures)
-    except BaseException:
-        halt.set()
-        raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    failures = [error for future in futures if (error := future.exception()) is not None]
-    if failures:
-        raise failures[0]
 
 
 class _Replacement:

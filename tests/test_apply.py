@@ -116,7 +116,10 @@ def test_batched_chunks_equal_one_at_a_time(pair):
     many = apply_shifts(
         model, mix, shifts=0, generator=torch.Generator(), options=ChunkOptions(batch_size=4)
     )
-    torch.testing.assert_close(many, one, rtol=1e-6, atol=1e-6)
+    # Equal to float32 rounding at the outputs' scale (peaks near 5 here): oneDNN's kernels
+    # for 4 chunks and for 1 may sum in different orders (1e-6 of the peak seen).
+    assert many.shape == one.shape
+    assert _relative(many, one) <= TOLERANCE
 
 
 def test_no_split_equals_split_within_one_stride(pair):

@@ -81,13 +81,13 @@ def test_decoding_and_encoding_overlap_the_networks(tmp_path, repo, monkeypatch)
 
     finish = PendingOutputs.finish
 
-    def encode(self, stop=None, workers=None):
+    def encode(self, stop=None):
         if self._work is not None:
             name = next(iter(self._work[1].values())).parent.name
             threads[f"encode {name}"] = threading.current_thread().name
             if name == "a":
                 overlapped["encode a during networks of b"] = started["networks b.wav"].wait(WAIT)
-        return finish(self, stop, workers)
+        return finish(self, stop)
 
     network = apply_module.run_network
 
@@ -134,10 +134,10 @@ def test_interrupted_pipeline_leaves_no_partial_output(tmp_path, repo, monkeypat
     encoding = threading.Event()
     finish = PendingOutputs.finish
 
-    def encode(self, stop=None, workers=None):
+    def encode(self, stop=None):
         encoding.set()
         assert stop is not None and stop.wait(WAIT)  # until the interruption stops it
-        return finish(self, stop, workers)
+        return finish(self, stop)
 
     network = apply_module.run_network
     calls = []
@@ -197,11 +197,11 @@ def test_a_failed_background_encoding_fails_only_its_track(tmp_path, repo, monke
     clips = _batch(tmp_path)
     finish = PendingOutputs.finish
 
-    def encode(self, stop=None, workers=None):
+    def encode(self, stop=None):
         if self._work is not None and next(iter(self._work[1].values())).parent.name == "b":
             self.discard()
             raise AudioError("no space left on device")
-        return finish(self, stop, workers)
+        return finish(self, stop)
 
     monkeypatch.setattr(PendingOutputs, "finish", encode)
     out = tmp_path / "out"
@@ -219,9 +219,9 @@ def test_a_failed_background_encoding_fails_only_its_track(tmp_path, repo, monke
 
 
 def test_helper_threads_run_torch_operators_serially(tmp_path, repo, monkeypatch):
-    """The batch's decoding and encoding threads and the final-file workers all start with
-    ``serial_torch_thread`` (each would otherwise get OpenMP workers of its own, which slow
-    the network calls of the main thread)."""
+    """The batch's decoding and encoding threads start with ``serial_torch_thread`` (each
+    would otherwise get OpenMP workers of its own, which slow the network calls of the main
+    thread)."""
     import htsep.devices as devices_module
 
     seen = set()
@@ -232,12 +232,11 @@ def test_helper_threads_run_torch_operators_serially(tmp_path, repo, monkeypatch
         serial()
 
     monkeypatch.setattr(devices_module, "serial_torch_thread", recording)
-    monkeypatch.setattr(separator_module, "serial_torch_thread", recording)
     clips = _batch(tmp_path)
     result = htsep("--repo", str(repo), "-n", "aaaa0001", "-o", str(tmp_path / "out"), "-q",
                    *map(str, clips))  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert seen == {"htsep-decode", "htsep-encode", "htsep-finish"}
+    assert seen == {"htsep-decode", "htsep-encode"}
 
 
 _OPENMP_WORKERS = """
@@ -287,24 +286,3 @@ def test_a_serial_helper_thread_gets_no_openmp_workers():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:2] == ["True 1 1 2", "False 2 2 2"], done.stdout
-
-
-@pytest.mark.parametrize("pipeline", [True, False])
-def test_background_encoding_takes_one_core(tmp_path, repo, monkeypatch, pipeline):
-    """A track's final files encoded beside the next track's networks use one thread; the last
-    track's, and every track's without the pipeline, use the default (two at once)."""
-    clips = _batch(tmp_path)
-    finish = PendingOutputs.finish
-    asked = {}
-
-    def recording(self, stop=None, workers=None):
-        if self._work is not None:
-            asked[next(iter(self._work[1].values())).parent.name] = workers
-        return finish(self, stop, workers)
-
-    monkeypatch.setattr(PendingOutputs, "finish", recording)
-    extra = [] if pipeline else ["--no-pipeline"]
-    result = htsep("--repo", str(repo), "-n", "aaaa0001", "-o", str(tmp_path / "out"), "-q",
-                   *extra, *map(str, clips))  # fmt: skip
-    assert result.exit_code == 0, result.output
-    assert asked == ({"a": 1, "b": 1, "c": None} if pipeline else dict.fromkeys("abc"))
