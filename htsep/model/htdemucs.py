@@ -306,9 +306,10 @@ def bfloat16_copy(model: HTDemucs) -> HTDemucs:
     if cached is not None and cached[0] == fingerprint:
         return cached[1]
     reduced = copy.deepcopy(model).to(torch.bfloat16).eval()
-    for module in reduced.modules():
+    for source, module in zip(model.modules(), reduced.modules(), strict=True):
         if isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
-            module.float()
+            # The original float32 values, not their bfloat16 rounding.
+            module.float().load_state_dict(source.state_dict())
     reduced.requires_grad_(False)
     _BF16_COPIES[model] = (fingerprint, reduced)
     return reduced
