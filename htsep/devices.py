@@ -294,7 +294,7 @@ def _openmp() -> Any:
 
 def serial_torch_thread() -> None:
     """Make torch's CPU operators run on the calling thread alone, for that thread only (the
-    initializer of htsep's helper threads: decoding, encoding, final files).
+    initializer of the batch's helper threads: decoding and encoding).
 
     With OpenMP each thread that runs a parallel operator gets a team of worker threads of its
     own. Once the process holds more of them than it has CPUs, libgomp's idle workers stop
