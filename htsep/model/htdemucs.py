@@ -247,10 +247,9 @@ class HTDemucs(nn.Module):
 
         sources = len(self.config.sources)
         wide = torch.promote_types(dtype, torch.float32)
-        # One copy into a dense (B, S C, T) tensor (the waveform branch ran time-major).
-        if xt.dtype != wide or not xt.is_contiguous():
+        if kernels.is_time_major(xt):  # CPU inference: one copy back to (B, S C, T) order
             xt = torch.empty(xt.shape, dtype=wide, device=xt.device).copy_(xt)
-        xt = _destandardize(xt, mean_t, std_t)
+        xt = _destandardize(xt.to(wide), mean_t, std_t)
         out = rearrange(xt, "b (s c) t -> b s c t", s=sources)[..., :length]
         out = out if kernels.overwritable(out) else out.clone()
         if x.dtype == wide:

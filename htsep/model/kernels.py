@@ -182,9 +182,9 @@ def convolution(
             x.unsqueeze(2),
             weight.unsqueeze(2),
             bias,
-            (1, *_pair(stride)[1:]),
-            (0, *_pair(padding)[1:]),
-            (1, *_pair(dilation)[1:]),
+            (1, _single(stride)),
+            (0, _single(padding)),
+            (1, _single(dilation)),
         )
         return flat.squeeze(2)
     if (
@@ -245,10 +245,9 @@ def time_major(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
     return out.transpose(1, 2).copy_(x)
 
 
-def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
-    """A conv1d's stride, padding or dilation as the (1, value) of its conv2d form."""
-    single = value if isinstance(value, int) else value[0]
-    return (1, single)
+def _single(value: int | tuple[int, ...]) -> int:
+    """A conv1d's stride, padding or dilation, given as an int or a 1-tuple."""
+    return value if isinstance(value, int) else value[0]
 
 
 def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
