@@ -975,13 +975,21 @@ class _Run:
             self._fail(index, failure)
             self._report(index)
             return
-        track.sample_rate = pending.sample_rate
-        track.duration = pending.frames / pending.sample_rate
-        self._collect()
-        encoded = None if self.encoder is None else self.encoder.submit(self._encode, pending)
-        self.encoding = (index, encoded, pending, started)
-        if encoded is None:
+        try:
+            track.sample_rate = pending.sample_rate
+            track.duration = pending.frames / pending.sample_rate
+            # The track before is reported first. Its finished() may raise (or Ctrl-C come)
+            # while this track's staging folder is held here alone, so drop it then.
             self._collect()
+        except BaseException:
+            pending.discard()
+            raise
+        # From here __exit__ drops the staging folder (after the encoder has stopped).
+        self.encoding = (index, None, pending, started)
+        if self.encoder is None:
+            self._collect()
+        else:
+            self.encoding = (index, self.encoder.submit(self._encode, pending), pending, started)
 
     def _run_networks(self, index: int, scanned: ScannedFile) -> PendingOutputs:
         from htsep.separator import write_stems

@@ -337,6 +337,54 @@ def test_a_callback_that_raises_stops_the_batch_and_leaves_nothing(
     assert _leftovers(out, tmp_path / "tmp") == []
 
 
+@pytest.mark.parametrize("when", ["during", "after"])
+def test_finished_raising_while_the_next_track_runs_leaves_nothing(
+    tmp_path, separator, monkeypatch, when
+):
+    """finished() of a track encoded in the background runs while the next track is being
+    separated: from its progress (the encoding done meanwhile) or once its networks are done
+    (the encoding still running then). A finished() that raised at the second moment left the
+    next track's staging folder behind (one CI run in a few, by timing); both are forced here."""
+    import threading
+
+    from htsep.separator import PendingOutputs
+
+    for name in ("a", "b"):
+        _clip(tmp_path / "in" / f"{name}.wav", 1.5, seed=len(name))
+    b_separated, a_encoded = threading.Event(), threading.Event()
+    finish = PendingOutputs.finish
+    error = UsageError("user says no")
+
+    def held_finish(self, stop=None):
+        if when == "after":
+            assert b_separated.wait(60)  # a's encoding ends only after b's networks
+        finish(self, stop)
+        a_encoded.set()
+
+    class Raising(BatchEvents):
+        def progress(self, index, seconds):
+            if index == 1 and when == "during":
+                assert a_encoded.wait(60)  # b's progress then reports a
+
+        def separated(self, index):
+            if index == 1:
+                b_separated.set()
+
+        def finished(self, index, track):
+            raise error
+
+    monkeypatch.setattr(PendingOutputs, "finish", held_finish)
+    out = tmp_path / "out"
+    batch = Batch(separator, out, OutputSettings(), events=Raising(), pipeline=True)
+    with pytest.raises(UsageError) as caught:
+        batch.run([tmp_path / "in" / "a.wav", tmp_path / "in" / "b.wav"])
+    assert caught.value is error
+    assert _leftovers(out) == []
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == sorted(
+        f"{stem}.wav" for stem in separator.sources
+    )  # a's stems, complete; nothing of b
+
+
 def test_a_stem_that_appears_meanwhile_fails_its_track_and_drops_its_decoded_input(
     tmp_path, separator, monkeypatch
 ):
