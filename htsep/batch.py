@@ -920,13 +920,17 @@ class _Run:
         # The track being encoded: index, future (None without the pipeline), pending, start.
         self.encoding: tuple[int, Future[float] | None, PendingOutputs, float] | None = None
         self.stop = threading.Event()
-        from htsep.devices import serial_torch_thread  # torch is loaded by now
+        import torch  # loaded by now
 
-        # torch's CPU operators run serially on these threads (``serial_torch_thread``).
-        self.decoder = self.encoder = None
+        from htsep.devices import serial_torch_thread
+
+        self.threads = torch.get_num_threads()
+        # torch's CPU operators run serially on the helper threads (``serial_torch_thread``).
+        # Each track's encoding gets a thread of its own, which ends with it (``_encode``).
+        self.decoder: ThreadPoolExecutor | None = None
+        self.encoder: ThreadPoolExecutor | None = None
         if batch.pipeline:
             self.decoder = ThreadPoolExecutor(1, "htsep-decode", serial_torch_thread)
-            self.encoder = ThreadPoolExecutor(1, "htsep-encode", serial_torch_thread)
 
     def run(self) -> None:
         self._plan(0)
@@ -986,10 +990,17 @@ class _Run:
             raise
         # From here __exit__ drops the staging folder (after the encoder has stopped).
         self.encoding = (index, None, pending, started)
-        if self.encoder is None:
+        if not self.batch.pipeline:
             self._collect()
-        else:
-            self.encoding = (index, self.encoder.submit(self._encode, pending), pending, started)
+            return
+        from htsep.devices import serial_torch_thread
+
+        self.encoder = ThreadPoolExecutor(1, "htsep-encode", serial_torch_thread)
+        try:
+            encoded = self.encoder.submit(self._encode, pending, True)
+        finally:
+            self.encoder.shutdown(wait=False)  # the thread ends once the job is done
+        self.encoding = (index, encoded, pending, started)
 
     def _run_networks(self, index: int, scanned: ScannedFile) -> PendingOutputs:
         from htsep.separator import write_stems
@@ -1036,7 +1047,12 @@ class _Run:
         except Exception:
             return None
 
-    def _encode(self, pending: PendingOutputs) -> float:
+    def _encode(self, pending: PendingOutputs, beside: bool = False) -> float:
+        """``beside``: on a helper thread, beside the network calls (``yield_to_helper``)."""
+        if beside:
+            from htsep.devices import yield_to_helper
+
+            yield_to_helper(self.threads)
         pending.finish(self.stop)
         return time.perf_counter()
 
@@ -1053,6 +1069,9 @@ class _Run:
         index, future, pending, started = self.encoding
         self.encoding = None
         track = self.tracks[index]
+        if self.encoder is not None:
+            self.encoder.shutdown(wait=True)  # the job done, its thread (and team) gone
+            self.encoder = None
         try:
             finished = self._encode(pending) if future is None else future.result()
         except Exception as exc:

@@ -241,7 +241,7 @@ def test_helper_threads_run_torch_operators_serially(tmp_path, repo, monkeypatch
 
 _OPENMP_WORKERS = """
 import os, threading, torch
-from htsep.devices import serial_torch_thread
+from htsep.devices import serial_torch_thread, yield_to_helper
 
 torch.set_num_threads(2)
 x = torch.randn(4_000_000)
@@ -267,6 +267,32 @@ for serial in (True, False):
     thread.start()
     thread.join()
     print(serial, out[0], out[1] - before, torch.get_num_threads())
+
+
+def yielding(out):
+    serial_torch_thread()
+    yield_to_helper(2)
+    out.append(torch.get_num_threads())
+    (x * 2).sum()  # serial still
+    out.append(tasks())
+
+
+import time
+
+
+def settled(count):  # once the OpenMP workers of ended threads, released as they end, are gone
+    deadline = time.monotonic() + 10
+    while tasks() > count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return tasks()
+
+
+settled(before)
+out = []
+thread = threading.Thread(target=yielding, args=(out,))
+thread.start()
+thread.join()
+print("yield", out[0], out[1] - before, settled(before) - before, torch.get_num_threads())
 """
 
 
@@ -286,3 +312,61 @@ def test_a_serial_helper_thread_gets_no_openmp_workers():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:2] == ["True 1 1 2", "False 2 2 2"], done.stdout
+
+
+def test_a_yielding_helper_holds_an_idle_team_until_it_ends():
+    """``yield_to_helper`` on a serial helper: one more OpenMP worker in the process while the
+    thread lives (libgomp's idle workers then sleep rather than spin, leaving the helper its
+    core), none once it has ended; its own operators stay serial, the main thread keeps two."""
+    import subprocess
+    import sys
+
+    from htsep.devices import _openmp
+
+    if _openmp() is None:
+        pytest.skip("torch runs no OpenMP runtime here: no team to start")
+    done = subprocess.run(
+        [sys.executable, "-c", _OPENMP_WORKERS], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[2] == "yield 1 2 0 2", done.stdout
+
+
+def test_each_encoding_runs_on_a_thread_that_ends_with_it(tmp_path, repo, monkeypatch):
+    """Every track's final files are written on a helper thread of its own that has called
+    ``yield_to_helper`` with the main thread's torch thread count, and that thread has ended
+    by the time the track is reported (its idle OpenMP team, which makes the network's
+    workers sleep, must not outlive the encoding). The stems are those of --no-pipeline."""
+    import torch
+
+    import htsep.devices as devices_module
+    from htsep.separator import PendingOutputs
+
+    calls, finishers = [], []
+    finish = PendingOutputs.finish
+
+    def recording_finish(self, stop=None):
+        finishers.append(threading.current_thread())
+        finish(self, stop)
+
+    monkeypatch.setattr(devices_module, "yield_to_helper", lambda n: calls.append(
+        (threading.current_thread(), n)))  # fmt: skip
+    monkeypatch.setattr(PendingOutputs, "finish", recording_finish)
+    clips = _batch(tmp_path)
+    outs = {}
+    for flag in ("--pipeline", "--no-pipeline"):
+        finishers.clear()
+        out = tmp_path / flag.strip("-")
+        result = htsep("--repo", str(repo), "-n", "aaaa0001", "-o", str(out), "-q", flag,
+                       *map(str, clips))  # fmt: skip
+        assert result.exit_code == 0, result.output
+        outs[flag] = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*.wav"))}
+        if flag == "--pipeline":
+            assert len(finishers) == len(clips) == len(set(finishers))
+            assert [thread for thread, _ in calls] == finishers
+            assert {n for _, n in calls} == {torch.get_num_threads()}
+            assert all(t.name.startswith("htsep-encode") and not t.is_alive() for t in finishers)
+        else:
+            assert finishers == [threading.main_thread()] * len(clips)
+    assert len(calls) == len(clips)  # none without the pipeline
+    assert outs["--pipeline"] == outs["--no-pipeline"] and outs["--pipeline"]
