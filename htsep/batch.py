@@ -920,11 +920,8 @@ class _Run:
         # The track being encoded: index, future (None without the pipeline), pending, start.
         self.encoding: tuple[int, Future[float] | None, PendingOutputs, float] | None = None
         self.stop = threading.Event()
-        import torch  # loaded by now
+        from htsep.devices import serial_torch_thread  # torch is loaded by now
 
-        from htsep.devices import serial_torch_thread
-
-        self.threads = torch.get_num_threads()
         # torch's CPU operators run serially on the helper threads (``serial_torch_thread``).
         # Each track's encoding gets a thread of its own, which ends with it (``_encode``).
         self.decoder: ThreadPoolExecutor | None = None
@@ -1052,7 +1049,7 @@ class _Run:
         if beside:
             from htsep.devices import yield_to_helper
 
-            yield_to_helper(self.threads)
+            yield_to_helper()
         pending.finish(self.stop)
         return time.perf_counter()
 

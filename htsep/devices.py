@@ -309,23 +309,23 @@ def serial_torch_thread() -> None:
         runtime.omp_set_num_threads(1)
 
 
-def yield_to_helper(threads: int) -> None:
+def yield_to_helper() -> None:
     """On a serial helper thread (``serial_torch_thread``) about to do CPU work beside the
-    network calls, and that ends with that work: start a team of ``threads`` OpenMP workers
-    here, which stays idle until the thread ends.
+    network calls, and that ends with that work: start a team of two OpenMP threads here,
+    whose worker stays idle until the thread ends.
 
     libgomp lets the idle workers of the network's team spin between operators as long as the
     process holds no more OpenMP threads than CPUs, and makes them sleep almost at once when
     it holds more. Spinning workers took the cores from an encoding helper, and every parallel
     operator waited for the worker the scheduler had paused: in a folder of htsep-tiny tracks
     with MP3 stems (2 cores) the network calls took twice as long beside the encoding, and the
-    pipeline gained nothing over --no-pipeline. The extra team makes them sleep while the
-    helper works; once the thread has ended they spin again. Changes no operator's thread
-    count, so no result."""
+    pipeline gained nothing over --no-pipeline. One more worker puts the process above its
+    CPUs whenever the network's team fills them (and changes nothing when it does not); once
+    the thread has ended they spin again. No operator's thread count changes, so no result."""
     runtime = _openmp()
-    if runtime is None or threads < 2:
+    if runtime is None:
         return
-    runtime.omp_set_num_threads(threads)
+    runtime.omp_set_num_threads(2)
     try:
         torch.empty(1 << 18).fill_(0.0)  # one parallel operator: the team
     finally:
