@@ -643,9 +643,9 @@ def output_paths(
                 for part in _components(piece.format(stem=stem, **fields))
             ]
             if any(part in (".", "..") for part in parts):
-                shown = str(paths[stem]).replace(_ANY_STEM, "{stem}")
                 raise UsageError(
-                    f"--filename {template!r}: for {track.source} it gives {shown!r}, "
+                    f"--filename {template!r}: for {track.source} it gives "
+                    f"{_shown(paths[stem])!r}, "
                     "with '.' or '..' as a part of the path"
                 )
         for stem, path in paths.items():
@@ -654,7 +654,7 @@ def output_paths(
             except UnicodeEncodeError:  # a stem or model name this file system cannot spell
                 encoding = sys.getfilesystemencoding()
                 raise UsageError(
-                    f"{str(path)!r} cannot be a file name here (the file system encoding is "
+                    f"{_shown(path)!r} cannot be a file name here (the file system encoding is "
                     f"{encoding}): run with a UTF-8 locale, e.g. LC_ALL=C.UTF-8"
                 ) from None
             # The sample values check_template tried are not every track's: {folder} is "."
@@ -663,15 +663,14 @@ def output_paths(
             inside = Path(os.path.normpath(path))
             if os.path.normpath(folder) not in map(str, inside.parents):
                 raise UsageError(
-                    f"--filename {template!r}: for {track.source} it gives {str(path)!r}, "
+                    f"--filename {template!r}: for {track.source} it gives {_shown(path)!r}, "
                     "outside <out>/<model>"
                 )
             key = Path(os.path.abspath(path))
             if key in owners:
                 other = owners[key]
-                shown = str(path).replace(_ANY_STEM, "{stem}")
                 raise UsageError(
-                    f"--filename {template!r}: {shown} would be written for both "
+                    f"--filename {template!r}: {_shown(path)} would be written for both "
                     f"{other} and {track.source}"
                     + (_clash_hint(other, track) if other != track.source else f" (stem {stem})")
                 )
@@ -683,6 +682,11 @@ def output_paths(
 # A stem name no file name holds: paths made with it are equal for two tracks exactly when
 # they are equal for every stem name put in its place.
 _ANY_STEM = "\0"
+
+
+def _shown(path: Path) -> str:
+    """A path of ``output_paths`` as messages show it: {stem} where the stem is any."""
+    return str(path).replace(_ANY_STEM, "{stem}")
 
 
 def check_track_clashes(tracks: list[Track], settings: OutputSettings, folder: Path) -> None:

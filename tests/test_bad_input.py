@@ -593,6 +593,9 @@ def test_template_values_cannot_lead_out_of_the_model_folder(run, tmp_path, name
     template = template.replace("ESCAPE", str(tmp_path / "escaped"))
     result = run("--stems", "vocals", "--filename", template, clip)
     _assert_one_line_failure(result, 2, phrase)
+    # The path shown is the one planned for every stem: "{stem}", not a placeholder's byte.
+    (message,) = _errors(result)
+    assert "/{stem}." in message and "\\x00" not in message and "\x00" not in message
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == [clip]
 
 
