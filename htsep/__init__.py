@@ -7,15 +7,10 @@ synthetic dataset writer, ``htsep --version``) do not pay for importing torch.
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-try:
-    __version__ = version("htsep")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0+unknown"
-
 if TYPE_CHECKING:
+    __version__: str
     from htsep.checkpoint import load_model, save_model
     from htsep.errors import CheckpointError, HtsepError, UnsupportedOptionError
     from htsep.model.config import HTDemucsConfig
@@ -46,7 +41,22 @@ __all__ = [
 ]
 
 
+def _version() -> str:
+    """The installed version. Looked up on first use: importlib.metadata takes 40 ms, and
+    the command catches signals only once ``import htsep`` is done (``htsep.__main__``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("htsep")
+    except PackageNotFoundError:  # running from a source tree that was not installed
+        return "0.0.0+unknown"
+
+
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        value: Any = _version()
+        globals()[name] = value
+        return value
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module 'htsep' has no attribute {name!r}")

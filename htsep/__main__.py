@@ -1,5 +1,26 @@
-"""``python -m htsep``: the same command line as the ``htsep`` script."""
+"""The ``htsep`` command's entry point (the ``htsep`` script, ``python -m htsep``).
 
-from htsep.cli import main
+Ctrl-C, SIGTERM and SIGHUP stop the command with its one-line message and exit status from the
+moment ``import htsep`` is done: importing the command line itself (typer, click) takes a
+tenth of a second, and a Ctrl-C there would otherwise print Python's traceback.
+"""
 
-main()
+from __future__ import annotations
+
+import sys
+
+from htsep.interrupts import exit_status, how_stopped, signals_as_interrupts
+
+
+def main() -> None:
+    with signals_as_interrupts(deaf_after=True):
+        try:
+            from htsep import cli
+        except KeyboardInterrupt as exc:
+            print(f"htsep: error: {how_stopped(exc)}", file=sys.stderr)
+            sys.exit(exit_status(exc))
+        cli.main()
+
+
+if __name__ == "__main__":
+    main()

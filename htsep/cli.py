@@ -48,7 +48,7 @@ from htsep.batch import (
     take_shard,
 )
 from htsep.errors import DownloadError, HtsepError, ModelNotFoundError, UsageError
-from htsep.interrupts import Terminated, signals_as_interrupts
+from htsep.interrupts import Terminated, exit_status, how_stopped, signals_as_interrupts
 
 if TYPE_CHECKING:
     from typer._click import Context as ClickContext
@@ -306,12 +306,9 @@ def _reported_errors(
             _error(_message(exc, command, model))
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:
-            if isinstance(exc, Terminated):
-                how = "hung up" if exc.signum == signal.SIGHUP else "terminated"
-                _error(f"{how}: {interrupted}")
-                raise typer.Exit(128 + exc.signum) from None
-            _error(interrupted)
-            raise typer.Exit(130) from None
+            how = how_stopped(exc)
+            _error(interrupted if how == "interrupted" else f"{how}: {interrupted}")
+            raise typer.Exit(exit_status(exc)) from None
 
 
 _STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -497,7 +494,10 @@ def separate(
     given = _given_options(ctx)
     options = {key: value for key, value in locals().items() if key not in ("ctx", "given")}
     with _reported_errors(
-        "interrupted (finished stems are complete; none is half-written)", "separate", name
+        "interrupted (finished stems are complete; none is half-written)",
+        "separate",
+        name,
+        heavy=False,  # _separate imports torch where an interruption gets its --json records
     ):
         code = _separate(**options, given=given)
     raise typer.Exit(code)
@@ -647,7 +647,43 @@ _SETTING_OPTIONS = {
 }
 
 
+@dataclasses.dataclass
+class _Progress:
+    """How far ``separate`` got, for the --json records of an interruption: the tracks once
+    the inputs are searched, their model, and the indices of the tracks reported already."""
+
+    inputs: list[str]
+    model: str | None  # the model's name once found; before, as given (None: the default)
+    tracks: list[Track] | None = None
+    reported: set[int] = dataclasses.field(default_factory=set)
+    sharded: bool = False
+
+    def interrupted_records(self) -> None:
+        """The records not printed yet: each track's, or before the inputs were searched
+        (torch's import, standard input's spooling), one per input as given; none then with
+        --shard, whose slice of the inputs is not known yet."""
+        from htsep import zoo  # torch is imported whole by now (_import_torch)
+
+        if self.tracks is None and self.sharded:
+            return
+        if self.tracks is None:
+            self.tracks = [Track(source=item, path=None) for item in self.inputs]
+            self.reported.clear()
+        _interrupted_records(self.tracks, self.model or zoo.DEFAULT_MODEL, self.reported)
+
+
 def _separate(**opts: Any) -> int:
+    progress = _Progress(list(opts["inputs"]), opts["name"], sharded=bool(opts["shard"]))
+    try:
+        _import_torch()
+        return _separate_checked(progress, **opts)
+    except KeyboardInterrupt:
+        if opts["json_lines"]:
+            progress.interrupted_records()
+        raise
+
+
+def _separate_checked(progress: _Progress, **opts: Any) -> int:
     from htsep import files
 
     output, settings = _check_options(opts, opts.pop("given"))
@@ -666,7 +702,7 @@ def _separate(**opts: Any) -> int:
             staging = files.StagingFolder(tempfile.gettempdir())
             cleanup.callback(staging.cleanup)
             opts["out"], opts["stdout"] = str(staging.path), True
-        return _separate_tracks(opts, output, settings)
+        return _separate_tracks(opts, output, settings, progress)
 
 
 def _refuse_stdout_input(source: str, input_stat: os.stat_result | None) -> None:
@@ -710,16 +746,20 @@ def _spool_stdin() -> Path:
         ) from None
 
 
-def _separate_tracks(opts: dict[str, Any], output: OutputSettings, settings: Any) -> int:
+def _separate_tracks(
+    opts: dict[str, Any], output: OutputSettings, settings: Any, progress: _Progress
+) -> int:
     from htsep import zoo
 
     quiet, to_stdout = opts["quiet"], opts.get("stdout", False)
     spec = zoo.find_model(opts["name"], repo=opts["repo"])
     folder = output_folder(opts["out"], spec.name)
+    progress.model = folder.name
     tracks = find_inputs(opts["inputs"], exclude=folder)
     for track in tracks:
         if track.path is not None and track.path == opts.get("stdin"):
             track.source, track.name = "-", "stdin"
+    progress.tracks = tracks
     if to_stdout and len(tracks) != 1:
         raise UsageError(f"-o - writes one track to standard output, not {len(tracks)}")
     if to_stdout and tracks[0].path is not None and tracks[0].source != "-":
@@ -735,6 +775,7 @@ def _separate_tracks(opts: dict[str, Any], output: OutputSettings, settings: Any
     total = len(tracks)
     if opts["shard"]:  # from here on, the records and warnings of this process's inputs only
         tracks = take_shard(tracks, opts["shard"].index, opts["shard"].count)
+        progress.tracks = tracks
     _warn_aliases(tracks)
     if not to_stdout:
         _check_out_folder(folder, tracks, json_lines=opts["json_lines"])
@@ -757,13 +798,7 @@ def _separate_tracks(opts: dict[str, Any], output: OutputSettings, settings: Any
                 _echo_records(track, folder.name)
         _say(f"htsep: 0 separated, 0 skipped, {len(tracks)} failed (0.0 s)")
         return 1
-    reported: set[int] = set()  # the tracks whose records are out
-    try:
-        return _run_tracks(opts, tracks, output, settings, folder, reported)
-    except KeyboardInterrupt:
-        if opts["json_lines"]:
-            _interrupted_records(tracks, folder.name, reported)
-        raise
+    return _run_tracks(opts, tracks, output, settings, folder, progress.reported)
 
 
 def _run_tracks(
@@ -1381,28 +1416,40 @@ def main() -> None:
     except FileNotFoundError:  # MKL's loader would die in `import torch`, exit 2, no reason
         _error("the current folder was removed: cd into a folder that exists and run again")
         _exit(1)
-    try:
-        app(args=demucs_style(sys.argv[1:]), prog_name="htsep")
-    except KeyboardInterrupt:  # pragma: no cover - interrupted outside a command
-        from htsep import files
+    # A signal outside a command's _reported_errors (while the options are parsed, say), where
+    # typer turns the KeyboardInterrupt into a silent exit 130, still gets its message and
+    # its exit status.
+    with signals_as_interrupts(deaf_after=True) as stopped:
+        try:
+            app(args=demucs_style(sys.argv[1:]), prog_name="htsep")
+        except KeyboardInterrupt as exc:
+            _interrupted(exc)
+        except SystemExit as done:
+            if stopped and done.code == 130:
+                signum = stopped[0]
+                _interrupted(KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum))
+            _exit(done.code)
+        except OSError as exc:
+            # A write to standard output failed outside the -o - copy (--json lines, info,
+            # the help): a full disk behind a redirection, a reader gone. Any other OSError is
+            # a bug.
+            if not _writing_stdout(exc):
+                raise
+            from htsep import files
 
-        files.remove_unfinished()
-        _error("interrupted")
-        _exit(130)
-    except SystemExit as done:
-        _exit(done.code)
-    except OSError as exc:
-        # A write to standard output failed outside the -o - copy (--json lines, info, the
-        # help): a full disk behind a redirection, a reader gone. Any other OSError is a bug.
-        if not _writing_stdout(exc):
-            raise
-        from htsep import files
-
-        files.remove_unfinished()
-        _abandon_stdout()
-        _error(f"cannot write to standard output: {exc.strerror or type(exc).__name__}")
-        _exit(1)
+            files.remove_unfinished()
+            _abandon_stdout()
+            _error(f"cannot write to standard output: {exc.strerror or type(exc).__name__}")
+            _exit(1)
     _exit(0)
+
+
+def _interrupted(exc: KeyboardInterrupt) -> NoReturn:
+    from htsep import files
+
+    files.remove_unfinished()
+    _error(how_stopped(exc))
+    _exit(exit_status(exc))
 
 
 def _abandon_stdout() -> None:

@@ -33,8 +33,22 @@ class Terminated(KeyboardInterrupt):
 _STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+def exit_status(interruption: KeyboardInterrupt) -> int:
+    """The exit status a shell gives a process its signal ended: 128 + the signal's number
+    (130 for Ctrl-C)."""
+    signum = interruption.signum if isinstance(interruption, Terminated) else signal.SIGINT
+    return 128 + signum
+
+
+def how_stopped(interruption: KeyboardInterrupt) -> str:
+    """ "interrupted" (Ctrl-C), "terminated" (SIGTERM) or "hung up" (SIGHUP)."""
+    if not isinstance(interruption, Terminated):
+        return "interrupted"
+    return "hung up" if interruption.signum == signal.SIGHUP else "terminated"
+
+
 @contextlib.contextmanager
-def signals_as_interrupts(*, deaf_after: bool = False) -> Iterator[None]:
+def signals_as_interrupts(*, deaf_after: bool = False) -> Iterator[list[int]]:
     """SIGINT, SIGTERM and SIGHUP stop the work with KeyboardInterrupt (Terminated for the
     latter two); once one came, later ones are ignored until the block ends, so that a second
     Ctrl-C cannot cut the cleanup short and leave temporary files behind (kill -9 still stops
@@ -43,11 +57,12 @@ def signals_as_interrupts(*, deaf_after: bool = False) -> Iterator[None]:
     ``deaf_after``: once a signal came they are not, and the process stays deaf to these
     signals until it exits (the command line, whose exit still removes temporary folders). A
     signal that was ignored when this began stays ignored. Outside the main thread, where
-    handlers cannot be set, it does nothing."""
+    handlers cannot be set, it does nothing. -> the list of the signals its handlers caught
+    (one at most), filled as they come."""
+    stopped: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stopped
         return
-    stopped = []
     caught = [sig for sig in _STOPPING if signal.getsignal(sig) is not signal.SIG_IGN]
 
     def stop(signum: int, frame: Any) -> None:
@@ -58,7 +73,7 @@ def signals_as_interrupts(*, deaf_after: bool = False) -> Iterator[None]:
 
     previous = {sig: signal.signal(sig, stop) for sig in caught}
     try:
-        yield
+        yield stopped
     finally:
         if not (stopped and deaf_after):
             for sig, handler in previous.items():

@@ -327,6 +327,107 @@ print(seen, flush=True)
     assert out.strip() == "[True]"
 
 
+# A child that sends itself ``signum`` at a chosen moment of the command: when a module is first
+# imported (a finder ahead of the others), or when a function of htsep.cli is called.
+_SIGNAL_AT = """
+import importlib.abc, os, signal, sys
+signum, module, function = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+
+class Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == module:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signum)
+        return None
+
+sys.meta_path.insert(0, Finder())
+if function:
+    from htsep import cli
+    real = getattr(cli, function)
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+    setattr(cli, function, signalled)
+sys.argv = ["htsep", *sys.argv[4:]]
+from htsep.__main__ import main
+main()
+"""
+
+
+def _signalled(signum, module, function, *args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-c", _SIGNAL_AT, str(int(signum)), module, function, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+
+
+def test_the_htsep_script_starts_where_signals_are_caught():
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "htsep"]
+    assert script.value == "htsep.__main__:main"
+
+
+@pytest.mark.parametrize(
+    ("signum", "message"),
+    [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated"), (signal.SIGHUP, "hung up")],
+)
+@pytest.mark.parametrize(
+    ("module", "function"),
+    [
+        ("typer", ""),  # while the command line is imported, before any handler of the command
+        ("", "_given_options"),  # inside the command, before its errors are reported
+    ],
+)
+def test_a_signal_before_the_command_runs_gets_its_line_and_exit_status(
+    tmp_path, signum, message, module, function
+):
+    """Python's traceback for a Ctrl-C while typer was imported, and nothing at all (typer
+    turns the KeyboardInterrupt into exit 130) for one while the options were read."""
+    write_clip(tmp_path / "a.wav", 0.3)
+    done = _signalled(
+        signum, module, function, "separate", "-n", "htsep-tiny", "a.wav", cwd=tmp_path
+    )
+    assert (done.returncode, done.stderr) == (128 + signum, f"htsep: error: {message}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_before_the_inputs_are_searched_gives_each_input_its_record(tmp_path, signum):
+    """Delivered when torch's import ends (it is held back until then), before the inputs are
+    searched: each input as given gets its record, interrupted."""
+    write_clip(tmp_path / "album" / "a.wav", 0.3)
+    write_clip(tmp_path / "b.wav", 0.3)
+    args = ["separate", "-n", "htsep-tiny", "--json", "album", "b.wav", "missing.wav"]
+    done = _signalled(signum, "torch", "", *args, cwd=tmp_path)
+    assert done.returncode == 128 + signum
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("htsep: error: ") and "interrupted" in line
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(r["input"], r["status"], r["model"]) for r in records] == [
+        (name, "interrupted", "htsep-tiny") for name in ("album", "b.wav", "missing.wav")
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["album", "b.wav"]
+
+
+def test_a_signal_while_the_inputs_are_planned_gives_each_track_its_record(tmp_path):
+    """After the search, before the model is loaded: each track found gets its record."""
+    write_clip(tmp_path / "album" / "a.wav", 0.3)
+    write_clip(tmp_path / "album" / "b.wav", 0.3)
+    args = ["separate", "-n", "htsep-tiny", "--json", "album", "gone.wav"]
+    done = _signalled(signal.SIGTERM, "", "check_track_clashes", *args, cwd=tmp_path)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(r["input"], r["status"]) for r in records] == [
+        ("album/a.wav", "interrupted"),
+        ("album/b.wav", "interrupted"),
+        ("gone.wav", "failed"),
+    ]
+
+
 # --- folders made for a failed track ---------------------------------------------------------
 
 
