@@ -65,6 +65,7 @@ from htsep.files import (
     folder_lock,
     make_folder,
     real_path,
+    remove_empty,
     remove_stale,
 )
 from htsep.model.config import (
@@ -73,6 +74,7 @@ from htsep.model.config import (
     config_from_dict,
     config_to_dict,
     from_demucs_kwargs,
+    show,
 )
 from htsep.model.htdemucs import HTDemucs
 
@@ -242,7 +244,11 @@ def _config_file(
         if {"stft", "conv", "transformer"} & set(data):
             data.setdefault("sample_rate", sample_rate)
             if "segment" in data and not isinstance(data["segment"], Mapping):
-                seconds = Fraction(str(data["segment"]))
+                text = str(data["segment"])
+                # Not Fraction("1e999999999"): it would compute a billion-digit number.
+                if isinstance(data["segment"], str) and not zoo.SEGMENT_TEXT.match(text):
+                    raise ValueError(f"segment {show(text)}: expected seconds, e.g. 7.8")
+                seconds = Fraction(text)
                 data["segment"] = {"numerator": seconds.numerator,
                                    "denominator": seconds.denominator}  # fmt: skip
             return config_from_dict(data)
@@ -250,7 +256,7 @@ def _config_file(
         return from_demucs_kwargs(data.pop("sources"), data)
     except HtsepError as exc:
         raise UsageError(f"--config {path}: {exc}") from None
-    except (TypeError, ValueError, KeyError) as exc:
+    except (TypeError, ValueError, KeyError, ZeroDivisionError) as exc:
         raise UsageError(f"--config {path}: invalid option ({exc})") from None
 
 
@@ -468,9 +474,14 @@ class Trainer:
                 f"{self.run_dir} already holds a training run: continue it with --resume, "
                 f"or choose another --out"
             )
-        elif not (self.run_dir / RUN_OPTIONS).exists():
-            # Not a run's folder: files a run would replace are the user's.
-            theirs = [name for name in (METRICS, MODEL_FILE) if (self.run_dir / name).exists()]
+        else:
+            # Files a run would replace are the user's unless a run that failed before its
+            # first save left them: its run.json (htsep's, readable as a run's options) and
+            # its metrics. A run writes its model only after a state.pt, so a model file
+            # without one is never a run's.
+            ours = _run_options_file(self.run_dir / RUN_OPTIONS)
+            candidates = (MODEL_FILE,) if ours else (RUN_OPTIONS, METRICS, MODEL_FILE)
+            theirs = [name for name in candidates if os.path.lexists(self.run_dir / name)]
             if theirs:
                 raise UsageError(
                     f"{self.run_dir} holds {' and '.join(theirs)}, which a run would replace: "
@@ -500,14 +511,13 @@ class Trainer:
     def _owned_folder(self) -> Iterator[None]:
         """The run folder, locked by the main process for the whole run: a second run on it
         (another htsep train, resumed or not) is a UsageError, where both ran before and
-        interleaved their checkpoints and metrics. A folder made here and left empty by a
-        failure is removed."""
+        interleaved their checkpoints and metrics. The folders made here (the run's and its
+        parents) that a failure left empty are removed."""
         if not self.processes.main:
             yield
             return
-        made = not os.path.lexists(self.run_dir)
         try:
-            make_folder(self.run_dir)
+            made = make_folder(self.run_dir)
         except OSError as exc:
             raise UsageError(
                 f"--out {self.run_dir}: cannot make the folder: {exc.strerror or exc}"
@@ -531,9 +541,7 @@ class Trainer:
                 remove_stale(self.run_dir)
                 yield
         except BaseException:
-            if made:
-                with contextlib.suppress(OSError):  # only if the failure left it empty
-                    self.run_dir.rmdir()
+            remove_empty(made)  # the folders made here (parents too) that the failure left empty
             raise
 
     def _run(self) -> TrainResult:
@@ -666,6 +674,8 @@ class Trainer:
             raise UsageError(f"{path}: not a metrics log of htsep (a line is not JSON)") from None
         if not all(isinstance(record, dict) for record in records):
             raise UsageError(f"{path}: not a metrics log of htsep (a line is not an object)")
+        if any(type(record.get("step", 0)) is not int for record in records):
+            raise UsageError(f"{path}: not a metrics log of htsep (a step is not a whole number)")
         kept = [r for r in records if r.get("step", 0) <= step and r.get("event") != "end"]
         with self._writing(METRICS):
             _atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
@@ -709,15 +719,32 @@ class Trainer:
             raise UsageError(
                 f"{path}: cannot resume from it ({str(exc).splitlines()[0]})"
             ) from None
-        if json.loads(state["config"]) != config_to_dict(model.config):
+        problem = f"{path}: cannot resume from it (not a training state of htsep"
+        try:
+            config = json.loads(state["config"])
+            step = state["step"]
+        except (TypeError, KeyError, IndexError, ValueError):
+            raise UsageError(f"{problem})") from None
+        if config != config_to_dict(model.config):
             raise UsageError(f"{path}: saved by a run with another model configuration")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if average is not None:
-            if state["ema"] is None:
-                raise UsageError(f"{path}: the run had no EMA; resume it without --ema")
-            average.state = {key: value.to(self.device) for key, value in state["ema"].items()}
-        return int(state["step"])
+        if type(step) is not int or step < 0:
+            raise UsageError(f"{problem}: its step is {show(step)})")
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if average is not None:
+                if state["ema"] is None:
+                    raise UsageError(f"{path}: the run had no EMA; resume it without --ema")
+                ema = {key: value.to(self.device) for key, value in state["ema"].items()}
+                if ema.keys() != average.state.keys() or any(
+                    value.shape != average.state[key].shape for key, value in ema.items()
+                ):
+                    raise ValueError("its averaged weights do not fit the model")
+                average.state = ema
+        except (TypeError, KeyError, IndexError, ValueError, RuntimeError, AttributeError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"{problem}: {show(reason)})") from None
+        return step
 
     def _validate(self, step: int) -> None:
         if self.processes.main:
@@ -810,6 +837,18 @@ def run_options(
     options = dataclasses.replace(saved, dataset=values["dataset"])
     steps = values.get("steps")
     return options if steps is None else dataclasses.replace(options, steps=steps)
+
+
+def _run_options_file(path: Path) -> bool:
+    """Whether ``path`` is a run.json that htsep wrote: a regular file of a run's options."""
+    try:
+        if not path.is_file() or path.is_symlink() or path.stat().st_size > 1 << 20:
+            return False
+        data = json.loads(path.read_text("utf-8"))
+        TrainOptions(**data)
+    except (OSError, ValueError, TypeError, HtsepError):
+        return False
+    return True
 
 
 def load_run_options(run_dir: Path) -> TrainOptions:

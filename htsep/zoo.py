@@ -94,7 +94,7 @@ MAX_BAG_MEMBERS = 32
 MIN_SEGMENT_SECONDS = 1
 # A segment given as text: plain decimals or a fraction (Fraction('1e999999999') would compute a
 # billion-digit number).
-_SEGMENT_TEXT = re.compile(r"^\s*\d{1,9}(\.\d{1,9})?\s*$|^\s*\d{1,9}\s*/\s*\d{1,9}\s*$")
+SEGMENT_TEXT = re.compile(r"^\s*\d{1,9}(\.\d{1,9})?\s*$|^\s*\d{1,9}\s*/\s*\d{1,9}\s*$")
 
 
 @dataclass(frozen=True)
@@ -417,7 +417,7 @@ def _parse_segment(value: Any, origin: str) -> Fraction | None:
     problem = f"{origin}: 'segment' must be a number of seconds"
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ModelNotFoundError(problem)
-    if isinstance(value, str) and not _SEGMENT_TEXT.match(value):
+    if isinstance(value, str) and not SEGMENT_TEXT.match(value):
         raise ModelNotFoundError(problem)
     if isinstance(value, float) and not math.isfinite(value):
         raise ModelNotFoundError(f"{problem}, got {value}")

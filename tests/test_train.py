@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -393,19 +394,36 @@ def test_an_empty_world_size_is_refused_as_shard_auto_refuses_it(
         shard_from_environment({"WORLD_SIZE": "", "RANK": "0"})
 
 
-def test_a_run_never_replaces_files_it_did_not_write(toy_dataset, toy_config, tmp_path):
-    """A folder holding a model.safetensors or metrics.jsonl of the user's is not a run: the
-    run would have replaced them."""
-    runner = CliRunner()
-    for name in ("model.safetensors", "metrics.jsonl"):
-        folder = tmp_path / name.split(".")[0]
-        folder.mkdir()
-        (folder / name).write_text("mine\n")
-        args = ["train", str(toy_dataset), "--out", str(folder), "--config", str(toy_config)]
-        result = runner.invoke(app, [*args, "--steps", "1", "-q"])
-        assert result.exit_code == 2 and "which a run would replace" in result.output
-        assert (folder / name).read_text() == "mine\n"
-        assert sorted(p.name for p in folder.iterdir()) == [name]
+def _run_json(toy_dataset, toy_config) -> str:
+    """The run.json a run of these options writes."""
+    return json.dumps(dataclasses.asdict(_options(toy_dataset, toy_config)), indent=2)
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ("model.safetensors",),
+        ("metrics.jsonl",),
+        ("run.json",),  # another tool's file of that common name: not a run's options
+        ("run.json", "metrics.jsonl", "model.safetensors"),
+        ("htsep run.json", "model.safetensors"),  # a run writes a model only after a state.pt
+    ],
+)
+def test_a_run_never_replaces_files_it_did_not_write(toy_dataset, toy_config, tmp_path, names):
+    """A folder holding a model.safetensors, metrics.jsonl or run.json of the user's is not a
+    run that failed before its first save: the run would have replaced them."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name in names:
+        ours = name.startswith("htsep ")
+        text = _run_json(toy_dataset, toy_config) if ours else "mine\n"
+        (folder / name.removeprefix("htsep ")).write_text(text)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    args = ["train", str(toy_dataset), "--out", str(folder), "--config", str(toy_config)]
+    result = CliRunner().invoke(app, [*args, "--steps", "1", "-q"])
+    assert result.exit_code == 2 and "which a run would replace" in result.output, result.output
+    assert len(result.output.splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
 def test_a_run_that_saved_no_step_starts_over(toy_dataset, toy_config, tmp_path):
@@ -413,7 +431,7 @@ def test_a_run_that_saved_no_step_starts_over(toy_dataset, toy_config, tmp_path)
     folder could then neither start (\"already holds a run\") nor resume (no state.pt)."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / "run.json").write_text("{}")
+    (run / "run.json").write_text(_run_json(toy_dataset, toy_config))
     (run / "metrics.jsonl").write_text('{"step": 7, "loss": 1.0}\n')
     args = ["train", str(toy_dataset), "--out", str(run), "--config", str(toy_config), "-q"]
     resumed = CliRunner().invoke(app, [*args, "--resume"])
@@ -524,11 +542,85 @@ def test_a_second_run_on_a_busy_folder_is_refused(toy_dataset, toy_config, tmp_p
 def test_a_failed_run_leaves_no_folder_it_made(toy_dataset, tmp_path):
     config = tmp_path / "other-rate.yaml"
     config.write_text(json.dumps({**TOY, "samplerate": RATE * 2}))
-    run = tmp_path / "run"
+    (tmp_path / "kept").mkdir()
+    run = tmp_path / "kept" / "deep" / "er" / "run"  # its parents made by the run too
     args = ["train", str(toy_dataset), "--out", str(run), "--config", str(config), "-q"]
     result = CliRunner().invoke(app, [*args, "--steps", "1"])
     assert result.exit_code == 2 and "resample the dataset" in result.output, result.output
-    assert not run.exists()
+    assert list((tmp_path / "kept").iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def saved_run(toy_dataset, toy_config, tmp_path_factory) -> Path:
+    """A run folder with one saved step, to copy and spoil."""
+    run = tmp_path_factory.mktemp("saved") / "run"
+    _train(_options(toy_dataset, toy_config, steps=1, save_every=1), run)
+    return run
+
+
+def _spoil_state(change):
+    def spoil(run: Path) -> None:
+        state = torch.load(run / "state.pt", weights_only=True)
+        torch.save(change(state), run / "state.pt")
+
+    return spoil
+
+
+def _spoil_metrics(run: Path) -> None:
+    with (run / "metrics.jsonl").open("a") as log:
+        log.write('{"step": "x"}\n')
+
+
+def _without(state: dict, key: str) -> dict:
+    return {k: v for k, v in state.items() if k != key}
+
+
+def _first_weight_shrunk(state: dict) -> dict:
+    model = dict(state["model"])
+    model[next(iter(model))] = torch.zeros(1)
+    return {**state, "model": model}
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        _spoil_state(lambda state: _without(state, "config")),
+        _spoil_state(lambda state: _without(state, "step")),
+        _spoil_state(lambda state: {**state, "step": -100}),
+        _spoil_state(lambda state: {**state, "step": "abc"}),
+        _spoil_state(lambda state: {**state, "step": True}),
+        _spoil_state(lambda state: [state]),
+        _spoil_state(_first_weight_shrunk),
+        _spoil_state(lambda state: {**state, "optimizer": {"state": {}}}),
+        _spoil_metrics,
+    ],
+    ids=[
+        "no config",
+        "no step",
+        "negative step",
+        "text step",
+        "bool step",
+        "a list",
+        "wrong weight shape",
+        "optimizer without groups",
+        "text step in metrics",
+    ],  # fmt: skip
+)
+def test_a_spoiled_run_resumes_as_one_line_and_keeps_its_files(
+    saved_run, toy_dataset, tmp_path, spoil
+):
+    """A state.pt or metrics.jsonl that loads but is not what a run saves: tracebacks
+    (KeyError, RuntimeError, TypeError...) before, and a negative step emptied the log."""
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    spoil(run)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    args = ["train", str(toy_dataset), "--out", str(run), "--resume", "--steps", "3"]
+    result = CliRunner().invoke(app, [*args, "-q"])
+    assert result.exit_code == 2, result.output
+    assert len(result.output.splitlines()) == 1 and result.output.startswith("htsep: error:")
+    assert "cannot resume" in result.output or "not a metrics log" in result.output
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
 def _htsep_with_file_size_limit(limit: int, *args: str) -> subprocess.CompletedProcess[str]:
@@ -636,6 +728,10 @@ def test_a_run_removes_the_temporaries_a_killed_run_left(toy_dataset, toy_config
     [
         ("channels: 4\nchannels: 8\n", "is given twice"),
         ("[" * 5000 + "]" * 5000, "recursion"),
+        # htsep's layout: a fraction over zero was a ZeroDivisionError traceback, and a power
+        # of ten in the billions computed a billion-digit number for hours.
+        ('conv: {channels: 4}\nsegment: "1/0"\n', "invalid option"),
+        ('conv: {channels: 4}\nsegment: "1e999999999"\n', "expected seconds"),
     ],
 )
 def test_unreadable_config_files_are_one_line(toy_dataset, tmp_path, text, phrase):
