@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -279,7 +279,11 @@ def _message(exc: HtsepError, command: str | None, model: str | None) -> str:
 
 @contextlib.contextmanager
 def _reported_errors(
-    interrupted: str, command: str | None = None, model: str | None = None, *, heavy: bool = True
+    interrupted: str | Callable[[], str],
+    command: str | None = None,
+    model: str | None = None,
+    *,
+    heavy: bool = True,
 ) -> Iterator[None]:
     """Map a command's failures to one ``htsep: error:`` line and its exit code: 2 for usage
     errors and unknown models, 1 for other failures, 130 (with ``interrupted``) for Ctrl-C.
@@ -307,7 +311,8 @@ def _reported_errors(
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:
             how = how_stopped(exc)
-            _error(interrupted if how == "interrupted" else f"{how}: {interrupted}")
+            said = interrupted if isinstance(interrupted, str) else interrupted()
+            _error(said if how == "interrupted" else f"{how}: {said}")
             raise typer.Exit(exit_status(exc)) from None
 
 
@@ -1298,9 +1303,13 @@ def train(
 
     Under torchrun, the run is shared by many processes (DDP).
     """
-    with _reported_errors(
-        "interrupted: continue the run with --resume (from its last checkpoint)", "train", init
-    ):
+
+    def interrupted() -> str:
+        if (Path(out) / "state.pt").is_file():
+            return "interrupted: continue the run with --resume (from its last checkpoint)"
+        return "interrupted before the run's first checkpoint: the same command starts it over"
+
+    with _reported_errors(interrupted, "train", init):
         for what, value in (("DATASET", dataset), ("--out", out)):
             if not value.strip():
                 raise UsageError(f"{what} is an empty string (an unset variable in a script?)")

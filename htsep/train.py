@@ -611,6 +611,12 @@ class Trainer:
                     average.update(model)
                 step += 1
                 losses.append(_global_mean(loss.detach(), processes))
+                if not math.isfinite(losses[-1]):
+                    # Its weights are spoiled: not logged (NaN is not JSON) and not saved.
+                    raise HtsepError(
+                        f"training diverged at step {step} (loss {losses[-1]}): the last "
+                        "checkpoint is intact; start a new run with a lower --lr"
+                    )
                 bar.update(1)
                 if step % options.log_every == 0 or step == options.steps:
                     last_loss = sum(losses) / len(losses)

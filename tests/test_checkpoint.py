@@ -453,6 +453,19 @@ def test_demucs_json_fractions_are_checked(tmp_path, small_checkpoint, segment):
     _refused(path, "fraction")
 
 
+def test_a_segment_too_short_for_a_window_is_refused_in_a_short_line():
+    """htsep's own config layout (its safetensors files, train --config): the fraction was
+    printed whole, and 1/10**300 made a line of over 300 characters."""
+    from htsep.model.config import config_from_dict, config_to_dict, tiny_config
+
+    data = config_to_dict(tiny_config(("drums", "bass"), 44100, 2))
+    data["segment"] = {"numerator": 1, "denominator": 10**300}
+    with pytest.raises(CheckpointError) as info:
+        config_from_dict(data)
+    message = str(info.value)
+    assert "segment 1e-300 s is 0 samples" in message and len(message) < 150, message
+
+
 @pytest.mark.parametrize(
     ("key", "text", "phrase"),
     [

@@ -550,6 +550,50 @@ def test_a_failed_run_leaves_no_folder_it_made(toy_dataset, tmp_path):
     assert list((tmp_path / "kept").iterdir()) == []
 
 
+def test_a_diverged_run_stops_in_one_line_and_keeps_its_last_checkpoint(
+    toy_dataset, toy_config, tmp_path
+):
+    """--lr 1e30: NaN losses went into metrics.jsonl (not JSON) until the export of the
+    model, whose NaN weights htsep's own loader refused, failed the run."""
+    run = tmp_path / "run"
+    args = ["train", str(toy_dataset), "--out", str(run), "--config", str(toy_config)]
+    options = ["--lr", "1e30", "--steps", "6", "--save-every", "1", "--log-every", "1", "-q"]
+    result = CliRunner().invoke(app, [*args, *options])
+    assert result.exit_code == 1, result.output
+    (line,) = result.output.splitlines()
+    assert "training diverged at step" in line and "lower --lr" in line, line
+    diverged = int(line.split("at step ")[1].split()[0])
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    records = [json.loads(text, parse_constant=refuse) for text in (run / METRICS).open()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, diverged))
+    state = torch.load(run / "state.pt", weights_only=True)
+    assert state["step"] == diverged - 1
+    assert all(torch.isfinite(value).all() for value in state["model"].values())
+
+
+def test_an_interruption_before_the_first_checkpoint_does_not_offer_resume(
+    toy_dataset, toy_config, tmp_path, monkeypatch
+):
+    from htsep import train
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.Trainer, "run", interrupted)
+    run = tmp_path / "run"
+    args = ["train", str(toy_dataset), "--out", str(run), "--config", str(toy_config), "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130
+    assert "--resume" not in result.output and "starts it over" in result.output
+    run.mkdir()
+    (run / "state.pt").write_bytes(b"")  # a checkpoint there: resuming is the way on
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130 and "continue the run with --resume" in result.output
+
+
 @pytest.fixture(scope="module")
 def saved_run(toy_dataset, toy_config, tmp_path_factory) -> Path:
     """A run folder with one saved step, to copy and spoil."""

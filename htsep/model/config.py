@@ -359,7 +359,8 @@ def validate(config: HTDemucsConfig) -> None:
     length = config.segment_length
     if not config.stft.n_fft <= length <= MAX_SEGMENT_SAMPLES:
         raise UnsupportedOptionError(
-            f"segment {config.segment} s is {length} samples: it must hold at least one "
+            f"segment {show_number(float(config.segment))} s is {length} samples: it must "
+            "hold at least one "
             f"window (nfft {config.stft.n_fft}) and at most {MAX_SEGMENT_SAMPLES} samples"
         )
 
