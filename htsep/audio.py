@@ -243,9 +243,17 @@ def write_audio(
 
 
 def _channels_of(name: str, audio: torch.Tensor) -> int:
-    if not isinstance(audio, torch.Tensor) or audio.dim() != 2 or audio.shape[0] == 0:
-        shape = tuple(audio.shape) if hasattr(audio, "shape") else type(audio).__name__
-        raise AudioError(f"{name}: expected (channels, time) audio to write, got {shape}")
+    if not isinstance(audio, torch.Tensor):
+        kind = type(audio).__name__
+        shape = f" of shape {tuple(audio.shape)}" if hasattr(audio, "shape") else ""
+        raise AudioError(
+            f"{name}: expected a torch tensor of (channels, time) audio to write, got a "
+            f"{kind}{shape} (torch.from_numpy makes one of a numpy array)"
+        )
+    if audio.dim() != 2 or audio.shape[0] == 0:
+        raise AudioError(
+            f"{name}: expected (channels, time) audio to write, got {tuple(audio.shape)}"
+        )
     return int(audio.shape[0])
 
 
@@ -292,6 +300,8 @@ class AudioWriter:
         self._made: list[Path] = []  # folders made for the file, removed with it if empty
 
     def __enter__(self) -> AudioWriter:
+        if not self.replace and os.path.lexists(self.target):  # before any block is written
+            raise AudioError(f"{self.name}: exists already; not replaced")
         try:
             self._made = make_folder(self.target.parent)
         except OSError as exc:
@@ -1669,6 +1679,8 @@ def _encoder_settings(
             raise AudioError(f"{name}: FLAC takes 16 or 24 bits, not {bits}")
         return {"format": "FLAC", "subtype": _FLAC_SUBTYPES[bits]}
     if suffix == ".mp3":
+        if bits != 16:  # would change nothing: refused, as --int24 --mp3 is
+            raise AudioError(f"{name}: MP3 has no bit depth to choose (16 bits), not {bits}")
         return _mp3_settings(name, sample_rate, mp3_bitrate, mp3_preset)
     what = f"{suffix} files" if suffix else "a file without an extension"
     known = ", ".join(f".{extension}" for extension in WRITE_FORMATS)
@@ -1759,9 +1771,17 @@ def _frames_to_write(name: str, audio: torch.Tensor, subtype: str) -> np.ndarray
     """audio (C, T) -> contiguous (T, C) array for libsndfile's ``subtype`` (as it interleaves):
     integers for the PCM subtypes (``_quantise``), float32 otherwise, clamped to [-1, 1] unless
     float. ``audio`` itself is left as it is."""
-    if not isinstance(audio, torch.Tensor) or audio.dim() != 2 or audio.shape[0] == 0:
-        shape = tuple(audio.shape) if hasattr(audio, "shape") else type(audio).__name__
-        raise AudioError(f"{name}: expected (channels, time) audio to write, got {shape}")
+    if not isinstance(audio, torch.Tensor):
+        kind = type(audio).__name__
+        shape = f" of shape {tuple(audio.shape)}" if hasattr(audio, "shape") else ""
+        raise AudioError(
+            f"{name}: expected a torch tensor of (channels, time) audio to write, got a "
+            f"{kind}{shape} (torch.from_numpy makes one of a numpy array)"
+        )
+    if audio.dim() != 2 or audio.shape[0] == 0:
+        raise AudioError(
+            f"{name}: expected (channels, time) audio to write, got {tuple(audio.shape)}"
+        )
     if audio.shape[0] > _MAX_CHANNELS:
         raise AudioError(
             f"{name}: expected (channels, time) audio to write, got {tuple(audio.shape)} "

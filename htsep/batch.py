@@ -21,13 +21,12 @@ import glob
 import itertools
 import os
 import re
-import stat
 import string
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
@@ -725,7 +724,7 @@ def plan_outputs(
         if clash is not None:
             track.error = f"{track.source}: output {clash} would overwrite an input file"
             continue
-        problem = next(filter(None, map(_not_a_stem_file, paths.values())), None)
+        problem = next(filter(None, map(files.not_a_stem_file, paths.values())), None)
         if problem is not None:
             track.error = f"{track.source}: {problem}"
             continue
@@ -744,36 +743,6 @@ def plan_outputs(
         keep = frozenset() if settings.overwrite else frozenset(existing)
         plans[index] = OutputPlan(paths, keep)
     return plans
-
-
-def _not_a_stem_file(path: Path) -> str | None:
-    """Why ``path`` can never hold a stem, found before the networks run: a name longer than
-    its file system allows, or something other than a regular file there (a folder, a named
-    pipe, a link to nothing), which neither --skip-existing nor --overwrite can take as a
-    stem. None when it is a regular file, a link to one, or nothing yet."""
-    folder = next(parent for parent in path.parents if os.path.isdir(parent))
-    try:
-        limit = os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        limit = 255
-    for part in path.parts[len(folder.parts) :]:  # those to be made (existing ones fit)
-        size = len(os.fsencode(part))
-        if 0 < limit < size:
-            return (
-                f"{path}: a name of {size} bytes in this path is longer than the file "
-                f"system allows ({limit} bytes)"
-            )
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        broken = files.broken_link(path)  # None when it is no link
-        return f"{path} is {broken}, where a stem file goes" if broken else None
-    if stat.S_ISREG(mode):
-        return None
-    kind = files.kind_of(mode)
-    if os.path.islink(path):
-        kind = f"a symbolic link to {kind}"
-    return f"{path} is {kind}, where a stem file goes (move it away)"
 
 
 # --- running ---------------------------------------------------------------------------------
@@ -886,8 +855,12 @@ class Batch:
             raise UsageError("expected an input path (str or os.PathLike), not bytes")
         if isinstance(tracks, (str, os.PathLike, Track)):  # one input, not its letters
             tracks = [tracks]
+        if not isinstance(tracks, Iterable):
+            raise UsageError(f"expected input paths or Tracks, not {tracks!r}")
         found: list[Track] = []
         for item in tracks:
+            if not isinstance(item, (str, os.PathLike, Track)):
+                raise UsageError(f"expected an input path (str or os.PathLike), not {item!r}")
             found.extend([item] if isinstance(item, Track) else find_inputs([item], self.folder))
         every = output_paths(found, self.settings, self.names, self.folder)
         plans = self.plan(found)

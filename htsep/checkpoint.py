@@ -638,9 +638,19 @@ def save_model(
         raise UsageError("metadata must map strings to strings")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, not a file to write")
-    tensors = {
-        key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()
-    }
+    state = model.state_dict()
+    on_meta = next((key for key, value in state.items() if value.is_meta), None)
+    if on_meta is not None:  # no values to write
+        raise UsageError(f"the model's {on_meta} is on the meta device: it has no values")
+    tensors = {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
+    # load_model refuses such weights: a file it cannot load is not written.
+    spoiled = next(
+        (key for key, value in tensors.items()
+         if value.is_floating_point() and not bool(torch.isfinite(value).all())),
+        None,
+    )  # fmt: skip
+    if spoiled is not None:
+        raise CheckpointError(f"{path}: the model's {spoiled} holds NaN or infinite values")
     info = {
         **(metadata or {}),
         "format": FORMAT_NAME,

@@ -1179,6 +1179,12 @@ def eval_command(
     with _reported_errors("interrupted", "eval", name):
         if not dataset_arg.strip():
             raise UsageError("DATASET is an empty string (an unset variable in a script?)")
+        given = {"name": name, "repo": repo, "device": device, "tracks": tracks,
+                 "sources": sources}  # fmt: skip
+        empty = [key for key, value in given.items() if value is not None and not value.strip()]
+        if empty:
+            listed = ", ".join(_option_name(key) for key in empty)
+            raise UsageError(f"{listed}: empty value (an unset variable in a script?)")
         if sys.stdout is None:  # closed (>&-): the scores would be lost
             what = "--json" if json_output else "the score table"
             raise UsageError(f"{what} writes to standard output, which is closed")

@@ -58,6 +58,13 @@ def find_tracks(
     root = Path(root)
     if not _is_folder(root, root):
         problem = broken_link(root)
+        if problem is None and os.path.lexists(root):  # a file, a named pipe: not a folder
+            try:
+                mode = os.stat(root).st_mode
+                problem = "a file" if stat.S_ISREG(mode) else kind_of(mode)
+            except OSError as exc:
+                problem = f"unreadable ({exc.strerror or exc})"
+            problem += ", not a dataset folder"
         raise DatasetError(
             f"{root}: is {problem}" if problem else f"{root}: no such dataset folder"
         )

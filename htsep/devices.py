@@ -63,8 +63,11 @@ def default_device() -> str:
 
 def parse_device(name: str | None) -> torch.device:
     """'cpu', 'cuda', 'cuda:N' or 'mps'; None picks cuda, then mps, then cpu."""
+    if name is not None and not isinstance(name, (str, torch.device)):
+        # torch would take a number as a CUDA index; a bool is an int too.
+        raise UsageError(f"device must be a name such as 'cpu' or 'cuda:0', not {name!r}")
     try:
-        device = torch.device(name or default_device())
+        device = torch.device(default_device() if name is None else name)
     except RuntimeError as exc:
         raise UsageError(f"unknown device {name!r} (cpu, cuda, cuda:N or mps)") from exc
     if device.type == "cuda":

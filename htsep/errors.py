@@ -13,7 +13,11 @@ class UnsupportedOptionError(CheckpointError):
     """A checkpoint asks for a model option htsep does not implement."""
 
 
-class InputLengthError(HtsepError, ValueError):
+class InputError(HtsepError, ValueError):
+    """A tensor given to the network that it cannot take: its shape, dtype or device."""
+
+
+class InputLengthError(InputError):
     """A tensor given to the network is longer than the model's segment."""
 
 

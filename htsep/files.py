@@ -480,14 +480,15 @@ class FolderBusy(OSError):
 
 
 @contextmanager
-def folder_lock(folder: str | os.PathLike[str]) -> Iterator[None]:
+def folder_lock(folder: str | os.PathLike[str], *, wait: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` itself (flock on the folder, so that no lock file
     is left behind; the kernel drops it when the process ends, kill -9 included). FolderBusy
-    if another process holds it; where the file system has no locks, nothing is locked."""
+    if another process holds it (``wait``: wait for it instead); where the file system has no
+    locks, nothing is locked."""
     handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             raise FolderBusy(errno.EWOULDBLOCK, "in use by another process", str(folder)) from None
         except OSError as exc:
@@ -509,3 +510,33 @@ def kind_of(mode: int) -> str:
         (stat.S_ISSOCK, "a socket"),
     ]
     return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def not_a_stem_file(path: Path) -> str | None:
+    """Why ``path`` can never hold a stem, found before the networks run: a name longer than
+    its file system allows, or something other than a regular file there (a folder, a named
+    pipe, a link to nothing), which neither --skip-existing nor --overwrite can take as a
+    stem. None when it is a regular file, a link to one, or nothing yet."""
+    folder = next(parent for parent in path.parents if os.path.isdir(parent))
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for part in path.parts[len(folder.parts) :]:  # those to be made (existing ones fit)
+        size = len(os.fsencode(part))
+        if 0 < limit < size:
+            return (
+                f"{path}: a name of {size} bytes in this path is longer than the file "
+                f"system allows ({limit} bytes)"
+            )
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        broken = broken_link(path)  # None when it is no link
+        return f"{path} is {broken}, where a stem file goes" if broken else None
+    if stat.S_ISREG(mode):
+        return None
+    kind = kind_of(mode)
+    if os.path.islink(path):
+        kind = f"a symbolic link to {kind}"
+    return f"{path} is {kind}, where a stem file goes (move it away)"

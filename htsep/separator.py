@@ -523,10 +523,17 @@ def write_stems(
         _flag(downmix, "downmix")
         _check_progress(progress)
         targets = _check_outputs(separator, outputs, two_stems, other_method, keep)
+        # A stem to keep whose file is not there (yet) is written like the others.
+        keep = [name for name in keep if os.path.lexists(targets[name])]
         source = path.name if isinstance(path, ScannedFile) else _file_path(path)
         for name, target in targets.items():
             if source and _same_file(target, source):
                 raise UsageError(f"output of {name!r}, {target}, is the input file")
+            # Whatever overwrite says, as the command line: a folder, a named pipe or a link
+            # to nothing where the file goes, before the networks run.
+            problem = files.not_a_stem_file(target)
+            if problem is not None:
+                raise AudioError(problem)
         if not overwrite:
             _refuse_existing(targets, keep)
         if clip_mode not in ("rescale", "clamp", "none"):
@@ -1024,8 +1031,9 @@ class StreamedTrack:
                 f"{scanned.name}: this ScannedFile was separated already; open it again"
             )
         _check_progress(progress)
-        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
             raise UsageError(f"block must be a positive number of frames, not {block!r}")
+        block = int(block)
         scanned.streamed = True
         self.separator, self.block, self.scanned = separator, block, scanned
         self.reader = scanned.reader

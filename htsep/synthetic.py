@@ -50,6 +50,7 @@ import soundfile as sf
 from htsep.errors import HtsepError
 from htsep.files import (
     StagingFolder,
+    folder_lock,
     make_folder,
     remove_empty,
     remove_stale,
@@ -241,6 +242,8 @@ def write_dataset(
             raise OutputExistsError(f"{out / split} already exists")
     made = make_folder(out)
     try:
+        if not _place_unless_written(out, recipe, None):  # written meanwhile by another
+            return False
         remove_stale(out)
         staging = StagingFolder(out)
         try:
@@ -253,12 +256,28 @@ def write_dataset(
                         sf.write(folder / f"{name}.wav", audio, sample_rate, "PCM_16", format="WAV")
                     logger.info("wrote %s", out / split / folder.name)
             (staging.path / RECIPE_FILE).write_text(json.dumps(recipe, sort_keys=True) + "\n")
-            _put_in_place(staging.path, out)
+            # The same command run twice at once: the second to finish finds the first's set.
+            return _place_unless_written(out, recipe, staging.path)
         finally:
             staging.cleanup()
     except BaseException:
         remove_empty(made)
         raise
+
+
+def _place_unless_written(out: Path, recipe: dict[str, float], staging: Path | None) -> bool:
+    """Under a lock on ``out`` (other writers of it wait): False when it holds this recipe's
+    complete set now; else ``staging`` put in place (when given) and True. OutputExistsError
+    when another set is there."""
+    with folder_lock(out, wait=True):
+        if _written_before(out, recipe):
+            return False
+        if staging is None:
+            for split in SPLITS:
+                if os.path.lexists(out / split):
+                    raise OutputExistsError(f"{out / split} already exists")
+        else:
+            _put_in_place(staging, out)
     return True
 
 

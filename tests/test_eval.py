@@ -226,6 +226,7 @@ def test_evaluate_refuses_a_source_the_model_lacks(tmp_path, small_checkpoint):
     ("setup", "args", "code", "message"),
     [
         (None, [], 1, "{root}: no such dataset folder"),
+        ("file", [], 1, "{root}: is a file, not a dataset folder"),
         ("empty", [], 1, "{root}/test: no track folders"),
         ("ok", ["--split", "train"], 1, "{root}: no train/ folder"),
         ("missing", [], 1, "{root}/test: no mixture.wav or mixture.flac in track a"),
@@ -237,6 +238,8 @@ def test_bad_dataset_is_one_line_and_nonzero(
     tmp_path, small_checkpoint, setup, args, code, message
 ):
     root = tmp_path / "data"
+    if setup == "file":
+        root.write_text("not a folder")
     if setup == "empty":
         (root / "test").mkdir(parents=True)
     elif setup in ("ok", "missing"):
@@ -249,6 +252,15 @@ def test_bad_dataset_is_one_line_and_nonzero(
     if message is not None:
         (line,) = result.stderr.splitlines()
         assert line.startswith("htsep: error: " + message.format(root=root))
+
+
+@pytest.mark.parametrize("option", ["-n", "--repo", "-d", "--tracks", "--sources"])
+def test_an_empty_option_is_a_usage_error_as_in_separate(dataset, option):
+    """-d "" ran on the default device, --repo "" searched the current folder."""
+    result = htsep_eval(str(dataset), "-n", "htsep-tiny", option, "")
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.splitlines()
+    assert "empty value (an unset variable in a script?)" in line
 
 
 def test_unknown_model_is_a_usage_error(dataset):

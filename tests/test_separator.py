@@ -401,7 +401,42 @@ def _hostile_calls(separator, repo, clip, tmp):
         "save onto a folder": lambda: save_model(model, tmp),
         "save metadata of ints": lambda: save_model(model, tmp / "m.st", metadata={"a": 1}),
         "save no model": lambda: save_model(None, tmp / "m.st"),
+        # Found by a hostile audit (2026-12-06): torch's own TypeErrors, CPU for device 0,
+        # a bare TypeError from Batch.run, a checkpoint load_model refuses, ignored bits.
+        "device True": lambda: htsep.Separator("aaaa0001", repo=repo, device=True),
+        "device 2.5": lambda: htsep.Separator("aaaa0001", repo=repo, device=2.5),
+        "device a list": lambda: htsep.Separator("aaaa0001", repo=repo, device=["cpu"]),
+        "device 0": lambda: htsep.Separator("aaaa0001", repo=repo, device=0),
+        "device empty": lambda: htsep.Separator("aaaa0001", repo=repo, device=""),
+        "Batch.run None": lambda: Batch(separator, tmp / "o").run(None),
+        "Batch.run 3": lambda: Batch(separator, tmp / "o").run(3),
+        "Batch.run [3]": lambda: Batch(separator, tmp / "o").run([3]),
+        "bits 24 to mp3": lambda: separator.separate_file_to(
+            clip, {"vocals": tmp / "v.mp3"}, bits=24
+        ),
+        "save on meta": lambda: save_model(_on_meta(model), tmp / "meta.safetensors"),
+        "save NaN": lambda: save_model(_with_nan(model), tmp / "nan.safetensors"),
+        "network on text": lambda: model("x"),
+        "network on one channel": lambda: model(torch.zeros(2, 1000)),
+        "network on int16": lambda: model(torch.zeros(1, 2, 1000, dtype=torch.int16)),
+        "network on meta": lambda: model(torch.zeros(1, 2, 1000, device="meta")),
+        "numpy to write_audio": lambda: write_audio(tmp / "n.wav", np.zeros((2, 10)), 8000),
     }
+
+
+def _on_meta(model):
+    import copy
+
+    return copy.deepcopy(model).to("meta")
+
+
+def _with_nan(model):
+    import copy
+
+    spoiled = copy.deepcopy(model)
+    with torch.no_grad():
+        next(iter(spoiled.parameters())).fill_(float("nan"))
+    return spoiled
 
 
 def test_hostile_api_arguments_raise_htsep_errors(repo, tmp_path):
@@ -419,6 +454,78 @@ def test_hostile_api_arguments_raise_htsep_errors(repo, tmp_path):
         assert "\n" not in str(caught.value), label
     assert clip.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.wav"]
+
+
+def test_the_networks_input_errors_are_value_errors_too(repo):
+    from htsep.errors import InputError
+
+    model = htsep.Separator("aaaa0001", repo=repo, device="cpu").bag.model(0)
+    with pytest.raises(ValueError) as caught:
+        model(torch.zeros(2, 1000))
+    assert isinstance(caught.value, InputError)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="FIFOs and links")
+@pytest.mark.parametrize("kind", ["fifo", "dangling link", "folder"])
+def test_separate_file_to_never_takes_what_cannot_hold_a_stem(repo, tmp_path, kind):
+    """As the command line refuses them whatever --overwrite says; overwrite=True replaced a
+    named pipe or a link to nothing with the stem (and a folder failed after the networks)."""
+    import soundfile as sf
+
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, _mix(seconds=0.6).numpy().T, 8000)
+    target = tmp_path / "v.wav"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "folder":
+        target.mkdir()
+    else:
+        os.symlink(tmp_path / "nowhere.wav", target)
+    separator = htsep.Separator("aaaa0001", repo=repo, device="cpu", shifts=0, progress=False)
+    calls = []
+    separator.bag.model(0).register_forward_hook(lambda *_: calls.append(1))
+    with pytest.raises(AudioError, match="where a stem file goes"):
+        separator.separate_file_to(clip, {"vocals": target}, overwrite=True)
+    assert calls == []  # refused before the networks ran
+    assert os.path.lexists(target) and not target.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.wav", "v.wav"]
+
+
+def test_a_stem_to_keep_whose_file_is_missing_is_written(repo, tmp_path):
+    import soundfile as sf
+
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, _mix(seconds=0.6).numpy().T, 8000)
+    separator = htsep.Separator("aaaa0001", repo=repo, device="cpu", shifts=0, progress=False)
+    outputs = {"vocals": tmp_path / "k" / "v.wav", "bass": tmp_path / "k" / "b.wav"}
+    separator.separate_file_to(clip, outputs, keep=["vocals"])
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == ["b.wav", "v.wav"]
+    # A kept file that is there stays as it is.
+    (tmp_path / "k" / "v.wav").write_bytes(b"kept")
+    separator.separate_file_to(clip, outputs, keep=["vocals"], overwrite=True)
+    assert (tmp_path / "k" / "v.wav").read_bytes() == b"kept"
+
+
+def test_a_numpy_integer_block_is_a_block(repo, tmp_path):
+    import soundfile as sf
+
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, _mix(seconds=0.6).numpy().T, 8000)
+    separator = htsep.Separator("aaaa0001", repo=repo, device="cpu", shifts=0, progress=False)
+    with separator.stream_file(clip, block=np.int64(1000)) as stream:
+        blocks = list(stream)
+    assert sum(stems["vocals"].shape[-1] for _, stems in blocks) == 4800
+
+
+def test_write_audio_without_replace_refuses_a_file_there_before_writing(tmp_path):
+    from htsep import audio
+
+    path = tmp_path / "vocals.wav"
+    path.write_bytes(b"mine")
+    with pytest.raises(AudioError) as caught, audio.AudioWriter(path, 8000, 1, replace=False):
+        pass
+    assert str(caught.value) == f"{path}: exists already; not replaced"
+    assert path.read_bytes() == b"mine" and os.listdir(tmp_path) == ["vocals.wav"]
 
 
 def test_integer_tensors_are_written_as_audio_files_store_them(tmp_path):

@@ -285,6 +285,30 @@ def test_a_failed_run_leaves_nothing_and_the_same_command_completes_the_set(
     assert len(list((out / "train").iterdir())) == 4
 
 
+def test_the_same_command_run_twice_at_once_succeeds_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both render; the one that finishes second found the other's train/ in its way and
+    failed, advising to remove the very set it was asked for. Forced here: while the second
+    renders its last track, the first writes the whole set."""
+    render = htsep.synthetic.render_track
+    out = tmp_path / "set"
+    arguments = (out, 2, 0.1, 5, 8000, 1)
+
+    def the_other_finishes_first(seed: int, split: str, index: int, *args: float) -> object:
+        if split == "test":
+            monkeypatch.setattr(htsep.synthetic, "render_track", render)
+            assert write_dataset(*arguments) is True
+        return render(seed, split, index, *args)
+
+    monkeypatch.setattr(htsep.synthetic, "render_track", the_other_finishes_first)
+    assert write_dataset(*arguments) is False  # the set is there: nothing written
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    assert write_dataset(*arguments) is False
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
 @pytest.mark.parametrize(
     ("signum", "how"),
     [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated")],

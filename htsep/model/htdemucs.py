@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from htsep.errors import InputLengthError
+from htsep.errors import InputError, InputLengthError
 from htsep.model import kernels, stft
 from htsep.model.config import HTDemucsConfig
 from htsep.model.layers import DConv, DecoderLayer, EncoderLayer, FrequencyEmbedding
@@ -192,12 +192,21 @@ class HTDemucs(nn.Module):
         return x, kernels.conv(self.bottleneck["time_out"], xt)
 
     def forward(self, mix: torch.Tensor) -> torch.Tensor:
-        """mix: (B, C, T) -> stems (B, S, C, T)."""
+        """mix: (B, C, T) -> stems (B, S, C, T). InputError (a ValueError) for a mixture of
+        another shape, a dtype that is not floating point or another device than the model's."""
+        if not isinstance(mix, torch.Tensor):
+            raise InputError(f"expected a (batch, {self.audio_channels}, time) tensor, not "
+                             f"{type(mix).__name__}")  # fmt: skip
         if mix.dim() != 3 or mix.shape[1] != self.audio_channels:
-            raise ValueError(
+            raise InputError(
                 f"expected a (batch, {self.audio_channels}, time) mixture, "
                 f"got shape {tuple(mix.shape)}"
             )
+        if not mix.is_floating_point():
+            raise InputError(f"expected floating-point samples, not {mix.dtype}")
+        device = next(self.parameters()).device
+        if mix.device != device:
+            raise InputError(f"the mixture is on {mix.device} and the model on {device}: move one")
         length = mix.shape[-1]
         padded_length = length
         if self.config.use_train_segment and not self.training:
