@@ -171,8 +171,10 @@ def load_model(source: str | os.PathLike[str]) -> HTDemucs:
     from htsep import zoo
     from htsep.audio import file_name
 
+    given = source
     source = file_name(source, "checkpoint")
-    if not isinstance(source, str):
+    if not isinstance(source, str) or isinstance(given, os.PathLike):
+        # A Path is a file whatever its name: Path("./mymodel") is Path("mymodel").
         path = Path(source)
     elif zoo.names_a_file(source):
         path = zoo.expand_user(source)

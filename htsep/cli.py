@@ -114,7 +114,9 @@ def _plain_numbers(command: TyperCommand, args: list[str]) -> str | None:
         if arg == "--":
             break
         name, equals, value = arg.partition("=")
-        if not equals:
+        if not arg.startswith("--") and arg[:2] in kinds and len(arg) > 2:  # -j10, its value
+            name, equals, value = arg[:2], "", arg[2:]
+        elif not equals:
             name, value = arg, args[index + 1] if index + 1 < len(args) else ""
             if name not in kinds or not value:
                 continue
@@ -432,7 +434,7 @@ def separate(
     mp3: bool = _option(False, "--mp3", None, OUTPUT, "Write MP3."),
     mp3_bitrate: int = _option(320, "--mp3-bitrate", "KBPS", OUTPUT, "MP3 bitrate."),
     mp3_preset: int = _option(
-        2, "--mp3-preset", "N", OUTPUT, "MP3 encoder preset: 2 best ... 7 fastest.", min=2, max=7
+        2, "--mp3-preset", "N", OUTPUT, "MP3 encoder preset: 2 best ... 7 fastest."
     ),
     int24: bool = _option(False, "--int24", None, OUTPUT, "24-bit output."),
     float32: bool = _option(False, "--float32", None, OUTPUT, "32-bit float WAV output."),
@@ -1363,6 +1365,54 @@ _ROOT_FLAGS = ("-v", "--verbose")
 _ROOT_EAGER = ("--version", "--help")
 
 
+def _merged_stems(args: list[str]) -> list[str]:
+    """``--stems`` given more than once, as one list in order (``--stems vocals --stems drums``
+    is ``--stems vocals,drums``; click would keep the last alone)."""
+    values: list[str] = []
+    out: list[str] = []
+    first = None
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg == "--stems" and index + 1 < len(args):
+            values.append(args[index + 1])
+            index += 2
+        elif arg.startswith("--stems="):
+            values.append(arg.partition("=")[2])
+            index += 1
+        else:
+            out.append(arg)
+            index += 1
+            continue
+        if first is None:
+            first = len(out)
+    if len(values) < 2 or first is None:
+        return args
+    # An empty one stays empty, for the unset-variable check.
+    merged = "" if any(not value.strip() for value in values) else ",".join(values)
+    return out[:first] + ["--stems", merged] + out[first:]
+
+
+def _short_flags() -> set[str]:
+    """The one-letter flags of every command and the root (-q, -v)."""
+    found = {"-v"}
+    for command in typer.main.get_command(app).commands.values():  # type: ignore[attr-defined]
+        for param in command.params:
+            if getattr(param, "is_flag", False):
+                found |= {name for name in param.opts if len(name) == 2}
+    return found
+
+
+def _long_options_with_values() -> set[str]:
+    """The long options of every command that take a value (--out, --filename)."""
+    found: set[str] = set()
+    for command in typer.main.get_command(app).commands.values():  # type: ignore[attr-defined]
+        for param in command.params:
+            if getattr(param, "is_flag", True) is False:
+                found |= {name for name in param.opts if name.startswith("--")}
+    return found
+
+
 def _short_options_with_values() -> set[str]:
     """The one-letter options of every command that take a value (-n, -o, -d, -j)."""
     found: set[str] = set()
@@ -1386,8 +1436,21 @@ def demucs_style(argv: list[str]) -> list[str]:
         option, equals, value = arg.partition("=")
         spread += [option, value] if equals and option in shorts else [arg]
     args, cut = spread + args[cut:], len(spread)
-    verbose = [arg for arg in args[:cut] if arg in _ROOT_FLAGS]
-    rest = [arg for arg in args[:cut] if arg not in _ROOT_FLAGS] + args[cut:]
+    # -v among the options, not as an option's value (-o -v); in a cluster of flags (-qv).
+    flags = _short_flags()
+    verbose, kept, taken = [], [], False
+    for arg in args[:cut]:
+        cluster = re.fullmatch(r"-[A-Za-z]{2,}", arg) is not None and "v" in arg[1:]
+        if not taken and cluster and all(f"-{letter}" in flags for letter in arg[1:]):
+            verbose.append("-v")
+            others = arg[1:].replace("v", "")
+            kept += [f"-{others}"] if others else []
+        elif not taken and arg in _ROOT_FLAGS:
+            verbose.append(arg)
+        else:
+            kept.append(arg)
+        taken = not taken and arg in shorts | _long_options_with_values()
+    rest = _merged_stems(kept) + args[cut:]
     commands = {
         command.name or getattr(command.callback, "__name__", "")
         for command in app.registered_commands

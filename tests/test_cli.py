@@ -783,3 +783,72 @@ def test_shards_give_each_input_one_record_when_the_output_folder_cannot_be_made
         assert {status for _, status in _json_records(result)} <= {"failed"}
         seen += [name for name, _ in _json_records(result)]
     assert sorted(seen) == names
+
+
+# --- found by a hostile audit of the options (2026-12-06) --------------------------------------
+
+
+def _command_line(*args: str):
+    """``htsep ARGS`` as the script reads them (``demucs_style`` first), in this process."""
+    from htsep.cli import demucs_style
+
+    return runner.invoke(app, demucs_style(list(args)))
+
+
+@pytest.fixture
+def tiny_clip(tmp_path, monkeypatch):
+    import numpy as np
+    import soundfile as sf
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    sf.write(tmp_path / "s.wav", 0.1 * rng.standard_normal((8000, 2)), 44100)
+    return tmp_path
+
+
+def test_a_checkpoint_named_dot_slash_without_a_suffix_is_that_file(tiny_clip):
+    """The README's own example: -n ./mymodel said "unknown model 'mymodel'" (pathlib drops the
+    './', and the plain name went to the registry); a Path given to load_model is a file."""
+    import shutil
+    from pathlib import Path
+
+    shutil.copyfile(Path(htsep.__file__).parent.parent / "models" / "htsep-tiny.safetensors",
+                    tiny_clip / "mymodel")  # fmt: skip
+    result = _command_line("-q", "-n", "./mymodel", "-o", "out", "--stems", "vocals", "s.wav")
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in (tiny_clip / "out").glob("*/s/*")] == ["vocals.wav"]
+    assert htsep.load_model(Path("mymodel")).sources
+    refused = _command_line("-q", "-n", "./s.wav", "-o", "out2", "s.wav")
+    assert refused.exit_code == 1 and "not a checkpoint" in refused.output, refused.output
+
+
+def test_stems_given_twice_are_both_written(tiny_clip):
+    args = ["-q", "-n", "htsep-tiny", "-o", "out", "--stems", "vocals", "--stems=drums", "s.wav"]
+    result = _command_line(*args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tiny_clip / "out").glob("*/s/*")) == ["drums.wav", "vocals.wav"]
+    empty = _command_line("-q", "-n", "htsep-tiny", "--stems", "vocals", "--stems", "", "s.wav")
+    assert empty.exit_code == 2 and "empty value" in empty.output
+
+
+def test_v_in_a_cluster_of_flags_and_as_an_options_value(tiny_clip):
+    clustered = _command_line("-qv", "-n", "htsep-tiny", "-o", "out", "--stems", "bass", "s.wav")
+    assert clustered.exit_code == 0, clustered.output  # "No such option: -v" before
+    valued = _command_line("-q", "-n", "htsep-tiny", "-o", "-v", "--stems", "bass", "s.wav")
+    assert valued.exit_code == 0, valued.output
+    assert (tiny_clip / "-v" / "htsep-tiny" / "s" / "bass.wav").is_file()
+
+
+def test_an_attached_short_option_value_is_checked_as_a_plain_number(tiny_clip):
+    result = _command_line("-n", "htsep-tiny", "-j1_0", "s.wav")
+    assert result.exit_code == 2 and "-j '1_0': not a plain whole number" in result.output
+
+
+def test_mp3_preset_out_of_range_is_ignored_without_mp3_and_refused_with_it(tiny_clip):
+    ignored = _command_line("-q", "-n", "htsep-tiny", "--mp3-preset", "9", "--stems", "bass",
+                            "s.wav")  # fmt: skip
+    assert ignored.exit_code == 0, ignored.output
+    assert "--mp3-preset applies only with --mp3; ignored" in ignored.output
+    refused = _command_line("-q", "-n", "htsep-tiny", "--mp3", "--mp3-preset", "9", "s.wav")
+    assert refused.exit_code == 2
+    assert "--mp3-preset must be 2 (best) to 7 (fastest), not 9" in refused.output
