@@ -117,9 +117,11 @@ def _plain_numbers(command: TyperCommand, args: list[str]) -> str | None:
         if not arg.startswith("--") and arg[:2] in kinds and len(arg) > 2:  # -j10, its value
             name, equals, value = arg[:2], "", arg[2:]
         elif not equals:
-            name, value = arg, args[index + 1] if index + 1 < len(args) else ""
-            if name not in kinds or not value:
+            if arg not in kinds or index + 1 >= len(args):  # no value: click says so
                 continue
+            name, value = arg, args[index + 1]
+        if name in kinds and not value.strip():
+            return f"{name}: empty value (an unset variable in a script?)"
         if name in kinds and not _PLAIN_NUMBER[kinds[name]].fullmatch(value):
             what = "whole number" if kinds[name] is int else "number"
             return f"{name} {value!r}: not a plain {what} (ASCII digits)"

@@ -79,6 +79,8 @@ def parse_device(name: str | None) -> torch.device:
         raise UsageError(f"device {name!r}: MPS is not available on this machine")
     elif device.type not in ("cpu", "cuda", "mps"):
         raise UsageError(f"unsupported device {name!r} (cpu, cuda, cuda:N or mps)")
+    elif device.type == "cpu" and device.index not in (None, 0):  # it would run on the CPU
+        raise UsageError(f"device {name!r}: there is one CPU device, 'cpu'")
     return device
 
 

@@ -17,17 +17,24 @@ same command can simply be run again.
 
 from __future__ import annotations
 
-import argparse
-import math
 import signal
 import sys
-import time
-from pathlib import Path
-from typing import NoReturn
 
-from htsep import files
-from htsep.interrupts import Terminated, signals_as_interrupts
-from htsep.synthetic import (
+_STOPPING = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+if __name__ == "__main__":
+    # Ctrl-C or SIGTERM while numpy and soundfile load (a tenth of a second) is held back until
+    # the handlers are set, then stops the command with its one line, not a traceback.
+    _HELD = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPPING)
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import NoReturn  # noqa: E402
+
+from htsep import files  # noqa: E402
+from htsep.interrupts import Terminated, signals_as_interrupts  # noqa: E402
+from htsep.synthetic import (  # noqa: E402
     MAX_FRAMES,
     MAX_SAMPLE_RATE,
     MAX_SECONDS,
@@ -104,9 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 1,
             )
         except KeyboardInterrupt as stop:
-            signum = stop.signum if isinstance(stop, Terminated) else signal.SIGINT
-            how = {signal.SIGINT: "interrupted", signal.SIGHUP: "hung up"}.get(signum, "terminated")
-            return _fail(f"{how}: nothing was written (run the command again)", 128 + signum)
+            return _stopped(stop)
     test_tracks = default_test_tracks(args.tracks) if args.test_tracks is None else args.test_tracks
     if not written:
         print(f"{args.out} already holds this dataset (same arguments); nothing written")
@@ -158,5 +163,17 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _stopped(stop: KeyboardInterrupt) -> int:
+    signum = stop.signum if isinstance(stop, Terminated) else signal.SIGINT
+    how = {signal.SIGINT: "interrupted", signal.SIGHUP: "hung up"}.get(signum, "terminated")
+    return _fail(f"{how}: nothing was written (run the command again)", 128 + signum)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        with signals_as_interrupts():
+            signal.pthread_sigmask(signal.SIG_SETMASK, _HELD)  # one that came is raised here
+            code = main()
+    except KeyboardInterrupt as stop:
+        code = _stopped(stop)
+    sys.exit(code)

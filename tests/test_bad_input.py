@@ -188,6 +188,11 @@ def test_unknown_model_suggests_names(tmp_path):
         (["--flac", "--float32"], "--float32"),
         (["--filename", "{track}/{instrument}.{ext}"], "--filename"),
         (["-d", "tpu"], "device"),
+        # An unset variable in a number option: click's generic "is not a valid float".
+        (["--segment", ""], "--segment: empty value (an unset variable in a script?)"),
+        (["--overlap= "], "--overlap: empty value"),
+        (["-j", ""], "-j: empty value"),
+        (["-d", "cpu:1"], "there is one CPU device"),  # it ran on the CPU
     ],
 )
 def test_usage_errors_exit_2(run, tmp_path, args, phrase):

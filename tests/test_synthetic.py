@@ -285,6 +285,32 @@ def test_a_failed_run_leaves_nothing_and_the_same_command_completes_the_set(
     assert len(list((out / "train").iterdir())) == 4
 
 
+@pytest.mark.parametrize(("signum", "how"), [(signal.SIGINT, "interrupted"),
+                                             (signal.SIGTERM, "terminated")])  # fmt: skip
+def test_a_signal_while_the_script_starts_is_one_line(tmp_path: Path, signum: int, how: str):
+    """Sent while numpy is imported (before any handler): a KeyboardInterrupt traceback."""
+    script = f"""
+import importlib.abc, os, runpy, sys
+class Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "numpy":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), {int(signum)})
+        return None
+sys.meta_path.insert(0, Finder())
+sys.argv = ["make_synthetic_dataset", sys.argv[1], "--tracks", "1", "--seconds", "0.1",
+            "--seed", "1"]
+runpy.run_path({str(SCRIPT)!r}, run_name="__main__")
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "set")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert (done.returncode, done.stderr) == (
+        128 + signum,
+        f"make_synthetic_dataset: error: {how}: nothing was written (run the command again)\n",
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_same_command_run_twice_at_once_succeeds_twice(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
