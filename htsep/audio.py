@@ -1771,17 +1771,7 @@ def _frames_to_write(name: str, audio: torch.Tensor, subtype: str) -> np.ndarray
     """audio (C, T) -> contiguous (T, C) array for libsndfile's ``subtype`` (as it interleaves):
     integers for the PCM subtypes (``_quantise``), float32 otherwise, clamped to [-1, 1] unless
     float. ``audio`` itself is left as it is."""
-    if not isinstance(audio, torch.Tensor):
-        kind = type(audio).__name__
-        shape = f" of shape {tuple(audio.shape)}" if hasattr(audio, "shape") else ""
-        raise AudioError(
-            f"{name}: expected a torch tensor of (channels, time) audio to write, got a "
-            f"{kind}{shape} (torch.from_numpy makes one of a numpy array)"
-        )
-    if audio.dim() != 2 or audio.shape[0] == 0:
-        raise AudioError(
-            f"{name}: expected (channels, time) audio to write, got {tuple(audio.shape)}"
-        )
+    _channels_of(name, audio)
     if audio.shape[0] > _MAX_CHANNELS:
         raise AudioError(
             f"{name}: expected (channels, time) audio to write, got {tuple(audio.shape)} "

@@ -1395,33 +1395,14 @@ def _merged_stems(args: list[str]) -> list[str]:
     return out[:first] + ["--stems", merged] + out[first:]
 
 
-def _short_flags() -> set[str]:
-    """The one-letter flags of every command and the root (-q, -v)."""
-    found = {"-v"}
-    for command in typer.main.get_command(app).commands.values():  # type: ignore[attr-defined]
-        for param in command.params:
-            if getattr(param, "is_flag", False):
-                found |= {name for name in param.opts if len(name) == 2}
-    return found
-
-
-def _long_options_with_values() -> set[str]:
-    """The long options of every command that take a value (--out, --filename)."""
+def _command_options(*, flags: bool, short: bool) -> set[str]:
+    """The options of every command: flags (-q) or those that take a value (-n, --out);
+    one-letter or long."""
     found: set[str] = set()
     for command in typer.main.get_command(app).commands.values():  # type: ignore[attr-defined]
         for param in command.params:
-            if getattr(param, "is_flag", True) is False:
-                found |= {name for name in param.opts if name.startswith("--")}
-    return found
-
-
-def _short_options_with_values() -> set[str]:
-    """The one-letter options of every command that take a value (-n, -o, -d, -j)."""
-    found: set[str] = set()
-    for command in typer.main.get_command(app).commands.values():  # type: ignore[attr-defined]
-        for param in command.params:
-            if getattr(param, "is_flag", True) is False:
-                found |= {name for name in param.opts if len(name) == 2}
+            if bool(getattr(param, "is_flag", not flags)) is flags:
+                found |= {name for name in param.opts if (len(name) == 2) is short}
     return found
 
 
@@ -1432,14 +1413,15 @@ def demucs_style(argv: list[str]) -> list[str]:
     args = list(argv)
     cut = args.index("--") if "--" in args else len(args)  # after "--" everything is an input
     # "-o=DIR": demucs's argparse reads DIR, click "=DIR" (a folder named "=DIR").
-    shorts = _short_options_with_values()
+    shorts = _command_options(flags=False, short=True)
     spread: list[str] = []
     for arg in args[:cut]:
         option, equals, value = arg.partition("=")
         spread += [option, value] if equals and option in shorts else [arg]
     args, cut = spread + args[cut:], len(spread)
     # -v among the options, not as an option's value (-o -v); in a cluster of flags (-qv).
-    flags = _short_flags()
+    flags = _command_options(flags=True, short=True) | {"-v"}
+    valued = shorts | _command_options(flags=False, short=False)
     verbose, kept, taken = [], [], False
     for arg in args[:cut]:
         cluster = re.fullmatch(r"-[A-Za-z]{2,}", arg) is not None and "v" in arg[1:]
@@ -1451,15 +1433,16 @@ def demucs_style(argv: list[str]) -> list[str]:
             verbose.append(arg)
         else:
             kept.append(arg)
-        taken = not taken and arg in shorts | _long_options_with_values()
-    rest = _merged_stems(kept) + args[cut:]
+        taken = not taken and arg in valued
+    options = _merged_stems(kept)
+    rest = options + args[cut:]
     commands = {
         command.name or getattr(command.callback, "__name__", "")
         for command in app.registered_commands
     }
     commands |= {group.name or "" for group in app.registered_groups}
     if rest and rest[0] not in commands and rest[0] not in _ROOT_EAGER:
-        command = _command_after_options(rest[: cut - len(verbose)], commands)
+        command = _command_after_options(rest[: len(options)], commands)
         if command is not None:  # `htsep -q separate song.wav`: options before the command
             rest = [rest[command], *rest[:command], *rest[command + 1 :]]
         else:
