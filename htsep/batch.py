@@ -261,12 +261,31 @@ def find_inputs(patterns: Sequence[str | os.PathLike[str]], exclude: Path) -> li
             add(path, pattern)
         elif glob.has_magic(pattern):
             matches = [Path(m) for m in sorted(expand_pattern(pattern))]
-            named = [
+            files_matched = [
                 m for m in matches if m.is_file() and not files.real_path(m).is_relative_to(exclude)
+            ]
+            # A name part with "*" takes audio files only, as a folder's search ("music/*"
+            # leaves cover.jpg), unless it spells the extension itself ("*.xyz": those files
+            # were asked for); "?" and "[...]" pick names one character at a time ("[-]").
+            asked = Path(path.name).suffix.lower()
+            spelled = bool(asked) and not glob.has_magic(asked)
+            named = [
+                m
+                for m in files_matched
+                if "*" not in path.name
+                or m.suffix.lower() in AUDIO_EXTENSIONS
+                or (spelled and m.suffix.lower() == asked)
             ]
             below = [(f, m) for m in matches if m.is_dir() for f in audio_under(m)]
             if not named and not below:
-                tracks.append(Track(pattern, None, error=f"{pattern}: no files match this pattern"))
+                others = len(files_matched)
+                problem = (
+                    f"no audio files match this pattern ({others} other file"
+                    f"{'s' if others > 1 else ''})"
+                    if others
+                    else "no files match this pattern"
+                )
+                tracks.append(Track(pattern, None, error=f"{pattern}: {problem}"))
             # Like a folder argument, a pattern keeps the layout below its part before the
             # first wildcard: "music/**/*.m4a" writes music/A/01.m4a as A/01, as "music" does
             # (two 01.m4a of different folders would otherwise share one track folder).

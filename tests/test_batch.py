@@ -585,6 +585,30 @@ def test_a_pattern_from_the_current_folder_names_files_as_glob_does(tmp_path, mo
     ]
 
 
+def test_a_pattern_takes_audio_files_unless_it_spells_another_extension(tmp_path, monkeypatch):
+    """ "music/*" took cover.jpg and notes.txt too, each then a failed track; a folder's search
+    never did. A pattern that spells an extension ("*.txt") still gets those files."""
+    monkeypatch.chdir(tmp_path)
+    _clip(tmp_path / "music" / "a.wav", 0.1, seed=0)
+    _clip(tmp_path / "music" / "b.FLAC.wav", 0.1, seed=1)
+    for name in ("cover.jpg", "notes.txt", "README"):
+        (tmp_path / "music" / name).write_text("not audio")
+
+    def found(pattern):
+        return [(t.source, t.error) for t in find_inputs([pattern], exclude=Path("out"))]
+
+    audio = [("music/a.wav", None), ("music/b.FLAC.wav", None)]
+    assert found("music/*") == audio
+    assert found("music/*.*") == audio
+    assert found("music/[abcn]*") == audio
+    assert found("music/*.txt") == [("music/notes.txt", None)]  # asked for: it fails later
+    assert found("music/READM?") == [("music/README", None)]  # one name, a letter at a time
+    assert found("music/*.j?g") == [
+        ("music/*.j?g", "music/*.j?g: no audio files match this pattern (1 other file)")
+    ]
+    assert found("music/*.ogg") == [("music/*.ogg", "music/*.ogg: no files match this pattern")]
+
+
 @pytest.mark.skipif(sys.platform == "darwin", reason="macOS file names must be UTF-8")
 def test_an_alias_of_a_name_that_is_not_utf8_has_the_bytes_of_both(tmp_path, monkeypatch):
     import base64
