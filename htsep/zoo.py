@@ -776,13 +776,15 @@ def _unusable_cache(folder: Path, exc: OSError) -> DownloadError:
 def _download(url: str, final: Path, checksum: str | None, *, progress: bool) -> Path:
     """Download ``url`` to ``final`` through a private temporary file, renamed once verified."""
     folder = final.parent
+    made: list[Path] = []
     try:
-        files.make_folder(folder)
+        made = files.make_folder(folder)
         files.remove_stale(folder)  # .part files of downloads that were killed
         # Each download writes its own file in the same folder, so the rename is atomic and
         # concurrent downloads of the same checkpoint cannot interleave their bytes.
         temp = files.create_temporary(final, suffix=".part")
     except OSError as exc:
+        files.remove_empty(made)
         raise _unusable_cache(folder, exc) from None
     placed = False
     try:
@@ -808,6 +810,7 @@ def _download(url: str, final: Path, checksum: str | None, *, progress: bool) ->
         if not placed:
             with contextlib.suppress(OSError):  # else remove_stale takes it the next time
                 temp.unlink(missing_ok=True)
+            files.remove_empty(made)  # a cache folder this download made, if left empty
     logger.info("downloaded %s to %s", url, final)
     return final
 

@@ -1079,3 +1079,32 @@ def test_a_mirror_with_a_query_or_credentials(
     with pytest.raises(DownloadError) as caught:
         fetch(served.member, progress=False)
     assert "user name or password" in str(caught.value) and "s3cret" not in str(caught.value)
+
+
+@pytest.mark.parametrize("failure", ["404", "unreachable", "impostor"])
+def test_a_failed_download_leaves_no_cache_folder_it_made(
+    mirror: Server,
+    served: Served,
+    impostor: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: str,
+) -> None:
+    """A download that fails removes the cache folders it made (they held nothing before);
+    a cache folder that was there before stays."""
+    if failure == "unreachable":
+        monkeypatch.setenv("HTSEP_MIRROR", "http://127.0.0.1:9/unreachable")
+    if failure == "impostor":
+        shutil.copy(impostor, mirror.root / served.path.name)
+    made = tmp_path / "new" / "deeper" / "cache"
+    monkeypatch.setenv("HTSEP_CACHE", str(made))
+    with pytest.raises(DownloadError):
+        fetch(served.member, progress=False)
+    assert not (tmp_path / "new").exists()
+
+    made.mkdir(parents=True)
+    (made.parent / "mine.txt").write_text("the user's")
+    with pytest.raises(DownloadError):
+        fetch(served.member, progress=False)
+    assert made.is_dir() and cache_leftovers(made) == []
+    assert (made.parent / "mine.txt").read_text() == "the user's"
