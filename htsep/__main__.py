@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import sys
 
-from htsep.interrupts import exit_status, how_stopped, signals_as_interrupts
+from htsep.interrupts import (
+    exit_status,
+    hold_signals_while_torch_loads,
+    how_stopped,
+    signals_as_interrupts,
+)
 
 
 def main() -> None:
+    hold_signals_while_torch_loads()
     with signals_as_interrupts(deaf_after=True):
         try:
             from htsep import cli

@@ -49,7 +49,14 @@ from htsep.batch import (
     take_shard,
 )
 from htsep.errors import DownloadError, HtsepError, ModelNotFoundError, UsageError
-from htsep.interrupts import Terminated, exit_status, how_stopped, signals_as_interrupts
+from htsep.interrupts import (
+    Terminated,
+    exit_status,
+    hold_signals_while_torch_loads,
+    how_stopped,
+    signals_as_interrupts,
+    signals_held,
+)
 
 if TYPE_CHECKING:
     from typer._click import Context as ClickContext
@@ -328,17 +335,16 @@ def _import_torch() -> None:
     """Import torch (and torchaudio) with Ctrl-C, SIGTERM and SIGHUP held back until it is
     done: a KeyboardInterrupt raised inside torch's C++ initialisation aborts the process
     (SIGABRT, a page of C++ errors) instead of stopping it. A signal that came meanwhile is
-    delivered when the import ends, and stops the command as usual."""
+    delivered when the import ends, and stops the command as usual. (``main`` holds them for
+    every first import of torch too, wherever it happens: ``interrupts.
+    hold_signals_while_torch_loads``.)"""
     if "torch" in sys.modules or threading.current_thread() is not threading.main_thread():
         return
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPPING)
-    try:
+    with signals_held():
         import torch  # noqa: F401
 
         with contextlib.suppress(ImportError):
             import torchaudio  # noqa: F401
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _print_version(value: bool) -> None:
@@ -1477,6 +1483,8 @@ def _command_after_options(args: list[str], commands: set[str]) -> int | None:
 
 def main() -> None:
     from htsep.quiet import own_stderr, standard_descriptors
+
+    hold_signals_while_torch_loads()
 
     if 2 in standard_descriptors():  # no one to read messages: they go to /dev/null
         sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - lives as long as the process

@@ -14,8 +14,10 @@ The command line runs ``separate`` in it; a Python script can run a ``Batch`` in
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -79,3 +81,57 @@ def signals_as_interrupts(*, deaf_after: bool = False) -> Iterator[list[int]]:
             for sig, handler in previous.items():
                 # None: a handler set outside Python, which cannot be put back; the default.
                 signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP held back (blocked) in this thread until the block ends,
+    when one that came meanwhile is delivered: its handler then runs in the code after the
+    block. Where signals cannot be blocked (not POSIX), it does nothing."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPPING)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+# Packages whose first import runs C++ start-up code that a KeyboardInterrupt raised inside it
+# (from a Python module that code imports, numpy for one) can lose, or turn into SIGABRT.
+_FRAGILE_IMPORTS = frozenset({"torch", "torchaudio"})
+
+
+def hold_signals_while_torch_loads() -> None:
+    """From now on, in this process, the first import of torch or torchaudio, wherever it
+    happens, runs with SIGINT, SIGTERM and SIGHUP held back (``signals_held``); one that came
+    meanwhile raises its KeyboardInterrupt from the import statement once the package has
+    loaded, so it stays importable for the cleanup that follows. Inside torch's C++ start-up
+    a KeyboardInterrupt was lost (the command then ran on, deaf to later signals) or aborted
+    the process. The command line calls this first; it is not for library use (it replaces
+    ``builtins.__import__``, the one place that sees every import statement as a whole)."""
+    if getattr(builtins.__import__, "_htsep_holds_signals", False):
+        return
+    plain = builtins.__import__
+
+    def held_import(
+        name: str,
+        globals: Any = None,
+        locals: Any = None,
+        fromlist: Any = (),
+        level: int = 0,
+    ) -> Any:
+        top = name.partition(".")[0]
+        if (
+            level
+            or top not in _FRAGILE_IMPORTS
+            or top in sys.modules
+            or threading.current_thread() is not threading.main_thread()
+        ):
+            return plain(name, globals, locals, fromlist, level)
+        with signals_held():
+            return plain(name, globals, locals, fromlist, level)
+
+    held_import._htsep_holds_signals = True  # type: ignore[attr-defined]
+    builtins.__import__ = held_import

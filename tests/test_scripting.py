@@ -413,6 +413,32 @@ def test_a_signal_before_the_inputs_are_searched_gives_each_input_its_record(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["album", "b.wav"]
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["models"],
+        ["models", "download", "htsep-tiny"],
+        ["info", "htsep-tiny"],
+        ["separate", "-n", "htsep-tiny", "a.wav"],
+        ["eval", "-n", "htsep-tiny", "data"],
+        ["train", "--config", "tiny", "--out", "run", "data"],
+    ],
+    ids=lambda c: " ".join(c[:2]) if isinstance(c, list) else str(c),
+)
+def test_a_signal_inside_torchs_start_up_stops_every_command(tmp_path, signum, command):
+    """A signal while torch's C++ start-up imports numpy: held back until torch has loaded,
+    then the command stops with its line and status. `models` and `info` imported torch with
+    the signals live: the signal was lost (exit 0, and the process ignored every later one) or
+    aborted the process (SIGABRT)."""
+    write_clip(tmp_path / "a.wav", 0.3)
+    done = _signalled(signum, "numpy", "", *command, cwd=tmp_path)
+    assert done.returncode == 128 + signum, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("htsep: error: "), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav"]
+
+
 def test_a_signal_while_the_inputs_are_planned_gives_each_track_its_record(tmp_path):
     """After the search, before the model is loaded: each track found gets its record."""
     write_clip(tmp_path / "album" / "a.wav", 0.3)
