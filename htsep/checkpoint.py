@@ -396,9 +396,26 @@ def _read_safetensors(path: Path) -> tuple[HTDemucsConfig, dict[str, torch.Tenso
     return config, state, _demucs_translator(config)
 
 
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different (json.loads keeps a repeated key's last
+    value without a word, so one file could read two ways)."""
+    found: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in found:
+            raise _RepeatedKey(f"the key {show(name)} is given twice")
+        found[name] = value
+    return found
+
+
 def _json(text: str, key: str, path: Path) -> Any:
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_pairs)
+    except _RepeatedKey as exc:
+        raise CheckpointError(f"{path}: metadata '{key}': {exc}") from None
     except (ValueError, RecursionError) as exc:
         raise CheckpointError(
             f"{path}: metadata '{key}' is not valid JSON ({_first_line(exc)})"

@@ -502,6 +502,32 @@ def test_malformed_htsep_config(tmp_path, own_file, config, phrase):
     _refused(path, phrase)
 
 
+@pytest.mark.parametrize("where", ["top", "nested"])
+@pytest.mark.parametrize("fmt", ["htsep", "demucs-safetensors"])
+def test_a_key_given_twice_in_json_metadata_is_refused(
+    tmp_path, small_checkpoint, own_file, fmt, where
+):
+    """json.loads kept the last of two values: a file read as 22050 Hz by us could read
+    otherwise elsewhere. Refused as a key given twice in a bag or config file is."""
+    tensors, metadata = _metadata(own_file if fmt == "htsep" else small_checkpoint[1])
+    key = "config" if fmt == "htsep" else "kwargs"
+    text = metadata[key]
+    assert text.endswith("}")
+    data = json.loads(text)
+    if where == "top":
+        name = "sample_rate" if "sample_rate" in data else "samplerate"
+        text = text[:-1] + f', "{name}": 22050}}'
+    else:
+        inner = next(k for k, v in data.items() if isinstance(v, dict) and v)
+        name, value = next(iter(data[inner].items()))
+        twice = json.dumps(data[inner])[:-1] + f", {json.dumps(name)}: {json.dumps(value)}}}"
+        data[inner] = "@@"
+        text = json.dumps(data).replace('"@@"', twice)
+    path = tmp_path / "twice.safetensors"
+    save_file(tensors, str(path), {**metadata, key: text})
+    _refused(path, f"metadata '{key}'", f"'{name}' is given twice")
+
+
 @pytest.mark.parametrize("fmt", ["demucs-th", "htsep"])
 @pytest.mark.parametrize("bad", [1e300, -1e39])
 def test_float64_weights_beyond_float32_are_refused_at_load(tmp_path, package, own_file, fmt, bad):
