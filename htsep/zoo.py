@@ -36,12 +36,14 @@ import logging
 import math
 import os
 import re
+import socket
 import stat
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -71,6 +73,8 @@ DOWNLOAD_TIMEOUT_SECONDS = 30.0
 # (1 KiB/s, at which the smallest published checkpoint would take a day).
 STALL_WINDOW_SECONDS = 60.0
 STALL_MIN_BYTES = 64 << 10
+# ... and the response must begin (status line and headers) within this many seconds.
+HEADERS_WITHIN_SECONDS = 60.0
 _BLOCK_BYTES = 1 << 20
 _HEX = re.compile(r"[0-9a-fA-F]+")
 # demucs's save_with_checksum names files "<sig>-<first 8 hex of the SHA-256>"; a full hash is
@@ -203,8 +207,8 @@ def _read_text(path: Path) -> str:
 
 
 def _configured(variable: str) -> str | None:
-    """The value of a folder variable; one of only spaces (an unset variable in a script's
-    quotes) counts as unset, not as a folder named " " in the current folder."""
+    """The value of a folder or address variable; one of only spaces (an unset variable in a
+    script's quotes) counts as unset, not as a folder named " " in the current folder."""
     value = os.environ.get(variable)
     return value if value and value.strip() else None
 
@@ -684,16 +688,22 @@ def fetch(member: MemberSpec, *, progress: bool = True) -> Path:
             f"{ours}: is {files.kind_of(status.st_mode)} where the cache keeps the checkpoint; "
             "remove it, or set HTSEP_CACHE to another folder"
         )
-    if status is not None:
+    if status is not None and status.st_size > MAX_DOWNLOAD_BYTES:
+        # No checkpoint is that large: not worth hashing (8 GiB took 30 s).
+        logger.warning(
+            "%s: %d bytes, larger than any checkpoint; downloading it again", ours, status.st_size
+        )
+    elif status is not None:
         good, actual = _verified(ours, member.checksum)
         if good:
             return ours
-        logger.warning(
-            "%s: SHA-256 %s does not match %s; downloading it again",
-            ours,
-            actual[:12] or "(unreadable)",
-            member.checksum,
-        )
+        if actual:  # else _verified said why it could not read it
+            logger.warning(
+                "%s: SHA-256 %s does not match %s; downloading it again",
+                ours,
+                actual[:12],
+                member.checksum,
+            )
 
     theirs = torch_hub_dir() / member.file_name
     if _is_regular(theirs):
@@ -732,7 +742,7 @@ def _check_local(path: Path, checksum: str | None) -> Path:
 
 
 def _download_url(member: MemberSpec) -> str:
-    mirror = os.environ.get("HTSEP_MIRROR")
+    mirror = _configured("HTSEP_MIRROR")  # only spaces: an unset variable in quotes
     if mirror:
         try:
             parts = urllib.parse.urlsplit(mirror)
@@ -797,8 +807,8 @@ def _download(url: str, final: Path, checksum: str | None, *, progress: bool) ->
             raise _unusable_cache(folder, exc) from None
         if checksum is not None and not actual.startswith(checksum):
             raise _offline_error(
-                f"{url}: downloaded file has SHA-256 {actual[: len(checksum)]}..., expected "
-                f"{checksum}...; the server sent a different file (nothing was kept)",
+                f"{_shown(url)}: downloaded file has SHA-256 {actual[: len(checksum)]}..., "
+                f"expected {checksum}...; the server sent a different file (nothing was kept)",
                 final.name,
             )
         try:
@@ -811,7 +821,7 @@ def _download(url: str, final: Path, checksum: str | None, *, progress: bool) ->
             with contextlib.suppress(OSError):  # else remove_stale takes it the next time
                 temp.unlink(missing_ok=True)
             files.remove_empty(made)  # a cache folder this download made, if left empty
-    logger.info("downloaded %s to %s", url, final)
+    logger.info("downloaded %s to %s", _shown(url), final)
     return final
 
 
@@ -829,18 +839,132 @@ class _CacheWriteFailed(Exception):
         self.cause = cause
 
 
+def _shown(url: str) -> str:
+    """``url`` as messages show it: a query (a mirror's token, a signed address) hidden."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return url
+    if not parts.query:
+        return url
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "...", ""))
+
+
+class _HeaderDeadline:
+    """Stops a request whose response has not begun (status line and headers, redirects
+    included) within ``HEADERS_WITHIN_SECONDS``: the read timeout is per read, so a server
+    sending its headers a byte at a time held a download forever. The connections it watches
+    are shut down when the time is up; their reads then fail, and ``expired`` says why."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.connections: list[http.client.HTTPConnection] = []
+        self.state = "waiting"  # then "began" or "expired", whichever comes first
+        self.timer = threading.Timer(HEADERS_WITHIN_SECONDS, self._expire)
+        self.timer.daemon = True
+
+    def watch(self, connection: http.client.HTTPConnection) -> None:
+        with self.lock:
+            self.connections.append(connection)
+
+    def _expire(self) -> None:
+        with self.lock:
+            if self.state != "waiting":
+                return
+            self.state = "expired"
+            for connection in self.connections:
+                with contextlib.suppress(OSError, AttributeError):
+                    connection.sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+
+    def began(self) -> bool:
+        """The response has begun: stop watching. -> False if the time ran out first."""
+        self.timer.cancel()
+        with self.lock:
+            if self.state == "waiting":
+                self.state = "began"
+            self.connections.clear()
+            return self.state == "began"
+
+
+def _watched(klass: type[http.client.HTTPConnection], deadline: _HeaderDeadline) -> Any:
+    def connection(*args: Any, **kwargs: Any) -> http.client.HTTPConnection:
+        made = klass(*args, **kwargs)
+        deadline.watch(made)
+        return made
+
+    return connection
+
+
+class _DeadlineHTTP(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _HeaderDeadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_watched(http.client.HTTPConnection, self.deadline), req)
+
+
+class _DeadlineHTTPS(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _HeaderDeadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        connection = _watched(http.client.HTTPSConnection, self.deadline)
+        return self.do_open(connection, req, context=self._context)  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def _opened(url: str, shown: str, label: str) -> Iterator[tuple[Any, int | None]]:
+    """The body of ``url`` to read (an object with read1) and its announced length. A
+    ``file:`` address must name a regular file (a FIFO would block the open, a device never
+    end); http and https responses must begin within ``HEADERS_WITHIN_SECONDS``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise _failed(shown, "a file: address must name a file on this machine", label)
+        path = Path(urllib.request.url2pathname(parts.path))
+        try:
+            handle = _open_regular(path)
+        except OSError as exc:
+            reason = f"{path}: {exc.strerror}" if exc.strerror else str(exc)
+            raise _failed(shown, reason, label) from None
+        with handle:
+            yield handle, os.fstat(handle.fileno()).st_size
+        return
+    deadline = _HeaderDeadline()
+    opener = urllib.request.build_opener(_DeadlineHTTP(deadline), _DeadlineHTTPS(deadline))
+    deadline.timer.start()
+    try:
+        response = opener.open(url, timeout=DOWNLOAD_TIMEOUT_SECONDS)
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+        if deadline.began():
+            raise
+        raise _failed(shown, _no_response(), label) from exc
+    finally:
+        deadline.timer.cancel()
+    with response:
+        if not deadline.began():
+            raise _failed(shown, _no_response(), label)
+        length = (response.headers.get("Content-Length") or "").strip()
+        yield response, int(length) if length.isascii() and length.isdigit() else None
+
+
+def _no_response() -> str:
+    return f"no response from the server within {HEADERS_WITHIN_SECONDS:g} s"
+
+
 def _stream(url: str, out: IO[bytes], label: str, *, progress: bool) -> str:
     """Copy ``url`` into ``out``; return the SHA-256 of what was received."""
     digest = hashlib.sha256()
     received = 0
     total: int | None = None
-    logger.info("downloading %s", url)
+    shown = _shown(url)
+    logger.info("downloading %s", shown)
     try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_SECONDS) as response:
-            length = (response.headers.get("Content-Length") or "").strip()
-            total = int(length) if length.isascii() and length.isdigit() else None
+        with _opened(url, shown, label) as (response, total):
             if total is not None and total > MAX_DOWNLOAD_BYTES:
-                raise _failed(url, f"the server offers {total} bytes, {_TOO_BIG}", label)
+                raise _failed(shown, f"the server offers {total} bytes, {_TOO_BIG}", label)
             with tqdm(
                 total=total,
                 unit="B",
@@ -862,28 +986,28 @@ def _stream(url: str, out: IO[bytes], label: str, *, progress: bool) -> str:
                     bar.update(len(block))
                     if received > MAX_DOWNLOAD_BYTES:  # a server that sends without end
                         raise _failed(
-                            url, f"more than {MAX_DOWNLOAD_BYTES} bytes, {_TOO_BIG}", label
+                            shown, f"more than {MAX_DOWNLOAD_BYTES} bytes, {_TOO_BIG}", label
                         )
                     if time.monotonic() - window_start >= STALL_WINDOW_SECONDS:
                         if received - window_received < STALL_MIN_BYTES:
-                            raise _failed(url, _stalled(received - window_received), label)
+                            raise _failed(shown, _stalled(received - window_received), label)
                         window_start, window_received = time.monotonic(), received
-    except _CacheWriteFailed:
+    except (_CacheWriteFailed, DownloadError):
         raise
     except urllib.error.HTTPError as exc:
-        raise _failed(url, f"HTTP {exc.code} {exc.reason}", label) from exc
+        raise _failed(shown, f"HTTP {exc.code} {exc.reason}", label) from exc
     except urllib.error.URLError as exc:
-        raise _failed(url, str(exc.reason), label) from exc
+        raise _failed(shown, str(exc.reason), label) from exc
     except http.client.IncompleteRead as exc:
-        raise _truncated(url, received + len(exc.partial), total, label) from exc
+        raise _truncated(shown, received + len(exc.partial), total, label) from exc
     except (http.client.HTTPException, OSError) as exc:
         # Resets, timeouts mid-transfer, and a full disk while writing the temporary file.
-        raise _failed(url, str(exc) or type(exc).__name__, label) from exc
+        raise _failed(shown, str(exc) or type(exc).__name__, label) from exc
     except ValueError as exc:
         # A malformed address (HTSEP_MIRROR without a scheme, a broken IPv6 host, ...).
-        raise _failed(url, f"not a valid URL ({exc})", label) from exc
+        raise _failed(shown, f"not a valid URL ({exc})", label) from exc
     if total is not None and received != total:
-        raise _truncated(url, received, total, label)
+        raise _truncated(shown, received, total, label)
     return digest.hexdigest()
 
 

@@ -85,6 +85,7 @@ class Server:
     halfway: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
     length: str | None = None  # the Content-Length to announce ("": none) instead of the size
     drip: float | None = None  # when set, bodies go out 16 bytes at a time, this many s apart
+    header_drip: float | None = None  # when set, the headers go out a byte at a time
 
 
 @pytest.fixture
@@ -102,6 +103,13 @@ def server(tmp_path: Path) -> Iterator[Server]:
                 self.send_error(404, "Not Found")
                 return
             body = path.read_bytes()
+            if state.header_drip is not None:
+                head = b"HTTP/1.1 200 OK\r\n" + b"X-Padding: " + b"x" * 10_000
+                for byte in head:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(state.header_drip)
+                return
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
             if state.length != "":
@@ -1108,3 +1116,108 @@ def test_a_failed_download_leaves_no_cache_folder_it_made(
         fetch(served.member, progress=False)
     assert made.is_dir() and cache_leftovers(made) == []
     assert (made.parent / "mine.txt").read_text() == "the user's"
+
+
+def test_a_server_that_drips_its_headers_is_stopped(
+    mirror: Server, served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read timeout is per read and the stall window counted the body only: headers sent
+    a byte at a time held a download forever."""
+    shutil.copy(served.path, mirror.root / served.path.name)
+    monkeypatch.setattr(zoo, "HEADERS_WITHIN_SECONDS", 0.5)
+    mirror.header_drip = 0.01
+    started = time.monotonic()
+    with pytest.raises(DownloadError) as caught:
+        fetch(served.member, progress=False)
+    assert time.monotonic() - started < 5
+    message = str(caught.value)
+    assert f"{mirror.url}/{served.path.name}: no response from the server within 0.5 s" in message
+    assert "\n" not in message and cache_leftovers(zoo.cache_dir()) == []
+    # A server that answers in time is not cut off by the deadline later, in the body.
+    mirror.header_drip = None
+    mirror.drip = 0.0005 if served.path.stat().st_size < 200_000 else None
+    assert sha256(fetch(served.member, progress=False)) == sha256(served.path)
+
+
+def test_a_file_mirror_reads_regular_files_and_never_blocks_on_others(
+    served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A FIFO where the mirror's file should be blocked the download forever."""
+    folder = tmp_path / "shared models"
+    folder.mkdir()
+    monkeypatch.setenv("HTSEP_MIRROR", folder.as_uri())
+    os.mkfifo(folder / served.path.name)
+    outcome: list[BaseException | Path] = []
+
+    def download() -> None:
+        try:
+            outcome.append(fetch(served.member, progress=False))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=download, daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    if thread.is_alive():  # unblock the open so that the thread ends
+        with open(folder / served.path.name, "wb"):
+            pass
+        thread.join(timeout=5)
+        pytest.fail("the download blocked on a FIFO")
+    (error,) = outcome
+    assert isinstance(error, DownloadError)
+    assert "is a named pipe (FIFO), not a regular file" in str(error), error
+    assert "\n" not in str(error) and cache_leftovers(zoo.cache_dir()) == []
+
+    (folder / served.path.name).unlink()
+    (folder / served.path.name).symlink_to("/dev/zero")
+    with pytest.raises(DownloadError, match="is a character device"):
+        fetch(served.member, progress=False)
+
+    (folder / served.path.name).unlink()
+    with pytest.raises(DownloadError, match="No such file or directory"):
+        fetch(served.member, progress=False)
+
+    shutil.copy(served.path, folder / served.path.name)
+    assert sha256(fetch(served.member, progress=False)) == sha256(served.path)
+
+
+def test_a_mirrors_query_is_never_shown(
+    mirror: Server, served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mirror's ?token went into every error message (and so into logs)."""
+    monkeypatch.setenv("HTSEP_MIRROR", f"{mirror.url}/?token=s3cret")
+    with pytest.raises(DownloadError) as caught:
+        fetch(served.member, progress=False)
+    message = str(caught.value)
+    assert f"could not download {mirror.url}/{served.path.name}?...: HTTP 404" in message
+    assert "s3cret" not in message and mirror.requests == [f"/{served.path.name}?token=s3cret"]
+
+
+def test_a_mirror_variable_of_spaces_is_unset(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTSEP_MIRROR=" " (an unset variable in quotes) downloaded from the address "/<file>"."""
+    monkeypatch.setenv("HTSEP_MIRROR", "  ")
+    with pytest.raises(DownloadError, match="^no download address for"):
+        fetch(served.member, progress=False)
+
+
+def test_a_cached_file_larger_than_any_checkpoint_is_not_hashed(
+    mirror: Server,
+    served: Served,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An 8 GiB file in the cache was hashed whole (30 s) before being found wrong."""
+    shutil.copy(served.path, mirror.root / served.path.name)
+    cached = zoo.cache_dir() / served.path.name
+    cached.parent.mkdir(parents=True)
+    with open(cached, "wb") as handle:  # sparse: no disk used
+        handle.truncate(zoo.MAX_DOWNLOAD_BYTES + 1)
+    hashed: list[Path] = []
+    plain = zoo._sha256
+    monkeypatch.setattr(zoo, "_sha256", lambda path: hashed.append(path) or plain(path))
+    with caplog.at_level(logging.WARNING, logger="htsep"):
+        assert fetch(served.member, progress=False) == cached
+    assert hashed == [] and sha256(cached) == sha256(served.path)
+    assert "larger than any checkpoint; downloading it again" in caplog.text
