@@ -17,8 +17,9 @@ Hostile or damaged input, by class:
 - Encodings libsndfile decodes but cannot seek in (GSM 6.10, G.72x and NMS ADPCM, XI DPCM) are
   read front to back: ``AudioReader`` decodes them once into a float temporary.
 - An input that changes while it is read (truncated, rewritten in place) fails: ``AudioReader``
-  checks the open file's size and times on every read and in ``check_unchanged``. A file
-  replaced by a rename is not a change: the reader keeps reading the file it opened.
+  checks the open file's size and times (and, when only its change time moved, its bytes)
+  on every read and in ``check_unchanged``. A file replaced by a rename is not a change: the
+  reader keeps reading the file it opened; nor is a change of its metadata alone (chmod).
 - ffmpeg recognises files by content: it may use only demuxers of containers that hold their
   own audio (no playlist or script that names other files) and only local files, and it reads
   the descriptor htsep holds. A decode shorter than the length its container states is refused
@@ -46,7 +47,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import soundfile as sf
@@ -644,6 +645,7 @@ class _Input:
             raise AudioError(f"{name}: cannot read: {_reason(exc)}") from None
         try:
             self.stat = os.fstat(self.fd)
+            self.checksum: int | None = None  # of the bytes, taken by the first check
             if stat.S_ISDIR(self.stat.st_mode):
                 raise AudioError(f"{name}: is a folder, not an audio file")
             if not stat.S_ISREG(self.stat.st_mode):
@@ -659,19 +661,43 @@ class _Input:
             raise
 
     def check_unchanged(self) -> None:
+        """Fail if the file's content changed since it was opened. Its size and modification
+        time tell most changes; its change time also catches a rewrite whose modification time
+        was set back (``touch -r``), but it moves as well when only the file's metadata does
+        (chmod, chown, an extended attribute, a link made or removed). So the first check that
+        finds the file as it was opened takes a checksum of its bytes, and a later change of
+        the change time alone fails only if the bytes no longer match it."""
         if self.fd is None:
             return
         now = os.fstat(self.fd)
-        if _changed(self.stat, now):
-            detail = (
-                f"now {now.st_size} bytes, was {self.stat.st_size}"
-                if now.st_size != self.stat.st_size
-                else "rewritten in place"
-            )
-            raise AudioError(
-                f"{self.name}: changed while it was being read ({detail}); not used "
-                "(separate it again once it is complete)"
-            )
+        if (now.st_size, now.st_mtime_ns) != (self.stat.st_size, self.stat.st_mtime_ns):
+            moved = now.st_size != self.stat.st_size
+            self._fail(f"now {now.st_size} bytes, was {self.stat.st_size}" if moved else "")
+        if now.st_ctime_ns == self.stat.st_ctime_ns:
+            if self.checksum is None:
+                self.checksum = self._content_checksum()
+            return
+        if self.checksum is None or self._content_checksum() != self.checksum:
+            self._fail("")
+        self.stat = now  # the same bytes: only the metadata changed
+
+    def _content_checksum(self) -> int:
+        """CRC-32 of the whole file (about 4 GB/s: tens of milliseconds for a song)."""
+        assert self.fd is not None
+        checksum, offset = 0, 0
+        try:
+            while block := os.pread(self.fd, 1 << 22, offset):
+                checksum = zlib.crc32(block, checksum)
+                offset += len(block)
+        except OSError as exc:
+            raise AudioError(f"{self.name}: cannot read: {_reason(exc)}") from None
+        return checksum
+
+    def _fail(self, detail: str) -> NoReturn:
+        raise AudioError(
+            f"{self.name}: changed while it was being read ({detail or 'rewritten in place'}); "
+            "not used (separate it again once it is complete)"
+        )
 
     def check_same_path(self) -> None:
         """The file libsndfile opened by name is the one held open (not swapped meanwhile)."""
@@ -693,14 +719,6 @@ class _Input:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _changed(then: os.stat_result, now: os.stat_result) -> bool:
-    if (now.st_size, now.st_mtime_ns) != (then.st_size, then.st_mtime_ns):
-        return True
-    # The change time catches a rewrite whose modification time was set back, but it also moves
-    # when a link to the file comes or goes (a rename over it): only compared if none did.
-    return now.st_nlink == then.st_nlink and now.st_ctime_ns != then.st_ctime_ns
 
 
 def _open_input(name: str) -> _Input:

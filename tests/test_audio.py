@@ -1266,3 +1266,49 @@ def test_chained_ogg_is_refused_not_read_in_part(tmp_path):
         with pytest.raises(AudioError) as excinfo:
             function(chain)
         assert_audio_error(excinfo, chain, "chained stream begins at byte")
+
+
+@pytest.mark.parametrize("change", ["chmod", "same mode", "link", "xattr"])
+def test_a_change_of_metadata_alone_is_not_a_rewrite(tmp_path, change):
+    """The change time moves with chmod (even to the same mode), a hard link or an extended
+    attribute: the track failed as "rewritten in place" though not a byte had changed."""
+    path = tmp_path / "song.wav"
+    x = _float_wav(path)
+    with audio.AudioReader(path) as reader:
+        reader.count_frames()
+        first = reader.read(0, 1000)
+        time.sleep(0.05)  # past the file system's clock tick
+        if change == "chmod":
+            path.chmod(0o600)
+        elif change == "same mode":
+            path.chmod(path.stat().st_mode & 0o777)
+        elif change == "link":
+            os.link(path, tmp_path / "again.wav")
+        else:
+            try:
+                os.setxattr(path, "user.htsep-test", b"1")
+            except OSError as exc:
+                pytest.skip(f"no user extended attributes here ({exc.strerror})")
+        reader.check_unchanged()
+        rest = reader.read(1000, 19000)
+    assert torch.equal(torch.cat([first, rest], dim=1), x)
+
+
+def test_a_rewrite_whose_times_were_set_back_fails(tmp_path):
+    """Same length, other samples, the modification time put back (touch -r), also after a
+    link was made (the link count moved, which made the change time go unchecked)."""
+    path = tmp_path / "song.wav"
+    _float_wav(path)
+    with audio.AudioReader(path) as reader:
+        reader.count_frames()
+        reader.read(0, 1000)
+        before = path.stat()
+        time.sleep(0.05)
+        os.link(path, tmp_path / "again.wav")
+        with open(path, "r+b") as handle:
+            handle.seek(5000)
+            handle.write(bytes(4000))
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        with pytest.raises(AudioError) as excinfo:
+            reader.check_unchanged()
+        assert_audio_error(excinfo, path, "changed while it was being read (rewritten in place)")
