@@ -699,8 +699,14 @@ def _separate(**opts: Any) -> int:
         raise
 
 
+# Where standard input that could not be kept is searched for: under /dev/null, which is never
+# a folder, so that it becomes a failed track at its place among the inputs.
+_UNSPOOLED = Path(os.devnull, "htsep-stdin")
+
+
 def _separate_checked(progress: _Progress, **opts: Any) -> int:
     from htsep import files
+    from htsep.errors import AudioError
 
     output, settings = _check_options(opts, opts.pop("given"))
     if opts["shard"]:
@@ -710,8 +716,12 @@ def _separate_checked(progress: _Progress, **opts: Any) -> int:
             _refuse_stdout_input("-", os.fstat(0))
     with contextlib.ExitStack() as cleanup:
         if "-" in opts["inputs"]:
-            spooled = _spool_stdin()
-            cleanup.callback(spooled.unlink, missing_ok=True)
+            try:
+                spooled = _spool_stdin()
+            except AudioError as exc:  # a full temporary folder: this input fails alone
+                spooled, opts["stdin_error"] = _UNSPOOLED, str(exc)
+            else:
+                cleanup.callback(spooled.unlink, missing_ok=True)
             opts["inputs"] = [str(spooled) if item == "-" else item for item in opts["inputs"]]
             opts["stdin"] = spooled
         if opts["out"] == "-":
@@ -775,6 +785,8 @@ def _separate_tracks(
     for track in tracks:
         if track.path is not None and track.path == opts.get("stdin"):
             track.source, track.name = "-", "stdin"
+        elif track.path is None and "stdin_error" in opts and track.source == str(_UNSPOOLED):
+            track.source, track.name, track.error = "-", "stdin", opts["stdin_error"]
     progress.tracks = tracks
     if to_stdout and len(tracks) != 1:
         raise UsageError(f"-o - writes one track to standard output, not {len(tracks)}")

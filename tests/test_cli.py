@@ -265,10 +265,35 @@ def test_a_full_disk_while_reading_stdin_is_one_line(tmp_path, repo, monkeypatch
         input=b"RIFF....",
     )
     assert result.exit_code == 1, result.output
-    assert result.stderr.strip() == (
+    assert result.stderr.splitlines()[0] == (
         f"htsep: error: -: cannot keep standard input in {tmp_path}: No space left on device"
     )
+    assert result.stderr.splitlines()[1].startswith("htsep: 0 separated, 0 skipped, 1 failed")
     assert list(tmp_path.iterdir()) == []
+
+    # Standard input fails alone, at its place among the inputs: the batch goes on, and
+    # --json gives each input its record (the whole batch stopped, with no record at all).
+    from helpers import write_clip
+
+    clips = tmp_path.parent / f"{tmp_path.name}-clips"
+    write_clip(clips / "a.wav", 0.5)
+    write_clip(clips / "b.wav", 0.5)
+    out = tmp_path / "o"
+    args = ["separate", "--repo", str(repo), "-n", "aaaa0001", "-q", "--json", "-o", str(out)]
+    result = runner.invoke(
+        app, [*args, str(clips / "a.wav"), "-", str(clips / "b.wav")], input=b"RIFF...."
+    )
+    assert result.exit_code == 1, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["input"], r["status"]) for r in records] == [
+        (str(clips / "a.wav"), "ok"),
+        ("-", "failed"),
+        (str(clips / "b.wav"), "ok"),
+    ]
+    assert records[1]["error"] == (
+        f"-: cannot keep standard input in {tmp_path}: No space left on device"
+    )
+    assert sorted(p.name for p in (out / "aaaa0001").iterdir()) == ["a", "b"]
 
 
 # --- help at 80 columns ----------------------------------------------------------------------
