@@ -1133,4 +1133,24 @@ class _Run:
                 if scanned is not None:
                     scanned.close()
         if self.encoding is not None:
-            self.encoding[2].discard()
+            self._settle_encoding()
+
+    def _settle_encoding(self) -> None:
+        """What the track being encoded when the batch stopped did, as its record will say
+        (its finished() is not called: the batch is stopping): ok if every file was put in
+        place meanwhile (a record of "interrupted" with no outputs said otherwise while all
+        its stems were there), else the stems it completed; then its staging goes."""
+        assert self.encoding is not None
+        index, future, pending, started = self.encoding
+        self.encoding = None
+        track, plan = self.tracks[index], self.plans[index]
+        try:
+            ended = future is not None and future.done() and not future.cancelled()
+            if ended and future is not None and future.exception() is None:
+                track.status, track.seconds = "ok", future.result() - started
+                track.outputs = [str(path) for path in plan.paths.values()]
+                return
+            done = {*pending.placed, *(plan.paths[stem] for stem in plan.keep)}
+            track.outputs = [str(path) for path in plan.paths.values() if path in done]
+        finally:
+            pending.discard()

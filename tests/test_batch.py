@@ -385,6 +385,37 @@ def test_finished_raising_while_the_next_track_runs_leaves_nothing(
     )  # a's stems, complete; nothing of b
 
 
+def test_a_track_encoded_when_the_batch_is_interrupted_is_reported_as_it_ended(tmp_path, separator):
+    """Ctrl-C while the next track is in the networks, after the track before had put all its
+    stems in place in the background: its record said interrupted, with no outputs."""
+    import time
+
+    for name in ("a", "b"):
+        _clip(tmp_path / "in" / f"{name}.wav", 1.5, seed=len(name))
+    out = tmp_path / "out"
+    a_stems = [out / "aaaa0001" / "a" / f"{stem}.wav" for stem in separator.sources]
+
+    class Interrupting(BatchEvents):
+        def progress(self, index, seconds):
+            if index == 1:
+                deadline = time.monotonic() + 60
+                while not all(p.exists() for p in a_stems) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                time.sleep(0.2)  # the encoding thread returns
+                raise KeyboardInterrupt
+
+        def finished(self, index, track):
+            raise AssertionError("no track finishes before the interruption here")
+
+    tracks = find_inputs([tmp_path / "in" / "a.wav", tmp_path / "in" / "b.wav"], out)
+    batch = Batch(separator, out, OutputSettings(), events=Interrupting(), pipeline=True)
+    with pytest.raises(KeyboardInterrupt):
+        batch.run(tracks)
+    assert [t.status for t in tracks] == ["ok", "pending"]
+    assert tracks[0].outputs == [str(p) for p in a_stems] and tracks[1].outputs == []
+    assert _leftovers(out) == []
+
+
 def test_a_stem_that_appears_meanwhile_fails_its_track_and_drops_its_decoded_input(
     tmp_path, separator, monkeypatch
 ):
