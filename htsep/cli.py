@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import errno
 import functools
 import inspect
 import json
@@ -1518,6 +1519,8 @@ def main() -> None:
             if stopped and done.code == 130:
                 signum = stopped[0]
                 _interrupted(KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum))
+            if done.code == 1 and _click_caught_a_broken_pipe():
+                _stdout_failed(errno.EPIPE)
             _exit(done.code)
         except OSError as exc:
             # A write to standard output failed outside the -o - copy (--json lines, info,
@@ -1525,13 +1528,29 @@ def main() -> None:
             # a bug.
             if not _writing_stdout(exc):
                 raise
-            from htsep import files
-
-            files.remove_unfinished()
-            _abandon_stdout()
-            _error(f"cannot write to standard output: {exc.strerror or type(exc).__name__}")
-            _exit(1)
+            _stdout_failed(exc.errno, exc.strerror or type(exc).__name__)
     _exit(0)
+
+
+def _click_caught_a_broken_pipe() -> bool:
+    """Whether click ended the command for a write to a reader that left (EPIPE): it turns
+    that into a silent exit 1, after wrapping standard output in its PacifyFlushWrapper."""
+    from typer._click.utils import PacifyFlushWrapper
+
+    return isinstance(sys.stdout, PacifyFlushWrapper)
+
+
+def _stdout_failed(code: int | None, reason: str | None = None) -> NoReturn:
+    """A write to standard output failed: its one line, exit 1, nothing unfinished left."""
+    from htsep import files
+
+    files.remove_unfinished()
+    with contextlib.suppress(OSError, ValueError):
+        _abandon_stdout()
+    if reason is None:
+        reason = os.strerror(code) if code is not None else "write failed"
+    _error(f"cannot write to standard output: {reason}")
+    _exit(1)
 
 
 def _interrupted(exc: KeyboardInterrupt) -> NoReturn:

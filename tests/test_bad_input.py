@@ -802,6 +802,39 @@ def test_a_full_standard_output_is_one_line_in_every_command(tmp_path, repo, arg
     assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) <= 2
 
 
+@pytest.mark.parametrize(
+    "args", [["separate", "--json", "{clip}", "{clip2}"], ["models"], ["info", "htsep-tiny"]]
+)
+def test_a_reader_that_left_is_one_line_in_every_command(tmp_path, repo, args):
+    """`htsep separate --json ... | head -c 10`: click turned the broken pipe into a silent
+    exit 1, with no line to say why."""
+    clip, clip2 = tmp_path / "song.wav", tmp_path / "other.wav"
+    write_clip(clip, 0.5)
+    write_clip(clip2, 0.5)
+    if args[0] == "separate":
+        args = ["separate", "--repo", str(repo), *MODEL, "-o", str(tmp_path / "out"),
+                "--json", str(clip), str(clip2)]  # fmt: skip
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "htsep", *args],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "htsep: error: cannot write to standard output: Broken pipe"
+    ), done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) <= 3, done.stderr
+    out = tmp_path / "out"
+    assert not out.exists() or not [p for p in out.rglob(".*")]
+
+
 @pytest.mark.parametrize("extra", [["--json"], ["-o", "-", "--stems", "vocals"]])
 def test_a_closed_standard_output_is_refused_before_any_work(tmp_path, repo, extra):
     clip = tmp_path / "song.wav"
