@@ -60,6 +60,8 @@ import soundfile as sf
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from script_args import checkout, folder, positive, whole  # noqa: E402
+
 import reference  # noqa: E402  (the demucs oracle builder shared with the tests)
 
 RATE = 44100
@@ -552,11 +554,17 @@ def describe_machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--seconds", type=float, nargs="+", default=[30.0, 180.0], help="lengths of the clips"
+        "--seconds",
+        type=positive(3600),
+        nargs="+",
+        default=[30.0, 180.0],
+        help="lengths of the clips",
     )
-    parser.add_argument("--runs", type=int, default=3, help="runs of each side")
-    parser.add_argument("--keep", type=Path, help="work in this folder and keep it")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--runs", type=whole(1, 1000), default=3, help="runs of each side")
+    parser.add_argument("--keep", type=folder, help="work in this folder and keep it")
+    parser.add_argument(
+        "--threads", type=whole(1, 1024), help="torch threads (default: torch's choice)"
+    )
     parser.add_argument(
         "--tuned-malloc",
         action="store_true",
@@ -574,7 +582,7 @@ def main() -> None:
     parser.add_argument("--keep-memory", action="store_true", help="also time htsep --keep-memory")
     parser.add_argument(
         "--baseline",
-        type=Path,
+        type=checkout,
         help="also time the htsep of this checkout (e.g. a git worktree of an older commit)",
     )
     args = parser.parse_args()

@@ -29,6 +29,7 @@ import soundfile as sf
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import htsep_command  # noqa: E402
+from script_args import positive, text, whole  # noqa: E402
 
 import reference  # noqa: E402  (the demucs oracle builder shared with the tests)
 
@@ -72,13 +73,24 @@ def outputs(folder: Path) -> dict[str, bytes]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tracks", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=60.0, help="length of each track")
-    parser.add_argument("--runs", type=int, default=2, help="runs of each setting")
+    parser.add_argument("--tracks", type=whole(1, 1000), default=4)
+    parser.add_argument("--seconds", type=positive(3600), default=60.0, help="length of each track")
+    parser.add_argument("--runs", type=whole(1, 1000), default=2, help="runs of each setting")
     parser.add_argument(
-        "--model", default="htsep-tiny", help="a model name, or 'released' (random weights)"
+        "--model",
+        type=text,
+        default="htsep-tiny",
+        help="a model name, or 'released' (random weights)",
     )
     args = parser.parse_args()
+    if args.model != "released":
+        from htsep import zoo
+        from htsep.errors import HtsepError
+
+        try:
+            zoo.find_model(args.model)
+        except HtsepError as exc:
+            parser.error(f"--model: {exc}")
     work = Path(tempfile.mkdtemp(prefix="htsep-bench-folder-"))
     try:
         kind = write_tracks(work / "in", args.tracks, args.seconds)

@@ -86,6 +86,8 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
+from script_args import new_file, positive, text, whole  # noqa: E402
 
 
 def _import_htsep_from_checkout() -> None:
@@ -1220,18 +1222,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="toy sizes (a minute on a CPU)")
     parser.add_argument(
-        "--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)"
+        "--device", type=text, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)"
     )
     parser.add_argument(
-        "--budget", type=float, default=480.0, help="seconds for the whole run (default 480)"
+        "--budget", type=positive(), default=480.0, help="seconds for the whole run (default 480)"
     )
-    parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    parser.add_argument("--json", type=new_file, help="also write every figure to this JSON file")
     parser.add_argument(
-        "--only", help=f"comma-separated sections to run, of {','.join(SECTIONS)} (default all)"
+        "--only",
+        type=text,
+        help=f"comma-separated sections to run, of {','.join(SECTIONS)} (default all)",
     )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=whole(1, 1024),
         help="torch CPU threads (default: 1 with --smoke, whose toy sizes gain nothing from more "
         "and on a busy machine lose much to OpenMP threads waiting on each other; else torch's)",
     )

@@ -24,6 +24,9 @@ import torch
 
 import htsep.apply
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from script_args import checkout, positive, whole  # noqa: E402
+
 CHUNK = 343980  # the released htdemucs segment at 44.1 kHz
 
 
@@ -66,10 +69,10 @@ def once(module: ModuleType, mix: torch.Tensor, estimate: torch.Tensor, batch: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=240.0)
-    parser.add_argument("--batch", type=int, default=16, help="chunks per network call")
-    parser.add_argument("--runs", type=int, default=8)
-    parser.add_argument("--baseline", type=Path, help="another checkout to compare with")
+    parser.add_argument("--seconds", type=positive(3600), default=240.0)
+    parser.add_argument("--batch", type=whole(1, 1024), default=16, help="chunks per network call")
+    parser.add_argument("--runs", type=whole(1, 1000), default=8)
+    parser.add_argument("--baseline", type=checkout, help="another checkout to compare with")
     args = parser.parse_args()
     mix = torch.randn(1, 2, int(args.seconds * 44100))
     estimate = torch.randn(args.batch, 4, 2, CHUNK)

@@ -27,6 +27,7 @@ import soundfile as sf
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import htsep_command  # noqa: E402
+from script_args import positive  # noqa: E402
 
 import reference  # noqa: E402  (the demucs oracle builder shared with the tests)
 
@@ -70,7 +71,7 @@ def peak_rss(command: list[str]) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, nargs="+", default=[1, 10, 60])
+    parser.add_argument("--minutes", type=positive(600), nargs="+", default=[1, 10, 60])
     parser.add_argument(
         "--configs", nargs="+", default=["small", "released"], choices=sorted(CONFIGS)
     )

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from script_args import positive, whole  # noqa: E402
 
 RATES = (48000, 44099, 7999, 1000, 384000, 383999)
 STANDARD_PAIRS = ((48000, 44100), (44100, 48000), (22050, 44100), (32000, 44100), (96000, 44100))
@@ -127,12 +129,17 @@ def quality() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--case", nargs=3, type=float, metavar=("ORIG", "NEW", "SECONDS"))
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seconds", nargs="+", type=float, default=[2, 60])
+    parser.add_argument("--case", nargs=3, type=positive(), metavar=("ORIG", "NEW", "SECONDS"))
+    parser.add_argument("--threads", type=whole(1, 1024), default=1)
+    parser.add_argument("--seconds", nargs="+", type=positive(3600), default=[2, 60])
     args = parser.parse_args()
     if args.case:
         orig, new, seconds = args.case
+        for rate in (orig, new):
+            if rate != int(rate) or not 1000 <= rate <= 384000:
+                parser.error(f"--case: {rate:g} Hz is not a whole rate from 1000 to 384000")
+        if seconds > 3600:
+            parser.error(f"--case: {seconds:g} s is out of range (at most 3600)")
         one_case(int(orig), int(new), seconds, args.threads)
         return
     with open("/proc/cpuinfo") as cpuinfo:

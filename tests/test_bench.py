@@ -124,3 +124,47 @@ def test_floor_lines_give_the_time_of_the_products_at_the_rate(bench):
     assert "4 x 3.0 GFLOP at 2 GFLOP/s = 6.00 s, 0.500 of demucs's run (12.00 s)" in fp32
     assert "at 4 GFLOP/s (bf16 products, 2.00x fp32's) 3.00 s, 0.300 of htsep fp32's run" in bf16
     assert len(bench.floor_lines(3e9, 4, 2e9, 12.0)) == 1
+
+
+SCRIPTS = SCRIPT.parent
+BAD_ARGUMENTS = [
+    ("bench.py", ["--baseline", "{nowhere}"], "is not an htsep checkout"),
+    ("bench.py", ["--baseline", ""], "empty value"),
+    ("bench.py", ["--runs", "0"], "out of range"),
+    ("bench.py", ["--seconds", "nan"], "out of range"),
+    ("bench_host.py", ["--baseline", "{nowhere}"], "is not an htsep checkout"),
+    ("bench_host.py", ["--batch", "0"], "out of range"),
+    ("bench_host.py", ["--runs", "0"], "out of range"),
+    ("bench_host.py", ["--seconds", "0"], "out of range"),
+    ("bench_memory.py", ["--minutes", "-1"], "out of range"),
+    ("bench_resample.py", ["--case", "44100", "0", "1"], "out of range"),
+    ("bench_resample.py", ["--case", "44100", "500", "1"], "not a whole rate"),
+    ("bench_resample.py", ["--case", "44100", "48000", "-1"], "out of range"),
+    ("bench_resample.py", ["--threads", "-3"], "out of range"),
+    ("bench_folder.py", ["--tracks", "0"], "out of range"),
+    ("bench_folder.py", ["--model", ""], "empty value"),
+    ("bench_folder.py", ["--model", "nope"], "unknown model"),
+    ("bench_gpu.py", ["--smoke", "--json", ""], "empty value"),
+    ("bench_gpu.py", ["--smoke", "--json", "{nowhere}/x.json"], "no such folder"),
+    ("bench_gpu.py", ["--smoke", "--device", ""], "empty value"),
+]
+
+
+@pytest.mark.parametrize(("script", "args", "phrase"), BAD_ARGUMENTS)
+def test_the_scripts_refuse_bad_arguments_before_any_work(tmp_path, script, args, phrase):
+    """A traceback (often after minutes of work), or for --baseline with a folder that holds
+    no htsep, a baseline column that timed the installed htsep instead."""
+    import subprocess
+
+    nowhere = tmp_path / "nowhere"
+    args = [a.replace("{nowhere}", str(nowhere)) for a in args]
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and phrase in done.stderr.splitlines()[-1], done.stderr
+    assert done.stdout == "" and not nowhere.exists()
