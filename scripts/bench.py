@@ -60,6 +60,7 @@ import soundfile as sf
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from script_args import checkout, folder, positive, whole  # noqa: E402
 
 import reference  # noqa: E402  (the demucs oracle builder shared with the tests)
