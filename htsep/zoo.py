@@ -450,14 +450,20 @@ def find_model(name: str, repo: str | os.PathLike[str] | None = None) -> ModelSp
 
     Raises ModelNotFoundError (one line) when nothing matches, with close names suggested.
     """
-    if isinstance(name, os.PathLike):
+    is_path = isinstance(name, os.PathLike)  # a file whatever its name, as load_model takes it
+    if is_path:
         name = os.fspath(name)
     if not isinstance(name, str) or not name.strip() or "\0" in name:
         raise ModelNotFoundError(f"a model is a name or a checkpoint path, not {name!r}")
-    file_spec = _find_file(name)
+    file_spec = _find_file(name, is_path)
     if file_spec is not None:
         return file_spec
     if repo is not None:
+        if isinstance(repo, str) and not repo.strip():  # repo=os.environ.get(...) unset
+            raise ModelNotFoundError(
+                f"repo {repo!r}: empty folder name (an unset variable?); give a folder of "
+                "checkpoints, or None for the registry"
+            )
         return _find_in_repo(name, Path(repo))
     registry = registry_models()
     for spec in registry:
@@ -485,8 +491,8 @@ def names_a_file(name: str) -> bool:
     return any(sep in name for sep in separators) or name.endswith((*CHECKPOINT_SUFFIXES, ".pt"))
 
 
-def _find_file(name: str) -> ModelSpec | None:
-    if not names_a_file(name):
+def _find_file(name: str, is_path: bool = False) -> ModelSpec | None:
+    if not is_path and not names_a_file(name):
         # A plain name is a model of --repo or the registry, even if a file or folder of that
         # name happens to be here (the stems' folder <out>/htdemucs, a stray copy): a file is
         # named with its suffix or a path ("./mymodel").

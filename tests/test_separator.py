@@ -620,3 +620,39 @@ def test_clamp_clips_at_099_and_rescale_takes_the_stems_written(repo, tmp_path):
         assert abs(peak(name, clip_mode="clamp") - expected) < 1e-6
         if float(plain[name].abs().max()) > 1:
             assert abs(peak(name, clip_mode="rescale") - 1 / 1.01) < 1e-6
+
+
+def test_a_path_object_is_a_checkpoint_file_for_separator_as_for_load_model(
+    tmp_path, repo, monkeypatch
+):
+    """load_model(Path("mymodel")) loaded the file; Separator(Path("mymodel")) said "unknown
+    model", and Separator(Path("htdemucs")) went to download the registry's model."""
+    import shutil
+
+    from htsep.errors import ModelNotFoundError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HTSEP_MIRROR", "http://127.0.0.1:9/unreachable")
+    monkeypatch.setenv("HTSEP_CACHE", str(tmp_path / "cache"))
+    for name in ("mymodel", "htdemucs"):
+        (checkpoint,) = repo.glob("aaaa0001-*.th")
+        shutil.copy(checkpoint, tmp_path / name)
+        separator = htsep.Separator(Path(name), progress=False)
+        assert separator.sources == htsep.load_model(Path(name)).sources
+        assert [m.path for m in separator.spec.members] == [Path(name)]
+    with pytest.raises(ModelNotFoundError, match="unknown model 'mymodel'"):
+        htsep.Separator("mymodel", progress=False)  # a plain name is never a file here
+
+
+@pytest.mark.parametrize("repo_value", ["", "  "])
+def test_an_empty_repo_is_refused_not_the_current_folder(tmp_path, repo, monkeypatch, repo_value):
+    """repo=os.environ.get("MODELS", "") searched the current folder."""
+    import shutil
+
+    from htsep.errors import ModelNotFoundError
+
+    monkeypatch.chdir(tmp_path)
+    (checkpoint,) = repo.glob("aaaa0001-*.th")
+    shutil.copy(checkpoint, tmp_path / checkpoint.name)
+    with pytest.raises(ModelNotFoundError, match="empty folder name"):
+        htsep.Separator("aaaa0001", repo=repo_value, progress=False)
