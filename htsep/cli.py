@@ -1232,6 +1232,10 @@ def eval_command(
             progress=not quiet,
         )
         names = evaluation_sources(separator, names)
+        unscored = [source for source in separator.sources if source not in names]
+        if wanted is None and unscored:  # a stem missing from a lone track looks the same
+            _warn(f"{', '.join(unscored)}: no stem in the dataset's tracks, so not scored "
+                  "(--sources lists what to score)")  # fmt: skip
         if not quiet:
             _say(f"htsep: {separator.name} on {separator.device}: {len(chosen)} track"
                  f"{'s' if len(chosen) > 1 else ''} of {folder}")  # fmt: skip
