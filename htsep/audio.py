@@ -545,7 +545,12 @@ class AudioReader:
                 raise UsageError(f"{what} must be an integer, not {value!r}")
         if length < 0:
             raise UsageError(f"length must be >= 0, not {length}")
-        out = torch.zeros(self.channels, length)
+        try:
+            out = torch.zeros(self.channels, length)
+        except (RuntimeError, OverflowError, TypeError):  # torch's message is a C++ trace
+            raise UsageError(
+                f"length {length}: {self.channels} x {length} float32 samples do not fit in memory"
+            ) from None
         lo, hi = max(start, 0), min(start + length, self.frames)
         if lo < hi:
             self.check_unchanged()

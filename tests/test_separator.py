@@ -421,7 +421,20 @@ def _hostile_calls(separator, repo, clip, tmp):
         "network on int16": lambda: model(torch.zeros(1, 2, 1000, dtype=torch.int16)),
         "network on meta": lambda: model(torch.zeros(1, 2, 1000, device="meta")),
         "numpy to write_audio": lambda: write_audio(tmp / "n.wav", np.zeros((2, 10)), 8000),
+        # Found by a hostile audit (2026-12-07): torch's allocator errors (one a C++ trace),
+        # torch's shape error for an empty batch.
+        "read 10**12 frames": lambda: _read(clip, 0, 10**12),
+        "read 10**30 frames": lambda: _read(clip, 0, 10**30),
+        "network on a batch of 0": lambda: model(torch.zeros(0, 2, 1000)),
+        "network on 0 samples": lambda: model(torch.zeros(1, 2, 0)),
     }
+
+
+def _read(path, start, length):
+    from htsep.audio import AudioReader
+
+    with AudioReader(path) as reader:
+        return reader.read(start, length)
 
 
 def _on_meta(model):

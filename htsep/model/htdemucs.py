@@ -197,7 +197,7 @@ class HTDemucs(nn.Module):
         if not isinstance(mix, torch.Tensor):
             raise InputError(f"expected a (batch, {self.audio_channels}, time) tensor, not "
                              f"{type(mix).__name__}")  # fmt: skip
-        if mix.dim() != 3 or mix.shape[1] != self.audio_channels:
+        if mix.dim() != 3 or mix.shape[1] != self.audio_channels or 0 in mix.shape:
             raise InputError(
                 f"expected a (batch, {self.audio_channels}, time) mixture, "
                 f"got shape {tuple(mix.shape)}"
