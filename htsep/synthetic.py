@@ -36,6 +36,8 @@ tracks, whatever the seed.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
@@ -253,7 +255,7 @@ def write_dataset(
                     folder.mkdir(parents=True)
                     track = render_track(seed, split, index, seconds, sample_rate)
                     for name, audio in track.items():
-                        sf.write(folder / f"{name}.wav", audio, sample_rate, "PCM_16", format="WAV")
+                        _write_wav(folder / f"{name}.wav", audio, sample_rate)
                     logger.info("wrote %s", out / split / folder.name)
             (staging.path / RECIPE_FILE).write_text(json.dumps(recipe, sort_keys=True) + "\n")
             # The same command run twice at once: the second to finish finds the first's set.
@@ -263,6 +265,26 @@ def write_dataset(
     except BaseException:
         remove_empty(made)
         raise
+
+
+def _write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
+    """16-bit WAV; a failure is an OSError naming the file and, where it can be told, why
+    (libsndfile says only "System error." for a full disk or a file size limit)."""
+    try:
+        sf.write(path, audio, sample_rate, "PCM_16", format="WAV")
+    except sf.LibsndfileError as exc:
+        reason = str(exc).strip().rstrip(".") or "write failed"
+        size = audio.size * 2 + (1 << 16)  # the samples and room for a header
+        with contextlib.suppress(OSError, ImportError, ValueError):
+            import resource
+
+            limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+            if limit != resource.RLIM_INFINITY and limit < size:
+                reason = f"{os.strerror(errno.EFBIG)} (ulimit -f)"
+            room = os.statvfs(path.parent)
+            if room.f_bavail * room.f_frsize < size:
+                reason = os.strerror(errno.ENOSPC)
+        raise OSError(errno.EIO, f"{path}: cannot write ({reason})") from None
 
 
 def _place_unless_written(out: Path, recipe: dict[str, float], staging: Path | None) -> bool:

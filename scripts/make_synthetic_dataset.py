@@ -102,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise
         except OutputExistsError as error:
             parser.error(f"{error}: remove it or choose another folder")
-        except OSError as error:
-            return _fail(str(error), 1)
+        except OSError as error:  # no "[Errno 5]" in the line
+            said = error.strerror or str(error)
+            return _fail(f"{error.filename}: {said}" if error.filename else said, 1)
         except MemoryError:
             return _fail(
                 f"out of memory rendering a track of {args.seconds:g} s at {args.sample_rate} Hz "

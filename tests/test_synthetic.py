@@ -472,3 +472,27 @@ def test_the_same_command_can_run_twice(tmp_path: Path, capsys: pytest.CaptureFi
     assert run_main(other, capsys)[0] == 2
     (tmp_path / "synthetic.json").unlink()
     assert run_main(argv, capsys)[0] == 2
+
+
+def test_a_file_size_limit_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    """`ulimit -f` (a full disk fails the same way in libsndfile, "System error."): a
+    traceback of soundfile's LibsndfileError."""
+    import resource
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    out = tmp_path / "set"
+    args = [out, "--tracks", 1, "--seconds", 2, "--seed", 1, "--sample-rate", 8000]
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limited,
+    )
+    assert done.returncode == 1, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("make_synthetic_dataset: error: ") and "Traceback" not in line
+    assert ".wav: cannot write (File too large (ulimit -f))" in line, line
+    assert list(tmp_path.iterdir()) == []
