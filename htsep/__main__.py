@@ -7,6 +7,7 @@ tenth of a second, and a Ctrl-C there would otherwise print Python's traceback.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from htsep.interrupts import (
@@ -23,6 +24,12 @@ def main() -> None:
         try:
             from htsep import cli
         except KeyboardInterrupt as exc:
+            # Deaf to further signals by now: the command line can be imported to give
+            # separate --json its records, one per input as given.
+            with contextlib.suppress(Exception):
+                from htsep import cli
+
+                cli.early_interrupted_records(sys.argv[1:])
             print(f"htsep: error: {how_stopped(exc)}", file=sys.stderr)
             sys.exit(exit_status(exc))
         cli.main()

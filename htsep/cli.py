@@ -681,12 +681,40 @@ class _Progress:
         --shard, whose slice of the inputs is not known yet."""
         from htsep import zoo  # torch is imported whole by now (_import_torch)
 
+        global _records_given
+        _records_given = True
         if self.tracks is None and self.sharded:
             return
         if self.tracks is None:
             self.tracks = [Track(source=item, path=None) for item in self.inputs]
             self.reported.clear()
         _interrupted_records(self.tracks, self.model or zoo.DEFAULT_MODEL, self.reported)
+
+
+# Whether an interruption's --json records were printed (``_Progress.interrupted_records``).
+_records_given = False
+
+
+def early_interrupted_records(argv: list[str]) -> None:
+    """The --json records of a ``separate`` stopped by a signal before it began (while the
+    command line was imported, or its options read), one per input as given, interrupted,
+    as ``_Progress`` gives them; nothing when the arguments do not parse, are not a separate
+    with --json, or the records were given already. Signals must be ignored by now."""
+    if _records_given:
+        return
+    try:
+        group = typer.main.get_command(app)
+        context = group.make_context("htsep", demucs_style(argv), resilient_parsing=True)
+        words = [*context._protected_args, *context.args]  # the command and what follows
+        name, command, rest = group.resolve_command(context, words)  # type: ignore[attr-defined]
+        if name != "separate" or command is None:
+            return
+        params = command.make_context(name, rest, parent=context, resilient_parsing=True).params
+    except Exception:  # arguments that do not parse: no records, as for a usage error
+        return
+    if params.get("json_lines") and params.get("inputs"):
+        inputs, shard = list(params["inputs"]), params.get("shard")
+        _Progress(inputs, params.get("name"), sharded=bool(shard)).interrupted_records()
 
 
 def _separate(**opts: Any) -> int:
@@ -1561,6 +1589,7 @@ def _interrupted(exc: KeyboardInterrupt) -> NoReturn:
     from htsep import files
 
     files.remove_unfinished()
+    early_interrupted_records(sys.argv[1:])
     _error(how_stopped(exc))
     _exit(exit_status(exc))
 

@@ -439,6 +439,30 @@ def test_a_signal_inside_torchs_start_up_stops_every_command(tmp_path, signum, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav"]
 
 
+@pytest.mark.parametrize(
+    ("module", "function"),
+    [
+        ("typer", ""),  # while the command line is imported
+        ("", "_given_options"),  # while the options are read, before separate begins
+    ],
+)
+def test_a_signal_before_separate_begins_gives_each_input_its_record(tmp_path, module, function):
+    """Both windows gave the line and the exit status but no --json record at all."""
+    write_clip(tmp_path / "a.wav", 0.3)
+    args = ["-n", "htsep-tiny", "--json", "a.wav", "gone.wav"]
+    done = _signalled(signal.SIGTERM, module, function, *args, cwd=tmp_path)
+    assert (done.returncode, done.stderr) == (143, "htsep: error: terminated\n")
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(r["input"], r["status"], r["model"]) for r in records] == [
+        ("a.wav", "interrupted", "htsep-tiny"),
+        ("gone.wav", "interrupted", "htsep-tiny"),
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav"]
+    # Without --json (or for another command) nothing goes to standard output.
+    quiet = _signalled(signal.SIGTERM, module, function, "a.wav", cwd=tmp_path)
+    assert (quiet.returncode, quiet.stdout) == (143, "")
+
+
 def test_a_signal_while_the_inputs_are_planned_gives_each_track_its_record(tmp_path):
     """After the search, before the model is loaded: each track found gets its record."""
     write_clip(tmp_path / "album" / "a.wav", 0.3)
