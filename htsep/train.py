@@ -92,6 +92,12 @@ class RunFolderError(HtsepError):
     folder, a file size limit): the run stops, its last checkpoint intact."""
 
 
+# The most steps a run may take (and the largest step intervals), and the largest batch: a run
+# of 10**20 steps never ends, and a batch of 100,000 examples took memory until killed.
+MAX_STEPS = 10**9
+MAX_BATCH_SIZE = 1024
+
+
 @dataclass(frozen=True)
 class TrainOptions:
     """Everything that determines a run's numbers (saved as ``run.json``)."""
@@ -114,11 +120,23 @@ class TrainOptions:
 
     def check(self) -> None:
         """Raise UsageError for values no run can use."""
+        for name in ("config", "init", "repo"):
+            value = getattr(self, name)
+            if value is not None and not str(value).strip():
+                raise UsageError(f"--{name}: empty value (an unset variable in a script?)")
         positive = {"steps": self.steps, "batch_size": self.batch_size, "log_every": self.log_every}
         positive["save_every"] = self.save_every
         for name, value in positive.items():
             if value < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        # A run that could never end, or a batch no machine holds: refused before any work.
+        highest = {"steps": MAX_STEPS, "batch_size": MAX_BATCH_SIZE, "log_every": MAX_STEPS,
+                   "save_every": MAX_STEPS, "valid_every": MAX_STEPS,
+                   "valid_tracks": MAX_STEPS}  # fmt: skip
+        for name, most in highest.items():
+            value = getattr(self, name)
+            if value > most:
+                raise UsageError(f"--{name.replace('_', '-')} must be at most {most}, got {value}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UsageError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.ema < 1:

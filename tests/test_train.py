@@ -297,6 +297,14 @@ def test_cli_refuses_to_reuse_or_resume_the_wrong_folder(toy_dataset, toy_config
         (["-j", "99999"], "--jobs must be in 0..1024"),  # torch segfaulted
         (["--seed", "-1"], "--seed must be in 0..2^63-1"),
         (["--seed", str(2**64)], "--seed must be in 0..2^63-1"),
+        # Found by a hostile audit (2026-12-07): "--config .: neither a named size ...", a
+        # batch that took memory until killed, a run that could never end.
+        (["--config", ""], "--config: empty value"),
+        (["--config", " "], "--config: empty value"),
+        (["--init", "", "--config", "tiny"], "--init: empty value"),
+        (["--batch-size", "100000"], "--batch-size must be at most 1024"),
+        (["--steps", "99999999999999999999"], "--steps must be at most 1000000000"),
+        (["--save-every", str(10**10)], "--save-every must be at most 1000000000"),
     ],
 )
 def test_cli_bad_options(toy_dataset, tmp_path, args, message):
