@@ -293,6 +293,12 @@ class AudioWriter:
         self.settings = _encoder_settings(
             self.name, self.target.suffix.lower(), sample_rate, bits, mp3_bitrate, mp3_preset
         )
+        most = _FORMAT_CHANNELS.get(self.settings["format"])
+        if most is not None and self.channels > most:  # libsndfile: "Format not recognised"
+            raise AudioError(
+                f"{self.name}: {self.settings['format']} holds at most {most} channels, not "
+                f"{self.channels} (use WAV)"
+            )
         if self.settings["format"] == "MP3":
             _check_mp3_tag(self.name, sample_rate, self.channels, mp3_bitrate, self.settings)
         self.sample_rate = sample_rate
@@ -1679,12 +1685,16 @@ def _write_error(stderr: str) -> str | None:
 # Writing -----------------------------------------------------------------------------------------
 
 
+# The channels each encoder takes (WAV: as many as htsep writes at all).
+_FORMAT_CHANNELS = {"MP3": 2, "FLAC": 8}
+
+
 def _encoder_settings(
     name: str, suffix: str, sample_rate: int, bits: int, mp3_bitrate: int, mp3_preset: int
 ) -> dict[str, Any]:
     """soundfile's keywords for a format, or the AudioError that explains why it cannot be."""
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
-        raise AudioError(f"{name}: the sample rate must be a positive integer, not {sample_rate}")
+        raise AudioError(f"{name}: the sample rate must be a positive integer, not {sample_rate!r}")
     if sample_rate > 384000:  # the rates htsep reads; libsndfile's field is a 32-bit int
         raise AudioError(f"{name}: cannot write {sample_rate} Hz (at most 384000)")
     if not _whole(bits):

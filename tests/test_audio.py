@@ -1312,3 +1312,23 @@ def test_a_rewrite_whose_times_were_set_back_fails(tmp_path):
         with pytest.raises(AudioError) as excinfo:
             reader.check_unchanged()
         assert_audio_error(excinfo, path, "changed while it was being read (rewritten in place)")
+
+
+@pytest.mark.parametrize(("suffix", "most"), [(".mp3", 2), (".flac", 8)])
+def test_more_channels_than_a_format_holds_is_said_so(tmp_path, suffix, most):
+    """libsndfile said "Format not recognised"."""
+    if suffix == ".mp3" and "MP3" not in sf.available_formats():
+        pytest.skip("this libsndfile cannot write MP3")
+    write_audio(tmp_path / f"ok{suffix}", torch.zeros(most, 1000), 44100)
+    with pytest.raises(AudioError) as caught:
+        write_audio(tmp_path / f"x{suffix}", torch.zeros(most + 1, 1000), 44100)
+    assert str(caught.value) == (
+        f"{tmp_path / f'x{suffix}'}: {suffix[1:].upper()} holds at most {most} channels, "
+        f"not {most + 1} (use WAV)"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"ok{suffix}"]
+
+
+def test_a_sample_rate_given_as_text_is_shown_as_text(tmp_path):
+    with pytest.raises(AudioError, match="must be a positive integer, not '44100'$"):
+        write_audio(tmp_path / "x.wav", torch.zeros(2, 10), "44100")
