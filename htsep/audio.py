@@ -675,9 +675,9 @@ class _Input:
         """Fail if the file's content changed since it was opened. Its size and modification
         time tell most changes; its change time also catches a rewrite whose modification time
         was set back (``touch -r``), but it moves as well when only the file's metadata does
-        (chmod, chown, an extended attribute, a link made or removed). So the first check that
-        finds the file as it was opened takes a checksum of its bytes, and a later change of
-        the change time alone fails only if the bytes no longer match it."""
+        (chmod, chown, an extended attribute, a link made or removed, a rename over its name).
+        So the first check (``_open_input`` makes it) takes a checksum of its bytes, and a
+        later change of the change time alone fails only if the bytes no longer match it."""
         if self.fd is None:
             return
         now = os.fstat(self.fd)
@@ -693,16 +693,26 @@ class _Input:
         self.stat = now  # the same bytes: only the metadata changed
 
     def _content_checksum(self) -> int:
-        """CRC-32 of the whole file (about 4 GB/s: tens of milliseconds for a song)."""
+        """CRC-32 of the whole file (a few GB/s: milliseconds for a song), read through one
+        small buffer (reading info holds no more memory than that)."""
         assert self.fd is not None
         checksum, offset = 0, 0
+        buffer = bytearray(1 << 16)
+        view = memoryview(buffer)
         try:
-            while block := os.pread(self.fd, 1 << 22, offset):
+            while True:
+                if hasattr(os, "preadv"):
+                    count = os.preadv(self.fd, [buffer], offset)
+                    block: bytes | memoryview = view[:count]
+                else:
+                    block = os.pread(self.fd, len(buffer), offset)
+                    count = len(block)
+                if not count:
+                    return checksum
                 checksum = zlib.crc32(block, checksum)
-                offset += len(block)
+                offset += count
         except OSError as exc:
             raise AudioError(f"{self.name}: cannot read: {_reason(exc)}") from None
-        return checksum
 
     def _fail(self, detail: str) -> NoReturn:
         raise AudioError(
@@ -733,8 +743,16 @@ class _Input:
 
 
 def _open_input(name: str) -> _Input:
-    """Check that ``name`` is a non-empty regular file that can be read, without blocking."""
-    return _Input(name)
+    """Check that ``name`` is a non-empty regular file that can be read, without blocking;
+    its checksum is taken now, so that a later check compares the bytes it was opened with
+    (another file renamed over its name moves its change time)."""
+    held = _Input(name)
+    try:
+        held.check_unchanged()
+    except BaseException:
+        held.close()
+        raise
+    return held
 
 
 def _open_soundfile(name: str) -> sf.SoundFile | None:
