@@ -1131,6 +1131,10 @@ def models_download(
     failed = False
     with _reported_errors("interrupted (nothing half-downloaded is left)", "models", heavy=False):
         # Every name first: an unknown one is a usage error before any download.
+        for name in names:
+            if zoo.names_a_file(name):  # it was "downloaded" whatever the file held
+                raise UsageError(f"{name}: a checkpoint file's path, not a model name: nothing "
+                                 "to download (give it to -n as it is)")  # fmt: skip
         specs = [(name, zoo.find_model(name)) for name in names]
         for name, spec in specs:
             for member in spec.members:

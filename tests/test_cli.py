@@ -86,6 +86,18 @@ def test_models_download_unknown_name_is_a_usage_error():
     assert "did you mean 'htdemucs_ft'" in result.stderr
 
 
+def test_models_download_of_a_file_path_is_a_usage_error(tmp_path):
+    """It printed "evil -> evil.th" and exit 0 whatever the file held."""
+    evil = tmp_path / "evil.th"
+    evil.write_bytes(b"not a checkpoint")
+    result = runner.invoke(app, ["models", "download", "htsep-tiny", str(evil)])
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"htsep: error: {evil}: a checkpoint file's path, not a model name: nothing to "
+        "download (give it to -n as it is)\n"
+    )
+
+
 def test_demucs_habits_and_verbose_after_the_command():
     from htsep.cli import demucs_style
 
