@@ -280,7 +280,15 @@ def _offline_advice(command: str, model: str, file_name: str) -> str:
 
     fetch = f"run 'htsep models download {model}' on a machine with network and copy "
     fetch += f"'{file_name}' into {cache_dir()}"
-    return _OFFLINE[command].format(fetch=fetch, mirror="set HTSEP_MIRROR to a mirror's URL")
+    return _OFFLINE[command].format(fetch=fetch, mirror=_mirror_advice())
+
+
+def _mirror_advice() -> str:
+    """How a mirror helps: set one, or, where HTSEP_MIRROR is set (the address that failed),
+    check it."""
+    if os.environ.get("HTSEP_MIRROR", "").strip():
+        return "check HTSEP_MIRROR (the mirror's URL the download came from)"
+    return "set HTSEP_MIRROR to a mirror's URL"
 
 
 def _message(exc: HtsepError, command: str | None, model: str | None) -> str:

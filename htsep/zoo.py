@@ -772,11 +772,16 @@ def _download_url(member: MemberSpec) -> str:
 def _offline_error(problem: str, file_name: str) -> DownloadError:
     """``problem`` with the ways to go on without downloading ``file_name``, in the words of
     the Python API (the command line puts its commands' words in their place)."""
+    mirror = (
+        "check HTSEP_MIRROR (the mirror's URL the download came from)"
+        if _configured("HTSEP_MIRROR")
+        else "set HTSEP_MIRROR to a mirror's URL"
+    )
     advice = (
         f"to work offline, copy '{file_name}' from the cache of a machine with network "
-        f"(htsep.Separator(name) downloads it there) into {cache_dir()}, set HTSEP_MIRROR to "
-        "a mirror's URL, give htsep.Separator a checkpoint file path or repo=DIR (a folder "
-        "of checkpoints), or use the shipped model 'htsep-tiny'"
+        f"(htsep.Separator(name) downloads it there) into {cache_dir()}, {mirror}, give "
+        "htsep.Separator a checkpoint file path or repo=DIR (a folder of checkpoints), or use "
+        "the shipped model 'htsep-tiny'"
     )
     return DownloadError(problem, file_name=file_name, advice=advice)
 

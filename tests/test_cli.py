@@ -423,6 +423,10 @@ def _download_failure(args: list[str]) -> str:
     (line,) = result.stderr.splitlines()
     assert line.startswith(f"htsep: error: {UNREACHABLE}")
     assert "HTSEP_MIRROR" in line and "htsep.Separator" not in line
+    # The mirror is set here (to an address where nothing listens): it is to be checked, not
+    # set (the advice said "set HTSEP_MIRROR" while it was the address that failed).
+    assert "check HTSEP_MIRROR (the mirror's URL the download came from)" in line
+    assert "set HTSEP_MIRROR" not in line
     return line
 
 

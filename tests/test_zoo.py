@@ -506,9 +506,10 @@ def test_missing_file_on_the_server(mirror: Server, served: Served) -> None:
     assert str(caught.value) == (
         f"could not download {mirror.url}/{served.path.name}: HTTP 404 Not Found; "
         f"{OFFLINE_ADVICE}{served.path.name}' from the cache of a machine with network "
-        f"(htsep.Separator(name) downloads it there) into {zoo.cache_dir()}, set HTSEP_MIRROR "
-        "to a mirror's URL, give htsep.Separator a checkpoint file path or repo=DIR (a folder "
-        "of checkpoints), or use the shipped model 'htsep-tiny'"
+        f"(htsep.Separator(name) downloads it there) into {zoo.cache_dir()}, check "
+        "HTSEP_MIRROR (the mirror's URL the download came from), give htsep.Separator a "
+        "checkpoint file path or repo=DIR (a folder of checkpoints), or use the shipped model "
+        "'htsep-tiny'"
     )
     assert cache_leftovers(zoo.cache_dir()) == []
 
@@ -1198,8 +1199,10 @@ def test_a_mirror_variable_of_spaces_is_unset(
 ) -> None:
     """HTSEP_MIRROR=" " (an unset variable in quotes) downloaded from the address "/<file>"."""
     monkeypatch.setenv("HTSEP_MIRROR", "  ")
-    with pytest.raises(DownloadError, match="^no download address for"):
+    with pytest.raises(DownloadError, match="^no download address for") as caught:
         fetch(served.member, progress=False)
+    # Unset, a mirror is advised; set (the address that failed), it is to be checked.
+    assert "set HTSEP_MIRROR to a mirror's URL" in str(caught.value)
 
 
 def test_a_cached_file_larger_than_any_checkpoint_is_not_hashed(
