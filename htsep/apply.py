@@ -567,7 +567,10 @@ class SeparationStream:
     source.
 
     members: (model, weights per source); offsets are drawn from ``generator`` member by member,
-    in the order the in-memory path draws them. slot: run the members through it, one at a
+    in the order the in-memory path draws them. places: each member's place in its bag (None:
+    0, 1, ...): the draws of the members left out before it (a bag's members that serve only
+    stems not wanted) are made and dropped, so that a member's offsets, and so its estimate,
+    are those of a run of the whole bag. slot: run the members through it, one at a
     time on its device (the models themselves stay where they are). runner: the network calls'
     runner, shared with other separations (default: one made from device, options and slot).
 
@@ -585,6 +588,7 @@ class SeparationStream:
         *,
         shifts: int,
         generator: torch.Generator,
+        places: Sequence[int] | None = None,
         options: ChunkOptions = ChunkOptions(),
         device: torch.device | str | None = None,
         progress: ProgressCallback | None = None,
@@ -598,12 +602,20 @@ class SeparationStream:
         self.streams: list[tuple[list[tuple[ChunkStream, int]], torch.Tensor]] = []
         total = None
         self.runs = len(members) * max(shifts, 1)
-        for member, (model, weights) in enumerate(members):
+        if places is None:
+            places = range(len(members))
+        if len(places) != len(members) or list(places) != sorted(set(places)):
+            raise ValueError(f"places must rise, one per member, not {list(places)}")
+        drawn = 0  # members whose offsets were drawn
+        for member, ((model, weights), place) in enumerate(zip(members, places, strict=True)):
             weight = torch.tensor([float(w) for w in weights], dtype=torch.float32)
             total = weight if total is None else total + weight
-            max_shift = int(0.5 * model.sample_rate)
+            max_shift = int(0.5 * model.sample_rate)  # every member's: they share the rate
             if not options.split:
                 _check_whole(model, options.segment, length, max_shift if shifts else 0)
+            for _ in range((place - drawn) * shifts):  # those of the members left out
+                torch.randint(0, max_shift + 1, (1,), generator=generator)
+            drawn = place + 1
             offsets = [
                 int(torch.randint(0, max_shift + 1, (1,), generator=generator))
                 for _ in range(shifts)

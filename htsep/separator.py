@@ -200,6 +200,9 @@ class Bag:
         weights = spec.weights or tuple((1.0,) * len(self.sources) for _ in spec.members)
         running, plan = plan_bag(weights, [self.sources.index(stem) for stem in wanted])
         self.members = [(self.model(index), row) for index, row in zip(running, plan, strict=True)]
+        # Where each running member stands in the bag: the shift trick's random delays are
+        # drawn for every member, running or not, so that a member's are those of a whole run.
+        self.places = list(running)
         first = self.members[0][0]
         self.sample_rate, self.audio_channels = first.sample_rate, first.audio_channels
         for index, (model, _) in zip(running, self.members, strict=True):
@@ -966,6 +969,7 @@ class ScannedFile:
                 sep.bag.members,
                 self.normalized,
                 self.source.length,
+                places=sep.bag.places,
                 shifts=sep.shifts,
                 generator=torch.Generator().manual_seed(sep.seed),
                 options=sep.options,

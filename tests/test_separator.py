@@ -669,3 +669,33 @@ def test_an_empty_repo_is_refused_not_the_current_folder(tmp_path, repo, monkeyp
     shutil.copy(checkpoint, tmp_path / checkpoint.name)
     with pytest.raises(ModelNotFoundError, match="empty folder name"):
         htsep.Separator("aaaa0001", repo=repo_value, progress=False)
+
+
+@pytest.mark.parametrize("shifts", [1, 2])
+def test_a_bag_run_for_some_stems_gives_those_of_the_whole_run(tmp_path, repo, shifts):
+    """The shift trick's delays were drawn only for the members that run: with --stems (or
+    --two-stems X --other-method minus) the later members got other delays, and their stems
+    differed from a whole run's by as much as the signal (htdemucs_ft serves one stem per
+    network)."""
+    import shutil
+
+    import yaml
+
+    for sig in ("aaaa0001", "bbbb0002"):
+        (checkpoint,) = repo.glob(f"{sig}-*.th")
+        shutil.copy(checkpoint, tmp_path / checkpoint.name)
+    (tmp_path / "halves.yaml").write_text(yaml.safe_dump({
+        "models": ["aaaa0001", "bbbb0002"],
+        "weights": [[1, 1, 0, 0], [0, 0, 1, 1]],  # drums, bass | other, vocals
+    }))  # fmt: skip
+    mix = _mix(seconds=1.3)
+    settings = {"repo": tmp_path, "device": "cpu", "shifts": shifts, "seed": 7, "progress": False}
+    whole = htsep.Separator("halves", **settings).separate_tensor(mix, 8000)
+    for stems in (["vocals"], ["other", "vocals"], ["bass", "vocals"]):
+        some = htsep.Separator("halves", stems=stems, **settings)
+        assert some.members_running == (1 if stems != ["bass", "vocals"] else 2)
+        got = some.separate_tensor(mix, 8000)
+        for stem in stems:
+            assert torch.allclose(got[stem], whole[stem], rtol=0, atol=1e-7), stem
+    # The delays differ between members, so a wrong draw shows (not all members alike).
+    assert not torch.allclose(whole["vocals"], whole["drums"])
