@@ -120,6 +120,15 @@ def test_existing_stems_skip_fail_or_overwrite(tmp_path, separator):
     stems[0].write_bytes(b"user data")
     replaced = Batch(separator, out, OutputSettings(overwrite=True)).run([tmp_path / "a.wav"])
     assert replaced[0].status == "ok" and stems[0].read_bytes() == before[stems[0]]
+    # Both: a finished track is skipped, one cut short is written anew, whole (its remaining
+    # stems replaced, as the README says).
+    both = OutputSettings(overwrite=True, skip_existing=True)
+    stems[0].write_bytes(b"user data")
+    assert Batch(separator, out, both).run([tmp_path / "a.wav"])[0].status == "skipped"
+    assert stems[0].read_bytes() == b"user data"
+    stems[1].unlink()
+    assert Batch(separator, out, both).run([tmp_path / "a.wav"])[0].status == "ok"
+    assert {p: p.read_bytes() for p in stems} == before
 
 
 def test_a_clash_is_refused_before_any_work(tmp_path, separator):
