@@ -795,3 +795,33 @@ def test_an_interrupted_batch_stops_the_next_tracks_decode(tmp_path, monkeypatch
     assert len(raised) == 1 and type(raised[0]) is KeyboardInterrupt, raised
     shell, child = map(int, pids.read_text().split())
     assert gone(shell) and gone(child)
+
+
+@real
+def test_32_bit_alac_is_decoded_by_ffmpeg(tmp_path):
+    """libsndfile 1.2 opens 32-bit ALAC in CAF and decodes it as noise (off by up to 1.5):
+    the track was separated without a word. ffmpeg's decoder reads the samples written."""
+    if "ALAC_32" not in sf.available_subtypes("CAF"):
+        pytest.skip("this libsndfile cannot write ALAC")
+    x = np.random.default_rng(1).uniform(-0.5, 0.5, (5000, 1))
+    path = tmp_path / "alac32.caf"
+    sf.write(path, x, 44100, subtype="ALAC_32")
+    got, rate = read_audio(path)
+    assert rate == 44100 and got.shape == (1, 5000)
+    assert np.abs(got.numpy().T - x).max() < 1e-7
+    with AudioReader(path) as reader:
+        assert torch.equal(reader.read(0, 5000), got)
+    info = audio_info(path)  # its length as the container states it (whole packets)
+    assert (info.sample_rate, info.channels) == (44100, 1) and info.frames >= 5000
+
+
+@fake
+def test_alac_of_more_than_16_bits_without_ffmpeg_is_refused(tmp_path, monkeypatch):
+    if "ALAC_32" not in sf.available_subtypes("CAF"):
+        pytest.skip("this libsndfile cannot write ALAC")
+    path = tmp_path / "alac32.caf"
+    sf.write(path, np.zeros((100, 1)), 44100, subtype="ALAC_32")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(AudioError) as caught:
+        read_audio(path)
+    assert str(caught.value).startswith(f"{path}: reading .caf files needs ffmpeg")
