@@ -779,9 +779,16 @@ def _open_soundfile(name: str) -> sf.SoundFile | None:
                 "unknown (give it a header, e.g. as WAV)"
             ) from None
         return None
-    if handle.subtype in _FFMPEG_DECODES:
+    if _zero_data_size(handle):
+        # A writer that could not seek back left 0 as the data size: libsndfile reads no
+        # frame, ffmpeg reads as far as the file goes.
         handle.close()
-        return None  # ffmpeg's decoder, or its absence explained
+        if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
+            raise AudioError(
+                f"{name}: its data chunk states 0 bytes (the size a writer that could not seek "
+                "back leaves); reading it needs ffmpeg, which is not installed"
+            )
+        return None
     try:
         if handle.channels <= 0 or handle.samplerate <= 0:
             raise AudioError(f"{name}: truncated or corrupt audio (no channels or sample rate)")
@@ -791,6 +798,9 @@ def _open_soundfile(name: str) -> sf.SoundFile | None:
     except BaseException:
         handle.close()
         raise
+    if handle.subtype in _FFMPEG_DECODES:  # its header checked (a cut shows), not its decoder
+        handle.close()
+        return None  # ffmpeg's decoder, or its absence explained
     return handle
 
 
@@ -950,6 +960,29 @@ _LOG_WORDS = re.compile(
 
 _LOG_DATA_SIZE = re.compile(r"^\s*data\s*:\s*(\d+)", re.MULTILINE)
 _LOG_BLOCK_ALIGN = re.compile(r"^\s*Block Align\s*:\s*(\d+)", re.MULTILINE)
+
+
+def _zero_data_size(handle: sf.SoundFile) -> bool:
+    """A WAV whose data chunk states 0 bytes (no frames for libsndfile) but holds samples."""
+    if handle.format not in ("WAV", "WAVEX", "RF64") or handle.frames != 0:
+        return False
+    data = _LOG_DATA_SIZE.search(handle.extra_info)
+    if data is None or int(data.group(1)) != 0:
+        return False
+    return _bytes_after_header(handle) > 0
+
+
+def _bytes_after_header(handle: sf.SoundFile) -> int:
+    """How many bytes the file holds past its data chunk's header (0 if unknown)."""
+    name = handle.name
+    try:
+        with open(name, "rb") as file:
+            head = file.read(1 << 16)
+            size = os.fstat(file.fileno()).st_size
+    except (OSError, TypeError):
+        return 0
+    at = head.find(b"data")
+    return max(0, size - (at + 8)) if at >= 12 else 0
 
 
 def _placeholder_size(label: str, declared: int, log: str) -> bool:

@@ -408,6 +408,7 @@ def _wav_declaring(
 
 
 SOX_UNKNOWN = 0x7FFFF000 // 6 * 6  # sox's "unknown length" for a block align of 6
+_NEEDS_FFMPEG = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="no ffmpeg here")
 
 
 @pytest.mark.parametrize(
@@ -416,6 +417,10 @@ SOX_UNKNOWN = 0x7FFFF000 // 6 * 6  # sox's "unknown length" for a block align of
         (0xFFFFFFFF, None),  # the data size alone
         (0xFFFFFFFF, 0xFFFFFFFF),  # ffmpeg writing to a pipe
         (SOX_UNKNOWN, None),  # sox writing to a pipe
+        # 0, libsndfile's no frames: read through ffmpeg (it was "contains no audio")
+        pytest.param(0, None, marks=_NEEDS_FFMPEG),
+        pytest.param(0, 0, marks=_NEEDS_FFMPEG),
+        pytest.param(0, 0xFFFFFFFF, marks=_NEEDS_FFMPEG),
     ],
 )
 def test_wav_with_a_streaming_placeholder_size_is_read(tmp_path, data_size, riff_size):
@@ -423,6 +428,20 @@ def test_wav_with_a_streaming_placeholder_size_is_read(tmp_path, data_size, riff
     path = _wav_declaring(tmp_path / "streamed.wav", data_size, riff_size)
     y, rate = read_audio(path)
     assert y.shape == (2, 48000) and rate == 96000
+    whole, _ = read_audio(_wav_declaring(tmp_path / "plain.wav", 48000 * 6, None))
+    assert torch.equal(y, whole)
+    assert audio_info(path) == audio_info(tmp_path / "plain.wav")
+
+
+def test_a_zero_data_size_without_ffmpeg_says_what_it_needs(tmp_path, monkeypatch):
+    path = _wav_declaring(tmp_path / "streamed.wav", 0, None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(AudioError) as caught:
+        read_audio(path)
+    assert str(caught.value) == (
+        f"{path}: its data chunk states 0 bytes (the size a writer that could not seek back "
+        "leaves); reading it needs ffmpeg, which is not installed"
+    )
 
 
 @pytest.mark.parametrize(
