@@ -43,6 +43,7 @@ import struct
 import subprocess
 import tempfile
 import threading
+import weakref
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -478,7 +479,7 @@ class AudioReader:
         ffmpeg, ffprobe = _ffmpeg_tools(self.name)
         source = _ffmpeg_source(self.name, self._input)
         stream = _probe(self.name, ffprobe, source, begun)
-        self._decoded = decoded = _decoding_temporary(self.name)
+        self._decoded = decoded = self._decoding_temporary()
         command = [*_decode_command(ffmpeg, source, stream), "-rf64", "auto", "-f", "wav", decoded]
         where = os.path.dirname(decoded)
         try:
@@ -507,7 +508,7 @@ class AudioReader:
     def _decode_front_to_back(self, handle: sf.SoundFile) -> sf.SoundFile:
         """Decode an encoding libsndfile cannot seek in exactly into a float temporary, block by
         block."""
-        self._decoded = _decoding_temporary(self.name)
+        self._decoded = self._decoding_temporary()
         with handle:
             try:
                 out = sf.SoundFile(
@@ -618,15 +619,26 @@ class AudioReader:
             self._input.close()
             self._input = None
         if self._decoded is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self._decoded)
+            self._forget_decoded()  # removes the file
             self._decoded = None
+
+    def _decoding_temporary(self) -> str:
+        """The decoded copy's temporary, removed by ``close``, or when the reader is collected
+        without it (a stream dropped midway), or at exit: it held 230 MB for 10 minutes."""
+        path = _decoding_temporary(self.name)
+        self._forget_decoded = weakref.finalize(self, _unlink_quietly, path)
+        return path
 
     def __enter__(self) -> AudioReader:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def _decoding_temporary(name: str) -> str:
