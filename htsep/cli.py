@@ -276,19 +276,11 @@ _OFFLINE["eval"] = _OFFLINE["separate"]
 
 
 def _offline_advice(command: str, model: str, file_name: str) -> str:
-    from htsep.zoo import cache_dir
+    from htsep.zoo import cache_dir, mirror_advice
 
     fetch = f"run 'htsep models download {model}' on a machine with network and copy "
     fetch += f"'{file_name}' into {cache_dir()}"
-    return _OFFLINE[command].format(fetch=fetch, mirror=_mirror_advice())
-
-
-def _mirror_advice() -> str:
-    """How a mirror helps: set one, or, where HTSEP_MIRROR is set (the address that failed),
-    check it."""
-    if os.environ.get("HTSEP_MIRROR", "").strip():
-        return "check HTSEP_MIRROR (the mirror's URL the download came from)"
-    return "set HTSEP_MIRROR to a mirror's URL"
+    return _OFFLINE[command].format(fetch=fetch, mirror=mirror_advice())
 
 
 def _message(exc: HtsepError, command: str | None, model: str | None) -> str:

@@ -769,14 +769,18 @@ def _download_url(member: MemberSpec) -> str:
     return member.url
 
 
+def mirror_advice() -> str:
+    """How a mirror helps a failed download: set one, or, where HTSEP_MIRROR is set (the
+    address that failed), check it."""
+    if _configured("HTSEP_MIRROR"):
+        return "check HTSEP_MIRROR (the mirror's URL the download came from)"
+    return "set HTSEP_MIRROR to a mirror's URL"
+
+
 def _offline_error(problem: str, file_name: str) -> DownloadError:
     """``problem`` with the ways to go on without downloading ``file_name``, in the words of
     the Python API (the command line puts its commands' words in their place)."""
-    mirror = (
-        "check HTSEP_MIRROR (the mirror's URL the download came from)"
-        if _configured("HTSEP_MIRROR")
-        else "set HTSEP_MIRROR to a mirror's URL"
-    )
+    mirror = mirror_advice()
     advice = (
         f"to work offline, copy '{file_name}' from the cache of a machine with network "
         f"(htsep.Separator(name) downloads it there) into {cache_dir()}, {mirror}, give "
